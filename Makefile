@@ -1,0 +1,28 @@
+# Every target creates .venv on its own from a fresh clone.
+PY := .venv/bin/python
+# torch/torchvision are pinned as a pair: segment_anything imports torchvision,
+# and an unpinned torch would download a different multi-GB build.
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test demo bench clean-demo
+
+.venv/.installed: setup.py
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PAIR)
+	$(PY) -m pip install -q -e .[test] $(TORCH_PAIR)
+	touch $@
+
+install: .venv/.installed
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m desam_pipeline.demo
+
+bench: install
+	$(PY) -m benchmarks.run_all
+
+clean-demo:
+	rm -rf desam_data

@@ -1,0 +1,1 @@
+"""desam: dataset_conversion stage."""

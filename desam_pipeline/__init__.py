@@ -1,0 +1,1 @@
+"""desam: DeSAM (decoupled Segment Anything) as a self-configuring pipeline."""

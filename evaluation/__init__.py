@@ -1,0 +1,1 @@
+"""desam: evaluation stage."""

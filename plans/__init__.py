@@ -1,0 +1,1 @@
+"""desam: plans stage."""

@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="desam",
+    version="0.1.0",
+    description="DeSAM (decoupled Segment Anything) as a self-configuring nnU-Net-style pipeline",
+    python_requires=">=3.10",
+    packages=find_packages(include=["desam_pipeline*", "dataset_conversion*", "plans*", "evaluation*"]),
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "segment-anything>=1.0",
+        "batchgenerators>=0.25",
+        "acvl-utils>=0.2",
+        "nibabel>=5.0",
+        "scikit-image>=0.21",
+        "scipy>=1.10",
+        "pandas>=2.0",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "medpy==0.5.2"]},
+    entry_points={
+        "console_scripts": [
+            "desam_make_phantom=dataset_conversion.make_phantom:main",
+            "desam_convert_prostate_multisite=dataset_conversion.convert_prostate_multisite:main",
+            "desam_convert_msd=dataset_conversion.convert_msd:main",
+            "desam_verify_dataset=desam_pipeline.dataset_checks:main",
+            "desam_plan_and_embed=desam_pipeline.plan_and_embed:main",
+            "desam_train=desam_pipeline.train:main",
+            "desam_predict=desam_pipeline.predict:main",
+            "desam_evaluate_folder=evaluation.evaluate_folder:main",
+            "desam_evaluate=evaluation.evaluate:main",
+            "desam_report=evaluation.report:main",
+        ]
+    },
+)
