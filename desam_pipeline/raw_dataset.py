@@ -1,0 +1,60 @@
+"""Read an nnU-Net v2 raw dataset folder (plus DeSAM's "domains"): case ids, files, sites."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from desam_pipeline.errors import DesamError
+
+CHANNEL_SUFFIX = "_0000"
+
+
+def load_dataset_json(raw_dir: Path) -> dict:
+    """dataset.json of a raw dataset, with a one-line error when absent or not JSON."""
+    path = Path(raw_dir) / "dataset.json"
+    if not path.is_file():
+        raise DesamError(f"{path}: not found (convert the dataset first, e.g. desam_convert_prostate_multisite)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DesamError(f"{path}: invalid JSON ({exc})") from exc
+
+
+def file_ending(dataset_json: dict) -> str:
+    return dataset_json.get("file_ending", ".nii.gz")
+
+
+def list_cases(raw_dir: Path, dataset_json: dict | None = None) -> list[str]:
+    """Sorted case ids that have an image in imagesTr."""
+    dataset_json = dataset_json or load_dataset_json(raw_dir)
+    ending = CHANNEL_SUFFIX + file_ending(dataset_json)
+    images = Path(raw_dir) / "imagesTr"
+    if not images.is_dir():
+        raise DesamError(f"{images}: folder not found")
+    return sorted(p.name[: -len(ending)] for p in images.iterdir()
+                  if p.name.endswith(ending) and not p.name.startswith("."))
+
+
+def image_path(raw_dir: Path, case: str, dataset_json: dict) -> Path:
+    return Path(raw_dir) / "imagesTr" / f"{case}{CHANNEL_SUFFIX}{file_ending(dataset_json)}"
+
+
+def label_path(raw_dir: Path, case: str, dataset_json: dict) -> Path:
+    return Path(raw_dir) / "labelsTr" / f"{case}{file_ending(dataset_json)}"
+
+
+def domains(dataset_json: dict) -> dict[str, str]:
+    """case id -> site name."""
+    return dict(dataset_json.get("domains", {}))
+
+
+def cases_of_sites(dataset_json: dict, sites: list[str] | None, cases: list[str]) -> list[str]:
+    """Cases belonging to the given sites (all cases when `sites` is None); unknown sites are an error."""
+    if not sites:
+        return list(cases)
+    case_sites = domains(dataset_json)
+    known = sorted(set(case_sites.values()))
+    unknown = [s for s in sites if s not in known]
+    if unknown:
+        raise DesamError(f"unknown site(s) {', '.join(unknown)}; this dataset has {', '.join(known)}")
+    return [c for c in cases if case_sites.get(c) in sites]
