@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints its figures, the last line one JSON object."""
