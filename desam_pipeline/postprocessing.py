@@ -1,0 +1,56 @@
+"""Post-processing of predicted binary masks: none, the paper's per-slice clean-up, or the largest 3D component.
+
+`paper` is the reference rule (fill holes, drop islands under 1000 px at 256x256) applied in each
+slice's own grid, so the island threshold is scaled by the slice's pixel count.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from desam_pipeline.preprocessing import SLICE_AXIS, SLICE_SIZE
+
+POSTPROCESSING = ("none", "paper", "largest")
+PAPER_MIN_ISLAND = 1000  # pixels at SLICE_SIZE x SLICE_SIZE
+
+
+def fill_holes_and_drop_islands(mask2d: np.ndarray, min_area: float) -> np.ndarray:
+    """One 2D slice: fill every hole, then remove 4-connected islands smaller than `min_area` pixels."""
+    filled = ndimage.binary_fill_holes(mask2d > 0)
+    labels, count = ndimage.label(filled)
+    if count == 0:
+        return filled
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_area
+    keep[0] = False
+    return keep[labels]
+
+
+def paper_min_area(shape_hw: tuple[int, int]) -> float:
+    """The reference 1000 px at 256x256, scaled to a slice of `shape_hw` pixels."""
+    return PAPER_MIN_ISLAND * shape_hw[0] * shape_hw[1] / (SLICE_SIZE * SLICE_SIZE)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest connected component of a 3D mask (full 26-connectivity); empty stays empty."""
+    labels, count = ndimage.label(mask > 0, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    if count <= 1:
+        return labels > 0
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def postprocess(mask: np.ndarray, method: str, slice_axis: int = SLICE_AXIS) -> np.ndarray:
+    """Apply `method` to a 3D binary mask in the volume's own geometry; returns uint8 {0, 1}."""
+    if method not in POSTPROCESSING:
+        raise ValueError(f"unknown post-processing {method!r}; choose one of {', '.join(POSTPROCESSING)}")
+    mask = np.asarray(mask) > 0
+    if method == "largest":
+        mask = largest_component(mask)
+    elif method == "paper":
+        slices = np.moveaxis(mask, slice_axis, 0)
+        min_area = paper_min_area(slices.shape[1:])
+        cleaned = np.stack([fill_holes_and_drop_islands(s, min_area) for s in slices])
+        mask = np.moveaxis(cleaned, 0, slice_axis)
+    return mask.astype(np.uint8)
