@@ -1,0 +1,137 @@
+"""`desam_evaluate_folder REF PRED`: Dice, HD95, ASSD and NSD of every reference case, one CSV row each.
+
+A case of REF without a prediction in PRED is a row with status `missing` and NaN metrics, never
+skipped. Files are `<case><file_ending>` (`.nii.gz` unless the dataset.json says otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from desam_pipeline.errors import DesamError, cli_entry
+from desam_pipeline.nifti_io import read_volume, voxel_spacing
+from desam_pipeline.raw_dataset import domains, file_ending
+from evaluation.metrics import METRICS, check_same_geometry, compute_metrics
+from evaluation.tables import summarise, to_markdown, write_csv
+
+DEFAULT_OUTPUT = "evaluation.csv"
+
+
+def foreground(volume: np.ndarray, labels: Iterable[int]) -> np.ndarray:
+    """Voxels whose value is one of `labels`."""
+    return np.isin(volume, np.asarray(list(labels), dtype=volume.dtype))
+
+
+def evaluate_pair(reference_path: str | os.PathLike, prediction_path: str | os.PathLike,
+                  labels: Iterable[int] = (1,), nsd_tolerance: float = 1.0) -> dict[str, float]:
+    """Metrics of one prediction file against its reference file (same grid required), spacing from
+    the reference header."""
+    reference, reference_image = read_volume(reference_path)
+    prediction, prediction_image = read_volume(prediction_path)
+    check_same_geometry(reference_image, prediction_image, reference_path, prediction_path)
+    labels = list(labels)
+    return compute_metrics(foreground(reference, labels), foreground(prediction, labels),
+                           voxel_spacing(reference_image), nsd_tolerance=nsd_tolerance)
+
+
+def _load_dataset_json(dataset_json: str | os.PathLike | dict | None) -> dict:
+    if dataset_json is None or isinstance(dataset_json, dict):
+        return dict(dataset_json or {})
+    path = Path(dataset_json)
+    if not path.is_file():
+        raise DesamError(f"{path}: dataset.json not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DesamError(f"{path}: invalid JSON ({exc})") from exc
+
+
+def list_case_files(folder: Path, ending: str) -> dict[str, Path]:
+    """case id -> file for every `<case><ending>` in `folder` (hidden temporaries skipped)."""
+    return {p.name[: -len(ending)]: p for p in sorted(folder.iterdir())
+            if p.name.endswith(ending) and not p.name.startswith(".") and p.is_file()}
+
+
+def evaluate_folder(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike,
+                    dataset_json: str | os.PathLike | dict | None = None, labels: Iterable[int] = (1,),
+                    nsd_tolerance: float = 1.0, progress: bool = True) -> pd.DataFrame:
+    """One row per reference case: case, [site], dice, hd95, assd, nsd, status (`ok` or `missing`).
+
+    The site column appears when the dataset.json (path or dict) has "domains"; cases it does not
+    list get site `unknown`.
+    """
+    ref_dir, pred_dir = Path(ref_dir), Path(pred_dir)
+    for folder, role in ((ref_dir, "reference"), (pred_dir, "prediction")):
+        if not folder.is_dir():
+            raise DesamError(f"{folder}: {role} folder not found")
+    info = _load_dataset_json(dataset_json)
+    ending = file_ending(info)
+    references = list_case_files(ref_dir, ending)
+    if not references:
+        raise DesamError(f"{ref_dir}: no reference files ending in {ending}")
+    predictions = list_case_files(pred_dir, ending)
+    case_sites = domains(info)
+    labels = list(labels)
+    rows = []
+    for case, reference_path in tqdm(references.items(), desc="evaluate", unit="case", disable=not progress):
+        row: dict = {"case": case}
+        if case_sites:
+            row["site"] = case_sites.get(case, "unknown")
+        if case in predictions:
+            row |= evaluate_pair(reference_path, predictions[case], labels, nsd_tolerance) | {"status": "ok"}
+        else:
+            row |= {metric: float("nan") for metric in METRICS} | {"status": "missing"}
+        rows.append(row)
+    columns = ["case"] + (["site"] if case_sites else []) + list(METRICS) + ["status"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def summary_text(per_case: pd.DataFrame) -> str:
+    """The per-site (and overall) summary as Markdown, with the count of missing predictions."""
+    missing = int((per_case["status"] == "missing").sum())
+    lines = [to_markdown(summarise(per_case), floatfmt=".4f")]
+    lines.append(f"\n{len(per_case)} reference cases, {missing} without a prediction (status missing); "
+                 "'excluded' counts cases whose value is NaN (missing, or only one mask empty).")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="desam_evaluate_folder",
+        description="Dice, HD95, ASSD and NSD (mm, from the NIfTI spacing) of every case in REF against PRED.")
+    parser.add_argument("ref", metavar="REF", help="folder of reference label files <case>.nii.gz")
+    parser.add_argument("pred", metavar="PRED", help="folder of predicted label files <case>.nii.gz")
+    parser.add_argument("-o", "--output", metavar="OUT.csv", default=None,
+                        help=f"per-case CSV (default: PRED/{DEFAULT_OUTPUT})")
+    parser.add_argument("--dataset-json", metavar="PATH", default=None,
+                        help="dataset.json giving file_ending and the 'domains' (case -> site) for a site column")
+    parser.add_argument("--labels", type=int, nargs="+", default=[1],
+                        help="label values counted as foreground (default: 1)")
+    parser.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
+                        help="tolerance of the normalised surface Dice in mm (default: 1)")
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.nsd_tolerance < 0:
+        raise DesamError(f"--nsd-tolerance must be >= 0, got {args.nsd_tolerance}")
+    per_case = evaluate_folder(args.ref, args.pred, args.dataset_json, args.labels, args.nsd_tolerance)
+    output = Path(args.output) if args.output else Path(args.pred) / DEFAULT_OUTPUT
+    write_csv(per_case, output)
+    print(summary_text(per_case))
+    print(f"per-case metrics written to {output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

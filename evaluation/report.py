@@ -1,0 +1,151 @@
+"""`desam_report -d DATASET`: gather every evaluated source model into source x target tables.
+
+Reads `<results>/<Dataset>/DeSAMTrainer__<plans>__<mode>__src-<SITES>/evaluation/<protocol>/per_case.csv`
+(columns case, site, dice, hd95, assd, nsd, in_domain) and writes, per mode, under
+`<results>/<Dataset>/report/<mode>__<protocol>/`: cells.csv (one row per source and target site),
+dice_matrix.csv, hd95_matrix.csv, report.md and dice_heatmap.png, hd95_heatmap.png.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from desam_pipeline.atomic import atomic_path
+from desam_pipeline.errors import DesamError, cli_entry
+from desam_pipeline.paths import Trees, add_root_arguments
+from evaluation.metrics import METRICS
+from evaluation.plots import heatmap_png
+from evaluation.tables import (MEAN_UNSEEN, METRIC_LABELS, PROTOCOLS, cross_domain_cells, cross_domain_matrix,
+                               label_protocol, matrix_markdown, protocol_caption, to_markdown, write_csv)
+
+MODEL_PATTERN = re.compile(r"^DeSAMTrainer__(?P<plans>.+)__(?P<mode>[A-Za-z0-9]+)__src-(?P<source>.+)$")
+REQUIRED_COLUMNS = ("case", "site", *METRICS, "in_domain")
+REPORT_METRICS = {"dice": True, "hd95": False}  # metric -> higher is better
+
+
+def find_models(results_dir: Path, protocol: str) -> list[dict]:
+    """Every model folder of the dataset: source, mode, plans, folder and its per_case.csv (None when
+    that protocol was not evaluated yet)."""
+    models = []
+    if results_dir.is_dir():
+        for folder in sorted(results_dir.iterdir()):
+            match = MODEL_PATTERN.match(folder.name)
+            if match and folder.is_dir():
+                per_case = folder / "evaluation" / protocol / "per_case.csv"
+                models.append(match.groupdict() | {"folder": folder,
+                                                   "per_case": per_case if per_case.is_file() else None})
+    return models
+
+
+def read_per_case(path: Path) -> pd.DataFrame:
+    """A per_case.csv with the columns the report needs, or a DesamError naming the file."""
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise DesamError(f"{path}: cannot read CSV ({exc})") from exc
+    absent = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if absent:
+        raise DesamError(f"{path}: missing column(s) {', '.join(absent)}")
+    frame["site"] = frame["site"].astype(str)
+    return frame
+
+
+def select_models(models: list[dict], dataset: str, mode: str, protocol: str, plans: str | None) -> dict[str, Path]:
+    """source label -> per_case.csv for one mode; clear errors when none is evaluated or sources clash."""
+    chosen = [m for m in models if m["mode"] == mode and (plans is None or m["plans"] == plans)]
+    evaluated = [m for m in chosen if m["per_case"] is not None]
+    if not evaluated:
+        pending = ", ".join(m["folder"].name for m in chosen) or "none"
+        raise DesamError(f"no evaluated model for mode {mode}, protocol {protocol} in dataset {dataset} "
+                         f"(trained model folders of that mode: {pending}); run `desam_evaluate -d {dataset} "
+                         f"--source SITE --mode {mode} --protocol {protocol}` first")
+    for model in chosen:
+        if model["per_case"] is None:
+            print(f"desam_report: note: {model['folder'].name} has no {protocol} evaluation; left out",
+                  file=sys.stderr)
+    sources: dict[str, Path] = {}
+    for model in evaluated:
+        if model["source"] in sources:
+            raise DesamError(f"source {model['source']} ({mode}) is evaluated under several plans; "
+                             "choose one with --plans")
+        sources[model["source"]] = model["per_case"]
+    return sources
+
+
+def count_matrix(cells: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Source x target text matrix of case counts, with how many of them the metric's mean excludes."""
+    text = cells.assign(label=[f"{c}" + (f" ({e} NaN)" if e else "")
+                               for c, e in zip(cells["cases"], cells[f"{metric}_excluded"])])
+    matrix = text.pivot(index="source", columns="target", values="label").sort_index().sort_index(axis=1)
+    matrix.columns.name = None
+    return matrix.fillna("-")
+
+
+def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plans: str | None = None) -> Path:
+    """Build and write one mode's report folder; return it."""
+    sources = select_models(find_models(results_dir, protocol), dataset, mode, protocol, plans)
+    cells = cross_domain_cells({source: read_per_case(path) for source, path in sources.items()})
+    out = results_dir / "report" / f"{mode}__{protocol}"
+    write_csv(label_protocol(cells.assign(mode=mode), protocol), out / "cells.csv")
+    sections = [f"# {dataset}: source x target, {mode} mode", "", f"*{protocol_caption(protocol)}*", "",
+                f"Rows: the source site(s) a model was trained on; columns: target sites. `*` marks in-domain "
+                f"cells (the source's own held-out cases). `{MEAN_UNSEEN}`: mean over the targets that are not "
+                "in-domain, each target weighted equally. Means leave out cases whose value is NaN "
+                "(see the case counts below and cells.csv).", ""]
+    for metric, higher_is_better in REPORT_METRICS.items():
+        values, in_domain = cross_domain_matrix(cells, metric)
+        write_csv(label_protocol(values.reset_index(), protocol), out / f"{metric}_matrix.csv")
+        label = METRIC_LABELS[metric]
+        sections += [f"## Mean {label}", "", matrix_markdown(values, in_domain), ""]
+        heatmap_png(values, in_domain, out / f"{metric}_heatmap.png",
+                    title=f"{dataset}: mean {label.split(' (')[0]}, {mode} mode\n{protocol_caption(protocol)}",
+                    colorbar_label=f"mean {label}", higher_is_better=higher_is_better,
+                    fmt="{:.3f}" if metric == "dice" else "{:.2f}")
+    matrix = count_matrix(cells, "hd95")
+    sections += ["## Cases per cell (NaN HD95 excluded from its mean)", "",
+                 to_markdown(matrix, index=True, right_align=matrix.columns), ""]
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text("\n".join(sections))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="desam_report",
+        description="Source x target tables (CSV, Markdown) and heatmaps of mean Dice and HD95 over every "
+                    "evaluated source model of a dataset.")
+    parser.add_argument("-d", "--dataset", required=True, help="dataset number or DatasetNNN_Name")
+    parser.add_argument("--mode", nargs="+", default=None, metavar="MODE",
+                        help="prompt mode(s) to report, e.g. grid box (default: every mode evaluated under the protocol)")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="full",
+                        help="evaluation protocol to gather (default: full)")
+    parser.add_argument("--plans", default=None, help="plans name, when a source was trained under several")
+    add_root_arguments(parser, "results")
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    trees = Trees.from_args(args)
+    results_dir = trees.results
+    models = find_models(results_dir, args.protocol)
+    modes = args.mode or sorted({m["mode"] for m in models if m["per_case"] is not None})
+    if not modes:
+        trained = ", ".join(m["folder"].name for m in models) or "none"
+        raise DesamError(f"{results_dir}: no model evaluated under protocol {args.protocol} (trained model folders: "
+                         f"{trained}); run `desam_evaluate -d {trees.dataset} --source SITE --mode grid "
+                         f"--protocol {args.protocol}` first")
+    for mode in modes:
+        out = write_report(trees.dataset, results_dir, mode, args.protocol, args.plans)
+        print((out / "report.md").read_text())
+        print(f"report written to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""desam_report: source x target matrices (CSV, Markdown, PNG) from synthetic per_case.csv files."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from evaluation.report import main
+
+DATASET = "Dataset900_Toy"
+SITES = ("SiteA", "SiteB", "SiteC")
+
+
+def model_folder(results, source, mode="grid", plans="DeSAMPlans_tiny"):
+    return results / DATASET / f"DeSAMTrainer__{plans}__{mode}__src-{source}"
+
+
+def write_per_case(results, source, seed, mode="grid", protocol="full", nan_hd95=()):
+    """Three cases per target site with random metrics; returns the frame written."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for site in SITES:
+        for i in range(3):
+            case = f"{site}_Case{i:02d}"
+            rows.append({"case": case, "site": site, "dice": rng.uniform(0.3, 0.95),
+                         "hd95": np.nan if case in nan_hd95 else rng.uniform(1, 30),
+                         "assd": rng.uniform(0.5, 5), "nsd": rng.uniform(0.2, 0.9), "in_domain": site == source})
+    frame = pd.DataFrame(rows)
+    target = model_folder(results, source, mode) / "evaluation" / protocol / "per_case.csv"
+    target.parent.mkdir(parents=True)
+    frame.to_csv(target, index=False)
+    return frame
+
+
+@pytest.fixture
+def results(trees):
+    """Two evaluated sources (SiteA with one NaN HD95) and one trained but not evaluated (SiteC)."""
+    frames = {"SiteA": write_per_case(trees["results"], "SiteA", 1, nan_hd95=("SiteB_Case01",)),
+              "SiteB": write_per_case(trees["results"], "SiteB", 2)}
+    model_folder(trees["results"], "SiteC").mkdir(parents=True)
+    return trees["results"], frames
+
+
+def run(argv):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    return stop.value.code
+
+
+def test_report_outputs(results, capsys):
+    root, frames = results
+    assert run(["-d", "900"]) == 0
+    captured = capsys.readouterr()
+    assert "SiteC has no full evaluation" in captured.err
+    out = root / DATASET / "report" / "grid__full"
+    expected = {s: f.groupby("site")[["dice", "hd95"]].mean() for s, f in frames.items()}
+
+    dice = pd.read_csv(out / "dice_matrix.csv").set_index("source")
+    assert (dice["protocol"] == "full").all()
+    assert list(dice.index) == ["SiteA", "SiteB"]
+    assert list(dice.columns) == ["protocol", *SITES, "mean unseen"]
+    for source in ("SiteA", "SiteB"):
+        for site in SITES:
+            assert dice.at[source, site] == pytest.approx(expected[source].at[site, "dice"], abs=1e-12)
+        unseen = [expected[source].at[s, "dice"] for s in SITES if s != source]
+        assert dice.at[source, "mean unseen"] == pytest.approx(np.mean(unseen), abs=1e-12)
+
+    hd95 = pd.read_csv(out / "hd95_matrix.csv").set_index("source")
+    nan_free = frames["SiteA"].query("site == 'SiteB'")["hd95"].dropna()
+    assert len(nan_free) == 2
+    assert hd95.at["SiteA", "SiteB"] == pytest.approx(nan_free.mean(), abs=1e-12)
+
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == 6 and set(cells["mode"]) == {"grid"}
+    in_domain = cells[cells["in_domain"]]
+    assert sorted(zip(in_domain["source"], in_domain["target"])) == [("SiteA", "SiteA"), ("SiteB", "SiteB")]
+    nan_cell = cells.query("source == 'SiteA' and target == 'SiteB'").iloc[0]
+    assert (nan_cell["cases"], nan_cell["hd95_n"], nan_cell["hd95_excluded"]) == (3, 2, 1)
+
+    markdown = (out / "report.md").read_text()
+    assert "protocol: full" in markdown and "grid mode" in markdown
+    a_row = next(line for line in markdown.splitlines() if line.startswith("| SiteA |") and "*" in line)
+    cells_a = [c.strip() for c in a_row.strip("|").split("|")]
+    assert cells_a[1] == f"{expected['SiteA'].at['SiteA', 'dice']:.4f}*"
+    assert cells_a[2] == f"{expected['SiteA'].at['SiteB', 'dice']:.4f}"
+    assert "3 (1 NaN)" in markdown
+    assert "SiteC" not in dice.index
+
+    for name in ("dice_heatmap.png", "hd95_heatmap.png"):
+        png = out / name
+        assert png.stat().st_size > 2000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_modes_and_protocols_are_separate(results, capsys):
+    root, _ = results
+    write_per_case(root, "SiteA", 3, mode="box", protocol="paper")
+    assert run(["-d", DATASET, "--protocol", "paper"]) == 0
+    assert (root / DATASET / "report" / "box__paper" / "dice_matrix.csv").is_file()
+    assert not (root / DATASET / "report" / "grid__paper").exists()
+    box = pd.read_csv(root / DATASET / "report" / "box__paper" / "dice_matrix.csv")
+    assert box["source"].tolist() == ["SiteA"] and (box["protocol"] == "paper").all()
+
+
+def test_nothing_evaluated_names_the_command(results, capsys):
+    assert run(["-d", DATASET, "--mode", "box"]) == 1
+    err = capsys.readouterr().err
+    assert "desam: error: no evaluated model for mode box" in err
+    assert f"desam_evaluate -d {DATASET} --source SITE --mode box --protocol full" in err
+
+
+def test_no_models_at_all(trees, capsys):
+    (trees["results"] / DATASET).mkdir()
+    assert run(["-d", DATASET]) == 1
+    assert "desam_evaluate" in capsys.readouterr().err
+
+
+def test_clashing_plans_and_bad_csv(results, capsys):
+    root, _ = results
+    other = model_folder(root, "SiteA", plans="DeSAMPlans_vit_b") / "evaluation" / "full"
+    other.mkdir(parents=True)
+    pd.DataFrame({"case": ["x"], "site": ["SiteA"], "dice": [0.5]}).to_csv(other / "per_case.csv", index=False)
+    assert run(["-d", DATASET]) == 1
+    assert "--plans" in capsys.readouterr().err
+    assert run(["-d", DATASET, "--plans", "DeSAMPlans_vit_b"]) == 1
+    err = capsys.readouterr().err
+    assert "per_case.csv: missing column(s) hd95, assd, nsd, in_domain" in err
+    assert run(["-d", DATASET, "--plans", "DeSAMPlans_tiny"]) == 0
