@@ -1,0 +1,99 @@
+"""PRIM, the prompt-relevant IoU module: SAM's prompt encoder and mask decoder transformer, batched.
+
+SAM's `MaskDecoder.predict_masks` repeats ONE image embedding per prompt, so a batch of B images
+with one prompt set each cannot go through it. PRIM drives the same sub-modules (same weights, same
+maths) itself: the output tokens and sparse prompt tokens go through the two-way transformer with
+the image embedding (neck + dense "no mask" embedding); the IoU head's first output scores the
+prompt and the transformer's updated image tokens are the mask embedding handed to PDMM.
+"""
+from __future__ import annotations
+
+import torch
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from torch import nn
+
+# SAM's decoder geometry, as in segment_anything's `_build_sam` (identical for every variant).
+EMBED_DIM = 256
+EMBEDDING_SIZE = 64
+INPUT_SIZE = 1024
+MASK_IN_CHANS = 16
+NUM_MULTIMASK_OUTPUTS = 3
+# MaskDecoder parts PRIM does not use; they are dropped and may be absent from a checkpoint.
+UNUSED_DECODER_PARTS = ("output_upscaling", "output_hypernetworks_mlps")
+
+Points = tuple[torch.Tensor, torch.Tensor]
+
+
+def build_prompt_encoder() -> PromptEncoder:
+    """SAM's prompt encoder with `_build_sam`'s arguments."""
+    return PromptEncoder(embed_dim=EMBED_DIM, image_embedding_size=(EMBEDDING_SIZE, EMBEDDING_SIZE),
+                         input_image_size=(INPUT_SIZE, INPUT_SIZE), mask_in_chans=MASK_IN_CHANS)
+
+
+def build_mask_decoder() -> MaskDecoder:
+    """SAM's mask decoder with `_build_sam`'s arguments, minus the mask upscaling and hypernetwork heads."""
+    decoder = MaskDecoder(
+        num_multimask_outputs=NUM_MULTIMASK_OUTPUTS,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8),
+        transformer_dim=EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256)
+    for name in UNUSED_DECODER_PARTS:
+        delattr(decoder, name)
+    return decoder
+
+
+class PRIM(nn.Module):
+    """Prompt encoder (frozen, always in eval mode) + SAM's decoder transformer, IoU token and IoU head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompt_encoder = build_prompt_encoder()
+        self.mask_decoder = build_mask_decoder()
+        self.prompt_encoder.requires_grad_(False)
+        self.prompt_encoder.eval()
+
+    def train(self, mode: bool = True) -> "PRIM":
+        """Train the decoder parts; the frozen prompt encoder stays in eval mode."""
+        super().train(mode)
+        self.prompt_encoder.eval()
+        return self
+
+    def encode_prompts(self, points: Points | None, boxes: torch.Tensor | None,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sparse tokens, dense "no mask" embedding, image positional encoding) from SAM's prompt encoder.
+
+        Runs in float32 even under autocast: the random-Fourier positional encoding loses about
+        0.05 rad of phase in bf16. SAM's own behaviour is kept, including the "not a point" padding
+        token it appends to points given without a box.
+        """
+        if points is None and boxes is None:
+            raise ValueError("PRIM needs point or box prompts")
+        if points is not None:
+            points = (points[0].to(device, torch.float32), points[1].to(device))
+        if boxes is not None:
+            boxes = boxes.to(device, torch.float32)
+        with torch.autocast(device_type=device.type, enabled=False):
+            sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
+            image_pe = self.prompt_encoder.get_dense_pe()
+        return sparse, dense, image_pe
+
+    def forward(self, neck: torch.Tensor, points: Points | None = None,
+                boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask embedding (B,256,64,64) and predicted IoU (B,1) for B images with one prompt set each.
+
+        neck: (B,256,64,64) SAM image embeddings; points: (coords (B,N,2) as (x, y), labels (B,N),
+        1 foreground / 0 background) and boxes (B,4) as (x0, y0, x1, y1), both in SAM's 1024x1024
+        input frame.
+        """
+        decoder = self.mask_decoder
+        sparse, dense, image_pe = self.encode_prompts(points, boxes, neck.device)
+        batch = neck.shape[0]
+        if sparse.shape[0] != batch:
+            raise ValueError(f"{sparse.shape[0]} prompt sets for {batch} images")
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
+        src = neck + dense
+        pos = image_pe.expand(batch, -1, -1, -1)
+        hs, image_tokens = decoder.transformer(src, pos, tokens)
+        iou = decoder.iou_prediction_head(hs[:, 0, :])[:, :1]
+        mask_embedding = image_tokens.transpose(1, 2).reshape(src.shape)
+        return mask_embedding, iou
