@@ -1,0 +1,55 @@
+"""Prompts in SAM's 1024x1024 input frame: training points from the ground truth, whole-image box, grid.
+
+Coordinates are (x, y) = (column, row). A pixel (row r, col c) of a 256x256 slice maps to its
+centre in the 1024 frame: x = (c + 0.5) * 4, y = (r + 0.5) * 4.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from desam_pipeline.network.prim import INPUT_SIZE
+from desam_pipeline.preprocessing import SLICE_SIZE
+
+SCALE = INPUT_SIZE / SLICE_SIZE
+
+
+def pixel_to_frame(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(N,2) float32 (x, y) in the 1024 frame of 256x256 pixel centres (rows, cols)."""
+    return np.stack([(np.asarray(cols) + 0.5) * SCALE, (np.asarray(rows) + 0.5) * SCALE],
+                    axis=-1).astype(np.float32)
+
+
+def sample_training_points(labels: np.ndarray, rng: np.random.Generator,
+                           foreground_probability: float = 0.5
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One positive click per slice of `labels` (B,256,256), on the object with `foreground_probability`.
+
+    The pixel is drawn uniformly among the slice's foreground (label > 0) or background pixels.
+    Slices without foreground get a background point; slices that are all foreground a foreground
+    one. Returns coords float32 (B,1,2) (x, y) in the 1024 frame, point labels int64 (B,1) all 1
+    (SAM is always told "object here"), and the IoU target float32 (B,): 1 on the object, 0 off it.
+    """
+    batch = labels.shape[0]
+    coords = np.empty((batch, 1, 2), np.float32)
+    iou_target = np.empty(batch, np.float32)
+    for b in range(batch):
+        foreground = labels[b] > 0
+        count = int(foreground.sum())
+        on_object = count == foreground.size or (count > 0 and rng.random() < foreground_probability)
+        pool = np.flatnonzero(foreground if on_object else ~foreground)
+        row, col = divmod(int(pool[rng.integers(pool.size)]), labels.shape[2])
+        coords[b, 0] = pixel_to_frame(row, col)
+        iou_target[b] = float(on_object)
+    return coords, np.ones((batch, 1), np.int64), iou_target
+
+
+def whole_box(batch_size: int) -> np.ndarray:
+    """(B,4) float32 boxes (x0, y0, x1, y1) = (0, 0, 1024, 1024): the whole-image prompt of DeSAM-B."""
+    return np.tile(np.array([0, 0, INPUT_SIZE, INPUT_SIZE], np.float32), (batch_size, 1))
+
+
+def grid_points(k: int = 9) -> np.ndarray:
+    """(k*k,2) float32 (x, y): centres of a k x k partition of the 1024 frame, x fastest (SAM's automatic grid)."""
+    side = (np.arange(k) + 0.5) / k * INPUT_SIZE
+    xs, ys = np.meshgrid(side, side)
+    return np.stack([xs, ys], axis=-1).reshape(-1, 2).astype(np.float32)

@@ -1,0 +1,120 @@
+"""Training prompts (sampling statistics, frame convention, grid) and the loss on hand-made cases."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from segment_anything.utils.amg import build_point_grid
+
+from desam_pipeline.losses import desam_loss, soft_dice_loss
+from desam_pipeline.prompts import grid_points, pixel_to_frame, sample_training_points, whole_box
+
+
+def _to_pixels(coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Invert x = (c + 0.5) * 4, y = (r + 0.5) * 4; the result must be whole pixel indices."""
+    cols = coords[..., 0] / 4 - 0.5
+    rows = coords[..., 1] / 4 - 0.5
+    assert np.array_equal(cols, np.round(cols)) and np.array_equal(rows, np.round(rows))
+    return rows.astype(int), cols.astype(int)
+
+
+def _labels(batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Random rectangles of foreground of varying size, one per slice."""
+    labels = np.zeros((batch, 256, 256), np.uint8)
+    for b in range(batch):
+        r0, c0 = rng.integers(0, 200, 2)
+        h, w = rng.integers(1, 56, 2)
+        labels[b, r0:r0 + h, c0:c0 + w] = 1
+    return labels
+
+
+def test_pixel_centre_convention():
+    assert pixel_to_frame(0, 0).tolist() == [2.0, 2.0]
+    assert pixel_to_frame(255, 255).tolist() == [1022.0, 1022.0]
+    assert pixel_to_frame(np.array([10]), np.array([3])).tolist() == [[14.0, 42.0]]  # (x, y) = (col, row)
+
+
+@pytest.mark.parametrize("probability", [0.5, 0.8])
+def test_points_are_drawn_from_the_right_class_at_the_asked_rate(probability):
+    rng = np.random.default_rng(0)
+    labels = _labels(500, rng)
+    targets = []
+    for _ in range(8):
+        coords, point_labels, iou_target = sample_training_points(labels, rng, probability)
+        assert coords.shape == (500, 1, 2) and coords.dtype == np.float32
+        assert point_labels.shape == (500, 1) and (point_labels == 1).all()
+        assert iou_target.dtype == np.float32 and set(np.unique(iou_target)) <= {0.0, 1.0}
+        rows, cols = _to_pixels(coords[:, 0])
+        on_object = labels[np.arange(500), rows, cols] > 0
+        assert np.array_equal(on_object, iou_target == 1)
+        targets.append(iou_target)
+    rate = np.concatenate(targets).mean()  # 4000 draws: standard error 0.008
+    assert abs(rate - probability) < 0.04
+
+
+def test_points_are_uniform_within_the_class():
+    labels = np.zeros((1000, 256, 256), np.uint8)
+    labels[:, 100, 100:104] = 1  # four foreground pixels
+    coords, _, iou_target = sample_training_points(labels, np.random.default_rng(1), foreground_probability=1.0)
+    assert (iou_target == 1).all()
+    rows, cols = _to_pixels(coords[:, 0])
+    assert (rows == 100).all()
+    counts = np.bincount(cols - 100, minlength=4)
+    assert counts.sum() == 1000 and np.all(np.abs(counts - 250) < 60)  # 4.3 standard deviations
+
+
+def test_slices_without_foreground_or_background():
+    labels = np.zeros((50, 256, 256), np.uint8)
+    labels[25:] = 1
+    coords, _, iou_target = sample_training_points(labels, np.random.default_rng(2))
+    assert (iou_target[:25] == 0).all() and (iou_target[25:] == 1).all()
+    assert np.isfinite(coords).all() and coords.min() >= 2 and coords.max() <= 1022
+
+
+def test_whole_box_and_grid():
+    assert whole_box(3).tolist() == [[0, 0, 1024, 1024]] * 3 and whole_box(3).dtype == np.float32
+    for k in (1, 3, 9):
+        grid = grid_points(k)
+        assert grid.shape == (k * k, 2) and grid.dtype == np.float32
+        np.testing.assert_allclose(grid, build_point_grid(k) * 1024, rtol=0, atol=1e-4)
+    assert grid_points(2).tolist() == [[256, 256], [768, 256], [256, 768], [768, 768]]
+
+
+def test_dice_is_per_sample_and_smooth():
+    logits = torch.zeros(2, 1, 2, 2)  # probabilities 0.5 everywhere
+    target = torch.tensor([[[[1.0, 0], [0, 0]]], [[[1.0, 1], [1, 1]]]])
+    # sample 1: (2*0.5 + 1) / (2 + 1 + 1) = 0.5; sample 2: (2*2 + 1) / (2 + 4 + 1) = 5/7
+    expected = 1 - (0.5 + 5 / 7) / 2
+    assert soft_dice_loss(logits, target).item() == pytest.approx(expected, abs=1e-6)
+    empty = torch.zeros(1, 1, 2, 2)
+    assert soft_dice_loss(torch.full((1, 1, 2, 2), -30.0), empty).item() == pytest.approx(0.0, abs=1e-6)
+    assert soft_dice_loss(torch.zeros(1, 1, 2, 2), empty).item() == pytest.approx(1 - 1 / 3, abs=1e-6)
+
+
+def test_desam_loss_on_hand_made_cases():
+    logits = torch.tensor([[[[2.0, -1.0]]]], requires_grad=True)
+    target = torch.tensor([[[1.0, 0.0]]])  # (B,H,W) is accepted as well as (B,1,H,W)
+    p = [1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(1.0))]
+    dice = 1 - (2 * p[0] + 1) / (p[0] + p[1] + 1 + 1)
+    bce = (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(-1.0))) / 2
+    iou = abs(0.7 - 1.0)
+    total, parts = desam_loss(logits, target, torch.tensor([[0.7]]), torch.tensor([1.0]))
+    assert parts["dice"].item() == pytest.approx(dice, abs=1e-6)
+    assert parts["bce"].item() == pytest.approx(bce, abs=1e-6)
+    assert parts["iou"].item() == pytest.approx(iou, abs=1e-6)
+    assert total.item() == pytest.approx(dice + bce + 10 * iou, abs=1e-5)
+    total.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    assert not parts["dice"].requires_grad
+
+    weighted, _ = desam_loss(logits, target, torch.tensor([0.7]), torch.tensor([1.0]), weights=(2.0, 0.0, 1.0))
+    assert weighted.item() == pytest.approx(2 * dice + iou, abs=1e-5)
+    box_mode, parts = desam_loss(logits, target)
+    assert parts["iou"].item() == 0 and box_mode.item() == pytest.approx(dice + bce, abs=1e-6)
+
+
+def test_loss_of_an_empty_target_is_finite():
+    total, parts = desam_loss(torch.full((2, 1, 8, 8), -30.0), torch.zeros(2, 8, 8))
+    assert torch.isfinite(total) and total.item() < 1e-5
