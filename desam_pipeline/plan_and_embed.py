@@ -1,0 +1,215 @@
+"""`desam_plan_and_embed`: verify the raw dataset, fingerprint it, write the plan, cache frozen SAM features.
+
+The features of every selected slice are computed once, here, so training never loads the
+image encoder. Cases are independent and written atomically: a re-run skips complete cases,
+redoes stale ones (other inputs or plan), and parts of a sharded run never touch each
+other's cases.
+"""
+from __future__ import annotations
+
+import argparse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from segment_anything.modeling import ImageEncoderViT
+from tqdm import tqdm
+
+from desam_pipeline import cache, raw_dataset
+from desam_pipeline.atomic import write_json
+from desam_pipeline.dataset_checks import require_valid_dataset
+from desam_pipeline.embedding import (SLICE_MODES, encode_slices, feature_shapes, features_for_cache,
+                                      foreground_slices, preprocess_label, preprocess_volume, select_slices)
+from desam_pipeline.errors import DesamError, cli_entry
+from desam_pipeline.nifti_io import file_sha256, read_volume, voxel_spacing
+from desam_pipeline.paths import Trees, add_root_arguments
+from desam_pipeline.runtime import PRECISIONS, resolve_precision, select_device, shard, shard_spec, tune_malloc
+from desam_pipeline.sam_models import (ENCODERS, build_sam, detect_encoder, ensure_tiny_checkpoint,
+                                       load_submodule, read_state_dict)
+from plans.fingerprint import write_fingerprint
+from plans.planner import (DEFAULT_CHOICES, OFFICIAL_CHECKPOINTS, default_plans_name, load_plan, make_plan,
+                           plan_hash, plan_path, save_plan)
+
+TINY_CHECKPOINT_NAME = "sam_tiny.pth"
+
+
+def resolve_checkpoint(encoder: str, checkpoint: str | None, existing_plan: dict | None,
+                       preprocessed_dir: Path) -> Path:
+    """The SAM file to use: the flag, else the existing plan's, else (tiny only) the seeded tiny SAM."""
+    if checkpoint:
+        return Path(checkpoint)
+    if encoder == "tiny":
+        return ensure_tiny_checkpoint(preprocessed_dir / TINY_CHECKPOINT_NAME)
+    if existing_plan and existing_plan["encoder"] == encoder:
+        return Path(existing_plan["checkpoint"])
+    raise DesamError(f"--encoder {encoder} needs --checkpoint: pass the official SAM file "
+                     f"{OFFICIAL_CHECKPOINTS[encoder]} (nothing is downloaded)")
+
+
+def load_encoder(encoder: str, checkpoint: Path) -> ImageEncoderViT:
+    """The frozen image encoder, loaded strictly; a checkpoint of another variant is named as such."""
+    state = read_state_dict(checkpoint)
+    found = detect_encoder(state, checkpoint)
+    if found != encoder:
+        raise DesamError(f"{checkpoint}: a SAM {found} checkpoint, not {encoder}; "
+                         f"pass --encoder {found} or a {encoder} checkpoint")
+    image_encoder = build_sam(encoder).image_encoder
+    load_submodule(image_encoder, state, "image_encoder", checkpoint, encoder)
+    return image_encoder.eval().requires_grad_(False)
+
+
+def prepare_case(raw_dir: Path, dataset_json: dict, case: str, input_hash: str, plan: dict,
+                 plan_digest: str) -> dict:
+    """Read one case and preprocess its selected slices (runs one case ahead, in a thread)."""
+    image_file = raw_dataset.image_path(raw_dir, case, dataset_json)
+    volume, image_nii = read_volume(image_file)
+    label, _ = read_volume(raw_dataset.label_path(raw_dir, case, dataset_json))
+    axis = plan["slice_axis"]
+    z = select_slices(foreground_slices(label, axis), volume.shape[axis], plan["slices"], plan["slice_margin"])
+    meta = {
+        "case": case,
+        "domain": raw_dataset.domains(dataset_json).get(case, ""),
+        "z": z,
+        "shape": list(volume.shape),
+        "spacing": list(voxel_spacing(image_nii)),
+        "affine": image_nii.affine.tolist(),
+        "input_sha256": input_hash,
+        "plan_sha256": plan_digest,
+    }
+    return {"meta": meta, "image": preprocess_volume(volume, plan)[z], "label": preprocess_label(label, plan)[z]}
+
+
+def embed_case(prepared: dict, image_encoder: ImageEncoderViT, plan: dict, cache_dir: Path,
+               device: torch.device, precision: str, batch_size: int, progress: tqdm) -> int:
+    """Encode one prepared case batch by batch into its cache folder; return the bytes written."""
+    meta, image = prepared["meta"], prepared["image"]
+    count, size, dtype = len(meta["z"]), plan["slice_size"], np.dtype(plan["cache_dtype"])
+    arrays = {"image": ((count, size, size), np.uint8), "label": ((count, size, size), np.uint8)}
+    arrays.update({name: ((count, *shape), dtype) for name, shape in feature_shapes(image_encoder).items()})
+    with cache.CaseWriter(cache_dir, meta["case"], arrays) as writer:
+        writer.write(0, {"image": image, "label": prepared["label"]})
+        for start in range(0, count, batch_size):
+            neck, taps = encode_slices(image_encoder, image[start:start + batch_size], device, precision)
+            writer.write(start, features_for_cache(neck, taps, dtype, meta["case"]))
+            progress.update(len(neck))
+        return writer.commit(meta)
+
+
+def _mib(count: float) -> str:
+    return f"{count / 2 ** 20:.1f} MiB"
+
+
+def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str | None = None,
+                   domains: list[str] | None = None, plans_name: str | None = None, slices: str | None = None,
+                   precision: str | None = None, batch_size: int | None = None, device: str = "auto",
+                   num_parts: int | None = None, part_id: int | None = None, overwrite: bool = False,
+                   raw: str | None = None, preprocessed: str | None = None) -> dict:
+    """Verify, fingerprint, plan and embed one part of a dataset; return a summary of what was done.
+
+    Choices left as None come from the existing plan of that name, else from the defaults.
+    """
+    tune_malloc()
+    num_parts, part_id = shard_spec(num_parts, part_id)
+    torch_device = select_device(device)
+    trees = Trees(dataset, raw=raw, preprocessed=preprocessed)
+    raw_dir, out_dir = trees.raw, trees.preprocessed
+    require_valid_dataset(raw_dir)
+    dataset_json = raw_dataset.load_dataset_json(raw_dir)
+    cases = raw_dataset.cases_of_sites(dataset_json, domains, raw_dataset.list_cases(raw_dir, dataset_json))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(dataset_json, out_dir / "dataset.json")
+    fingerprint = write_fingerprint(raw_dir, out_dir)
+
+    plans_name = plans_name or default_plans_name(encoder)
+    existing = load_plan(out_dir, plans_name) if plan_path(out_dir, plans_name).is_file() else None
+    checkpoint_path = resolve_checkpoint(encoder, checkpoint, existing, out_dir)
+    image_encoder = load_encoder(encoder, checkpoint_path).to(torch_device)
+    base = existing or DEFAULT_CHOICES
+    choices = {"slices": slices}
+    if precision is not None:
+        choices["precision"] = {**base["precision"], torch_device.type: resolve_precision(precision, torch_device)}
+    if batch_size is not None:
+        if batch_size < 1:
+            raise DesamError(f"--batch-size must be at least 1, got {batch_size}")
+        choices["batch_size"] = {**base["batch_size"], torch_device.type: batch_size}
+    plan = make_plan(plans_name, encoder, checkpoint_path, file_sha256(checkpoint_path), image_encoder,
+                     base=existing, **choices)
+    save_plan(plan, out_dir, overwrite)
+    digest = plan_hash(plan)
+    run_precision = resolve_precision(plan["precision"][torch_device.type], torch_device)
+    run_batch = int(plan["batch_size"][torch_device.type])
+
+    cache_dir = cache.cache_dir(out_dir, plans_name)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    mine = shard(cases, num_parts, part_id)
+    cache.remove_case_temporaries(cache_dir, mine)
+    hashes = {case: cache.input_sha256(raw_dataset.image_path(raw_dir, case, dataset_json),
+                                       raw_dataset.label_path(raw_dir, case, dataset_json)) for case in mine}
+    status = {case: cache.case_status(cache_dir / case, hashes[case], digest) for case in mine}
+    todo = [case for case in mine if status[case] != "complete"]
+    stale = sum(status[case] == "stale" for case in todo)
+    print(f"plan {plan_path(out_dir, plans_name)} ({encoder}, taps {plan['tap_blocks']}, {plan['slices']}, "
+          f"{torch_device.type} {run_precision}, batch {run_batch}); part {part_id + 1}/{num_parts}: "
+          f"{len(mine)} cases, {len(mine) - len(todo)} complete, {len(todo)} to embed ({stale} stale)", flush=True)
+
+    axis = plan["slice_axis"]
+    total = sum(len(select_slices(fingerprint["cases"][case]["foreground_z"], fingerprint["cases"][case]["shape"][axis],
+                                  plan["slices"], plan["slice_margin"])) for case in todo)
+    written = slices_done = 0
+
+    def prepare(case: str) -> dict:
+        return prepare_case(raw_dir, dataset_json, case, hashes[case], plan, digest)
+
+    with ThreadPoolExecutor(max_workers=1) as pool, \
+            tqdm(total=total, unit="slice", desc="embed", dynamic_ncols=True) as progress:
+        pending = pool.submit(prepare, todo[0]) if todo else None
+        for index, case in enumerate(todo):
+            prepared = pending.result()
+            pending = pool.submit(prepare, todo[index + 1]) if index + 1 < len(todo) else None
+            progress.set_postfix_str(case)
+            written += embed_case(prepared, image_encoder, plan, cache_dir, torch_device, run_precision,
+                                  run_batch, progress)
+            slices_done += len(prepared["meta"]["z"])
+    manifest = cache.update_manifest(cache_dir, plan, digest)
+    per_slice = written / slices_done if slices_done else 0.0
+    print(f"done: {slices_done} slices of {len(todo)} cases into {cache_dir}, {written} bytes written "
+          f"({_mib(written)}), {per_slice:.0f} bytes per slice ({_mib(per_slice)})", flush=True)
+    return {"plan": plan, "plan_sha256": digest, "cache_dir": cache_dir, "embedded": todo,
+            "skipped": [case for case in mine if status[case] == "complete"], "slices": slices_done,
+            "bytes_written": written, "manifest": manifest}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Verify and fingerprint a raw dataset, write its plan and cache frozen SAM features per slice.")
+    parser.add_argument("-d", "--dataset", required=True, help="dataset number or DatasetNNN_Name")
+    parser.add_argument("--encoder", choices=ENCODERS, default="vit_h", help="SAM variant (default vit_h)")
+    parser.add_argument("--checkpoint", help="official SAM .pth of that variant (optional for tiny)")
+    parser.add_argument("--domains", nargs="+", metavar="SITE", help="embed only these sites (default: all)")
+    parser.add_argument("--plans-name", help="plan and cache name (default DeSAMPlans_<encoder>)")
+    parser.add_argument("--slices", choices=SLICE_MODES,
+                        help="slices to cache (new plan default foreground_margin)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="encoder precision on this device (new plan default bf16)")
+    parser.add_argument("--batch-size", type=int, help="slices per encoder batch on this device")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--num-parts", type=int, help="split the cases into this many parts (default: torchrun's)")
+    parser.add_argument("--part-id", type=int, help="the part this process embeds, 0-based")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing plan that has other choices")
+    add_root_arguments(parser, "raw", "preprocessed")
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plan_and_embed(args.dataset, encoder=args.encoder, checkpoint=args.checkpoint, domains=args.domains,
+                   plans_name=args.plans_name, slices=args.slices, precision=args.precision,
+                   batch_size=args.batch_size, device=args.device, num_parts=args.num_parts,
+                   part_id=args.part_id, overwrite=args.overwrite, raw=args.raw, preprocessed=args.preprocessed)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The plan: every choice of the embedding cache, written once as `<preprocessed>/<Dataset>/<plans_name>.json`.
+
+Later stages read their choices from the plan and re-derive nothing. The tapped blocks and
+their width come from the built encoder, so every SAM variant gets its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from segment_anything.modeling import ImageEncoderViT
+
+from desam_pipeline.atomic import read_json, write_json
+from desam_pipeline.embedding import SLICE_MODES
+from desam_pipeline.errors import DesamError
+from desam_pipeline.preprocessing import SLICE_AXIS, SLICE_SIZE
+from desam_pipeline.sam_models import tap_indices
+
+OFFICIAL_CHECKPOINTS = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth",
+                        "vit_b": "sam_vit_b_01ec64.pth"}
+DEFAULT_CHOICES = {
+    "slice_axis": SLICE_AXIS,
+    "slice_size": SLICE_SIZE,
+    "intensity": {"low_percentile": 0.5, "high_percentile": 99.5},
+    "slices": "foreground_margin",
+    "slice_margin": 2,
+    "cache_dtype": "float16",
+    "batch_size": {"cpu": 2, "cuda": 4},
+    "precision": {"cpu": "bf16", "cuda": "bf16"},
+}
+REQUIRED_KEYS = ("plans_name", "encoder", "checkpoint", "checkpoint_sha256", "tap_blocks", "tap_width",
+                 *DEFAULT_CHOICES)
+# Keys that do not change the cached values: renaming, moving the checkpoint or changing the
+# batch size leaves every cached case valid.
+NOT_HASHED = ("plans_name", "checkpoint", "batch_size")
+
+
+def default_plans_name(encoder: str) -> str:
+    return f"DeSAMPlans_{encoder}"
+
+
+def plan_path(preprocessed_dataset_dir: str | os.PathLike, plans_name: str) -> Path:
+    return Path(preprocessed_dataset_dir) / f"{plans_name}.json"
+
+
+def make_plan(plans_name: str, encoder: str, checkpoint: str | os.PathLike, checkpoint_sha256: str,
+              image_encoder: ImageEncoderViT, base: dict | None = None, **choices) -> dict:
+    """A plan for this encoder and checkpoint.
+
+    Each choice (keys of DEFAULT_CHOICES) comes from `choices` when given, else from `base`
+    (an existing plan, so a re-run keeps its choices), else from the defaults.
+    """
+    unknown = set(choices) - set(DEFAULT_CHOICES)
+    if unknown:
+        raise ValueError(f"unknown plan choices {sorted(unknown)}")
+    base = base or {}
+    picked = {key: choices.get(key) if choices.get(key) is not None else base.get(key, default)
+              for key, default in DEFAULT_CHOICES.items()}
+    if picked["slices"] not in SLICE_MODES:
+        raise DesamError(f"unknown slice selection {picked['slices']!r}; choose one of {', '.join(SLICE_MODES)}")
+    return {
+        "plans_name": plans_name,
+        "encoder": encoder,
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_sha256": checkpoint_sha256,
+        "tap_blocks": tap_indices(image_encoder),
+        "tap_width": int(image_encoder.patch_embed.proj.out_channels),
+        **picked,
+    }
+
+
+def plan_hash(plan: dict) -> str:
+    """sha256 of the choices that determine the cached values (see NOT_HASHED), canonical JSON."""
+    content = {key: value for key, value in plan.items() if key not in NOT_HASHED}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def load_plan(preprocessed_dataset_dir: str | os.PathLike, plans_name: str) -> dict:
+    """Read a plan, with one-line errors for a missing, unreadable or incomplete file."""
+    path = plan_path(preprocessed_dataset_dir, plans_name)
+    if not path.is_file():
+        raise DesamError(f"{path}: plan not found; run desam_plan_and_embed first (or pass the right plans name)")
+    try:
+        plan = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DesamError(f"{path}: invalid JSON ({exc})") from exc
+    missing = [key for key in REQUIRED_KEYS if key not in plan]
+    if missing:
+        raise DesamError(f"{path}: plan lacks keys {', '.join(missing)}")
+    return plan
+
+
+def plan_differences(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every key whose value differs."""
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)]
+
+
+def save_plan(plan: dict, preprocessed_dataset_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the plan once: an existing plan with other choices is an error unless `overwrite`."""
+    path = plan_path(preprocessed_dataset_dir, plan["plans_name"])
+    if path.is_file():
+        changes = plan_differences(load_plan(preprocessed_dataset_dir, plan["plans_name"]), plan)
+        if not changes:
+            return path
+        if not overwrite:
+            raise DesamError(f"{path}: plan exists with other choices ({'; '.join(changes)}); "
+                             f"pass --overwrite or a new --plans-name")
+    write_json(plan, path)
+    return path
