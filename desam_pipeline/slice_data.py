@@ -1,0 +1,149 @@
+"""Training samples from the embedding cache: one cached slice and its sampled prompt at a time.
+
+Each read maps the case's .npy file, copies one slice out and drops the mapping, so a process
+holds one batch of features, never whole arrays; a mapping kept open for the epoch would leave
+every slice it touched resident in the process (and counted in its RSS), so memory would grow
+with the cache.
+
+Prompts are drawn per sample from `np.random.default_rng([seed, stream, epoch, index])`: they
+depend only on which slice is drawn in which epoch, not on the worker, batch or process that
+reads it. That makes runs seeded and resumable, and lets DDP ranks draw the same prompts as one
+process would. Samplers yield `(epoch, index)` pairs so that persistent workers see the epoch.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from desam_pipeline import prompts
+from desam_pipeline.atomic import read_json
+from desam_pipeline.errors import DesamError
+
+MODES = ("grid", "box")
+FEATURES = ("neck", "tap0", "tap1", "tap2")
+TRAIN_STREAM, VAL_STREAM = 0, 1
+DEFAULT_LOADER_TIMEOUT_S = 300.0
+
+
+def read_slice(path: Path, index: int) -> np.ndarray:
+    """Slice `index` of a cached .npy array, copied out of a mapping that is closed again at once."""
+    array = np.load(path, mmap_mode="r")
+    try:
+        return np.array(array[index])
+    finally:
+        del array
+
+
+class SliceDataset(Dataset):
+    """Every cached slice of the given case folders; item (epoch, index) -> features, label, prompt."""
+
+    def __init__(self, case_dirs: Sequence[Path], mode: str, seed: int, stream: int = TRAIN_STREAM):
+        if mode not in MODES:
+            raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.case_dirs = [Path(d) for d in case_dirs]
+        self.mode, self.seed, self.stream = mode, int(seed), int(stream)
+        self.entries: list[tuple[int, int]] = []
+        for c, case_dir in enumerate(self.case_dirs):
+            count = len(read_json(case_dir / "meta.json")["z"])
+            self.entries.extend((c, s) for s in range(count))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def slices_per_case(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for c, _ in self.entries:
+            counts[self.case_dirs[c].name] = counts.get(self.case_dirs[c].name, 0) + 1
+        return counts
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, np.ndarray]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        c, s = self.entries[index]
+        case_dir = self.case_dirs[c]
+        sample = {name: read_slice(case_dir / f"{name}.npy", s) for name in FEATURES}
+        label = read_slice(case_dir / "label.npy", s)
+        sample["label"] = label
+        sample["index"] = np.int64(index)
+        rng = np.random.default_rng([self.seed, self.stream, int(epoch), int(index)])
+        if self.mode == "grid":
+            coords, point_labels, iou_target = prompts.sample_training_points(label[None], rng)
+            sample["coords"], sample["point_labels"], sample["iou_target"] = coords[0], point_labels[0], iou_target[0]
+        else:
+            sample["box"] = prompts.whole_box(1)[0]
+        return sample
+
+
+class EpochSampler(Sampler):
+    """Wraps an index sampler and yields (epoch, index), so workers draw the epoch's prompts."""
+
+    def __init__(self, sampler: Sampler | Sequence[int]):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def _worker_init(_: int) -> None:
+    """Forked workers run torch ops (collation): one thread each, or they can deadlock after fork."""
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: SliceDataset, sampler: Sampler, batch_size: int, num_workers: int,
+                pin_memory: bool = False, timeout_s: float = DEFAULT_LOADER_TIMEOUT_S) -> DataLoader:
+    """A DataLoader over an EpochSampler: persistent workers, and a dead or stalled worker is an error.
+
+    torch's watchdog turns a worker killed by a signal into a RuntimeError at the next batch;
+    `timeout` turns a worker that stops answering into one after `timeout_s` seconds.
+    """
+    workers = max(int(num_workers), 0)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      persistent_workers=workers > 0, timeout=timeout_s if workers else 0,
+                      worker_init_fn=_worker_init if workers else None, pin_memory=pin_memory,
+                      prefetch_factor=2 if workers else None)
+
+
+def train_sampler(dataset: SliceDataset, seed: int, world_size: int = 1, rank: int = 0) -> EpochSampler:
+    """Per-epoch reshuffle via DistributedSampler (also for one process), so DDP changes nothing else.
+
+    Rank r takes positions r, r+W, r+2W, ... of the epoch's permutation, so the union of the ranks'
+    t-th batches is exactly the t-th batch one process takes with the global batch size.
+    """
+    return EpochSampler(DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                           seed=seed, drop_last=False))
+
+
+def val_sampler(dataset: SliceDataset, world_size: int = 1, rank: int = 0) -> EpochSampler:
+    """Every held-out slice once across the ranks (no padding, so all-reduced sums count each once)."""
+    return EpochSampler(range(rank, len(dataset), world_size))
+
+
+def loader_batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """Iterate a loader, turning a dead or silent worker into a one-line DesamError."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            text = str(exc)
+            if "DataLoader worker" in text or "DataLoader timed out" in text:
+                raise DesamError(f"data loader failed: {text.splitlines()[0]} (pid {os.getpid()}); "
+                                 f"rerun with --num-workers 0 to see the error in this process") from exc
+            raise
+        yield batch
