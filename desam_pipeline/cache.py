@@ -109,10 +109,11 @@ def _fsync(path: Path) -> None:
 
 
 class CaseWriter:
-    """Fill a case's arrays batch by batch into a temporary folder, then publish it with one rename.
+    """Append a case's arrays batch by batch into a temporary folder, then publish it with one rename.
 
-    Arrays are preallocated .npy memory maps of the final size, so every batch is one
-    sequential write and nothing is held in memory beyond the batch.
+    Each .npy gets its header for the final shape first, then every batch is appended as one
+    large sequential write (plain writes, not memory maps, so the written pages never count
+    in the process's memory and nothing is held beyond the batch).
     """
 
     def __init__(self, cache_dir: Path, case: str, arrays: dict[str, tuple[tuple[int, ...], np.dtype]]):
@@ -121,27 +122,39 @@ class CaseWriter:
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
-        self.arrays = {}
+        self.files, self.layout, self.missing = {}, {}, {}
         for name, (shape, dtype) in arrays.items():
-            path = self.tmp / f"{name}.npy"
-            if 0 in shape:
-                np.save(path, np.empty(shape, dtype))
-            else:
-                self.arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            dtype = np.dtype(dtype)
+            handle = open(self.tmp / f"{name}.npy", "wb")
+            self.files[name] = handle
+            np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                          "fortran_order": False, "shape": tuple(shape)})
+            self.layout[name] = (tuple(shape[1:]), dtype)
+            self.missing[name] = shape[0]
 
-    def write(self, start: int, batch: dict[str, np.ndarray]) -> None:
-        """Store one batch of slices at positions start.. of every array named in `batch`."""
+    def append(self, batch: dict[str, np.ndarray]) -> None:
+        """Append the next slices of every array named in `batch` (in slice order)."""
         for name, values in batch.items():
-            self.arrays[name][start:start + len(values)] = values
+            row_shape, dtype = self.layout[name]
+            values = np.ascontiguousarray(values, dtype=dtype)
+            if values.shape[1:] != row_shape or len(values) > self.missing[name]:
+                raise ValueError(f"{name}: batch of shape {values.shape} does not fit the remaining "
+                                 f"({self.missing[name]}, *{row_shape})")
+            self.files[name].write(values.data)
+            self.missing[name] -= len(values)
 
     def commit(self, meta: dict) -> int:
-        """Flush and fsync the arrays, write meta.json last, rename into place; return the bytes on disk."""
-        for array in self.arrays.values():
-            array.flush()
-        self.arrays.clear()
+        """fsync the arrays, write meta.json last, rename into place; return the bytes on disk."""
+        unfilled = [name for name, count in self.missing.items() if count]
+        if unfilled:
+            raise ValueError(f"{self.final.name}: arrays not filled: {', '.join(unfilled)}")
+        for handle in self.files.values():
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+        self.files.clear()
         write_json(meta, self.tmp / META)
-        for path in self.tmp.iterdir():
-            _fsync(path)
+        _fsync(self.tmp / META)
         _fsync(self.tmp)
         if self.final.exists():
             replaced = self.tmp.with_name(self.tmp.name + REPLACED_SUFFIX)
@@ -154,14 +167,16 @@ class CaseWriter:
         return sum(path.stat().st_size for path in self.final.iterdir())
 
     def discard(self) -> None:
-        self.arrays.clear()
+        for handle in self.files.values():
+            handle.close()
+        self.files.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> "CaseWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None or self.tmp.exists():
+        if self.tmp.exists():
             self.discard()
 
 

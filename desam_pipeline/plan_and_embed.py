@@ -88,10 +88,10 @@ def embed_case(prepared: dict, image_encoder: ImageEncoderViT, plan: dict, cache
     arrays = {"image": ((count, size, size), np.uint8), "label": ((count, size, size), np.uint8)}
     arrays.update({name: ((count, *shape), dtype) for name, shape in feature_shapes(image_encoder).items()})
     with cache.CaseWriter(cache_dir, meta["case"], arrays) as writer:
-        writer.write(0, {"image": image, "label": prepared["label"]})
+        writer.append({"image": image, "label": prepared["label"]})
         for start in range(0, count, batch_size):
             neck, taps = encode_slices(image_encoder, image[start:start + batch_size], device, precision)
-            writer.write(start, features_for_cache(neck, taps, dtype, meta["case"]))
+            writer.append(features_for_cache(neck, taps, dtype, meta["case"]))
             progress.update(len(neck))
         return writer.commit(meta)
 

@@ -95,6 +95,28 @@ def test_slice_selection_modes():
         select_slices([4], 6, "some")
 
 
+def test_case_writer_is_atomic_and_writes_plain_npy(tmp_path):
+    rng = np.random.default_rng(0)
+    neck = rng.standard_normal((5, 3, 4, 4)).astype(np.float16)
+    with cache.CaseWriter(tmp_path, "C1", {"neck": ((5, 3, 4, 4), np.float16),
+                                           "empty": ((0, 2), np.uint8)}) as writer:
+        for start in range(0, 5, 2):
+            writer.append({"neck": neck[start:start + 2]})
+        assert cache.complete_cases(tmp_path) == []  # nothing visible before the commit
+        size = writer.commit({"z": list(range(5))})
+    np.save(tmp_path / "reference.npy", neck)
+    assert (tmp_path / "C1" / "neck.npy").read_bytes() == (tmp_path / "reference.npy").read_bytes()
+    case = cache.open_case(tmp_path / "C1")
+    assert case["empty"].shape == (0, 2) and case["meta"]["z"] == list(range(5))
+    assert size == sum(p.stat().st_size for p in (tmp_path / "C1").iterdir())
+    # A writer that is not filled completely never publishes its case and leaves no temporary.
+    with pytest.raises(ValueError, match="not filled: neck"):
+        with cache.CaseWriter(tmp_path, "C2", {"neck": ((5, 3, 4, 4), np.float16)}) as writer:
+            writer.append({"neck": neck[:2]})
+            writer.commit({"z": []})
+    assert cache.complete_cases(tmp_path) == ["C1"] and not list(tmp_path.glob(".tmp-*"))
+
+
 def test_cache_layout_plan_and_manifest(fp32_cache, toy_root, tiny_checkpoint):
     pre, raw = toy_root / "pre" / DATASET, toy_root / "raw" / DATASET
     plan = load_plan(pre, "Fp32")
@@ -258,11 +280,15 @@ def test_lifecycle_resume_stale_inputs_and_write_once_plan(tmp_path, tiny_checkp
     assert load_plan(pre, "Other")["batch_size"]["cpu"] == 2
 
 
-def test_two_parts_equal_one_part(toy_root, tiny_checkpoint, tmp_path):
-    options = dict(encoder="tiny", checkpoint=str(tiny_checkpoint), domains=["SiteB"], slices="foreground")
-    whole = plan_and_embed("900", raw=str(toy_root / "raw"), preprocessed=str(tmp_path / "one"), **options)
-    parts = [plan_and_embed("900", raw=str(toy_root / "raw"), preprocessed=str(tmp_path / "two"),
-                            num_parts=2, part_id=k, **options) for k in (0, 1)]
+def test_two_parts_equal_one_part(toy_root, tiny_checkpoint, tmp_path, monkeypatch):
+    options = dict(encoder="tiny", checkpoint=str(tiny_checkpoint), domains=["SiteB"], slices="foreground",
+                   raw=str(toy_root / "raw"))
+    whole = plan_and_embed("900", preprocessed=str(tmp_path / "one"), **options)
+    parts = [plan_and_embed("900", preprocessed=str(tmp_path / "two"), num_parts=2, part_id=0, **options)]
+    # the second part as torchrun would start it: rank and world size from the environment
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    parts.append(plan_and_embed("900", preprocessed=str(tmp_path / "two"), **options))
     assert parts[0]["embedded"] == ["SiteB_Case00"] and parts[1]["embedded"] == ["SiteB_Case01"]
     one, two = whole["cache_dir"], parts[1]["cache_dir"]
     files = sorted(p.relative_to(one) for p in one.glob("SiteB_Case0*/*"))

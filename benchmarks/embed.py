@@ -1,0 +1,143 @@
+"""Embedding benchmark: the bare `sam.image_encoder` forward versus the whole `desam_plan_and_embed`.
+
+    python -m benchmarks.embed [--encoder vit_b|tiny] [--slices N] [--precision bf16|fp32] [--batch-size B]
+
+Both are measured as whole processes (start-up, weight loading and everything else included)
+over the same preprocessed slices, with the same encoder, precision and batch size: (a) loads
+the encoder and runs its forward, (b) is the full command (dataset check, fingerprint, plan,
+checkpoint hash, preprocessing, encoding, fsynced cache writes). The encoder is randomly
+initialised and saved as a .pth (nothing is downloaded). Prints b/a, slices/s, peak RSS and the
+cache's bytes per slice against the float16 array sizes; the last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+DATASET = "Dataset999_EmbedBench"
+CASE = "Bench_Case00"
+
+
+def write_dataset(raw_root: Path, slices: int, size: int = 192) -> Path:
+    """One case of `slices` axial slices, each with foreground, in nnU-Net v2 layout plus domains."""
+    rng = np.random.default_rng(0)
+    folder = raw_root / DATASET
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    x, y = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    disc = ((x - size / 2) ** 2 + (y - size / 2) ** 2) < (size / 5) ** 2
+    label = np.repeat(disc[..., None], slices, axis=2)
+    image = (200 + 50 * rng.standard_normal((size, size, slices)) + 300 * label).astype(np.float32)
+    affine = np.diag([0.6, 0.6, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), str(folder / "imagesTr" / f"{CASE}_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), str(folder / "labelsTr" / f"{CASE}.nii.gz"))
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T2"}, "labels": {"background": 0, "prostate": 1}, "numTraining": 1,
+        "file_ending": ".nii.gz", "domains": {CASE: "Bench"}}))
+    return folder
+
+
+def bare_forward(encoder: str, checkpoint: str, slices_file: str, precision: str, batch_size: int) -> None:
+    """Process (a): load the encoder and run its forward over the slices, nothing else."""
+    import torch
+
+    from desam_pipeline.preprocessing import sam_input
+    from desam_pipeline.runtime import autocast, tune_malloc
+    from desam_pipeline.sam_models import load_image_encoder
+
+    tune_malloc()
+    image_encoder = load_image_encoder(encoder, checkpoint)
+    slices = np.load(slices_file)
+    device = torch.device("cpu")
+    with torch.inference_mode(), autocast(device, precision):
+        for start in range(0, len(slices), batch_size):
+            image_encoder(sam_input(slices[start:start + batch_size], device))
+
+
+def timed(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one child process; a failure stops the benchmark."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    error = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if proc.returncode != 0:
+        sys.exit(f"benchmark step failed ({' '.join(command[:4])} ...):\n{error[-2000:]}")
+    return elapsed, usage.ru_maxrss / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", choices=("vit_b", "vit_l", "vit_h", "tiny"), default="vit_b")
+    parser.add_argument("--slices", type=int, default=4)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="alternate a and b this many times; keep the fastest")
+    parser.add_argument("--bare", nargs=2, metavar=("CHECKPOINT", "SLICES_NPY"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bare:
+        bare_forward(args.encoder, args.bare[0], args.bare[1], args.precision, args.batch_size)
+        return 0
+
+    from desam_pipeline.embedding import preprocess_volume
+    from desam_pipeline.nifti_io import read_volume
+    from desam_pipeline.sam_models import build_sam, encoder_width, save_sam_checkpoint
+    from plans.planner import DEFAULT_CHOICES
+
+    with tempfile.TemporaryDirectory(prefix="desam-bench-embed-") as scratch:
+        scratch = Path(scratch)
+        raw = write_dataset(scratch / "raw", args.slices)
+        checkpoint = save_sam_checkpoint(build_sam(args.encoder, seed=0), scratch / f"sam_{args.encoder}.pth")
+        volume, _ = read_volume(raw / "imagesTr" / f"{CASE}_0000.nii.gz")
+        np.save(scratch / "slices.npy", preprocess_volume(volume, DEFAULT_CHOICES))
+        common = ["--encoder", args.encoder, "--precision", args.precision, "--batch-size", str(args.batch_size)]
+        bare_command = [sys.executable, "-m", "benchmarks.embed", *common,
+                        "--bare", str(checkpoint), str(scratch / "slices.npy")]
+        bare, pipeline = [], []
+        for repeat in range(args.repeats):
+            bare.append(timed(bare_command))
+            preprocessed = scratch / f"preprocessed{repeat}"
+            pipeline.append(timed([sys.executable, "-m", "desam_pipeline.plan_and_embed", "-d", DATASET, *common,
+                                   "--checkpoint", str(checkpoint), "--slices", "all", "--device", "cpu",
+                                   "--raw", str(scratch / "raw"), "--preprocessed", str(preprocessed)]))
+            print(f"repeat {repeat + 1}: (a) bare forward {bare[-1][0]:.1f} s, "
+                  f"(b) desam_plan_and_embed {pipeline[-1][0]:.1f} s", flush=True)
+        case_dir = preprocessed / DATASET / f"DeSAMPlans_{args.encoder}" / CASE
+        cache_bytes = sum(path.stat().st_size for path in case_dir.iterdir())
+
+    a, b = min(t for t, _ in bare), min(t for t, _ in pipeline)
+    features = (256 + 3 * encoder_width(args.encoder)) * 64 * 64 * 2
+    arrays = features + 2 * 256 * 256
+    figures = {
+        "encoder": args.encoder, "precision": args.precision, "slices": args.slices, "batch_size": args.batch_size,
+        "bare_s": round(a, 2), "pipeline_s": round(b, 2), "ratio": round(b / a, 3),
+        "bare_slices_per_s": round(args.slices / a, 4), "pipeline_slices_per_s": round(args.slices / b, 4),
+        "bare_peak_rss_mb": round(max(r for _, r in bare)), "pipeline_peak_rss_mb": round(max(r for _, r in pipeline)),
+        "bytes_per_slice": round(cache_bytes / args.slices), "float16_feature_bytes_per_slice": features,
+        "float16_arrays_bytes_per_slice": arrays, "bytes_vs_float16_features": round(cache_bytes / args.slices / features, 4),
+        "bytes_vs_arrays": round(cache_bytes / args.slices / arrays, 4),
+    }
+    print(f"{args.encoder} {args.precision}, {args.slices} slices, batch {args.batch_size}, CPU threads "
+          f"{os.cpu_count()}: b/a = {figures['ratio']:.3f} (a {a:.1f} s, b {b:.1f} s; "
+          f"{figures['bare_slices_per_s']:.3f} vs {figures['pipeline_slices_per_s']:.3f} slices/s)")
+    print(f"peak RSS: a {figures['bare_peak_rss_mb']} MiB, b {figures['pipeline_peak_rss_mb']} MiB; "
+          f"cache {figures['bytes_per_slice']} bytes/slice = {figures['bytes_vs_float16_features']:.4f} x the "
+          f"float16 neck+taps ({features} bytes), {figures['bytes_vs_arrays']:.4f} x those plus the uint8 image "
+          f"and label ({arrays} bytes)")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
