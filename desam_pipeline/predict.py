@@ -1,0 +1,142 @@
+"""`desam_predict -i IN -o OUT -m MODEL_FOLDER`: segment NIfTI volumes with a trained DeSAM model.
+
+Cases are split over `--num-parts/--part-id`, or over the ranks of `torchrun -m desam_pipeline.predict`;
+each case is written by exactly one part. Under torchrun the ranks meet at a final barrier (a gloo
+group: it only carries the summary) and rank 0 merges quality.csv; separate parts each merge it
+under a file lock when they finish, so the last one to finish leaves it complete.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+from desam_pipeline import predictor
+from desam_pipeline.errors import DesamError, cli_entry
+from desam_pipeline.inference import MODES
+from desam_pipeline.paths import Trees, add_root_arguments
+from desam_pipeline.postprocessing import POSTPROCESSING
+from desam_pipeline.runtime import select_device, shard, shard_spec, tune_malloc
+
+# Ranks wait for the slowest shard at the final barrier; torchrun stops them all if one dies.
+BARRIER_TIMEOUT = timedelta(days=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="desam_predict", description="Segment NIfTI volumes with a trained DeSAM model folder.")
+    parser.add_argument("-i", "--input", required=True,
+                        help="folder of <case>_0000.nii.gz (nnU-Net naming) or plain .nii.gz files, or one file")
+    parser.add_argument("-o", "--output", required=True, help="output folder: <case>.nii.gz, quality.csv")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("-m", "--model-folder", help="a DeSAMTrainer__* folder written by desam_train")
+    model.add_argument("-d", "--dataset", help="dataset number or name: its model folder is found in the results tree")
+    parser.add_argument("--source", nargs="+", metavar="SITE", default=None,
+                        help="with -d: the source site(s) the model was trained on")
+    parser.add_argument("--mode", choices=MODES, default=None, help="with -d: the model's mode")
+    parser.add_argument("--plans-name", default=None, help="with -d: the model's plan")
+    parser.add_argument("-f", "--folds", nargs="+", default=None,
+                        help="folds to average (default: every numbered fold with a final checkpoint, else 'all')")
+    parser.add_argument("--checkpoint", default=None,
+                        help="SAM checkpoint for the frozen encoder (default: the plan's; its sha256 must match)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--batch-size", type=int, default=None, help="slices per encoder batch (default: the plan's)")
+    parser.add_argument("--iou-threshold", type=float, default=0.5,
+                        help="grid mode: a slice is empty unless its best point's predicted IoU exceeds this")
+    parser.add_argument("--grid", type=int, default=9, help="grid mode: K x K points per slice")
+    parser.add_argument("--postprocess", choices=POSTPROCESSING, default="none",
+                        help="paper: per slice fill holes and drop islands under 1000 px at 256x256; "
+                             "largest: keep the largest 3D connected component")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write <case>.npz with the fold-averaged probabilities")
+    parser.add_argument("--continue", dest="skip_existing", action="store_true",
+                        help="skip cases whose <case>.nii.gz already exists")
+    parser.add_argument("--num-parts", type=int, default=None, help="split the cases into this many parts")
+    parser.add_argument("--part-id", type=int, default=None, help="the part to predict (0-based)")
+    add_root_arguments(parser, "preprocessed", "results")
+    return parser
+
+
+def model_folder(args: argparse.Namespace) -> Path:
+    """-m as given, or the single model folder of -d matching --source/--mode/--plans-name."""
+    if args.model_folder:
+        given = [flag for flag, value in (("--source", args.source), ("--mode", args.mode),
+                                          ("--plans-name", args.plans_name)) if value]
+        if given:
+            raise DesamError(f"{', '.join(given)} select a model folder with -d; -m names one already")
+        return Path(args.model_folder)
+    trees = Trees(args.dataset, preprocessed=args.preprocessed, results=args.results)
+    return predictor.find_model_folder(trees.results, args.source, args.mode, args.plans_name)
+
+
+def init_distributed() -> bool:
+    """Join torchrun's process group (gloo) when WORLD_SIZE > 1; True when this run is distributed."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    return True
+
+
+def gather_results(results: list[predictor.CaseResult], distributed: bool) -> list[predictor.CaseResult]:
+    """Every part's results on rank 0 after the final barrier (this part's alone when not distributed)."""
+    if not distributed:
+        return results
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    return [r for part in gathered for r in part]
+
+
+def summarise(results: list[predictor.CaseResult], out_dir: Path, part: str) -> int:
+    """Print what was done and list the failed cases; the exit code (1 when any case failed)."""
+    counts = {s: sum(r.status == s for r in results) for s in ("predicted", "skipped", "failed")}
+    slices = sum(r.slices for r in results)
+    cached = sum(r.cached_slices for r in results)
+    print(f"desam_predict{part}: {counts['predicted']} predicted ({slices} slices, {cached} from the embedding "
+          f"cache), {counts['skipped']} skipped (output exists), {counts['failed']} failed -> {out_dir}", flush=True)
+    failed = [r for r in results if r.status == "failed"]
+    for result in failed:
+        print(f"  failed: {result.case}: {result.message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tune_malloc()
+    num_parts, part_id = shard_spec(args.num_parts, args.part_id)
+    input_path, out_dir = Path(args.input), Path(args.output)
+    if out_dir.resolve() == input_path.resolve():
+        raise DesamError(f"{out_dir}: the output folder must not be the input folder")
+    device = select_device(args.device)
+    model = predictor.load_model(model_folder(args), args.folds, device)
+    settings = predictor.make_settings(
+        model.plan, device, args.batch_size, grid=args.grid, iou_threshold=args.iou_threshold,
+        postprocess=args.postprocess, save_probabilities=args.save_probabilities, skip_existing=args.skip_existing)
+    cases = predictor.discover_inputs(input_path, model.num_channels)
+    engine = predictor.build_predictor(model, settings, args.checkpoint, args.preprocessed)
+    distributed = init_distributed()
+    mine = shard(cases, num_parts, part_id)
+    part = f" part {part_id + 1}/{num_parts}" if num_parts > 1 else ""
+    print(f"desam_predict{part}: {len(mine)} of {len(cases)} cases, model {model.folder.name} ({model.mode} mode, "
+          f"folds {', '.join(model.folds)}), {device.type} {settings.precision}, batch {settings.batch_size}, "
+          f"{len(engine.cache_index)} cached cases of the plan", flush=True)
+    results = engine.predict_cases(mine, out_dir, show_progress=not distributed or part_id == 0)
+    if distributed:
+        dist.barrier()
+        results = gather_results(results, distributed)
+        rank_zero = dist.get_rank() == 0
+        if rank_zero:
+            predictor.merge_quality(out_dir)
+        dist.destroy_process_group()
+        return summarise(results, out_dir, "") if rank_zero else int(any(r.status == "failed" for r in results))
+    predictor.merge_quality(out_dir)
+    return summarise(results, out_dir, part)
+
+
+if __name__ == "__main__":
+    main()

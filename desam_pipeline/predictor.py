@@ -1,0 +1,537 @@
+"""Segment NIfTI volumes with a trained DeSAM model folder, keeping each input's geometry exactly.
+
+Per volume: the embed stage's preprocessing, the frozen SAM encoder over every slice in batches
+(or the embedding cache of the same plan where it holds the slice), each fold's decoder through
+`inference.predict_slices`, fold-averaged sigmoid probabilities resized back to the slice's own
+grid, threshold 0.5, optional post-processing. Outputs per case: `<case>.nii.gz` (uint8 {0, 1},
+the input's affine and header), `quality/<case>.csv` (PRIM's predicted IoU per slice), and with
+`save_probabilities` `<case>.npz`; the mask is written last, so its presence marks a finished case.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from desam_pipeline import cache, inference, sam_models
+from desam_pipeline.atomic import atomic_path, read_json
+from desam_pipeline.embedding import encode_slices, features_for_cache, preprocess_volume
+from desam_pipeline.errors import DesamError
+from desam_pipeline.network import DeSAM
+from desam_pipeline.nifti_io import file_sha256, read_volume, save_like
+from desam_pipeline.paths import DATASET_PATTERN, get_root
+from desam_pipeline.postprocessing import postprocess
+from desam_pipeline.preprocessing import resize_probabilities_back
+from desam_pipeline.runtime import resolve_precision
+from plans.planner import REQUIRED_KEYS, plan_hash
+
+CHECKPOINT_FILE = "checkpoint_final.pth"
+TRAINER_PREFIX = "DeSAMTrainer__"
+QUALITY_FILE = "quality.csv"
+QUALITY_DIR = "quality"
+QUALITY_COLUMNS = ["case", "slice", "predicted_iou", "case_mean_iou"]
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+CHANNEL_NAME = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+_QUALITY_LOCK = ".quality.lock"
+
+
+# ---------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class CaseInput:
+    """One case to predict: its id, its channel files (channel 0 first) and a problem found before reading."""
+    case: str
+    files: tuple[Path, ...]
+    problem: str | None = None
+
+
+def _stem(name: str) -> str | None:
+    """File name without its NIfTI ending, None for other files."""
+    for ending in NIFTI_ENDINGS:
+        if name.endswith(ending) and len(name) > len(ending):
+            return name[: -len(ending)]
+    return None
+
+
+def _channel_problem(files: dict[int, Path], num_channels: int) -> str | None:
+    if sorted(files) == list(range(num_channels)):
+        return None
+    expected = ", ".join(f"_{c:04d}" for c in range(num_channels))
+    found = ", ".join(p.name for _, p in sorted(files.items()))
+    return f"{found}: the model takes {num_channels} channel file(s) ({expected}) per case"
+
+
+def discover_inputs(source: str | os.PathLike, num_channels: int = 1) -> list[CaseInput]:
+    """Cases of an input folder or file, sorted by case id.
+
+    A folder holding any `*_0000.nii.gz` uses nnU-Net naming (`<case>_XXXX.nii.gz`, one file per
+    channel); otherwise every `.nii.gz`/`.nii` file is one case named after the file. A case with
+    the wrong channel files, or a file that breaks the folder's naming, comes back with a problem.
+    """
+    source = Path(source)
+    if source.is_file():
+        stem = _stem(source.name)
+        if stem is None:
+            raise DesamError(f"{source}: not a NIfTI file (.nii.gz or .nii)")
+        match = CHANNEL_NAME.match(stem)
+        case = match["case"] if match and match["channel"] == "0000" else stem
+        problem = _channel_problem({0: source}, num_channels)
+        return [CaseInput(case, (source,), problem)]
+    if not source.is_dir():
+        raise DesamError(f"{source}: input not found (a folder of .nii.gz files or one file)")
+    stems = {p: _stem(p.name) for p in sorted(source.iterdir()) if not p.name.startswith(".") and p.is_file()}
+    stems = {p: s for p, s in stems.items() if s is not None}
+    if not stems:
+        raise DesamError(f"{source}: no .nii.gz or .nii files")
+    if not any(s.endswith("_0000") for s in stems.values()):
+        return _flag_duplicates([CaseInput(s, (p,), _channel_problem({0: p}, num_channels)) for p, s in stems.items()])
+    groups: dict[str, dict[int, Path]] = {}
+    cases = []
+    for path, stem in stems.items():
+        match = CHANNEL_NAME.match(stem)
+        if match:
+            groups.setdefault(match["case"], {})[int(match["channel"])] = path
+        else:
+            cases.append(CaseInput(stem, (path,), f"{path.name}: not named <case>_XXXX like the other "
+                                                  f"files of {source} (nnU-Net naming)"))
+    for case, files in groups.items():
+        cases.append(CaseInput(case, tuple(files[c] for c in sorted(files)), _channel_problem(files, num_channels)))
+    return _flag_duplicates(cases)
+
+
+def _flag_duplicates(cases: list[CaseInput]) -> list[CaseInput]:
+    """Sorted by case id; a second file mapping to an already taken case id (a.nii next to a.nii.gz) is a problem."""
+    seen: set[str] = set()
+    flagged = []
+    for case in sorted(cases, key=lambda c: (c.case, c.files)):
+        if case.case in seen:
+            case = CaseInput(case.case, case.files, f"{case.files[0].name}: another input file is also case {case.case}")
+        seen.add(case.case)
+        flagged.append(case)
+    return flagged
+
+
+def read_case_volume(case: CaseInput) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Channel 0 of a case as a finite 3D float32 volume; every problem is a DesamError naming the file."""
+    if case.problem:
+        raise DesamError(case.problem)
+    volume, image = read_volume(case.files[0])
+    if not np.isfinite(volume).all():
+        raise DesamError(f"{case.files[0]}: {int((~np.isfinite(volume)).sum())} NaN or infinite voxels")
+    if min(volume.shape) == 0:
+        raise DesamError(f"{case.files[0]}: empty volume of shape {volume.shape}")
+    return volume, image
+
+
+# ---------------------------------------------------------------- model folder
+@dataclass
+class Model:
+    """A trained model folder: its plan, dataset.json, mode and one network per fold (on one device)."""
+    folder: Path
+    plan: dict
+    dataset_json: dict
+    mode: str
+    folds: list[str]
+    networks: list[DeSAM] = field(repr=False)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.dataset_json.get("channel_names", {"0": ""})) or 1
+
+
+def find_model_folder(results_dataset_dir: str | os.PathLike, sources: list[str] | None = None,
+                      mode: str | None = None, plans_name: str | None = None) -> Path:
+    """The single trainer folder of a dataset matching the given source sites, mode and plans name.
+
+    Left-out criteria match anything; none or several matches are a one-line error listing them.
+    """
+    folder = Path(results_dataset_dir)
+    if not folder.is_dir():
+        raise DesamError(f"{folder}: no results for this dataset; train a model first (desam_train)")
+    source_key = ("src-" + "+".join(sorted(set(sources)))) if sources else None
+    found = []
+    for child in sorted(folder.iterdir()):
+        parts = child.name.split("__")
+        if not child.is_dir() or len(parts) != 4 or not child.name.startswith(TRAINER_PREFIX):
+            continue
+        _, plans, folder_mode, src = parts
+        if (plans_name in (None, plans) and mode in (None, folder_mode) and source_key in (None, src)):
+            found.append(child)
+    if len(found) == 1:
+        return found[0]
+    available = ", ".join(c.name for c in sorted(folder.iterdir()) if c.name.startswith(TRAINER_PREFIX)) or "none"
+    if not found:
+        raise DesamError(f"{folder}: no model folder for source {sources or 'any'}, mode {mode or 'any'}, "
+                         f"plans {plans_name or 'any'} (available: {available})")
+    raise DesamError(f"{folder}: several model folders match ({', '.join(c.name for c in found)}); "
+                     f"choose one with --source, --mode or --plans-name, or pass -m")
+
+
+def available_folds(model_folder: str | os.PathLike) -> list[str]:
+    """Fold names (`0`, `1`, ..., `all`) that have a final checkpoint; numbered folds first."""
+    folder = Path(model_folder)
+    names = [c.name[len("fold_"):] for c in folder.glob("fold_*") if (c / CHECKPOINT_FILE).is_file()]
+    return sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+
+
+def default_folds(model_folder: str | os.PathLike) -> list[str]:
+    """The cross-validation folds when there are any (as nnU-Net), else fold `all`."""
+    folds = available_folds(model_folder)
+    numbered = [f for f in folds if f.isdigit()]
+    if not folds:
+        raise DesamError(f"{model_folder}: no fold_*/{CHECKPOINT_FILE}; train at least one fold to the end")
+    return numbered or folds
+
+
+def _read_model_json(folder: Path, name: str) -> dict:
+    path = folder / name
+    if not path.is_file():
+        raise DesamError(f"{path}: not found; is {folder} a DeSAM model folder (written by desam_train)?")
+    try:
+        return read_json(path)
+    except ValueError as exc:
+        raise DesamError(f"{path}: invalid JSON ({exc})") from exc
+
+
+def load_fold_network(path: Path, plan: dict) -> tuple[DeSAM, str]:
+    """The trained network of one fold checkpoint, and the mode it was trained in."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        config, state = checkpoint["network_config"], checkpoint["network"]
+    except Exception as exc:
+        raise DesamError(f"{path}: not a readable DeSAM checkpoint ({type(exc).__name__}: {exc})") from exc
+    if config.get("encoder") != plan["encoder"] or int(config["tap_width"]) != int(plan["tap_width"]):
+        raise DesamError(f"{path}: trained for encoder {config.get('encoder')} (tap width {config['tap_width']}), "
+                         f"but the model folder's plan is {plan['encoder']} (tap width {plan['tap_width']})")
+    net = DeSAM.from_inference_state(state, int(config["tap_width"]), norm=config.get("norm", "instance"),
+                                     norm_affine=bool(config.get("norm_affine", False)), source=path)
+    return net.eval().requires_grad_(False), config["mode"]
+
+
+def load_model(model_folder: str | os.PathLike, folds: list[str] | None = None,
+               device: torch.device | str = "cpu") -> Model:
+    """Read a model folder's plans.json, dataset.json and the final checkpoints of `folds` (default: all)."""
+    folder = Path(model_folder)
+    if not folder.is_dir():
+        raise DesamError(f"{folder}: model folder not found")
+    plan = _read_model_json(folder, "plans.json")
+    missing = [k for k in REQUIRED_KEYS if k not in plan]
+    if missing:
+        raise DesamError(f"{folder / 'plans.json'}: plan lacks keys {', '.join(missing)}")
+    dataset_json = _read_model_json(folder, "dataset.json")
+    folds = [str(f) for f in folds] if folds else default_folds(folder)
+    networks, modes = [], set()
+    for fold in folds:
+        path = folder / f"fold_{fold}" / CHECKPOINT_FILE
+        if not path.is_file():
+            have = ", ".join(available_folds(folder)) or "none"
+            raise DesamError(f"{path}: not found (folds with a final checkpoint: {have})")
+        net, mode = load_fold_network(path, plan)
+        networks.append(net.to(device))
+        modes.add(mode)
+    if len(modes) != 1:
+        raise DesamError(f"{folder}: folds {', '.join(folds)} were trained in different modes ({sorted(modes)})")
+    return Model(folder, plan, dataset_json, modes.pop(), folds, networks)
+
+
+# ---------------------------------------------------------------- features: encoder and cache
+def resolve_sam_checkpoint(plan: dict, checkpoint: str | os.PathLike | None = None) -> Path:
+    """The SAM checkpoint given (else the plan's), which must be the file the plan was made with."""
+    if checkpoint is None:
+        path = Path(plan["checkpoint"])
+        if not path.is_file():
+            raise DesamError(f"{path}: the plan's SAM checkpoint is not there; pass --checkpoint "
+                             f"(the {plan['encoder']} file with sha256 {plan['checkpoint_sha256'][:12]}...)")
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise DesamError(f"{path}: SAM checkpoint not found")
+    digest = file_sha256(path)
+    if digest != plan["checkpoint_sha256"]:
+        raise DesamError(f"{path}: sha256 {digest[:12]}... is not the plan's checkpoint_sha256 "
+                         f"{plan['checkpoint_sha256'][:12]}... (the model was trained on another SAM's features)")
+    return path
+
+
+class SliceEncoder:
+    """The frozen SAM image encoder of a plan, built on first use, returning cache-dtype features.
+
+    Features are rounded to the plan's cache dtype (float16) like the cache the decoder was trained
+    on, so a slice predicted from the cache and one encoded here give the same mask.
+    """
+
+    def __init__(self, plan: dict, checkpoint: Path, device: torch.device, precision: str):
+        self.plan, self.checkpoint, self.device, self.precision = plan, checkpoint, device, precision
+        self._module = None
+        self.slices_encoded = 0
+
+    def __call__(self, slices_uint8: np.ndarray, case: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self._module is None:
+            self._module = sam_models.load_image_encoder(self.plan["encoder"], self.checkpoint).to(self.device)
+        neck, taps = encode_slices(self._module, slices_uint8, self.device, self.precision)
+        arrays = features_for_cache(neck, taps, np.dtype(self.plan["cache_dtype"]), case)
+        self.slices_encoded += len(slices_uint8)
+        return torch.from_numpy(arrays["neck"]), [torch.from_numpy(arrays[f"tap{k}"]) for k in range(3)]
+
+
+class CacheIndex:
+    """The embedding cache of a plan, searched by volume content.
+
+    The cache's input hash covers image and label, so a volume without its label cannot be found
+    by hash. Instead: complete cases of the same plan hash with the same shape and affine are
+    candidates (same case id first), and a cached slice is used only where its preprocessed
+    uint8 slice equals the volume's, which with the same plan means the same features.
+    """
+
+    def __init__(self, cache_folder: Path | None, plan: dict):
+        self.folder = cache_folder
+        self.metas: dict[str, dict] = {}
+        if cache_folder is not None:
+            for case in cache.complete_cases(cache_folder, plan_hash(plan)):
+                self.metas[case] = read_json(cache_folder / case / cache.META)
+
+    def __len__(self) -> int:
+        return len(self.metas)
+
+    def lookup(self, case: str, image: nib.Nifti1Image, slices: np.ndarray) -> tuple[dict, dict[int, int]]:
+        """(opened cache case, {slice index: cache row}) for the usable cached slices; ({}, {}) if none."""
+        shape, affine = list(image.shape[:3]), np.asarray(image.affine, dtype=float)
+        order = sorted(self.metas, key=lambda c: c != case)
+        for name in order:
+            meta = self.metas[name]
+            if meta["shape"] != shape or not np.array_equal(np.asarray(meta["affine"], dtype=float), affine):
+                continue
+            opened = cache.open_case(self.folder / name)
+            rows = {int(z): row for row, z in enumerate(meta["z"])
+                    if int(z) < len(slices) and np.array_equal(opened["image"][row], slices[int(z)])}
+            if rows:
+                return opened, rows
+        return {}, {}
+
+
+def cache_folder_of(model: Model, preprocessed_root: str | os.PathLike | None = None) -> Path | None:
+    """`<preprocessed>/<Dataset>/<plans_name>` for the model's dataset, None when it cannot be located."""
+    dataset = model.folder.parent.name
+    if not DATASET_PATTERN.match(dataset):
+        return None
+    try:
+        root = get_root("preprocessed", preprocessed_root)
+    except DesamError:
+        return None
+    folder = cache.cache_dir(root / dataset, model.plan["plans_name"])
+    return folder if folder.is_dir() else None
+
+
+# ---------------------------------------------------------------- prediction
+@dataclass
+class Settings:
+    """Run-time choices of a prediction (flags of desam_predict)."""
+    device: torch.device
+    precision: str
+    batch_size: int
+    grid: int = 9
+    iou_threshold: float = 0.5
+    postprocess: str = "none"
+    save_probabilities: bool = False
+    skip_existing: bool = False
+
+
+def make_settings(plan: dict, device: torch.device, batch_size: int | None = None, **choices) -> Settings:
+    """Settings with the plan's precision and batch size for `device` unless overridden."""
+    precision = resolve_precision(plan["precision"][device.type], device)
+    batch = int(batch_size if batch_size is not None else plan["batch_size"][device.type])
+    if batch < 1:
+        raise DesamError(f"--batch-size must be at least 1, got {batch}")
+    if choices.get("grid", 1) < 1:
+        raise DesamError(f"--grid must be at least 1, got {choices['grid']}")
+    return Settings(device=device, precision=precision, batch_size=batch, **choices)
+
+
+def decoder_precision(settings: Settings) -> str:
+    """The decoders run as trained: fp32 on CPU, the plan's autocast precision on CUDA."""
+    return "fp32" if settings.device.type == "cpu" else settings.precision
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def feature_batches(slices: np.ndarray, encoder: SliceEncoder, cached: dict, rows: dict[int, int],
+                    batch_size: int, case: str) -> Iterator[tuple[list[int], torch.Tensor, list[torch.Tensor]]]:
+    """(slice indices, neck, taps) per batch: cached slices read from the cache, the others encoded."""
+    for chunk in _chunks(sorted(rows), batch_size):
+        index = [rows[z] for z in chunk]
+        yield chunk, torch.from_numpy(cached["neck"][index]), [torch.from_numpy(cached[f"tap{k}"][index])
+                                                               for k in range(3)]
+    missing = [z for z in range(len(slices)) if z not in rows]
+    for chunk in _chunks(missing, batch_size):
+        neck, taps = encoder(slices[chunk], case)
+        yield chunk, neck, taps
+
+
+def decode(model: Model, neck: torch.Tensor, taps: list[torch.Tensor],
+           settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """Fold-averaged foreground probabilities (B,256,256) and predicted IoU (B,) of a batch of slices."""
+    neck = neck.to(settings.device)
+    taps = [t.to(settings.device) for t in taps]
+    probabilities = np.zeros((neck.shape[0], 256, 256), np.float32)
+    iou = np.zeros(neck.shape[0], np.float32)
+    for net in model.networks:
+        p, q = inference.predict_slices(net, neck, taps, model.mode, grid=settings.grid,
+                                        iou_threshold=settings.iou_threshold, batch_size=settings.batch_size,
+                                        device=settings.device, precision=decoder_precision(settings))
+        probabilities += p
+        iou += q
+    return probabilities / len(model.networks), iou / len(model.networks)
+
+
+def predict_volume(model: Model, volume: np.ndarray, encoder: SliceEncoder, settings: Settings,
+                   cached: dict | None = None, rows: dict[int, int] | None = None, case: str = "volume",
+                   slices: np.ndarray | None = None, progress: tqdm | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground probabilities in the volume's own grid (float32, its shape) and the IoU per slice.
+
+    `cached`/`rows` (from `CacheIndex.lookup`) supply features of some slices; the rest are encoded.
+    """
+    axis = int(model.plan["slice_axis"])
+    slices = preprocess_volume(volume, model.plan) if slices is None else slices
+    probabilities = np.zeros((len(slices), 256, 256), np.float32)
+    iou = np.zeros(len(slices), np.float32)
+    for index, neck, taps in feature_batches(slices, encoder, cached or {}, rows or {}, settings.batch_size, case):
+        probabilities[index], iou[index] = decode(model, neck, taps, settings)
+        if progress is not None:
+            progress.update(len(index))
+    in_plane = tuple(s for a, s in enumerate(volume.shape) if a != axis)
+    return np.moveaxis(resize_probabilities_back(probabilities, in_plane), 0, axis), iou
+
+
+# ---------------------------------------------------------------- outputs
+def output_path(out_dir: Path, case: str) -> Path:
+    return Path(out_dir) / f"{case}.nii.gz"
+
+
+def quality_path(out_dir: Path, case: str) -> Path:
+    return Path(out_dir) / QUALITY_DIR / f"{case}.csv"
+
+
+def write_case_quality(out_dir: Path, case: str, iou: np.ndarray) -> None:
+    """Per-slice predicted IoU of one case, written atomically to `quality/<case>.csv`."""
+    table = pd.DataFrame({"case": case, "slice": np.arange(len(iou)), "predicted_iou": iou.astype(float)})
+    with atomic_path(quality_path(out_dir, case)) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6f")
+
+
+@contextlib.contextmanager
+def _quality_lock(out_dir: Path) -> Iterator[None]:
+    """Parts of a sharded run merge quality.csv one after the other (flock: freed if a process dies)."""
+    with open(Path(out_dir) / _QUALITY_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def merge_quality(out_dir: str | os.PathLike) -> pd.DataFrame:
+    """Rewrite OUT/quality.csv from every finished case's `quality/<case>.csv` (all parts, all runs).
+
+    Columns: case, slice, predicted_iou, case_mean_iou (the mean over the case's slices).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _quality_lock(out_dir):
+        parts = [pd.read_csv(path) for path in sorted((out_dir / QUALITY_DIR).glob("*.csv"))
+                 if output_path(out_dir, path.stem).is_file()]
+        if parts:
+            table = pd.concat(parts, ignore_index=True)
+            table["case"] = table["case"].astype(str)
+            table["case_mean_iou"] = table.groupby("case")["predicted_iou"].transform("mean")
+            table = table.sort_values(["case", "slice"], kind="stable")[QUALITY_COLUMNS]
+        else:
+            table = pd.DataFrame(columns=QUALITY_COLUMNS)
+        with atomic_path(out_dir / QUALITY_FILE) as tmp:
+            table.to_csv(tmp, index=False, float_format="%.6f")
+    return table
+
+
+def save_probabilities(probabilities: np.ndarray, target: Path) -> None:
+    """Fold-averaged probabilities (the volume's shape, float32) as a compressed .npz, atomically."""
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, probabilities=probabilities.astype(np.float32))
+
+
+# ---------------------------------------------------------------- cases
+@dataclass
+class CaseResult:
+    case: str
+    status: str            # "predicted", "skipped" (output exists) or "failed"
+    message: str = ""
+    slices: int = 0
+    cached_slices: int = 0
+
+
+class Predictor:
+    """A loaded model with its encoder, cache index and settings; predicts cases into a folder."""
+
+    def __init__(self, model: Model, encoder: SliceEncoder, settings: Settings,
+                 cache_index: CacheIndex | None = None):
+        self.model, self.encoder, self.settings = model, encoder, settings
+        self.cache_index = cache_index or CacheIndex(None, model.plan)
+
+    def predict_case(self, case: CaseInput, out_dir: Path, progress: tqdm | None = None) -> CaseResult:
+        """Predict one case and write its outputs; a bad input is a DesamError naming the file."""
+        volume, image = read_case_volume(case)
+        slices = preprocess_volume(volume, self.model.plan)
+        cached, rows = self.cache_index.lookup(case.case, image, slices)
+        if progress is not None:
+            progress.reset(total=len(slices))
+            progress.set_postfix_str(case.case)
+        probabilities, iou = predict_volume(self.model, volume, self.encoder, self.settings, cached, rows,
+                                            case.case, slices, progress)
+        mask = postprocess(probabilities > 0.5, self.settings.postprocess, int(self.model.plan["slice_axis"]))
+        write_case_quality(out_dir, case.case, iou)
+        if self.settings.save_probabilities:
+            save_probabilities(probabilities, Path(out_dir) / f"{case.case}.npz")
+        save_like(mask, image, output_path(out_dir, case.case), np.uint8)
+        return CaseResult(case.case, "predicted", slices=len(slices), cached_slices=len(rows))
+
+    def predict_cases(self, cases: list[CaseInput], out_dir: str | os.PathLike,
+                      show_progress: bool = True) -> list[CaseResult]:
+        """Predict every case (skipping finished ones when `skip_existing`); bad cases are reported, not fatal."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = []
+        with tqdm(cases, desc="cases", unit="case", disable=not show_progress, dynamic_ncols=True) as bar, \
+                tqdm(total=0, desc="slices", unit="slice", disable=not show_progress, leave=False,
+                     dynamic_ncols=True) as slice_bar:
+            for case in bar:
+                if self.settings.skip_existing and output_path(out_dir, case.case).is_file():
+                    results.append(CaseResult(case.case, "skipped", "output exists"))
+                    continue
+                try:
+                    results.append(self.predict_case(case, out_dir, slice_bar))
+                except DesamError as exc:
+                    tqdm.write(f"desam: {case.case}: {exc} (skipped)", file=sys.stderr)
+                    results.append(CaseResult(case.case, "failed", str(exc)))
+        return results
+
+
+def build_predictor(model: Model, settings: Settings, checkpoint: str | os.PathLike | None = None,
+                    preprocessed_root: str | os.PathLike | None = None, use_cache: bool = True) -> Predictor:
+    """Verify the SAM checkpoint against the plan and index the model's embedding cache."""
+    encoder = SliceEncoder(model.plan, resolve_sam_checkpoint(model.plan, checkpoint), settings.device,
+                           settings.precision)
+    index = CacheIndex(cache_folder_of(model, preprocessed_root) if use_cache else None, model.plan)
+    return Predictor(model, encoder, settings, index)

@@ -1,0 +1,310 @@
+"""desam_predict on untrained tiny-SAM model folders: geometry, folds, modes, cache reuse, resume, shards, bad cases."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from toy_data import toy_volume, write_toy_dataset
+
+from desam_pipeline import inference, predict, predictor
+from desam_pipeline.atomic import read_json
+from desam_pipeline.embedding import preprocess_volume
+from desam_pipeline.network import DeSAM
+from desam_pipeline.plan_and_embed import plan_and_embed
+from desam_pipeline.preprocessing import resize_probabilities_back
+from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
+
+DATASET = "Dataset900_Toy"
+CPU = torch.device("cpu")
+
+
+def write_model_folder(results: Path, preprocessed: Path, checkpoint: Path, mode: str, folds: list[int]) -> Path:
+    """An untrained model folder in the trainer's layout: different random PDMM weights per fold."""
+    folder = results / DATASET / f"DeSAMTrainer__DeSAMPlans_tiny__{mode}__src-SiteA"
+    folder.mkdir(parents=True)
+    shutil.copyfile(preprocessed / DATASET / "DeSAMPlans_tiny.json", folder / "plans.json")
+    for name in ("dataset.json", "dataset_fingerprint.json"):
+        shutil.copyfile(preprocessed / DATASET / name, folder / name)
+    for fold in folds:
+        torch.manual_seed(100 + fold)
+        net = DeSAM.from_sam_checkpoint(checkpoint, "tiny")
+        (folder / f"fold_{fold}").mkdir()
+        torch.save({"network": net.inference_state_dict(),
+                    "network_config": {**net.config, "encoder": "tiny", "mode": mode}},
+                   folder / f"fold_{fold}" / predictor.CHECKPOINT_FILE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_checkpoint):
+    """Toy dataset (6-slice volumes), SiteA's foreground slices cached, box (2 folds) and grid (1 fold) models."""
+    root = tmp_path_factory.mktemp("predict")
+    raw, pre, res = (root / k for k in ("raw", "preprocessed", "results"))
+    write_toy_dataset(raw, cases_per_site=1, shape=(40, 36, 6))
+    plan_and_embed(DATASET, encoder="tiny", checkpoint=str(tiny_checkpoint), domains=["SiteA"],
+                   slices="foreground", device="cpu", raw=str(raw), preprocessed=str(pre))
+    return SimpleNamespace(
+        raw=raw / DATASET, pre=pre, res=res, checkpoint=tiny_checkpoint,
+        box=write_model_folder(res, pre, tiny_checkpoint, "box", [0, 1]),
+        grid=write_model_folder(res, pre, tiny_checkpoint, "grid", [0]),
+        roots=["--preprocessed", str(pre), "--results", str(res)])
+
+
+def run_cli(*args) -> int:
+    with pytest.raises(SystemExit) as stop:
+        predict.main([str(a) for a in args])
+    return stop.value.code
+
+
+def write_volume(path: Path, shape, affine, seed: int = 0, dtype=np.float32, qform_code: int = 1,
+                 sform_code: int = 2) -> nib.Nifti1Image:
+    image, _ = toy_volume(np.random.default_rng(seed), shape, empty_slices=0)
+    img = nib.Nifti1Image(image.astype(dtype), affine)
+    img.set_qform(affine, code=qform_code)
+    img.set_sform(affine, code=sform_code)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return img
+
+
+def oblique_affine(spacing, degrees: float = 30.0, shift=(-12.5, 40.0, 7.25)) -> np.ndarray:
+    a = np.deg2rad(degrees)
+    rotation = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    tilt = np.array([[1, 0, 0], [0, np.cos(a / 2), -np.sin(a / 2)], [0, np.sin(a / 2), np.cos(a / 2)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ tilt @ np.diag(spacing)
+    affine[:3, 3] = shift
+    return affine
+
+
+def quality(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "quality.csv")
+
+
+def manual_prediction(env, folder: Path, folds: list[str], path: Path, mode_kwargs=None):
+    """Per-fold probabilities by hand (same encoder features, inference.predict_slices), and their average."""
+    model = predictor.load_model(folder, folds, CPU)
+    settings = predictor.make_settings(model.plan, CPU)
+    volume, _ = predictor.read_case_volume(predictor.CaseInput("x", (path,)))
+    encoder = predictor.SliceEncoder(model.plan, env.checkpoint, CPU, settings.precision)
+    neck, taps = encoder(preprocess_volume(volume, model.plan), "x")
+    per_fold = [inference.predict_slices(net, neck, taps, model.mode, device=CPU,
+                                         precision=predictor.decoder_precision(settings), **(mode_kwargs or {}))
+                for net in model.networks]
+    return volume, per_fold
+
+
+def test_geometry_is_kept_exactly(env, tmp_path):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    oblique = write_volume(inputs / "oblique_0000.nii.gz", (40, 28, 3), oblique_affine((0.7, 1.3, 3.5)))
+    flipped = np.diag([-1.1, 0.45, 5.0, 1.0])
+    flipped[:3, 3] = (20.0, -8.0, 3.0)
+    anisotropic = write_volume(inputs / "aniso_0000.nii.gz", (33, 44, 2), flipped, seed=1, dtype=np.int16,
+                               qform_code=2, sform_code=1)
+    code = run_cli("-i", inputs, "-o", out, "-m", env.box, "-f", "0", "--save-probabilities",
+                   "--postprocess", "none", *env.roots)
+    assert code == 0
+    for case, reference in (("oblique", oblique), ("aniso", anisotropic)):
+        result = nib.load(str(out / f"{case}.nii.gz"))
+        data = np.asanyarray(result.dataobj)
+        assert data.shape == reference.shape and data.dtype == np.uint8
+        assert result.get_data_dtype() == np.uint8
+        assert set(np.unique(data)) <= {0, 1}
+        assert np.array_equal(result.affine, reference.affine)
+        assert np.allclose(result.get_qform(), reference.get_qform(), atol=1e-6)
+        assert np.array_equal(result.get_sform(), reference.get_sform())
+        for key in ("qform_code", "sform_code"):
+            assert int(result.header[key]) == int(reference.header[key])
+        assert result.header.get_zooms() == reference.header.get_zooms()
+        assert nib.aff2axcodes(result.affine) == nib.aff2axcodes(reference.affine)
+        probabilities = np.load(out / f"{case}.npz")["probabilities"]
+        assert probabilities.shape == reference.shape
+        assert np.array_equal(data, (probabilities > 0.5).astype(np.uint8))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_folds_are_averaged(env, tmp_path):
+    path = tmp_path / "in" / "case_0000.nii.gz"
+    write_volume(path, (40, 36, 3), np.diag([0.8, 0.8, 3.0, 1.0]), seed=2)
+    out = tmp_path / "out"
+    # No -f: every fold with a final checkpoint (0 and 1) is used.
+    assert run_cli("-i", path, "-o", out, "-m", env.box, "--save-probabilities", *env.roots) == 0
+    volume, per_fold = manual_prediction(env, env.box, ["0", "1"], path)
+    (p0, q0), (p1, q1) = per_fold
+    average = (p0 + p1) / 2
+    assert not np.allclose(average, p0, atol=1e-3) and not np.allclose(average, p1, atol=1e-3)
+    expected = np.moveaxis(resize_probabilities_back(average, volume.shape[:2]), 0, 2)
+    saved = np.load(out / "case.npz")["probabilities"]
+    assert np.allclose(saved, expected, atol=1e-5)
+    mask = np.asanyarray(nib.load(str(out / "case.nii.gz")).dataobj)
+    assert np.array_equal(mask, (expected > 0.5).astype(np.uint8))
+    table = quality(out)
+    assert list(table.columns) == predictor.QUALITY_COLUMNS
+    assert table["slice"].tolist() == [0, 1, 2] and set(table["case"]) == {"case"}
+    assert np.allclose(table["predicted_iou"], (q0 + q1) / 2, atol=2e-6)
+    assert np.allclose(table["case_mean_iou"], np.mean((q0 + q1) / 2), atol=2e-6)
+
+
+def test_grid_mode_threshold_and_box_mode_by_dataset(env, tmp_path):
+    path = tmp_path / "in" / "g_0000.nii.gz"
+    write_volume(path, (40, 36, 2), np.diag([0.8, 0.8, 3.0, 1.0]), seed=3)
+    outs = {}
+    for threshold in ("-1", "2"):
+        outs[threshold] = tmp_path / f"grid{threshold}"
+        assert run_cli("-i", path, "-o", outs[threshold], "-d", "900", "--mode", "grid", "--grid", "2",
+                       "--iou-threshold", threshold, "--save-probabilities", *env.roots) == 0
+    accepted = np.load(outs["-1"] / "g.npz")["probabilities"]
+    rejected = np.load(outs["2"] / "g.npz")["probabilities"]
+    assert (accepted > 0).all() and not rejected.any()
+    assert not np.asanyarray(nib.load(str(outs["2"] / "g.nii.gz")).dataobj).any()
+    _, [(_, iou)] = manual_prediction(env, env.grid, ["0"], path, {"grid": 2, "iou_threshold": -1})
+    for out in outs.values():
+        assert np.allclose(quality(out)["predicted_iou"], iou, atol=2e-6)
+    box_out = tmp_path / "box"
+    assert run_cli("-i", path, "-o", box_out, "-d", "900", "--mode", "box", "-f", "1", *env.roots) == 0
+    assert nib.load(str(box_out / "g.nii.gz")).shape == (40, 36, 2)
+
+
+def test_cached_features_give_the_same_masks(env, tmp_path):
+    image = env.raw / "imagesTr" / "SiteA_Case00_0000.nii.gz"
+    cached_z = read_json(env.pre / DATASET / "DeSAMPlans_tiny" / "SiteA_Case00" / "meta.json")["z"]
+    assert 0 < len(cached_z) < 6
+    model = predictor.load_model(env.box, ["0"], CPU)
+    settings = predictor.make_settings(model.plan, CPU, save_probabilities=True)
+    outputs = {}
+    for use_cache in (True, False):
+        engine = predictor.build_predictor(model, settings, preprocessed_root=env.pre, use_cache=use_cache)
+        out = tmp_path / f"cache{use_cache}"
+        # Another name, same content: the cache is found by content, not by file name.
+        result = engine.predict_case(predictor.CaseInput("renamed", (image,)), out)
+        assert result.cached_slices == (len(cached_z) if use_cache else 0)
+        assert engine.encoder.slices_encoded == 6 - result.cached_slices
+        outputs[use_cache] = out
+    masks = [np.asanyarray(nib.load(str(outputs[u] / "renamed.nii.gz")).dataobj) for u in (True, False)]
+    probabilities = [np.load(outputs[u] / "renamed.npz")["probabilities"] for u in (True, False)]
+    assert np.array_equal(masks[0], masks[1])
+    assert np.allclose(probabilities[0], probabilities[1], atol=1e-5)
+
+
+def test_continue_skips_finished_cases_and_keeps_their_quality(env, tmp_path, capsys):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    for seed, case in enumerate(("a", "b")):
+        write_volume(inputs / f"{case}.nii.gz", (30, 30, 2), np.diag([1.0, 1.0, 2.0, 1.0]), seed=seed)
+    assert run_cli("-i", inputs / "a.nii.gz", "-o", out, "-m", env.box, "-f", "0", *env.roots) == 0
+    first = out / "a.nii.gz"
+    before = (first.read_bytes(), first.stat().st_mtime_ns)
+    capsys.readouterr()
+    assert run_cli("-i", inputs, "-o", out, "-m", env.box, "-f", "0", "--continue", *env.roots) == 0
+    assert "1 predicted" in capsys.readouterr().out
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == before
+    assert (out / "b.nii.gz").is_file()
+    assert quality(out).groupby("case").size().to_dict() == {"a": 2, "b": 2}
+
+
+def _three_cases(folder: Path) -> list[str]:
+    cases = ["c0", "c1", "c2"]
+    for seed, case in enumerate(cases):
+        write_volume(folder / f"{case}_0000.nii.gz", (30, 26, 2), np.diag([1.0, 1.2, 2.5, 1.0]), seed=seed)
+    return cases
+
+
+def test_two_parts_write_every_case_once(env, tmp_path, monkeypatch):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    cases = _three_cases(inputs)
+    written = []
+    original = predictor.save_like
+
+    def counting_save_like(array, reference, target, dtype):
+        written.append(Path(target).name)
+        original(array, reference, target, dtype)
+
+    monkeypatch.setattr(predictor, "save_like", counting_save_like)
+    for part in ("0", "1"):
+        assert run_cli("-i", inputs, "-o", out, "-m", env.box, "-f", "0", "--num-parts", "2", "--part-id", part,
+                       *env.roots) == 0
+        if part == "0":
+            assert sorted(written) == ["c0.nii.gz", "c2.nii.gz"]
+    assert sorted(written) == [f"{c}.nii.gz" for c in cases]
+    assert quality(out).groupby("case").size().to_dict() == {c: 2 for c in cases}
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_two_ranks_write_every_case_once(env, tmp_path):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    cases = _three_cases(inputs)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "desam_pipeline.predict", "-i", str(inputs), "-o", str(out), "-m", str(env.box),
+               "-f", "0", "--device", "cpu", *env.roots]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=280, env=environment)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "part 1/2: 2 of 3 cases" in proc.stdout and "part 2/2: 1 of 3 cases" in proc.stdout
+    assert "desam_predict: 3 predicted" in proc.stdout
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{c}.nii.gz" for c in cases]
+    assert quality(out).groupby("case").size().to_dict() == {c: 2 for c in cases}
+
+
+def test_bad_cases_are_reported_and_skipped(env, tmp_path, capsys):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    write_volume(inputs / "good_0000.nii.gz", (30, 30, 2), affine)
+    nan = np.ones((30, 30, 2), np.float32)
+    nan[3, 3, 1] = np.nan
+    nib.save(nib.Nifti1Image(nan, affine), str(inputs / "nan_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones((30, 30), np.float32), affine), str(inputs / "flat_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones((30, 30, 2, 2), np.float32), affine), str(inputs / "fourd_0000.nii.gz"))
+    write_volume(inputs / "two_0000.nii.gz", (30, 30, 2), affine)
+    write_volume(inputs / "two_0001.nii.gz", (30, 30, 2), affine)
+    (inputs / "corrupt_0000.nii.gz").write_bytes(b"not a nifti file")
+    write_volume(inputs / "unnamed.nii.gz", (30, 30, 2), affine)
+    assert run_cli("-i", inputs, "-o", out, "-m", env.box, "-f", "0", *env.roots) == 1
+    captured = capsys.readouterr()
+    assert "1 predicted" in captured.out and "6 failed" in captured.out
+    for name in ("nan_0000.nii.gz", "flat_0000.nii.gz", "fourd_0000.nii.gz", "two_0001.nii.gz",
+                 "corrupt_0000.nii.gz", "unnamed.nii.gz"):
+        assert name in captured.err
+    assert "NaN" in captured.err and "expected a 3D volume" in captured.err
+    for case in ("nan", "flat", "fourd", "two", "corrupt", "unnamed"):
+        assert f"failed: {case}:" in captured.err
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["good.nii.gz"]
+    assert set(quality(out)["case"]) == {"good"}
+
+
+def test_wrong_sam_checkpoint_and_ambiguous_model_are_one_line_errors(env, tmp_path, capsys):
+    path = tmp_path / "x.nii.gz"
+    write_volume(path, (20, 20, 1), np.eye(4))
+    other = save_sam_checkpoint(build_sam("tiny", seed=1), tmp_path / "other_tiny.pth")
+    assert run_cli("-i", path, "-o", tmp_path / "o", "-m", env.box, "--checkpoint", other, *env.roots) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the plan's checkpoint_sha256" in err[0] and "other_tiny.pth" in err[0]
+    assert run_cli("-i", path, "-o", tmp_path / "o", "-d", "900", *env.roots) == 1
+    assert "several model folders match" in capsys.readouterr().err
+    assert run_cli("-i", path, "-o", tmp_path / "o", "-m", env.box, "-f", "3", *env.roots) == 1
+    assert "fold_3" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_input_discovery_naming(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("b.nii.gz", "a.nii", "a.nii.gz", "notes.txt", ".tmp-1-c.nii.gz"):
+        (plain / name).touch()
+    found = predictor.discover_inputs(plain)
+    assert [(c.case, c.problem is None) for c in found] == [("a", True), ("a", False), ("b", True)]
+    nnunet = tmp_path / "nnunet"
+    nnunet.mkdir()
+    for name in ("x_0000.nii.gz", "y_0000.nii.gz", "y_0001.nii.gz", "z_0001.nii.gz"):
+        (nnunet / name).touch()
+    found = {c.case: c for c in predictor.discover_inputs(nnunet, num_channels=1)}
+    assert found["x"].problem is None and found["x"].files == (nnunet / "x_0000.nii.gz",)
+    assert "y_0001.nii.gz" in found["y"].problem and "z_0001.nii.gz" in found["z"].problem
+    assert predictor.discover_inputs(nnunet / "x_0000.nii.gz")[0].case == "x"
