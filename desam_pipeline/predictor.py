@@ -303,9 +303,10 @@ class CacheIndex:
     def __len__(self) -> int:
         return len(self.metas)
 
-    def lookup(self, case: str, image: nib.Nifti1Image, slices: np.ndarray) -> tuple[dict, dict[int, int]]:
+    def lookup(self, case: str, shape: tuple[int, ...], affine: np.ndarray,
+               slices: np.ndarray) -> tuple[dict, dict[int, int]]:
         """(opened cache case, {slice index: cache row}) for the usable cached slices; ({}, {}) if none."""
-        shape, affine = list(image.shape[:3]), np.asarray(image.affine, dtype=float)
+        shape, affine = [int(s) for s in shape], np.asarray(affine, dtype=float)
         order = sorted(self.metas, key=lambda c: c != case)
         for name in order:
             meta = self.metas[name]
@@ -494,7 +495,7 @@ class Predictor:
         """Predict one case and write its outputs; a bad input is a DesamError naming the file."""
         volume, image = read_case_volume(case)
         slices = preprocess_volume(volume, self.model.plan)
-        cached, rows = self.cache_index.lookup(case.case, image, slices)
+        cached, rows = self.cache_index.lookup(case.case, volume.shape, image.affine, slices)
         if progress is not None:
             progress.reset(total=len(slices))
             progress.set_postfix_str(case.case)

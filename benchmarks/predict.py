@@ -1,0 +1,168 @@
+"""Prediction benchmark: the whole `desam_predict` versus the bare encoder forward over the same slices.
+
+    python -m benchmarks.predict [--encoder vit_b|tiny] [--volumes N] [--slices S] [--precision bf16|fp32]
+                                 [--batch-size B] [--folds F] [--grid K] [--device cpu|cuda] [--repeats R]
+
+Everything is a whole process (start-up and weight loading included): (a) loads the encoder and
+runs its forward over every slice of the N volumes, preprocessed as the predictor does; (b) is
+`desam_predict` on the same volumes in box mode and (c) in grid mode (K x K points), with an
+untrained model folder of F folds written here (random SAM saved as a .pth, nothing
+downloaded), the same precision and batch size, and no embedding cache. Prints b/a, c/a and c/b;
+the last line is one JSON object of figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from benchmarks.embed import timed
+
+DATASET = "Dataset998_PredictBench"
+
+
+def write_volumes(folder: Path, volumes: int, slices: int, size: tuple[int, int] = (192, 160)) -> list[Path]:
+    """N prostate-like volumes (a bright ellipse in noise) in nnU-Net naming, anisotropic spacing."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    x, y = np.meshgrid(np.arange(size[0]), np.arange(size[1]), indexing="ij")
+    blob = ((x - size[0] / 2) / (size[0] / 5)) ** 2 + ((y - size[1] / 2) / (size[1] / 6)) ** 2 < 1
+    paths = []
+    for v in range(volumes):
+        image = 200 + 50 * rng.standard_normal((*size, slices)) + 300 * blob[..., None]
+        path = folder / f"Bench_Case{v:02d}_0000.nii.gz"
+        nib.save(nib.Nifti1Image(image.astype(np.float32), np.diag([0.6, 0.6, 3.0, 1.0])), str(path))
+        paths.append(path)
+    return paths
+
+
+def write_model_folders(results: Path, encoder: str, checkpoint: Path, precision: str, batch_size: int,
+                        folds: int) -> dict[str, Path]:
+    """Untrained grid and box model folders in the trainer's layout, with a plan for this encoder."""
+    import torch
+
+    from desam_pipeline.atomic import write_json
+    from desam_pipeline.network import DeSAM
+    from desam_pipeline.nifti_io import file_sha256
+    from desam_pipeline.sam_models import load_image_encoder
+    from plans.planner import make_plan
+
+    plan = make_plan(f"DeSAMPlans_{encoder}", encoder, checkpoint, file_sha256(checkpoint),
+                     load_image_encoder(encoder, checkpoint),
+                     precision={"cpu": precision, "cuda": precision},
+                     batch_size={"cpu": batch_size, "cuda": batch_size})
+    folders = {}
+    for mode in ("box", "grid"):
+        folder = results / DATASET / f"DeSAMTrainer__{plan['plans_name']}__{mode}__src-ALL"
+        write_json(plan, folder / "plans.json")
+        write_json({"channel_names": {"0": "T2"}, "labels": {"background": 0, "prostate": 1},
+                    "numTraining": 0, "file_ending": ".nii.gz"}, folder / "dataset.json")
+        for fold in range(folds):
+            torch.manual_seed(fold)
+            net = DeSAM.from_sam_checkpoint(checkpoint, encoder)
+            (folder / f"fold_{fold}").mkdir()
+            torch.save({"network": net.inference_state_dict(),
+                        "network_config": {**net.config, "encoder": encoder, "mode": mode}},
+                       folder / f"fold_{fold}" / "checkpoint_final.pth")
+        folders[mode] = folder
+    return folders
+
+
+def bare_forward(encoder: str, checkpoint: str, slices_file: str, precision: str, batch_size: int,
+                 device_name: str) -> None:
+    """Process (a): load the encoder and run its forward over the slices, nothing else."""
+    import torch
+
+    from desam_pipeline.preprocessing import sam_input
+    from desam_pipeline.runtime import autocast, select_device, tune_malloc
+    from desam_pipeline.sam_models import load_image_encoder
+
+    tune_malloc()
+    device = select_device(device_name)
+    image_encoder = load_image_encoder(encoder, checkpoint).to(device)
+    volumes = np.load(slices_file)
+    with torch.inference_mode(), autocast(device, precision):
+        for name in volumes.files:
+            slices = volumes[name]
+            for start in range(0, len(slices), batch_size):
+                image_encoder(sam_input(slices[start:start + batch_size], device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", choices=("vit_b", "vit_l", "vit_h", "tiny"), default="vit_b")
+    parser.add_argument("--volumes", type=int, default=2)
+    parser.add_argument("--slices", type=int, default=3, help="slices per volume")
+    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--folds", type=int, default=1)
+    parser.add_argument("--grid", type=int, default=9)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeats", type=int, default=1, help="run a, b, c this many times; keep the fastest")
+    parser.add_argument("--bare", nargs=2, metavar=("CHECKPOINT", "SLICES_NPZ"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bare:
+        bare_forward(args.encoder, args.bare[0], args.bare[1], args.precision, args.batch_size, args.device)
+        return 0
+
+    from desam_pipeline.embedding import preprocess_volume
+    from desam_pipeline.nifti_io import read_volume
+    from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="desam-bench-predict-") as scratch:
+        scratch = Path(scratch)
+        inputs = write_volumes(scratch / "in", args.volumes, args.slices)
+        checkpoint = save_sam_checkpoint(build_sam(args.encoder, seed=0), scratch / f"sam_{args.encoder}.pth")
+        models = write_model_folders(scratch / "results", args.encoder, checkpoint, args.precision,
+                                     args.batch_size, args.folds)
+        plan = json.loads((models["box"] / "plans.json").read_text())
+        # One array per volume: like the predictor, the bare forward never batches across volumes.
+        slices_file = scratch / "slices.npz"
+        np.savez(slices_file, *[preprocess_volume(read_volume(p)[0], plan) for p in inputs])
+        bare_command = [sys.executable, "-m", "benchmarks.predict", "--encoder", args.encoder, "--precision",
+                        args.precision, "--device", args.device, "--batch-size", str(args.batch_size),
+                        "--bare", str(checkpoint), str(slices_file)]
+        times: dict[str, list[tuple[float, float]]] = {"bare": [], "box": [], "grid": []}
+        for repeat in range(args.repeats):
+            times["bare"].append(timed(bare_command))
+            for mode in ("box", "grid"):
+                out = scratch / f"out-{mode}"
+                shutil.rmtree(out, ignore_errors=True)
+                times[mode].append(timed([sys.executable, "-m", "desam_pipeline.predict", "-i", str(scratch / "in"),
+                                          "-o", str(out), "-m", str(models[mode]), "--device", args.device,
+                                          "--grid", str(args.grid), "--preprocessed", str(scratch / "no-cache")]))
+            print(f"repeat {repeat + 1}: (a) bare encoder {times['bare'][-1][0]:.1f} s, (b) desam_predict box "
+                  f"{times['box'][-1][0]:.1f} s, (c) desam_predict grid {times['grid'][-1][0]:.1f} s", flush=True)
+
+    a, b, c = (min(t for t, _ in times[k]) for k in ("bare", "box", "grid"))
+    rss = {k: round(max(r for _, r in times[k])) for k in times}
+    slices = args.volumes * args.slices
+    figures = {
+        "encoder": args.encoder, "precision": args.precision, "device": args.device, "volumes": args.volumes,
+        "slices": slices, "batch_size": args.batch_size, "folds": args.folds, "grid": args.grid,
+        "bare_s": round(a, 2), "box_s": round(b, 2), "grid_s": round(c, 2),
+        "box_vs_bare": round(b / a, 3), "grid_vs_bare": round(c / a, 3), "grid_vs_box": round(c / b, 3),
+        "bare_s_per_slice": round(a / slices, 3), "box_s_per_slice": round(b / slices, 3),
+        "grid_s_per_slice": round(c / slices, 3), "bare_peak_rss_mb": rss["bare"], "box_peak_rss_mb": rss["box"],
+        "grid_peak_rss_mb": rss["grid"], "cpu_threads": os.cpu_count(),
+    }
+    print(f"{args.encoder} {args.precision} on {args.device}, {args.volumes} volumes x {args.slices} slices, "
+          f"batch {args.batch_size}, {args.folds} fold(s): box/bare = {figures['box_vs_bare']:.3f}, "
+          f"grid/bare = {figures['grid_vs_bare']:.3f}, grid/box = {figures['grid_vs_box']:.3f} "
+          f"(a {a:.1f} s, b {b:.1f} s, c {c:.1f} s)")
+    print(f"peak RSS: a {rss['bare']} MiB, b {rss['box']} MiB, c {rss['grid']} MiB")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
