@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from desam_pipeline.sam_models import build_sam, encoder_width, save_sam_checkpoint
     from plans.planner import DEFAULT_CHOICES
 
+    load_before = os.getloadavg()[0]  # other work on the machine skews both timings; reported with them
     with tempfile.TemporaryDirectory(prefix="desam-bench-embed-") as scratch:
         scratch = Path(scratch)
         raw = write_dataset(scratch / "raw", args.slices)
@@ -125,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         "bare_slices_per_s": round(args.slices / a, 4), "pipeline_slices_per_s": round(args.slices / b, 4),
         "bare_peak_rss_mb": round(max(r for _, r in bare)), "pipeline_peak_rss_mb": round(max(r for _, r in pipeline)),
         "bytes_per_slice": round(cache_bytes / args.slices), "float16_feature_bytes_per_slice": features,
-        "float16_arrays_bytes_per_slice": arrays, "bytes_vs_float16_features": round(cache_bytes / args.slices / features, 4),
+        "float16_arrays_bytes_per_slice": arrays,
+        "bytes_vs_float16_features": round(cache_bytes / args.slices / features, 4),
         "bytes_vs_arrays": round(cache_bytes / args.slices / arrays, 4),
+        "load_average_start": round(load_before, 2), "load_average_end": round(os.getloadavg()[0], 2),
     }
     print(f"{args.encoder} {args.precision}, {args.slices} slices, batch {args.batch_size}, CPU threads "
           f"{os.cpu_count()}: b/a = {figures['ratio']:.3f} (a {a:.1f} s, b {b:.1f} s; "

@@ -124,7 +124,10 @@ def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str |
     plans_name = plans_name or default_plans_name(encoder)
     existing = load_plan(out_dir, plans_name) if plan_path(out_dir, plans_name).is_file() else None
     checkpoint_path = resolve_checkpoint(encoder, checkpoint, existing, out_dir)
-    image_encoder = load_encoder(encoder, checkpoint_path).to(torch_device)
+    with ThreadPoolExecutor(max_workers=1) as hasher:  # hash the checkpoint while torch loads it
+        checkpoint_sha = hasher.submit(file_sha256, checkpoint_path)
+        image_encoder = load_encoder(encoder, checkpoint_path).to(torch_device)
+        checkpoint_sha = checkpoint_sha.result()
     base = existing or DEFAULT_CHOICES
     choices = {"slices": slices}
     if precision is not None:
@@ -133,7 +136,7 @@ def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str |
         if batch_size < 1:
             raise DesamError(f"--batch-size must be at least 1, got {batch_size}")
         choices["batch_size"] = {**base["batch_size"], torch_device.type: batch_size}
-    plan = make_plan(plans_name, encoder, checkpoint_path, file_sha256(checkpoint_path), image_encoder,
+    plan = make_plan(plans_name, encoder, checkpoint_path, checkpoint_sha, image_encoder,
                      base=existing, **choices)
     save_plan(plan, out_dir, overwrite)
     digest = plan_hash(plan)
