@@ -63,8 +63,12 @@ def bare_forward(encoder: str, checkpoint: str, slices_file: str, precision: str
             image_encoder(sam_input(slices[start:start + batch_size], device))
 
 
-def timed(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process; a failure stops the benchmark."""
+def timed(command: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one child process.
+
+    A failure stops the benchmark. CPU time is reported besides wall time because other work
+    on the machine stretches wall time far more than CPU time.
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -74,7 +78,7 @@ def timed(command: list[str]) -> tuple[float, float]:
     proc.stderr.close()
     if proc.returncode != 0:
         sys.exit(f"benchmark step failed ({' '.join(command[:4])} ...):\n{error[-2000:]}")
-    return elapsed, usage.ru_maxrss / 1024
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,19 +116,22 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.append(timed([sys.executable, "-m", "desam_pipeline.plan_and_embed", "-d", DATASET, *common,
                                    "--checkpoint", str(checkpoint), "--slices", "all", "--device", "cpu",
                                    "--raw", str(scratch / "raw"), "--preprocessed", str(preprocessed)]))
-            print(f"repeat {repeat + 1}: (a) bare forward {bare[-1][0]:.1f} s, "
-                  f"(b) desam_plan_and_embed {pipeline[-1][0]:.1f} s", flush=True)
+            print(f"repeat {repeat + 1}: (a) bare forward {bare[-1][0]:.1f} s ({bare[-1][1]:.1f} s CPU), "
+                  f"(b) desam_plan_and_embed {pipeline[-1][0]:.1f} s ({pipeline[-1][1]:.1f} s CPU)", flush=True)
         case_dir = preprocessed / DATASET / f"DeSAMPlans_{args.encoder}" / CASE
         cache_bytes = sum(path.stat().st_size for path in case_dir.iterdir())
 
-    a, b = min(t for t, _ in bare), min(t for t, _ in pipeline)
+    a, b = min(t for t, _, _ in bare), min(t for t, _, _ in pipeline)
+    a_cpu, b_cpu = min(c for _, c, _ in bare), min(c for _, c, _ in pipeline)
     features = (256 + 3 * encoder_width(args.encoder)) * 64 * 64 * 2
     arrays = features + 2 * 256 * 256
     figures = {
         "encoder": args.encoder, "precision": args.precision, "slices": args.slices, "batch_size": args.batch_size,
         "bare_s": round(a, 2), "pipeline_s": round(b, 2), "ratio": round(b / a, 3),
+        "bare_cpu_s": round(a_cpu, 2), "pipeline_cpu_s": round(b_cpu, 2), "cpu_ratio": round(b_cpu / a_cpu, 3),
         "bare_slices_per_s": round(args.slices / a, 4), "pipeline_slices_per_s": round(args.slices / b, 4),
-        "bare_peak_rss_mb": round(max(r for _, r in bare)), "pipeline_peak_rss_mb": round(max(r for _, r in pipeline)),
+        "bare_peak_rss_mb": round(max(r for _, _, r in bare)),
+        "pipeline_peak_rss_mb": round(max(r for _, _, r in pipeline)),
         "bytes_per_slice": round(cache_bytes / args.slices), "float16_feature_bytes_per_slice": features,
         "float16_arrays_bytes_per_slice": arrays,
         "bytes_vs_float16_features": round(cache_bytes / args.slices / features, 4),
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{args.encoder} {args.precision}, {args.slices} slices, batch {args.batch_size}, CPU threads "
           f"{os.cpu_count()}: b/a = {figures['ratio']:.3f} (a {a:.1f} s, b {b:.1f} s; "
-          f"{figures['bare_slices_per_s']:.3f} vs {figures['pipeline_slices_per_s']:.3f} slices/s)")
+          f"{figures['bare_slices_per_s']:.3f} vs {figures['pipeline_slices_per_s']:.3f} slices/s); "
+          f"CPU time b/a = {figures['cpu_ratio']:.3f}")
     print(f"peak RSS: a {figures['bare_peak_rss_mb']} MiB, b {figures['pipeline_peak_rss_mb']} MiB; "
           f"cache {figures['bytes_per_slice']} bytes/slice = {figures['bytes_vs_float16_features']:.4f} x the "
           f"float16 neck+taps ({features} bytes), {figures['bytes_vs_arrays']:.4f} x those plus the uint8 image "
