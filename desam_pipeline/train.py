@@ -1,0 +1,110 @@
+"""`desam_train DATASET FOLD`: train DeSAM on one fold of the source domains from the embedding cache.
+
+Under torchrun (`torchrun --nproc-per-node N -m desam_pipeline.train DATASET FOLD ...`) it joins
+the process group torchrun describes (gloo on CPU, nccl on CUDA) and trains with
+DistributedDataParallel; see `desam_pipeline.trainer`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from desam_pipeline.atomic import read_json
+from desam_pipeline.errors import DesamError, cli_entry
+from desam_pipeline.paths import Trees, add_root_arguments
+from desam_pipeline.runtime import select_device
+from desam_pipeline.trainer import DEFAULT_LOSS_WEIGHTS, MODES, DeSAMTrainer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="desam_train", description="Train DeSAM (PRIM + PDMM) on cached SAM features for one fold.")
+    parser.add_argument("dataset", help="dataset number or DatasetNNN_Name")
+    parser.add_argument("fold", help="fold 0-4, or 'all' (train on every source case, no validation)")
+    parser.add_argument("--source", nargs="+", metavar="SITE", default=None,
+                        help="source domain(s) to train on (default: all domains)")
+    parser.add_argument("--mode", choices=MODES, default="grid",
+                        help="grid: one sampled point per slice + IoU loss (DeSAM-P); box: whole-image box (DeSAM-B)")
+    parser.add_argument("--plans-name", default=None,
+                        help="plan to train on (default: the only plan of the dataset)")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=8, help="global batch size (split over DDP ranks)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="initial Adam learning rate (poly decay 0.9)")
+    parser.add_argument("--loss-weights", type=float, nargs=3, metavar=("DICE", "BCE", "IOU"), default=None,
+                        help=f"loss weights (default {DEFAULT_LOSS_WEIGHTS['grid']} grid; IoU unused in box mode)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("-c", "--continue", dest="continue_training", action="store_true",
+                        help="resume from the newest checkpoint of this fold")
+    parser.add_argument("--val-only", action="store_true",
+                        help="only run the final validation of checkpoint_final.pth")
+    parser.add_argument("--num-workers", type=int, default=2,
+                        help="data loader worker processes (0: load in the training process)")
+    add_root_arguments(parser, "preprocessed", "results")
+    return parser
+
+
+def find_plans_name(preprocessed_dir: Path, requested: str | None) -> str:
+    """The requested plan, or the dataset's only plan; several plans need --plans-name."""
+    if requested:
+        return requested
+    plans = sorted(p.stem for p in preprocessed_dir.glob("*.json") if _is_plan(p))
+    if len(plans) == 1:
+        return plans[0]
+    if not plans:
+        raise DesamError(f"{preprocessed_dir}: no plan; run desam_plan_and_embed first")
+    raise DesamError(f"{preprocessed_dir}: several plans ({', '.join(plans)}); choose one with --plans-name")
+
+
+def _is_plan(path: Path) -> bool:
+    try:
+        content = read_json(path)
+    except ValueError:
+        return False
+    return isinstance(content, dict) and content.get("plans_name") == path.stem
+
+
+def init_distributed(device_choice: str) -> bool:
+    """Join torchrun's process group when WORLD_SIZE > 1: nccl for CUDA ranks, gloo for CPU ranks."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or dist.is_initialized():
+        return False
+    device = select_device(device_choice)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def run(args: argparse.Namespace) -> None:
+    trees = Trees(args.dataset, preprocessed=args.preprocessed, results=args.results)
+    preprocessed = trees.preprocessed
+    if not preprocessed.is_dir():
+        raise DesamError(f"{preprocessed}: not found; run desam_plan_and_embed -d {args.dataset} first")
+    trainer = DeSAMTrainer(
+        preprocessed, trees.results, find_plans_name(preprocessed, args.plans_name), args.fold,
+        sources=args.source, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        loss_weights=args.loss_weights, seed=args.seed, device=args.device, num_workers=args.num_workers)
+    if args.val_only:
+        trainer.run_validation_only()
+    else:
+        trainer.run_training(continue_training=args.continue_training)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    distributed = init_distributed(args.device)
+    try:
+        run(args)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,542 @@
+"""DeSAMTrainer: trains PRIM + PDMM on cached SAM features of the source domains, one fold at a time.
+
+One class with plain hooks (on_train_start, on_epoch_start, train_step, validation_step,
+on_epoch_end, on_train_end); every hyper-parameter is a constructor argument. Outputs follow
+nnU-Net's layout:
+
+    <results>/<Dataset>/DeSAMTrainer__<plans>__<mode>__src-<SITES|ALL>/
+        plans.json dataset.json dataset_fingerprint.json
+        fold_<k>/ checkpoint_{latest,best,final}.pth training_log.txt progress.png debug.json
+                  validation/<case>.nii.gz validation/summary.json
+
+Under torchrun the trainer runs DistributedDataParallel: each rank takes batch_size / world_size
+slices of every global batch, losses and metrics are all-reduced, and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import platform
+import random
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from desam_pipeline import cache, inference, slice_data, splits
+from desam_pipeline.atomic import atomic_path, read_json, write_json
+from desam_pipeline.errors import DesamError
+from desam_pipeline.losses import desam_loss
+from desam_pipeline.network import DeSAM
+from desam_pipeline.preprocessing import SLICE_SIZE
+from desam_pipeline.progress_plot import plot_progress
+from desam_pipeline.raw_dataset import domains
+from desam_pipeline.runtime import autocast, select_device
+from evaluation.metrics import compute_metrics
+from plans.planner import load_plan, plan_hash
+
+TRAINER_NAME = "DeSAMTrainer"
+MODES = slice_data.MODES
+DEFAULT_LOSS_WEIGHTS = {"grid": (1.0, 1.0, 10.0), "box": (1.0, 1.0, 0.0)}
+POLY_EXPONENT = 0.9
+EMA_MOMENTUM = 0.9
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+COPIED_FILES = ("dataset.json", "dataset_fingerprint.json")
+HISTORY_KEYS = ("train_loss", "val_loss", "val_dice", "val_dice_ema", "iou_accuracy", "lr",
+                "epoch_time", "data_wait")
+# Hyper-parameters that must match for `-c` to continue the same run exactly.
+RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss_weights", "seed", "plans_name", "fold", "sources")
+
+
+def model_folder_name(plans_name: str, mode: str, sources: list[str] | None) -> str:
+    return f"{TRAINER_NAME}__{plans_name}__{mode}__{splits.source_key(sources)}"
+
+
+def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = POLY_EXPONENT) -> float:
+    """nnU-Net's polynomial decay, stepped once per epoch."""
+    return initial_lr * (1 - epoch / epochs) ** exponent
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for package in ("segment-anything", "desam"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch global RNG states, as plain lists and tensors (weights_only-loadable)."""
+    numpy_state = np.random.get_state(legacy=False)
+    return {"python": random.getstate(),
+            "numpy": {"key": numpy_state["state"]["key"].tolist(), "pos": numpy_state["state"]["pos"],
+                      "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]},
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np.asarray(numpy_state["key"], np.uint32), "pos": numpy_state["pos"]},
+                         "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
+    torch.set_rng_state(state["torch"])
+
+
+class DeSAMTrainer:
+    """Train and validate DeSAM for one fold of one source selection from a plan's embedding cache."""
+
+    def __init__(self, preprocessed_dir: Path, results_dir: Path, plans_name: str, fold: int | str,
+                 sources: list[str] | None = None, mode: str = "grid", epochs: int = 50, batch_size: int = 8,
+                 lr: float = 1e-4, loss_weights: tuple[float, float, float] | None = None, seed: int = 0,
+                 device: str = "auto", num_workers: int = 2,
+                 loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S):
+        if mode not in MODES:
+            raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if epochs < 1 or batch_size < 1 or not lr > 0:
+            raise DesamError(f"epochs ({epochs}) and batch size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
+        self.preprocessed_dir = Path(preprocessed_dir)
+        self.plans_name = plans_name
+        self.fold = splits.parse_fold(fold)
+        self.sources = sorted(set(sources)) if sources else None
+        self.mode, self.epochs, self.batch_size, self.lr = mode, int(epochs), int(batch_size), float(lr)
+        weights = DEFAULT_LOSS_WEIGHTS[mode] if loss_weights is None else tuple(map(float, loss_weights))
+        self.loss_weights = weights if mode == "grid" else (weights[0], weights[1], 0.0)
+        self.seed, self.num_workers, self.loader_timeout_s = int(seed), int(num_workers), loader_timeout_s
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        if self.batch_size % self.world_size:
+            raise DesamError(f"batch size {self.batch_size} does not divide over {self.world_size} processes; "
+                             f"use a multiple of {self.world_size}")
+        self.local_batch_size = self.batch_size // self.world_size
+        self.device = select_device(device)
+        self.precision = "fp16" if self.device.type == "cuda" else "fp32"
+        self.model_dir = Path(results_dir) / model_folder_name(plans_name, mode, self.sources)
+        self.fold_dir = self.model_dir / f"fold_{self.fold}"
+        self.log_file = self.fold_dir / "training_log.txt"
+        self.history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
+        self.best_ema = -math.inf
+        self.start_epoch = 0
+        self.finished = False  # resumed from checkpoint_final.pth: nothing left to train
+        self._initialized = False
+
+    # ---------------------------------------------------------------- set-up
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def config(self) -> dict:
+        """Every hyper-parameter of the run (debug.json, checkpoints, resume checks)."""
+        return {"trainer": TRAINER_NAME, "plans_name": self.plans_name, "fold": self.fold,
+                "sources": self.sources, "mode": self.mode, "epochs": self.epochs,
+                "batch_size": self.batch_size, "local_batch_size": self.local_batch_size,
+                "world_size": self.world_size, "lr": self.lr, "lr_schedule": f"poly {POLY_EXPONENT} per epoch",
+                "optimizer": "Adam", "loss_weights": list(self.loss_weights), "seed": self.seed,
+                "device": str(self.device), "precision": self.precision, "num_workers": self.num_workers,
+                "loader_timeout_s": self.loader_timeout_s, "dice_ema_momentum": EMA_MOMENTUM,
+                "split_seed": splits.SPLIT_SEED}
+
+    def initialize(self) -> None:
+        """Plan, split, cache check, data loaders, network, optimizer; never the image encoder."""
+        if self._initialized:
+            return
+        self.plan = load_plan(self.preprocessed_dir, self.plans_name)
+        self.plan_sha256 = plan_hash(self.plan)
+        self.cache_dir = cache.cache_dir(self.preprocessed_dir, self.plans_name)
+        source_cases = self._source_cases()
+        key = splits.source_key(self.sources)
+        folds = splits.load_or_create_splits(self.preprocessed_dir, key, source_cases, write=self.is_main)
+        self.train_cases, self.val_cases = splits.fold_cases(folds, self.fold, source_cases, key)
+        self._require_cached(source_cases)
+        self._seed_everything()
+        self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
+                                                  self.seed, slice_data.TRAIN_STREAM)
+        self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode,
+                                                self.seed, slice_data.VAL_STREAM)
+        if len(self.train_data) == 0:
+            raise DesamError(f"{self.cache_dir}: the training cases of fold {self.fold} have no cached slices")
+        pin = self.device.type == "cuda"
+        self.train_sampler = slice_data.train_sampler(self.train_data, self.seed, self.world_size, self.rank)
+        self.train_loader = slice_data.make_loader(self.train_data, self.train_sampler, self.local_batch_size,
+                                                   self.num_workers, pin, self.loader_timeout_s)
+        self.val_loader = slice_data.make_loader(
+            self.val_data, slice_data.val_sampler(self.val_data, self.world_size, self.rank),
+            self.local_batch_size, self.num_workers, pin, self.loader_timeout_s) if self.val_cases else None
+        self.network = DeSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"]).to(self.device)
+        if int(self.plan["tap_width"]) != self.network.pdmm.tap_width:
+            raise DesamError(f"plan {self.plans_name}: tap_width {self.plan['tap_width']} does not match "
+                             f"encoder {self.plan['encoder']}")
+        # Box mode has no IoU loss, so the weights that only feed the IoU head get no gradient: DDP must look for them.
+        self.model = DistributedDataParallel(
+            self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.mode == "box") if self.distributed else self.network
+        self.optimizer = torch.optim.Adam([p for p in self.network.parameters() if p.requires_grad], lr=self.lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self._initialized = True
+
+    def _source_cases(self) -> list[str]:
+        dataset_file = self.preprocessed_dir / "dataset.json"
+        if not dataset_file.is_file():
+            raise DesamError(f"{dataset_file}: not found; run desam_plan_and_embed for this dataset first")
+        self.dataset_json = read_json(dataset_file)
+        self.case_domains = domains(self.dataset_json)
+        known = sorted(set(self.case_domains.values()))
+        unknown = [s for s in self.sources or [] if s not in known]
+        if unknown:
+            raise DesamError(f"unknown source site(s) {', '.join(unknown)}; {self.preprocessed_dir.name} "
+                             f"has {', '.join(known)}")
+        cases = sorted(c for c, site in self.case_domains.items() if not self.sources or site in self.sources)
+        if not cases:
+            raise DesamError(f"{dataset_file}: no cases with a domain to train on")
+        return cases
+
+    def _require_cached(self, cases: list[str]) -> None:
+        """Every source case complete in the cache and embedded with this plan, else the command that fixes it."""
+        fresh = set(cache.complete_cases(self.cache_dir, self.plan_sha256))
+        missing = [c for c in cases if c not in fresh]
+        if missing:
+            listed = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            sites = sorted({self.case_domains[c] for c in missing})
+            raise DesamError(f"{self.cache_dir}: {len(missing)} source case(s) not cached with this plan "
+                             f"({listed}); run: desam_plan_and_embed -d {self.preprocessed_dir.name} "
+                             f"--encoder {self.plan['encoder']} --checkpoint {self.plan['checkpoint']} "
+                             f"--plans-name {self.plans_name} --domains {' '.join(sites)}")
+
+    def _seed_everything(self) -> None:
+        """Distinct but reproducible global seeds per rank (DDP broadcasts rank 0's initial weights)."""
+        seed = self.seed + self.rank
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    # ---------------------------------------------------------------- hooks
+    def on_train_start(self, continue_training: bool) -> None:
+        self.initialize()
+        if continue_training:
+            newest = self.newest_checkpoint()
+            if newest is None:
+                self.print(f"no checkpoint in {self.fold_dir}; starting from scratch")
+            else:
+                self.load_checkpoint(newest)
+                self.print(f"resuming from {newest.name} after epoch {self.start_epoch}")
+        if self.is_main:
+            self.fold_dir.mkdir(parents=True, exist_ok=True)
+            self._copy_plan_files()
+            write_json(self.debug_info(), self.fold_dir / "debug.json")
+            mode = "a" if continue_training and self.log_file.is_file() else "w"
+            with open(self.log_file, mode) as log:
+                log.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {'resumed' if mode == 'a' else 'started'}: "
+                          f"{self.model_dir.name}/fold_{self.fold}, {len(self.train_cases)} train cases "
+                          f"({len(self.train_data)} slices), {len(self.val_cases)} validation cases "
+                          f"({len(self.val_data)} slices), device {self.device}, world size {self.world_size}\n")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.network.train()
+        self.train_sampler.set_epoch(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = poly_lr(self.lr, epoch, self.epochs)
+
+    def _forward(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.device
+        neck = batch["neck"].to(device, non_blocking=True).float()
+        taps = [batch[f"tap{i}"].to(device, non_blocking=True).float() for i in range(3)]
+        if self.mode == "grid":
+            points = (batch["coords"].to(device), batch["point_labels"].to(device))
+            return model(neck, taps, points=points)
+        return model(neck, taps, boxes=batch["box"].to(device))
+
+    def _loss(self, logits: torch.Tensor, iou: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        target = batch["label"].to(self.device, non_blocking=True)
+        if self.mode == "grid":
+            return desam_loss(logits, target, iou, batch["iou_target"].to(self.device), self.loss_weights)
+        return desam_loss(logits, target, weights=self.loss_weights)
+
+    def train_step(self, batch: dict) -> float:
+        """One optimiser step on this rank's part of a global batch; returns the local mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.precision):
+            logits, iou = self._forward(self.model, batch)
+        loss, _ = self._loss(logits, iou, batch)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict) -> dict[str, float]:
+        """Sums over this rank's held-out slices: loss, Dice counts at logits > 0, IoU-head agreements."""
+        with autocast(self.device, self.precision):
+            logits, iou = self._forward(self.network, batch)
+        loss, _ = self._loss(logits, iou, batch)
+        count = logits.shape[0]
+        pred = logits[:, 0] > 0
+        target = batch["label"].to(self.device) > 0
+        sums = {"loss": float(loss) * count, "count": count, "tp": float((pred & target).sum()),
+                "fp": float((pred & ~target).sum()), "fn": float((~pred & target).sum()), "iou_agree": 0.0}
+        if self.mode == "grid":
+            agree = (iou[:, 0].float() > 0.5) == (batch["iou_target"].to(self.device) > 0.5)
+            sums["iou_agree"] = float(agree.sum())
+        return sums
+
+    def on_epoch_end(self, epoch: int, train: dict, val: dict, epoch_time: float, data_wait: float) -> None:
+        """Log, plot, EMA of validation Dice, checkpoints (rank 0 writes)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        train_loss = train["loss"] / max(train["count"], 1)
+        if val["count"]:
+            val_loss = val["loss"] / val["count"]
+            denominator = 2 * val["tp"] + val["fp"] + val["fn"]
+            val_dice = 2 * val["tp"] / denominator if denominator else 1.0
+            iou_accuracy = val["iou_agree"] / val["count"] if self.mode == "grid" else math.nan
+            previous = self.history["val_dice_ema"][-1] if self.history["val_dice_ema"] else None
+            ema = val_dice if previous is None else EMA_MOMENTUM * previous + (1 - EMA_MOMENTUM) * val_dice
+        else:
+            val_loss = val_dice = iou_accuracy = ema = math.nan
+        for key, value in zip(HISTORY_KEYS, (train_loss, val_loss, val_dice, ema, iou_accuracy, lr,
+                                             epoch_time, data_wait)):
+            self.history[key].append(float(value))
+        line = (f"epoch {epoch + 1}/{self.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+                f"val_dice {val_dice:.4f}  ema {ema:.4f}"
+                + (f"  iou_acc {iou_accuracy:.3f}" if self.mode == "grid" else "")
+                + f"  lr {lr:.3g}  {epoch_time:.1f}s (data wait {data_wait:.1f}s)")
+        self.print(line)
+        self.start_epoch = epoch + 1
+        is_best = math.isfinite(ema) and ema > self.best_ema
+        if is_best:
+            self.best_ema = ema
+        states = self._gather_rng_states()
+        if not self.is_main:
+            return
+        with open(self.log_file, "a") as log:
+            log.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {line}\n")
+        plot_progress(self.history, self.fold_dir / "progress.png")
+        self.save_checkpoint(self.fold_dir / "checkpoint_latest.pth", states)
+        if is_best:
+            self.save_checkpoint(self.fold_dir / "checkpoint_best.pth", states)
+            self.print(f"new best moving-average validation Dice {ema:.4f}")
+
+    def on_train_end(self) -> None:
+        states = self._gather_rng_states()
+        if self.is_main:
+            self.save_checkpoint(self.fold_dir / "checkpoint_final.pth", states)
+            with open(self.log_file, "a") as log:
+                log.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} training finished after {self.epochs} epochs\n")
+
+    # ---------------------------------------------------------------- loops
+    def run_training(self, continue_training: bool = False) -> None:
+        """Train from epoch 0 (or, with `continue_training`, from the newest checkpoint), then validate."""
+        self.on_train_start(continue_training)
+        for epoch in range(self.start_epoch, self.epochs):
+            self.run_epoch(epoch)
+        if not self.finished:
+            self.on_train_end()
+        self._barrier()
+        self.perform_final_validation()
+
+    def run_epoch(self, epoch: int) -> None:
+        self.on_epoch_start(epoch)
+        start = time.perf_counter()
+        data_wait = 0.0
+        train = {"loss": 0.0, "count": 0}
+        bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
+                   disable=not self.is_main, leave=False, file=sys.stdout)
+        waited = time.perf_counter()
+        for batch in slice_data.loader_batches(self.train_loader):
+            data_wait += time.perf_counter() - waited
+            count = len(batch["index"])
+            train["loss"] += self.train_step(batch) * count
+            train["count"] += count
+            bar.update()
+            waited = time.perf_counter()
+        bar.close()
+        self.network.eval()
+        val = {"loss": 0.0, "count": 0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "iou_agree": 0.0}
+        for batch in slice_data.loader_batches(self.val_loader) if self.val_loader else ():
+            for key, value in self.validation_step(batch).items():
+                val[key] += value
+        self.on_epoch_end(epoch, self._all_reduce(train), self._all_reduce(val),
+                          time.perf_counter() - start, self._all_reduce({"wait": data_wait}, "max")["wait"])
+
+    # ---------------------------------------------------------------- distributed helpers
+    def _all_reduce(self, sums: dict[str, float], op: str = "sum") -> dict[str, float]:
+        if not self.distributed:
+            return sums
+        keys = sorted(sums)
+        values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64,
+                              device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return dict(zip(keys, values.tolist()))
+
+    def _gather_rng_states(self) -> list[dict]:
+        state = rng_state()
+        if not self.distributed:
+            return [state]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, state)
+        return gathered
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def print(self, text: str) -> None:
+        if self.is_main:
+            tqdm.write(text, file=sys.stdout)
+
+    # ---------------------------------------------------------------- files
+    def _copy_plan_files(self) -> None:
+        """plans.json, dataset.json, dataset_fingerprint.json one level up: the model folder stands alone."""
+        sources = {"plans.json": self.preprocessed_dir / f"{self.plans_name}.json"}
+        sources.update({name: self.preprocessed_dir / name for name in COPIED_FILES})
+        for name, source in sources.items():
+            if not source.is_file():
+                raise DesamError(f"{source}: not found; run desam_plan_and_embed for this dataset first")
+            with atomic_path(self.model_dir / name) as tmp:
+                shutil.copyfile(source, tmp)
+
+    def debug_info(self) -> dict:
+        return {**self.config(), "dataset": self.preprocessed_dir.name, "plan_sha256": self.plan_sha256,
+                "encoder": self.plan["encoder"], "tap_width": int(self.plan["tap_width"]),
+                "sam_checkpoint": self.plan["checkpoint"], "cache_dir": str(self.cache_dir),
+                "train_cases": self.train_cases, "val_cases": self.val_cases,
+                "train_slices": len(self.train_data), "val_slices": len(self.val_data),
+                "network": self.network.config, "parameter_counts": self.network.parameter_counts(),
+                "versions": _versions(), "command": sys.argv}
+
+    def network_config(self) -> dict:
+        """What rebuilding the network needs besides its weights."""
+        return {**self.network.config, "encoder": self.plan["encoder"], "mode": self.mode}
+
+    def save_checkpoint(self, target: Path, rng_states: list[dict]) -> None:
+        checkpoint = {"network": self.network.inference_state_dict(), "network_config": self.network_config(),
+                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                      "epoch": self.start_epoch, "history": self.history, "best_ema": self.best_ema,
+                      "rng": rng_states, "sampler": {"seed": self.seed, "next_epoch": self.start_epoch},
+                      "config": self.config(), "plan_sha256": self.plan_sha256}
+        with atomic_path(target) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def newest_checkpoint(self) -> Path | None:
+        """checkpoint_final, else latest, else best (nnU-Net's order for `-c`)."""
+        for name in CHECKPOINTS:
+            if (self.fold_dir / name).is_file():
+                return self.fold_dir / name
+        return None
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore weights, optimizer, scaler, history, epoch and RNG states; refuse a different run."""
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DesamError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+        saved = checkpoint.get("config", {})
+        differ = [f"{k} {saved.get(k)!r} -> {getattr(self, k)!r}" for k in RESUME_KEYS
+                  if _comparable(saved.get(k)) != _comparable(getattr(self, k))]
+        if differ:
+            raise DesamError(f"{path}: was trained with other settings ({'; '.join(differ)}); "
+                             f"start a new run without -c or use the original flags")
+        self.network.load_state_dict(checkpoint["network"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.start_epoch = int(checkpoint["epoch"])
+        self.history = {k: list(checkpoint["history"][k]) for k in HISTORY_KEYS}
+        self.best_ema = float(checkpoint["best_ema"])
+        self.finished = path.name == "checkpoint_final.pth"
+        states = checkpoint["rng"]
+        set_rng_state(states[self.rank] if len(states) == self.world_size else states[0])
+
+    # ---------------------------------------------------------------- final validation
+    def run_validation_only(self) -> None:
+        """`--val-only`: validate checkpoint_final.pth of this fold."""
+        self.initialize()
+        final = self.fold_dir / "checkpoint_final.pth"
+        if not final.is_file():
+            raise DesamError(f"{final}: not found; train this fold first")
+        self.load_checkpoint(final)
+        self.perform_final_validation()
+
+    def perform_final_validation(self) -> None:
+        """Predict each held-out case from the cache and score it in 3D on the cached 256x256 grid.
+
+        Slices outside the cache hold no foreground (the plan caches foreground slices plus a
+        margin, or all slices), so they are background in both reference and prediction. The
+        in-plane spacing is the original one scaled by original size / 256. Masks are written as
+        NIfTI on that grid (`desam_predict` writes them in the original geometry).
+        """
+        if not self.val_cases:
+            self.print(f"fold {self.fold}: no held-out cases, no final validation")
+            return
+        out_dir = self.fold_dir / "validation"
+        results = {}
+        mine = self.val_cases[self.rank::self.world_size]
+        for case in tqdm(mine, desc="validation", unit="case", disable=not self.is_main, file=sys.stdout):
+            results[case] = self._validate_case(case, out_dir)
+        if self.distributed:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, results)
+            results = {k: v for part in gathered for k, v in part.items()}
+        if not self.is_main:
+            return
+        cases = {case: results[case] for case in self.val_cases}
+        metric_names = [k for k in next(iter(cases.values())) if k != "domain"]
+        mean = {}
+        for name in metric_names:
+            values = [v[name] for v in cases.values() if v[name] is not None]
+            mean[name] = float(np.mean(values)) if values else None
+            mean[f"{name}_cases_excluded"] = len(cases) - len(values)
+        summary = {"fold": self.fold, "mode": self.mode, "checkpoint": "checkpoint_final.pth",
+                   "grid": "cached 256x256 slices; in-plane spacing scaled by original size / 256",
+                   "postprocessing": "none", "cases": cases, "mean": mean}
+        write_json(summary, out_dir / "summary.json")
+        self.print(f"validation of fold {self.fold}: mean Dice {mean['dice'] if mean['dice'] is not None else 'n/a'}"
+                   f" over {len(cases)} cases -> {out_dir / 'summary.json'}")
+
+    def _validate_case(self, case: str, out_dir: Path) -> dict:
+        arrays = cache.open_case(self.cache_dir / case)
+        meta = arrays["meta"]
+        probabilities, _ = inference.predict_slices(
+            self.network, arrays["neck"], [arrays[f"tap{i}"] for i in range(3)], self.mode,
+            batch_size=self.local_batch_size, device=self.device, precision=self.precision)
+        width, height, depth = (int(s) for s in meta["shape"])
+        z = np.asarray(meta["z"], dtype=int)
+        prediction = np.zeros((SLICE_SIZE, SLICE_SIZE, depth), bool)
+        reference = np.zeros_like(prediction)
+        prediction[:, :, z] = np.moveaxis(probabilities > 0.5, 0, -1)
+        reference[:, :, z] = np.moveaxis(np.asarray(arrays["label"]) > 0, 0, -1)
+        spacing = (meta["spacing"][0] * width / SLICE_SIZE, meta["spacing"][1] * height / SLICE_SIZE,
+                   meta["spacing"][2])
+        metrics = compute_metrics(reference, prediction, spacing)
+        self._save_mask(prediction, meta, out_dir / f"{case}.nii.gz")
+        return {"domain": meta.get("domain", self.case_domains.get(case)),
+                **{k: _nan_to_none(float(v)) for k, v in metrics.items()}}
+
+    @staticmethod
+    def _save_mask(mask: np.ndarray, meta: dict, target: Path) -> None:
+        """NIfTI on the 256x256 grid: axes 0 and 1 rescaled so voxel centres line up with the original."""
+        affine = np.asarray(meta["affine"], dtype=np.float64).copy()
+        for axis, size in enumerate(meta["shape"][:2]):
+            factor = size / SLICE_SIZE
+            affine[:3, 3] += affine[:3, axis] * (factor - 1) / 2
+            affine[:3, axis] *= factor
+        with atomic_path(target) as tmp:
+            nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(tmp))
+
+
+def _comparable(value):
+    """Lists and tuples compare equal (JSON round trips turn tuples into lists)."""
+    return list(value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,237 @@
+"""desam_train on a tiny cached toy dataset: outputs, exact resume, missing cache, no image encoder,
+learning, a self-contained model folder, and DDP on 2 CPU processes equal to one process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from segment_anything.modeling import ImageEncoderViT
+from toy_data import write_toy_dataset
+
+from desam_pipeline import cache, inference, train
+from desam_pipeline.network import DeSAM
+from desam_pipeline.plan_and_embed import plan_and_embed
+from desam_pipeline.trainer import DeSAMTrainer
+
+DATASET = "Dataset900_Toy"
+PLANS = "DeSAMPlans_tiny"
+MODEL = f"DeSAMTrainer__{PLANS}__box__src-SiteA"
+REPO = Path(__file__).resolve().parents[1]
+# Six axial slices with foreground on two (z 2, 3); only those are cached: 2 slices per case.
+SHAPE = (40, 36, 6)
+COMMON = ["900", "0", "--source", "SiteA", "--mode", "box", "--epochs", "2", "--batch-size", "2",
+          "--device", "cpu", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, tiny_checkpoint) -> Path:
+    """SiteA of the toy dataset embedded with the tiny SAM (foreground slices only)."""
+    root = tmp_path_factory.mktemp("train")
+    write_toy_dataset(root / "raw", shape=SHAPE)
+    plan_and_embed("900", encoder="tiny", checkpoint=str(tiny_checkpoint), domains=["SiteA"],
+                   slices="foreground", raw=str(root / "raw"), preprocessed=str(root / "pre"))
+    return root
+
+
+def run_cli(root: Path, results: str, *extra: str) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*COMMON, *extra, "--preprocessed", str(root / "pre"), "--results", str(root / results)])
+    return exit_info.value.code
+
+
+def fold_dir(root: Path, results: str) -> Path:
+    return root / results / DATASET / MODEL / "fold_0"
+
+
+def final_state(folder: Path) -> dict:
+    return torch.load(folder / "checkpoint_final.pth", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained(cached) -> Path:
+    """An uninterrupted 2-epoch run, loading in the training process."""
+    assert run_cli(cached, "results", "--num-workers", "0") == 0
+    return fold_dir(cached, "results")
+
+
+def test_two_epoch_run_writes_every_output(trained, cached):
+    model_dir = trained.parent
+    for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        assert (model_dir / name).is_file()
+    assert json.loads((model_dir / "plans.json").read_text()) == \
+        json.loads((cached / "pre" / DATASET / f"{PLANS}.json").read_text())
+    for name in ("checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_final.pth", "training_log.txt",
+                 "progress.png", "debug.json"):
+        assert (trained / name).is_file(), name
+    assert (trained / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(trained.glob(".tmp-*"))
+    log = (trained / "training_log.txt").read_text()
+    assert "epoch 1/2" in log and "epoch 2/2" in log and "val_dice" in log
+
+    debug = json.loads((trained / "debug.json").read_text())
+    assert (debug["epochs"], debug["batch_size"], debug["lr"], debug["seed"], debug["mode"]) == (2, 2, 1e-4, 7, "box")
+    assert debug["loss_weights"] == [1.0, 1.0, 0.0] and debug["optimizer"] == "Adam"
+    assert debug["train_cases"] and debug["val_cases"] and not set(debug["train_cases"]) & set(debug["val_cases"])
+    counts = debug["parameter_counts"]
+    assert counts["total"] == counts["prim.prompt_encoder"] + counts["prim.mask_decoder"] + counts["pdmm"] > 0
+    assert "torch" in debug["versions"]
+
+    checkpoint = final_state(trained)
+    assert checkpoint["epoch"] == 2 and len(checkpoint["history"]["train_loss"]) == 2
+    assert {"optimizer", "scaler", "rng", "network_config"} <= set(checkpoint)
+    assert checkpoint["network_config"]["tap_width"] == 32 and checkpoint["network_config"]["encoder"] == "tiny"
+    assert all(np.isfinite(checkpoint["history"][k]).all() for k in ("train_loss", "val_loss", "val_dice", "lr"))
+    assert checkpoint["history"]["lr"][1] < checkpoint["history"]["lr"][0] == 1e-4  # poly decay per epoch
+
+    (val_case,) = debug["val_cases"]
+    summary = json.loads((trained / "validation" / "summary.json").read_text())
+    assert set(summary["cases"]) == {val_case}
+    assert {"dice", "hd95"} <= set(summary["cases"][val_case]) and "dice" in summary["mean"]
+    mask = nib.load(str(trained / "validation" / f"{val_case}.nii.gz"))
+    assert mask.shape == (256, 256, SHAPE[2])
+    np.testing.assert_allclose(nib.affines.voxel_sizes(mask.affine), [0.8 * 40 / 256, 0.8 * 36 / 256, 3.0])
+
+
+@pytest.mark.timeout(400)
+def test_resume_after_an_interruption_ends_with_the_same_weights(trained, cached, monkeypatch):
+    original = DeSAMTrainer.on_epoch_end
+
+    def interrupt_after_first_epoch(self, epoch, *args):
+        original(self, epoch, *args)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DeSAMTrainer, "on_epoch_end", interrupt_after_first_epoch)
+        assert run_cli(cached, "resumed", "--num-workers", "0") == 130
+    folder = fold_dir(cached, "resumed")
+    assert (folder / "checkpoint_latest.pth").is_file() and not (folder / "checkpoint_final.pth").exists()
+    assert run_cli(cached, "resumed", "-c", "--num-workers", "1") == 0  # workers do not change the samples
+
+    reference, resumed = final_state(trained), final_state(folder)
+    assert reference["network"].keys() == resumed["network"].keys()
+    for key, value in reference["network"].items():
+        assert torch.equal(value, resumed["network"][key]), key
+    assert reference["history"]["train_loss"] == resumed["history"]["train_loss"]
+    assert reference["history"]["val_loss"] == resumed["history"]["val_loss"]
+    assert "resumed" in (folder / "training_log.txt").read_text()
+
+
+def test_resume_refuses_other_settings(trained, cached, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*COMMON, "-c", "--lr", "0.001", "--preprocessed", str(cached / "pre"),
+                    "--results", str(cached / "results")])
+    assert exit_info.value.code == 1
+    assert "other settings (lr 0.0001 -> 0.001)" in capsys.readouterr().err
+
+
+def test_missing_cases_fail_with_the_command_that_fixes_them(cached, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["900", "0", "--source", "SiteB", "--device", "cpu", "--preprocessed", str(cached / "pre"),
+                    "--results", str(cached / "nothing")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "2 source case(s) not cached with this plan (SiteB_Case00, SiteB_Case01)" in err
+    assert f"desam_plan_and_embed -d {DATASET} --encoder tiny" in err and f"--plans-name {PLANS} --domains SiteB" in err
+    assert not (cached / "nothing").exists()
+
+
+def test_fold_all_learns_without_any_image_encoder(cached, monkeypatch):
+    """Fold `all`: the same four slices each epoch, a fixed (whole-box) prompt, no validation; loss drops."""
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("training built an image encoder")
+
+    monkeypatch.setattr(ImageEncoderViT, "__init__", no_encoder)
+    trainer = DeSAMTrainer(cached / "pre" / DATASET, cached / "learn", PLANS, "all", sources=["SiteA"], mode="box",
+                           epochs=2, batch_size=2, lr=1e-3, seed=0, device="cpu", num_workers=0)
+    trainer.run_training()
+    losses = trainer.history["train_loss"]
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert trainer.train_cases == ["SiteA_Case00", "SiteA_Case01"] and trainer.val_cases == []
+    assert all(np.isnan(trainer.history["val_dice"]))
+    folder = cached / "learn" / MODEL / "fold_all"
+    assert (folder / "checkpoint_final.pth").is_file() and (folder / "progress.png").is_file()
+    assert not (folder / "checkpoint_best.pth").exists() and not (folder / "validation").exists()
+
+
+def test_grid_mode_steps_score_the_iou_head(cached):
+    trainer = DeSAMTrainer(cached / "pre" / DATASET, cached / "grid", PLANS, 0, sources=["SiteA"], mode="grid",
+                           batch_size=2, seed=0, device="cpu", num_workers=0)
+    trainer.initialize()
+    batch = next(iter(trainer.val_loader))
+    assert set(batch["iou_target"].tolist()) <= {0.0, 1.0}
+    sums = trainer.validation_step(batch)
+    assert sums["count"] == 2 and 0 <= sums["iou_agree"] <= 2
+    assert sums["tp"] + sums["fn"] == float((batch["label"] > 0).sum())
+    before = {k: v.clone() for k, v in trainer.network.prim.mask_decoder.iou_prediction_head.state_dict().items()}
+    loss = trainer.train_step(batch)
+    assert np.isfinite(loss)
+    after = trainer.network.prim.mask_decoder.iou_prediction_head.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the IoU head trains in grid mode
+
+
+def test_val_only_redoes_the_final_validation(trained, cached):
+    summary = trained / "validation" / "summary.json"
+    before = json.loads(summary.read_text())
+    summary.unlink()
+    assert run_cli(cached, "results", "--val-only", "--num-workers", "0") == 0
+    assert json.loads(summary.read_text()) == before
+
+
+def test_model_folder_alone_rebuilds_the_network(trained, cached, tmp_path):
+    """plans.json + checkpoint_final.pth, copied anywhere, give a network that predicts the validation masks."""
+    copy = tmp_path / "model"
+    (copy / "fold_0").mkdir(parents=True)
+    (copy / "plans.json").write_bytes((trained.parent / "plans.json").read_bytes())
+    (copy / "fold_0" / "checkpoint_final.pth").write_bytes((trained / "checkpoint_final.pth").read_bytes())
+
+    plan = json.loads((copy / "plans.json").read_text())
+    checkpoint = final_state(copy / "fold_0")
+    config = checkpoint["network_config"]
+    net = DeSAM.from_inference_state(checkpoint["network"], plan["tap_width"], norm=config["norm"],
+                                     norm_affine=config["norm_affine"])
+    (val_case,) = json.loads((trained / "debug.json").read_text())["val_cases"]
+    arrays = cache.open_case(cache.cache_dir(cached / "pre" / DATASET, plan["plans_name"]) / val_case)
+    probabilities, _ = inference.predict_slices(net, arrays["neck"], [arrays[f"tap{i}"] for i in range(3)],
+                                                config["mode"])
+    written = np.asarray(nib.load(str(trained / "validation" / f"{val_case}.nii.gz")).dataobj)
+    np.testing.assert_array_equal(written[:, :, arrays["meta"]["z"]],
+                                  np.moveaxis(probabilities > 0.5, 0, -1).astype(np.uint8))
+
+
+@pytest.mark.timeout(400)
+def test_ddp_on_two_cpu_processes_matches_one_process(trained, cached, tiny_checkpoint):
+    """torchrun, gloo, global batch 2 = 1 per rank: same losses and weights as one process (float tolerance)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "desam_pipeline.train", *COMMON, "--num-workers", "0",
+               "--preprocessed", str(cached / "pre"), "--results", str(cached / "ddp")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=380, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = fold_dir(cached, "ddp")
+    log = (folder / "training_log.txt").read_text()
+    assert log.count("epoch 2/2") == 1 and "world size 2" in log  # rank 0 alone writes
+    assert json.loads((folder / "debug.json").read_text())["local_batch_size"] == 1
+
+    single, ddp = final_state(trained), final_state(folder)
+    for key in ("train_loss", "val_loss"):
+        np.testing.assert_allclose(ddp["history"][key], single["history"][key], rtol=1e-4)
+    # Dice counts thresholded pixels: a pixel whose logit is ~0 may flip; allow a few in thousands.
+    np.testing.assert_allclose(ddp["history"]["val_dice"], single["history"]["val_dice"], atol=2e-3)
+    torch.manual_seed(7)  # the trainer's seed for rank 0, which DDP broadcasts: the initial weights
+    initial = DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny").inference_state_dict()
+    update = torch.cat([(single["network"][k] - initial[k]).flatten() for k in initial])
+    difference = torch.cat([(single["network"][k] - ddp["network"][k]).flatten() for k in initial])
+    assert (update.abs() > 1e-6).float().mean() > 0.5  # most weights moved
+    # Adam divides by sqrt(v): where a gradient is ~0, reduction-order noise can flip its step, moving
+    # that weight by up to ~lr per step. Such weights are rare; everything else agrees to float precision.
+    assert (difference.abs() > 1e-5).float().mean() < 1e-3
+    assert difference.abs().max() <= 2 * sum(single["history"]["lr"])
