@@ -26,7 +26,7 @@ def write_case(cache_dir: Path, case: str, slices: int, rng: np.random.Generator
               "neck": rng.standard_normal((slices, 256, 64, 64)).astype(np.float16),
               **{f"tap{i}": rng.standard_normal((slices, WIDTH, 64, 64)).astype(np.float16) for i in range(3)}}
     with cache.CaseWriter(cache_dir, case, {k: (v.shape, v.dtype) for k, v in arrays.items()}) as writer:
-        writer.write(0, arrays)
+        writer.append(arrays)
         writer.commit({"case": case, "domain": case[0], "z": list(range(slices)), "shape": [256, 256, slices],
                        "spacing": [1.0, 1.0, 1.0], "affine": np.eye(4).tolist(), "input_sha256": "",
                        "plan_sha256": ""})
