@@ -98,7 +98,7 @@ def manual_prediction(env, folder: Path, folds: list[str], path: Path, mode_kwar
     encoder = predictor.SliceEncoder(model.plan, env.checkpoint, CPU, settings.precision)
     neck, taps = encoder(preprocess_volume(volume, model.plan), "x")
     per_fold = [inference.predict_slices(net, neck, taps, model.mode, device=CPU,
-                                         precision=predictor.decoder_precision(settings), **(mode_kwargs or {}))
+                                         precision=settings.precision, **(mode_kwargs or {}))
                 for net in model.networks]
     return volume, per_fold
 
