@@ -36,6 +36,7 @@ from desam_pipeline.atomic import atomic_path, read_json, write_json
 from desam_pipeline.errors import DesamError
 from desam_pipeline.losses import desam_loss
 from desam_pipeline.network import DeSAM
+from desam_pipeline.nifti_io import file_sha256
 from desam_pipeline.preprocessing import SLICE_SIZE
 from desam_pipeline.progress_plot import plot_progress
 from desam_pipeline.raw_dataset import domains
@@ -178,6 +179,7 @@ class DeSAMTrainer:
         self.val_loader = slice_data.make_loader(
             self.val_data, slice_data.val_sampler(self.val_data, self.world_size, self.rank),
             self.local_batch_size, self.num_workers, pin, self.loader_timeout_s) if self.val_cases else None
+        self._check_sam_checkpoint()
         self.network = DeSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"]).to(self.device)
         if int(self.plan["tap_width"]) != self.network.pdmm.tap_width:
             raise DesamError(f"plan {self.plans_name}: tap_width {self.plan['tap_width']} does not match "
@@ -189,6 +191,16 @@ class DeSAMTrainer:
         self.optimizer = torch.optim.Adam([p for p in self.network.parameters() if p.requires_grad], lr=self.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self._initialized = True
+
+    def _check_sam_checkpoint(self) -> None:
+        """PRIM starts from the decoder of the SAM whose encoder made the cache: the same file, by hash."""
+        path = Path(self.plan["checkpoint"])
+        if not path.is_file():
+            raise DesamError(f"{path}: the plan's SAM checkpoint is not there (training starts from its decoder); "
+                             f"put the file back or re-run desam_plan_and_embed with --checkpoint")
+        if file_sha256(path) != self.plan["checkpoint_sha256"]:
+            raise DesamError(f"{path}: sha256 differs from the plan's checkpoint_sha256; this is not the SAM "
+                             f"checkpoint the cache was made with")
 
     def _source_cases(self) -> list[str]:
         dataset_file = self.preprocessed_dir / "dataset.json"

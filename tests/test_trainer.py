@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,10 @@ from segment_anything.modeling import ImageEncoderViT
 from toy_data import write_toy_dataset
 
 from desam_pipeline import cache, inference, train
+from desam_pipeline.errors import DesamError
 from desam_pipeline.network import DeSAM
 from desam_pipeline.plan_and_embed import plan_and_embed
+from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
 from desam_pipeline.trainer import DeSAMTrainer
 
 DATASET = "Dataset900_Toy"
@@ -235,3 +238,16 @@ def test_ddp_on_two_cpu_processes_matches_one_process(trained, cached, tiny_chec
     # that weight by up to ~lr per step. Such weights are rare; everything else agrees to float precision.
     assert (difference.abs() > 1e-5).float().mean() < 1e-3
     assert difference.abs().max() <= 2 * sum(single["history"]["lr"])
+
+
+def test_a_different_sam_checkpoint_is_refused(cached, tmp_path):
+    pre = tmp_path / "pre"
+    shutil.copytree(cached / "pre", pre, ignore=shutil.ignore_patterns("*.npy"))
+    plan_file = pre / DATASET / f"{PLANS}.json"
+    plan = json.loads(plan_file.read_text())
+    other = tmp_path / "other.pth"
+    save_sam_checkpoint(build_sam("tiny", seed=1), other)
+    plan_file.write_text(json.dumps({**plan, "checkpoint": str(other)}))
+    trainer = DeSAMTrainer(pre / DATASET, tmp_path / "res", PLANS, 0, sources=["SiteA"], device="cpu")
+    with pytest.raises(DesamError, match="sha256 differs from the plan's checkpoint_sha256"):
+        trainer.initialize()
