@@ -102,8 +102,9 @@ def test_two_epoch_run_writes_every_output(trained, cached):
     np.testing.assert_allclose(nib.affines.voxel_sizes(mask.affine), [0.8 * 40 / 256, 0.8 * 36 / 256, 3.0])
 
 
-@pytest.mark.timeout(400)
-def test_resume_after_an_interruption_ends_with_the_same_weights(trained, cached, monkeypatch):
+@pytest.fixture(scope="module")
+def interrupted(cached) -> Path:
+    """The same run stopped by Ctrl-C after its first epoch (its results root)."""
     original = DeSAMTrainer.on_epoch_end
 
     def interrupt_after_first_epoch(self, epoch, *args):
@@ -111,13 +112,19 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(trained, cached
         if epoch == 0:
             raise KeyboardInterrupt
 
-    with monkeypatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(DeSAMTrainer, "on_epoch_end", interrupt_after_first_epoch)
-        assert run_cli(cached, "resumed", "--num-workers", "0") == 130
-    folder = fold_dir(cached, "resumed")
+        assert run_cli(cached, "interrupted", "--num-workers", "0") == 130
+    folder = fold_dir(cached, "interrupted")
     assert (folder / "checkpoint_latest.pth").is_file() and not (folder / "checkpoint_final.pth").exists()
-    assert run_cli(cached, "resumed", "-c", "--num-workers", "1") == 0  # workers do not change the samples
+    return cached / "interrupted"
 
+
+@pytest.mark.timeout(400)
+def test_resume_after_an_interruption_ends_with_the_same_weights(trained, cached, interrupted):
+    shutil.copytree(interrupted, cached / "resumed")
+    assert run_cli(cached, "resumed", "-c", "--num-workers", "1") == 0  # workers do not change the samples
+    folder = fold_dir(cached, "resumed")
     reference, resumed = final_state(trained), final_state(folder)
     assert reference["network"].keys() == resumed["network"].keys()
     for key, value in reference["network"].items():
@@ -210,34 +217,54 @@ def test_model_folder_alone_rebuilds_the_network(trained, cached, tmp_path):
                                   np.moveaxis(probabilities > 0.5, 0, -1).astype(np.uint8))
 
 
-@pytest.mark.timeout(400)
-def test_ddp_on_two_cpu_processes_matches_one_process(trained, cached, tiny_checkpoint):
-    """torchrun, gloo, global batch 2 = 1 per rank: same losses and weights as one process (float tolerance)."""
+def run_torchrun(cached: Path, results: str, *extra: str) -> None:
+    """desam_train under torchrun with 2 CPU processes (gloo), one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "desam_pipeline.train", *COMMON, "--num-workers", "0",
-               "--preprocessed", str(cached / "pre"), "--results", str(cached / "ddp")]
+               "-m", "desam_pipeline.train", *COMMON, "--num-workers", "0", *extra,
+               "--preprocessed", str(cached / "pre"), "--results", str(cached / results)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=380, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    folder = fold_dir(cached, "ddp")
-    log = (folder / "training_log.txt").read_text()
-    assert log.count("epoch 2/2") == 1 and "world size 2" in log  # rank 0 alone writes
-    assert json.loads((folder / "debug.json").read_text())["local_batch_size"] == 1
 
-    single, ddp = final_state(trained), final_state(folder)
+
+def assert_same_training(single: dict, ddp: dict) -> None:
+    """Same losses, and the same weights up to reduction order as amplified by Adam."""
     for key in ("train_loss", "val_loss"):
         np.testing.assert_allclose(ddp["history"][key], single["history"][key], rtol=1e-4)
     # Dice counts thresholded pixels: a pixel whose logit is ~0 may flip; allow a few in thousands.
     np.testing.assert_allclose(ddp["history"]["val_dice"], single["history"]["val_dice"], atol=2e-3)
-    torch.manual_seed(7)  # the trainer's seed for rank 0, which DDP broadcasts: the initial weights
-    initial = DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny").inference_state_dict()
-    update = torch.cat([(single["network"][k] - initial[k]).flatten() for k in initial])
-    difference = torch.cat([(single["network"][k] - ddp["network"][k]).flatten() for k in initial])
-    assert (update.abs() > 1e-6).float().mean() > 0.5  # most weights moved
+    difference = torch.cat([(single["network"][k] - ddp["network"][k]).flatten() for k in single["network"]])
     # Adam divides by sqrt(v): where a gradient is ~0, reduction-order noise can flip its step, moving
     # that weight by up to ~lr per step. Such weights are rare; everything else agrees to float precision.
     assert (difference.abs() > 1e-5).float().mean() < 1e-3
     assert difference.abs().max() <= 2 * sum(single["history"]["lr"])
+
+
+@pytest.mark.timeout(400)
+def test_ddp_on_two_cpu_processes_matches_one_process(trained, cached, tiny_checkpoint):
+    """torchrun, gloo, global batch 2 = 1 per rank: same losses and weights as one process."""
+    run_torchrun(cached, "ddp")
+    folder = fold_dir(cached, "ddp")
+    log = (folder / "training_log.txt").read_text()
+    assert log.count("epoch 2/2") == 1 and "world size 2" in log  # rank 0 alone writes
+    assert json.loads((folder / "debug.json").read_text())["local_batch_size"] == 1
+    single, ddp = final_state(trained), final_state(folder)
+    assert_same_training(single, ddp)
+    torch.manual_seed(7)  # the trainer's seed for rank 0, which DDP broadcasts: the initial weights
+    initial = DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny").inference_state_dict()
+    update = torch.cat([(single["network"][k] - initial[k]).flatten() for k in initial])
+    assert (update.abs() > 1e-6).float().mean() > 0.5  # most weights moved: the comparison is not vacuous
+
+
+@pytest.mark.timeout(400)
+def test_ddp_resumes_a_single_process_run(trained, cached, interrupted):
+    """-c under torchrun: epoch 2 of the interrupted run on 2 ranks ends where one process ends."""
+    shutil.copytree(interrupted, cached / "ddp_resumed")
+    run_torchrun(cached, "ddp_resumed", "-c")
+    folder = fold_dir(cached, "ddp_resumed")
+    log = (folder / "training_log.txt").read_text()
+    assert log.count("resumed") == 1 and log.count("epoch 2/2") == 1
+    assert_same_training(final_state(trained), final_state(folder))
 
 
 def test_a_different_sam_checkpoint_is_refused(cached, tmp_path):
