@@ -100,6 +100,49 @@ def _mib(count: float) -> str:
     return f"{count / 2 ** 20:.1f} MiB"
 
 
+def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint: str | None,
+                        device: torch.device, overwrite: bool, **flags) -> tuple[dict, ImageEncoderViT]:
+    """Load the encoder and write the plan once; flags left None keep the existing plan's choices.
+
+    `flags` are slices, precision and batch_size; the last two set this device's entry.
+    """
+    existing = load_plan(out_dir, plans_name) if plan_path(out_dir, plans_name).is_file() else None
+    checkpoint_path = resolve_checkpoint(encoder, checkpoint, existing, out_dir)
+    with ThreadPoolExecutor(max_workers=1) as hasher:  # hash the checkpoint while torch loads it
+        checkpoint_sha = hasher.submit(file_sha256, checkpoint_path)
+        image_encoder = load_encoder(encoder, checkpoint_path).to(device)
+        checkpoint_sha = checkpoint_sha.result()
+    base = existing or DEFAULT_CHOICES
+    choices = {"slices": flags.get("slices")}
+    if flags.get("precision") is not None:
+        choices["precision"] = {**base["precision"], device.type: resolve_precision(flags["precision"], device)}
+    if flags.get("batch_size") is not None:
+        if flags["batch_size"] < 1:
+            raise DesamError(f"--batch-size must be at least 1, got {flags['batch_size']}")
+        choices["batch_size"] = {**base["batch_size"], device.type: flags["batch_size"]}
+    plan = make_plan(plans_name, encoder, checkpoint_path, checkpoint_sha, image_encoder, base=existing, **choices)
+    save_plan(plan, out_dir, overwrite)
+    return plan, image_encoder
+
+
+def embed_cases(todo: list[str], prepare, image_encoder: ImageEncoderViT, plan: dict, cache_dir: Path,
+                device: torch.device, total_slices: int) -> tuple[int, int]:
+    """Embed the cases in order while a thread reads and preprocesses the next one; (slices, bytes)."""
+    precision = resolve_precision(plan["precision"][device.type], device)
+    batch_size = int(plan["batch_size"][device.type])
+    written = slices = 0
+    with ThreadPoolExecutor(max_workers=1) as pool, \
+            tqdm(total=total_slices, unit="slice", desc="embed", dynamic_ncols=True) as progress:
+        pending = pool.submit(prepare, todo[0]) if todo else None
+        for index, case in enumerate(todo):
+            prepared = pending.result()
+            pending = pool.submit(prepare, todo[index + 1]) if index + 1 < len(todo) else None
+            progress.set_postfix_str(case)
+            written += embed_case(prepared, image_encoder, plan, cache_dir, device, precision, batch_size, progress)
+            slices += len(prepared["meta"]["z"])
+    return slices, written
+
+
 def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str | None = None,
                    domains: list[str] | None = None, plans_name: str | None = None, slices: str | None = None,
                    precision: str | None = None, batch_size: int | None = None, device: str = "auto",
@@ -120,28 +163,10 @@ def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str |
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(dataset_json, out_dir / "dataset.json")
     fingerprint = write_fingerprint(raw_dir, out_dir)
-
     plans_name = plans_name or default_plans_name(encoder)
-    existing = load_plan(out_dir, plans_name) if plan_path(out_dir, plans_name).is_file() else None
-    checkpoint_path = resolve_checkpoint(encoder, checkpoint, existing, out_dir)
-    with ThreadPoolExecutor(max_workers=1) as hasher:  # hash the checkpoint while torch loads it
-        checkpoint_sha = hasher.submit(file_sha256, checkpoint_path)
-        image_encoder = load_encoder(encoder, checkpoint_path).to(torch_device)
-        checkpoint_sha = checkpoint_sha.result()
-    base = existing or DEFAULT_CHOICES
-    choices = {"slices": slices}
-    if precision is not None:
-        choices["precision"] = {**base["precision"], torch_device.type: resolve_precision(precision, torch_device)}
-    if batch_size is not None:
-        if batch_size < 1:
-            raise DesamError(f"--batch-size must be at least 1, got {batch_size}")
-        choices["batch_size"] = {**base["batch_size"], torch_device.type: batch_size}
-    plan = make_plan(plans_name, encoder, checkpoint_path, checkpoint_sha, image_encoder,
-                     base=existing, **choices)
-    save_plan(plan, out_dir, overwrite)
+    plan, image_encoder = write_or_check_plan(out_dir, plans_name, encoder, checkpoint, torch_device, overwrite,
+                                              slices=slices, precision=precision, batch_size=batch_size)
     digest = plan_hash(plan)
-    run_precision = resolve_precision(plan["precision"][torch_device.type], torch_device)
-    run_batch = int(plan["batch_size"][torch_device.type])
 
     cache_dir = cache.cache_dir(out_dir, plans_name)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -151,29 +176,20 @@ def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str |
                                        raw_dataset.label_path(raw_dir, case, dataset_json)) for case in mine}
     status = {case: cache.case_status(cache_dir / case, hashes[case], digest) for case in mine}
     todo = [case for case in mine if status[case] != "complete"]
-    stale = sum(status[case] == "stale" for case in todo)
+    kind = torch_device.type
     print(f"plan {plan_path(out_dir, plans_name)} ({encoder}, taps {plan['tap_blocks']}, {plan['slices']}, "
-          f"{torch_device.type} {run_precision}, batch {run_batch}); part {part_id + 1}/{num_parts}: "
-          f"{len(mine)} cases, {len(mine) - len(todo)} complete, {len(todo)} to embed ({stale} stale)", flush=True)
+          f"{kind} {plan['precision'][kind]}, batch {plan['batch_size'][kind]}); part {part_id + 1}/{num_parts}: "
+          f"{len(mine)} cases, {len(mine) - len(todo)} complete, {len(todo)} to embed "
+          f"({sum(status[case] == 'stale' for case in todo)} stale)", flush=True)
 
     axis = plan["slice_axis"]
     total = sum(len(select_slices(fingerprint["cases"][case]["foreground_z"], fingerprint["cases"][case]["shape"][axis],
                                   plan["slices"], plan["slice_margin"])) for case in todo)
-    written = slices_done = 0
 
     def prepare(case: str) -> dict:
         return prepare_case(raw_dir, dataset_json, case, hashes[case], plan, digest)
 
-    with ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(total=total, unit="slice", desc="embed", dynamic_ncols=True) as progress:
-        pending = pool.submit(prepare, todo[0]) if todo else None
-        for index, case in enumerate(todo):
-            prepared = pending.result()
-            pending = pool.submit(prepare, todo[index + 1]) if index + 1 < len(todo) else None
-            progress.set_postfix_str(case)
-            written += embed_case(prepared, image_encoder, plan, cache_dir, torch_device, run_precision,
-                                  run_batch, progress)
-            slices_done += len(prepared["meta"]["z"])
+    slices_done, written = embed_cases(todo, prepare, image_encoder, plan, cache_dir, torch_device, total)
     manifest = cache.update_manifest(cache_dir, plan, digest)
     per_slice = written / slices_done if slices_done else 0.0
     print(f"done: {slices_done} slices of {len(todo)} cases into {cache_dir}, {written} bytes written "
