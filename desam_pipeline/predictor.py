@@ -451,11 +451,10 @@ def merge_quality(out_dir: str | os.PathLike) -> pd.DataFrame:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _quality_lock(out_dir):
-        parts = [pd.read_csv(path) for path in sorted((out_dir / QUALITY_DIR).glob("*.csv"))
+        parts = [pd.read_csv(path, dtype={"case": str}) for path in sorted((out_dir / QUALITY_DIR).glob("*.csv"))
                  if output_path(out_dir, path.stem).is_file()]
         if parts:
             table = pd.concat(parts, ignore_index=True)
-            table["case"] = table["case"].astype(str)
             table["case_mean_iou"] = table.groupby("case")["predicted_iou"].transform("mean")
             table = table.sort_values(["case", "slice"], kind="stable")[QUALITY_COLUMNS]
         else:

@@ -87,7 +87,7 @@ def oblique_affine(spacing, degrees: float = 30.0, shift=(-12.5, 40.0, 7.25)) ->
 
 
 def quality(out: Path) -> pd.DataFrame:
-    return pd.read_csv(out / "quality.csv")
+    return pd.read_csv(out / "quality.csv", dtype={"case": str})
 
 
 def manual_prediction(env, folder: Path, folds: list[str], path: Path, mode_kwargs=None):
@@ -197,17 +197,18 @@ def test_cached_features_give_the_same_masks(env, tmp_path):
 
 def test_continue_skips_finished_cases_and_keeps_their_quality(env, tmp_path, capsys):
     inputs, out = tmp_path / "in", tmp_path / "out"
-    for seed, case in enumerate(("a", "b")):
+    for seed, case in enumerate(("007", "b")):
         write_volume(inputs / f"{case}.nii.gz", (30, 30, 2), np.diag([1.0, 1.0, 2.0, 1.0]), seed=seed)
-    assert run_cli("-i", inputs / "a.nii.gz", "-o", out, "-m", env.box, "-f", "0", *env.roots) == 0
-    first = out / "a.nii.gz"
+    assert run_cli("-i", inputs / "007.nii.gz", "-o", out, "-m", env.box, "-f", "0", *env.roots) == 0
+    first = out / "007.nii.gz"
     before = (first.read_bytes(), first.stat().st_mtime_ns)
     capsys.readouterr()
     assert run_cli("-i", inputs, "-o", out, "-m", env.box, "-f", "0", "--continue", *env.roots) == 0
     assert "1 predicted" in capsys.readouterr().out
     assert (first.read_bytes(), first.stat().st_mtime_ns) == before
     assert (out / "b.nii.gz").is_file()
-    assert quality(out).groupby("case").size().to_dict() == {"a": 2, "b": 2}
+    # The skipped case keeps its rows, and its id keeps its leading zeros.
+    assert quality(out).groupby("case").size().to_dict() == {"007": 2, "b": 2}
 
 
 def _three_cases(folder: Path) -> list[str]:
