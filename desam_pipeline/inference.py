@@ -1,9 +1,11 @@
 """Slice-wise DeSAM prediction from cached features, in the grid-points or whole-box mode.
 
-Grid mode scores a k x k grid of points through PRIM (one batch per slice) and runs PDMM ONCE per
-slice, on the mask embedding of the best-scoring point: PDMM is where the time goes, and its masks
-are nearly prompt-independent by design. A slice whose best predicted IoU is not above the
-threshold is empty. Box mode runs one forward pass per chunk of slices with the whole-image box.
+Grid mode scores a k x k grid of points with PRIM's IoU head and runs PDMM ONCE per slice, on the
+mask embedding of the best-scoring point (PDMM's masks are nearly prompt-independent by design). The
+k*k IoUs come from `network.grid_iou.prompt_ious`, the same maths as k*k dense PRIM passes at a
+fraction of the cost; the dense PRIM then runs only for the chosen point(s) to give their mask
+embedding. A slice whose best predicted IoU is not above the threshold is empty. Box mode runs one
+forward pass per chunk of slices with the whole-image box.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 from desam_pipeline.network import DeSAM
+from desam_pipeline.network.grid_iou import prompt_ious
 from desam_pipeline.preprocessing import SLICE_SIZE
 from desam_pipeline.prompts import grid_points, whole_box
 from desam_pipeline.runtime import autocast
@@ -35,22 +38,24 @@ def _grid_chunk(net: DeSAM, neck: torch.Tensor, taps: list[torch.Tensor], points
     labels = torch.ones(points.shape[:2], dtype=torch.int64, device=points.device)
     chosen, chosen_embeddings = [], []
     for s in range(neck.shape[0]):
-        embedding, iou = net.prim(neck[s:s + 1].expand(points.shape[0], -1, -1, -1), points=(points, labels))
-        iou = iou[:, 0].float()
+        iou = prompt_ious(net, neck[s:s + 1], points=(points, labels)).float()
         best = int(torch.argmax(iou))
         best_iou[s] = float(iou[best])
         if best_iou[s] <= iou_threshold:
             continue
         if not average:
+            embedding, _ = net.prim(neck[s:s + 1], points=(points[best:best + 1], labels[best:best + 1]))
             chosen.append(s)
-            chosen_embeddings.append(embedding[best].clone())  # a view would pin all k*k
+            chosen_embeddings.append(embedding[0])
             continue
-        accepted = embedding[iou > iou_threshold]
+        accepted = torch.nonzero(iou > iou_threshold)[:, 0]
         total = torch.zeros((SLICE_SIZE, SLICE_SIZE), dtype=torch.float32, device=neck.device)
         for start in range(0, accepted.shape[0], batch_size):
             part = accepted[start:start + batch_size]
+            embedding, _ = net.prim(neck[s:s + 1].expand(part.shape[0], -1, -1, -1),
+                                    points=(points[part], labels[part]))
             slice_taps = [t[s:s + 1].expand(part.shape[0], -1, -1, -1) for t in taps]
-            total += torch.sigmoid(net.pdmm(slice_taps, part).float())[:, 0].sum(0)
+            total += torch.sigmoid(net.pdmm(slice_taps, embedding).float())[:, 0].sum(0)
         probabilities[s] = (total / accepted.shape[0]).cpu().numpy()
     if chosen:
         index = torch.tensor(chosen, device=neck.device)
