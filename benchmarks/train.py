@@ -112,10 +112,9 @@ def child(config: dict) -> dict:
         waited = time.perf_counter()
     sweep_s = time.perf_counter() - sweep_start if sweep_start else 0.0
     main_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    slices = len(trainer.train_data)
     del trainer, batch
     gc.collect()  # shuts the persistent workers down, so their peak shows in RUSAGE_CHILDREN
-    return {"slices": slices, "slices_read": swept, "first_wait_s": waits[0], "waits_s": waits[1:],
+    return {"slices_read": swept, "first_wait_s": waits[0], "waits_s": waits[1:],
             "computes_s": computes[1:], "sweep_s": sweep_s, "threads": torch.get_num_threads(),
             "main_peak_rss_mib": main_peak,
             "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}

@@ -1,6 +1,7 @@
 """progress.png of a training run: losses, validation Dice with its moving average, lr, epoch time."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -22,7 +23,7 @@ def plot_progress(history: dict[str, list[float]], target: Path) -> None:
     loss_ax.legend(loc="upper right")
     dice_ax.plot(epochs, history["val_dice"], color="tab:green", linestyle=":", label="val Dice")
     dice_ax.plot(epochs, history["val_dice_ema"], color="tab:green", label="val Dice (moving avg)")
-    if any(v == v for v in history.get("iou_accuracy", [])):
+    if any(math.isfinite(v) for v in history["iou_accuracy"]):
         dice_ax.plot(epochs, history["iou_accuracy"], color="tab:purple", linestyle="--",
                      label="IoU-head accuracy")
     dice_ax.set_ylabel("held-out slices")

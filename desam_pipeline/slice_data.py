@@ -55,12 +55,6 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def slices_per_case(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for c, _ in self.entries:
-            counts[self.case_dirs[c].name] = counts.get(self.case_dirs[c].name, 0) + 1
-        return counts
-
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, np.ndarray]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         c, s = self.entries[index]

@@ -67,7 +67,7 @@ def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = POLY_E
 
 
 def _nan_to_none(value: float) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
+    return float(value) if math.isfinite(value) else None
 
 
 def _versions() -> dict[str, str]:

@@ -50,7 +50,7 @@ def test_items_are_the_cached_slices(synthetic_cache):
     data = dataset(synthetic_cache)
     _, arrays = synthetic_cache
     assert len(data) == sum(SLICES.values())
-    assert data.slices_per_case() == SLICES
+    assert data.entries == [(c, s) for c, count in enumerate(SLICES.values()) for s in range(count)]
     item = data[(0, 4)]  # A_01 slice 1
     for name in ("neck", "tap0", "tap1", "tap2", "label"):
         np.testing.assert_array_equal(item[name], arrays["A_01"][name][1])
