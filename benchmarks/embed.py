@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", choices=("vit_b", "vit_l", "vit_h", "tiny"), default="vit_b")
     parser.add_argument("--slices", type=int, default=4)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, help="default: the plan's CPU default")
     parser.add_argument("--repeats", type=int, default=1, help="alternate a and b this many times; keep the fastest")
     parser.add_argument("--bare", nargs=2, metavar=("CHECKPOINT", "SLICES_NPY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from desam_pipeline.sam_models import build_sam, encoder_width, save_sam_checkpoint
     from plans.planner import DEFAULT_CHOICES
 
+    args.batch_size = args.batch_size or DEFAULT_CHOICES["batch_size"]["cpu"]
     load_before = os.getloadavg()[0]  # other work on the machine skews both timings; reported with them
     with tempfile.TemporaryDirectory(prefix="desam-bench-embed-") as scratch:
         scratch = Path(scratch)
