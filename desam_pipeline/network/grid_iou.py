@@ -26,8 +26,9 @@ The steps, each exact:
    over channels is a right-multiplication by J = I - 11^T/C, applied once to the shared Z, S_m, e_m.
    |Yc|^2 = a^2 (|Zc|^2 + sum_m B_m . (G_mm B_m + 2 sum_{m' > m} G_mm' B_m' + 2 R_m Zc^T)) with
    B_m = a_m / a * A_m, G_mm' = R_m R_m'^T small Gram blocks per prompt, and R_m Zc^T = [U_m, 1] @
-   [Zc S_m^T; Zc e_m] per head: an image-wide N x 17 factor times the prompt's 17-vectors. Then s = (|Yc|^2 / C + eps)^-1/2,
-   and gamma * s * Yc + beta is again of the form: Z, S_m, e_m <- (centred) * gamma, c <- beta.
+   [Zc S_m^T; Zc e_m] per head: an image-wide N x 17 factor times the prompt's 17-vectors. Then
+   s = (|Yc|^2 / C + eps)^-1/2, and gamma * s * Yc + beta is again of the form: Z, S_m, e_m <-
+   (centred) * gamma, c <- beta, one more scale.
 3. Any projection Linear(keys [+ pe]) = W applied to that form: Z W^T, pe W^T, S_m W^T are image-wide
    (computed once per image), so per prompt the logits of a 16-dim query q per head are
    ((Z W^T)_h q) evaluated with the scales Horner-style: out = Zq; out = s_m * (out + A_m (R_m W_h^T q))
@@ -36,8 +37,9 @@ The steps, each exact:
 4. Token-side work (self-attention, norms, MLP, projections of the 7 tokens) runs through SAM's own
    modules on (P, 7, C) tensors; the final token -> image attention only needs the IoU token's row.
 
-Per-prompt work per image token: about 56 x 56 per level and attention (a few), 112 x 112 for the
-second LayerNorm, and eleven 56 x 16 products against image-wide factors. Per-prompt tensors are
+Per prompt and image token that is seven 56 x 56 products (one per attention or LayerNorm that
+touches a level, three for the second LayerNorm's Gram blocks) and eleven 56 x 16 products against
+image-wide factors: about 37 k multiply-adds, 150 M per prompt. Per-prompt tensors are
 laid out (P, T, H, N) so that each image-wide product is one GEMM per head and each per-prompt one a
 single batched GEMM. The LayerNorm variance is an expanded square, yet in float32 the error against
 a float64 reference is of the same order as the dense path's own float32 error (tests); float64
