@@ -33,8 +33,8 @@ def rescaled(net: DeSAM, seed: int) -> DeSAM:
     net = copy.deepcopy(net)
     generator = torch.Generator().manual_seed(seed)
 
-    def draw(shape, std, mean=0.0):
-        return torch.randn(shape, generator=generator) * std + mean
+    def draw(shape, std):
+        return torch.randn(shape, generator=generator) * std
 
     with torch.no_grad():
         for module in net.prim.mask_decoder.modules():
