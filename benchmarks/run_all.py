@@ -11,7 +11,8 @@ import time
 
 import pandas as pd
 
-BENCHMARKS = ("benchmarks.phantom", "benchmarks.embed", "benchmarks.train", "benchmarks.predict", "benchmarks.hd95")
+BENCHMARKS = ("benchmarks.phantom", "benchmarks.embed", "benchmarks.train", "benchmarks.grid_iou", "benchmarks.predict",
+              "benchmarks.hd95")
 
 
 def run_benchmark(module: str) -> dict:
