@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=4)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--batch-size", type=int, help="default: the plan's CPU default")
-    parser.add_argument("--repeats", type=int, default=1, help="alternate a and b this many times; keep the fastest")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="alternate a and b this many times; ratio = fastest b / fastest a")
     parser.add_argument("--bare", nargs=2, metavar=("CHECKPOINT", "SLICES_NPY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare:
@@ -123,13 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         cache_bytes = sum(path.stat().st_size for path in case_dir.iterdir())
 
     a, b = min(t for t, _, _ in bare), min(t for t, _, _ in pipeline)
-    a_cpu, b_cpu = min(c for _, c, _ in bare), min(c for _, c, _ in pipeline)
+    paired = [round(pb[0] / pa[0], 3) for pa, pb in zip(bare, pipeline)]
+    cpu_paired = [round(pb[1] / pa[1], 3) for pa, pb in zip(bare, pipeline)]
     features = (256 + 3 * encoder_width(args.encoder)) * 64 * 64 * 2
     arrays = features + 2 * 256 * 256
     figures = {
         "encoder": args.encoder, "precision": args.precision, "slices": args.slices, "batch_size": args.batch_size,
         "bare_s": round(a, 2), "pipeline_s": round(b, 2), "ratio": round(b / a, 3),
-        "bare_cpu_s": round(a_cpu, 2), "pipeline_cpu_s": round(b_cpu, 2), "cpu_ratio": round(b_cpu / a_cpu, 3),
+        "paired_ratios": paired, "cpu_ratio_median": float(np.median(cpu_paired)), "cpu_paired_ratios": cpu_paired,
         "bare_slices_per_s": round(args.slices / a, 4), "pipeline_slices_per_s": round(args.slices / b, 4),
         "bare_peak_rss_mb": round(max(r for _, _, r in bare)),
         "pipeline_peak_rss_mb": round(max(r for _, _, r in pipeline)),
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.encoder} {args.precision}, {args.slices} slices, batch {args.batch_size}, CPU threads "
           f"{os.cpu_count()}: b/a = {figures['ratio']:.3f} (a {a:.1f} s, b {b:.1f} s; "
           f"{figures['bare_slices_per_s']:.3f} vs {figures['pipeline_slices_per_s']:.3f} slices/s); "
-          f"CPU time b/a = {figures['cpu_ratio']:.3f}")
+          f"per repeat b/a {paired}, CPU time b/a {cpu_paired}")
     print(f"peak RSS: a {figures['bare_peak_rss_mb']} MiB, b {figures['pipeline_peak_rss_mb']} MiB; "
           f"cache {figures['bytes_per_slice']} bytes/slice = {figures['bytes_vs_float16_features']:.4f} x the "
           f"float16 neck+taps ({features} bytes), {figures['bytes_vs_arrays']:.4f} x those plus the uint8 image "
