@@ -9,15 +9,21 @@ from desam_pipeline.errors import DesamError
 CHANNEL_SUFFIX = "_0000"
 
 
-def load_dataset_json(raw_dir: Path) -> dict:
-    """dataset.json of a raw dataset, with a one-line error when absent or not JSON."""
-    path = Path(raw_dir) / "dataset.json"
+def read_dataset_json(path: Path, hint: str = "") -> dict:
+    """A dataset.json file, with a one-line error naming it when absent or not JSON."""
+    path = Path(path)
     if not path.is_file():
-        raise DesamError(f"{path}: not found (convert the dataset first, e.g. desam_convert_prostate_multisite)")
+        raise DesamError(f"{path}: not found{hint}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DesamError(f"{path}: invalid JSON ({exc})") from exc
+
+
+def load_dataset_json(raw_dir: Path) -> dict:
+    """dataset.json of a raw dataset folder."""
+    return read_dataset_json(Path(raw_dir) / "dataset.json",
+                             " (convert the dataset first, e.g. desam_convert_prostate_multisite)")
 
 
 def file_ending(dataset_json: dict) -> str:

@@ -6,7 +6,6 @@ skipped. Files are `<case><file_ending>` (`.nii.gz` unless the dataset.json says
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from tqdm import tqdm
 
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.nifti_io import read_volume, voxel_spacing
-from desam_pipeline.raw_dataset import domains, file_ending
+from desam_pipeline.raw_dataset import domains, file_ending, read_dataset_json
 from evaluation.metrics import METRICS, check_same_geometry, compute_metrics
 from evaluation.tables import summarise, to_markdown, write_csv
 
@@ -45,13 +44,7 @@ def evaluate_pair(reference_path: str | os.PathLike, prediction_path: str | os.P
 def _load_dataset_json(dataset_json: str | os.PathLike | dict | None) -> dict:
     if dataset_json is None or isinstance(dataset_json, dict):
         return dict(dataset_json or {})
-    path = Path(dataset_json)
-    if not path.is_file():
-        raise DesamError(f"{path}: dataset.json not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DesamError(f"{path}: invalid JSON ({exc})") from exc
+    return read_dataset_json(Path(dataset_json))
 
 
 def list_case_files(folder: Path, ending: str) -> dict[str, Path]:
