@@ -122,13 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--volumes", type=int, default=2)
     parser.add_argument("--slices", type=int, default=3, help="slices per volume")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: the plan's)")
     parser.add_argument("--folds", type=int, default=1)
     parser.add_argument("--grid", type=int, default=9)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=1, help="run a, b, c this many times; keep the fastest")
     parser.add_argument("--bare", nargs=2, metavar=("CHECKPOINT", "SLICES_NPZ"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.batch_size is None:
+        from plans.planner import DEFAULT_CHOICES
+
+        args.batch_size = DEFAULT_CHOICES["batch_size"][args.device]
     if args.bare:
         bare_forward(args.encoder, args.bare[0], args.bare[1], args.precision, args.batch_size, args.device)
         return 0
