@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from desam_pipeline import cache, inference, sam_models
+from desam_pipeline import cache, inference, sam_models, splits
 from desam_pipeline.atomic import atomic_path, read_json
 from desam_pipeline.embedding import encode_slices, features_for_cache, preprocess_volume
 from desam_pipeline.errors import DesamError
@@ -37,7 +37,7 @@ from desam_pipeline.runtime import resolve_precision
 from plans.planner import REQUIRED_KEYS, plan_hash
 
 CHECKPOINT_FILE = "checkpoint_final.pth"
-TRAINER_PREFIX = "DeSAMTrainer__"
+TRAINER_PREFIX = "DeSAMTrainer__"  # trainer.model_folder_name; not imported to keep the trainer out of start-up
 QUALITY_FILE = "quality.csv"
 QUALITY_DIR = "quality"
 QUALITY_COLUMNS = ["case", "slice", "predicted_iou", "case_mean_iou"]
@@ -158,7 +158,7 @@ def find_model_folder(results_dataset_dir: str | os.PathLike, sources: list[str]
     folder = Path(results_dataset_dir)
     if not folder.is_dir():
         raise DesamError(f"{folder}: no results for this dataset; train a model first (desam_train)")
-    source_key = ("src-" + "+".join(sorted(set(sources)))) if sources else None
+    source_key = splits.source_key(sources) if sources else None
     found = []
     for child in sorted(folder.iterdir()):
         parts = child.name.split("__")
@@ -208,14 +208,15 @@ def load_fold_network(path: Path, plan: dict) -> tuple[DeSAM, str]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         config, state = checkpoint["network_config"], checkpoint["network"]
+        encoder, tap_width, mode = config["encoder"], int(config["tap_width"]), config["mode"]
     except Exception as exc:
         raise DesamError(f"{path}: not a readable DeSAM checkpoint ({type(exc).__name__}: {exc})") from exc
-    if config.get("encoder") != plan["encoder"] or int(config["tap_width"]) != int(plan["tap_width"]):
-        raise DesamError(f"{path}: trained for encoder {config.get('encoder')} (tap width {config['tap_width']}), "
+    if encoder != plan["encoder"] or tap_width != int(plan["tap_width"]):
+        raise DesamError(f"{path}: trained for encoder {encoder} (tap width {tap_width}), "
                          f"but the model folder's plan is {plan['encoder']} (tap width {plan['tap_width']})")
-    net = DeSAM.from_inference_state(state, int(config["tap_width"]), norm=config.get("norm", "instance"),
+    net = DeSAM.from_inference_state(state, tap_width, norm=config.get("norm", "instance"),
                                      norm_affine=bool(config.get("norm_affine", False)), source=path)
-    return net.eval().requires_grad_(False), config["mode"]
+    return net.eval().requires_grad_(False), mode
 
 
 def load_model(model_folder: str | os.PathLike, folds: list[str] | None = None,
