@@ -17,15 +17,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from benchmarks.embed import timed
 
 DATASET = "Dataset998_PredictBench"
 
@@ -97,23 +96,6 @@ def bare_forward(encoder: str, checkpoint: str, slices_file: str, precision: str
                 image_encoder(sam_input(slices[start:start + batch_size], device))
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def timed(command: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one child process.
-
-    CPU seconds are the steadier figure on a shared machine, where other processes stretch
-    the wall time; a failure stops the benchmark.
-    """
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    error = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"benchmark step failed ({' '.join(command[:4])} ...):\n{error[-2000:]}")
-    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> int:
