@@ -16,7 +16,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT
 from tqdm import tqdm
 
-from desam_pipeline import cache, raw_dataset
+from desam_pipeline import cache, distributed, raw_dataset
 from desam_pipeline.atomic import write_json
 from desam_pipeline.dataset_checks import require_valid_dataset
 from desam_pipeline.embedding import (SLICE_MODES, encode_slices, feature_shapes, features_for_cache,
@@ -126,13 +126,14 @@ def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint
 
 
 def embed_cases(todo: list[str], prepare, image_encoder: ImageEncoderViT, plan: dict, cache_dir: Path,
-                device: torch.device, total_slices: int) -> tuple[int, int]:
+                device: torch.device, total_slices: int, show_progress: bool = True) -> tuple[int, int]:
     """Embed the cases in order while a thread reads and preprocesses the next one; (slices, bytes)."""
     precision = resolve_precision(plan["precision"][device.type], device)
     batch_size = int(plan["batch_size"][device.type])
     written = slices = 0
     with ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(total=total_slices, unit="slice", desc="embed", dynamic_ncols=True) as progress:
+            tqdm(total=total_slices, unit="slice", desc="embed", dynamic_ncols=True,
+                 disable=not show_progress) as progress:
         pending = pool.submit(prepare, todo[0]) if todo else None
         for index, case in enumerate(todo):
             prepared = pending.result()
@@ -143,6 +144,22 @@ def embed_cases(todo: list[str], prepare, image_encoder: ImageEncoderViT, plan: 
     return slices, written
 
 
+def set_up(raw_dir: Path, out_dir: Path, domains: list[str] | None, encoder: str, checkpoint: str | None,
+           plans_name: str, device: torch.device, overwrite: bool, **flags) -> tuple[dict, ImageEncoderViT]:
+    """Verify the raw dataset, write dataset.json, the fingerprint and the plan.
+
+    Returns ({"plan", "fingerprint", "cases"}, the loaded encoder); `cases` are those of `domains`.
+    """
+    require_valid_dataset(raw_dir)
+    dataset_json = raw_dataset.load_dataset_json(raw_dir)
+    cases = raw_dataset.cases_of_sites(dataset_json, domains, raw_dataset.list_cases(raw_dir, dataset_json))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(dataset_json, out_dir / "dataset.json")
+    fingerprint = write_fingerprint(raw_dir, out_dir)
+    plan, image_encoder = write_or_check_plan(out_dir, plans_name, encoder, checkpoint, device, overwrite, **flags)
+    return {"plan": plan, "fingerprint": fingerprint, "cases": cases}, image_encoder
+
+
 def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str | None = None,
                    domains: list[str] | None = None, plans_name: str | None = None, slices: str | None = None,
                    precision: str | None = None, batch_size: int | None = None, device: str = "auto",
@@ -150,36 +167,58 @@ def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str |
                    raw: str | None = None, preprocessed: str | None = None) -> dict:
     """Verify, fingerprint, plan and embed one part of a dataset; return a summary of what was done.
 
-    Choices left as None come from the existing plan of that name, else from the defaults.
+    Choices left as None come from the existing plan of that name, else from the defaults. Under
+    torchrun, rank 0 verifies and plans while the other ranks wait, every rank embeds its share
+    of the cases, and rank 0 writes the merged manifest once all are done.
     """
     tune_malloc()
     num_parts, part_id = shard_spec(num_parts, part_id)
     torch_device = select_device(device)
     trees = Trees(dataset, raw=raw, preprocessed=preprocessed)
     raw_dir, out_dir = trees.raw, trees.preprocessed
-    require_valid_dataset(raw_dir)
-    dataset_json = raw_dataset.load_dataset_json(raw_dir)
-    cases = raw_dataset.cases_of_sites(dataset_json, domains, raw_dataset.list_cases(raw_dir, dataset_json))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(dataset_json, out_dir / "dataset.json")
-    fingerprint = write_fingerprint(raw_dir, out_dir)
     plans_name = plans_name or default_plans_name(encoder)
-    plan, image_encoder = write_or_check_plan(out_dir, plans_name, encoder, checkpoint, torch_device, overwrite,
-                                              slices=slices, precision=precision, batch_size=batch_size)
-    digest = plan_hash(plan)
+    with distributed.process_group() as in_group:
+        loaded = {}
 
-    cache_dir = cache.cache_dir(out_dir, plans_name)
+        def plan_on_rank_zero() -> dict:
+            planned, loaded["encoder"] = set_up(raw_dir, out_dir, domains, encoder, checkpoint, plans_name,
+                                                torch_device, overwrite, slices=slices, precision=precision,
+                                                batch_size=batch_size)
+            return planned
+
+        planned = distributed.on_rank_zero(plan_on_rank_zero)
+        plan = planned["plan"]
+        if "encoder" not in loaded:
+            loaded["encoder"] = load_encoder(plan["encoder"], Path(plan["checkpoint"])).to(torch_device)
+        summary = embed_part(raw_dir, out_dir, plan, planned["fingerprint"], loaded["encoder"], torch_device,
+                             shard(planned["cases"], num_parts, part_id), f"{part_id + 1}/{num_parts}",
+                             show_progress=distributed.rank() == 0)
+        parts = distributed.gather({key: summary[key] for key in ("slices", "bytes_written")})
+        summary["manifest"] = distributed.on_rank_zero(
+            lambda: cache.update_manifest(summary["cache_dir"], plan, summary["plan_sha256"]))
+        if in_group and distributed.rank() == 0:
+            print(f"all {len(parts)} ranks done: {sum(p['slices'] for p in parts)} slices embedded, "
+                  f"{_mib(sum(p['bytes_written'] for p in parts))} written, {len(summary['manifest']['cases'])} "
+                  f"cases in {summary['cache_dir'] / cache.MANIFEST}", flush=True)
+    return summary
+
+
+def embed_part(raw_dir: Path, out_dir: Path, plan: dict, fingerprint: dict, image_encoder: ImageEncoderViT,
+               device: torch.device, mine: list[str], part: str, show_progress: bool = True) -> dict:
+    """Embed the cases of `mine` that are missing or stale under the written plan; a summary of the work."""
+    dataset_json = raw_dataset.load_dataset_json(raw_dir)
+    digest = plan_hash(plan)
+    cache_dir = cache.cache_dir(out_dir, plan["plans_name"])
     cache_dir.mkdir(parents=True, exist_ok=True)
-    mine = shard(cases, num_parts, part_id)
     cache.remove_case_temporaries(cache_dir, mine)
     hashes = {case: cache.input_sha256(raw_dataset.image_path(raw_dir, case, dataset_json),
                                        raw_dataset.label_path(raw_dir, case, dataset_json)) for case in mine}
     status = {case: cache.case_status(cache_dir / case, hashes[case], digest) for case in mine}
     todo = [case for case in mine if status[case] != "complete"]
-    kind = torch_device.type
-    print(f"plan {plan_path(out_dir, plans_name)} ({encoder}, taps {plan['tap_blocks']}, {plan['slices']}, "
-          f"{kind} {plan['precision'][kind]}, batch {plan['batch_size'][kind]}); part {part_id + 1}/{num_parts}: "
-          f"{len(mine)} cases, {len(mine) - len(todo)} complete, {len(todo)} to embed "
+    kind = device.type
+    print(f"plan {plan_path(out_dir, plan['plans_name'])} ({plan['encoder']}, taps {plan['tap_blocks']}, "
+          f"{plan['slices']}, {kind} {plan['precision'][kind]}, batch {plan['batch_size'][kind]}); part "
+          f"{part}: {len(mine)} cases, {len(mine) - len(todo)} complete, {len(todo)} to embed "
           f"({sum(status[case] == 'stale' for case in todo)} stale)", flush=True)
 
     axis = plan["slice_axis"]
@@ -189,14 +228,13 @@ def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str |
     def prepare(case: str) -> dict:
         return prepare_case(raw_dir, dataset_json, case, hashes[case], plan, digest)
 
-    slices_done, written = embed_cases(todo, prepare, image_encoder, plan, cache_dir, torch_device, total)
-    manifest = cache.update_manifest(cache_dir, plan, digest)
+    slices_done, written = embed_cases(todo, prepare, image_encoder, plan, cache_dir, device, total, show_progress)
     per_slice = written / slices_done if slices_done else 0.0
     print(f"done: {slices_done} slices of {len(todo)} cases into {cache_dir}, {written} bytes written "
           f"({_mib(written)}), {per_slice:.0f} bytes per slice ({_mib(per_slice)})", flush=True)
     return {"plan": plan, "plan_sha256": digest, "cache_dir": cache_dir, "embedded": todo,
             "skipped": [case for case in mine if status[case] == "complete"], "slices": slices_done,
-            "bytes_written": written, "manifest": manifest}
+            "bytes_written": written}
 
 
 def build_parser() -> argparse.ArgumentParser:

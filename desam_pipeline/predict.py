@@ -1,29 +1,22 @@
 """`desam_predict -i IN -o OUT -m MODEL_FOLDER`: segment NIfTI volumes with a trained DeSAM model.
 
 Cases are split over `--num-parts/--part-id`, or over the ranks of `torchrun -m desam_pipeline.predict`;
-each case is written by exactly one part. Under torchrun the ranks meet at a final barrier (a gloo
-group: it only carries the summary) and rank 0 merges quality.csv; separate parts each merge it
+each case is written by exactly one part. Under torchrun the ranks meet at the end to gather their
+results (a gloo group: it only carries the summary) and rank 0 merges quality.csv; separate parts each merge it
 under a file lock when they finish, so the last one to finish leaves it complete.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
-import torch.distributed as dist
-
-from desam_pipeline import predictor
+from desam_pipeline import distributed, predictor
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.inference import MODES
 from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.postprocessing import POSTPROCESSING
 from desam_pipeline.runtime import select_device, shard, shard_spec, tune_malloc
-
-# Ranks wait for the slowest shard at the final barrier; torchrun stops them all if one dies.
-BARRIER_TIMEOUT = timedelta(days=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,24 +66,6 @@ def model_folder(args: argparse.Namespace) -> Path:
     return predictor.find_model_folder(trees.results, args.source, args.mode, args.plans_name)
 
 
-def init_distributed() -> bool:
-    """Join torchrun's process group (gloo) when WORLD_SIZE > 1; True when this run is distributed."""
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-        return False
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-    return True
-
-
-def gather_results(results: list[predictor.CaseResult], distributed: bool) -> list[predictor.CaseResult]:
-    """Every part's results on rank 0 after the final barrier (this part's alone when not distributed)."""
-    if not distributed:
-        return results
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results)
-    return [r for part in gathered for r in part]
-
-
 def summarise(results: list[predictor.CaseResult], out_dir: Path, part: str) -> int:
     """Print what was done and list the failed cases; the exit code (1 when any case failed)."""
     counts = {s: sum(r.status == s for r in results) for s in ("predicted", "skipped", "failed")}
@@ -119,23 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         postprocess=args.postprocess, save_probabilities=args.save_probabilities, skip_existing=args.skip_existing)
     cases = predictor.discover_inputs(input_path, model.num_channels)
     engine = predictor.build_predictor(model, settings, args.checkpoint, args.preprocessed)
-    distributed = init_distributed()
     mine = shard(cases, num_parts, part_id)
     part = f" part {part_id + 1}/{num_parts}" if num_parts > 1 else ""
-    print(f"desam_predict{part}: {len(mine)} of {len(cases)} cases, model {model.folder.name} ({model.mode} mode, "
-          f"folds {', '.join(model.folds)}), {device.type} {settings.precision}, batch {settings.batch_size}, "
-          f"{len(engine.cache_index)} cached cases of the plan", flush=True)
-    results = engine.predict_cases(mine, out_dir, show_progress=not distributed or part_id == 0)
-    if distributed:
-        dist.barrier()
-        results = gather_results(results, distributed)
-        rank_zero = dist.get_rank() == 0
-        if rank_zero:
+    with distributed.process_group() as in_group:
+        print(f"desam_predict{part}: {len(mine)} of {len(cases)} cases, model {model.folder.name} ({model.mode} "
+              f"mode, folds {', '.join(model.folds)}), {device.type} {settings.precision}, batch "
+              f"{settings.batch_size}, {len(engine.cache_index)} cached cases of the plan", flush=True)
+        results = engine.predict_cases(mine, out_dir, show_progress=not in_group or part_id == 0)
+        if not in_group:
             predictor.merge_quality(out_dir)
-        dist.destroy_process_group()
-        return summarise(results, out_dir, "") if rank_zero else int(any(r.status == "failed" for r in results))
-    predictor.merge_quality(out_dir)
-    return summarise(results, out_dir, part)
+            return summarise(results, out_dir, part)
+        results = [r for part_results in distributed.gather(results) for r in part_results]
+        if distributed.rank() != 0:
+            return int(any(r.status == "failed" for r in results))
+        predictor.merge_quality(out_dir)
+        return summarise(results, out_dir, "")
 
 
 if __name__ == "__main__":

@@ -69,9 +69,11 @@ def tune_malloc() -> None:
 
 def shard_spec(num_parts: int | None = None, part_id: int | None = None) -> tuple[int, int]:
     """(number of parts, this part) from the flags, or from torchrun's WORLD_SIZE/RANK, else (1, 0)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     if num_parts is None and part_id is None:
-        num_parts = int(os.environ.get("WORLD_SIZE", 1))
-        part_id = int(os.environ.get("RANK", 0))
+        num_parts, part_id = world_size, int(os.environ.get("RANK", 0))
+    elif world_size > 1:
+        raise DesamError("--num-parts/--part-id are for separate processes; under torchrun the ranks are the parts")
     elif num_parts is None or part_id is None:
         raise DesamError("--num-parts and --part-id go together")
     if num_parts < 1 or not 0 <= part_id < num_parts:

@@ -7,16 +7,15 @@ DistributedDataParallel; see `desam_pipeline.trainer`.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from desam_pipeline.atomic import read_json
+from desam_pipeline.distributed import process_group
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.paths import Trees, add_root_arguments
-from desam_pipeline.runtime import select_device
+from desam_pipeline.runtime import PRECISIONS, select_device
 from desam_pipeline.trainer import DEFAULT_LOSS_WEIGHTS, MODES, DeSAMTrainer
 
 
@@ -38,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"loss weights (default {DEFAULT_LOSS_WEIGHTS['grid']} grid; IoU unused in box mode)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="autocast precision (default auto: fp16 with loss scaling on CUDA, bf16 on CPU)")
     parser.add_argument("-c", "--continue", dest="continue_training", action="store_true",
                         help="resume from the newest checkpoint of this fold")
     parser.add_argument("--val-only", action="store_true",
@@ -68,15 +69,13 @@ def _is_plan(path: Path) -> bool:
     return isinstance(content, dict) and content.get("plans_name") == path.stem
 
 
-def init_distributed(device_choice: str) -> bool:
-    """Join torchrun's process group when WORLD_SIZE > 1: nccl for CUDA ranks, gloo for CPU ranks."""
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or dist.is_initialized():
-        return False
+def join_backend(device_choice: str) -> str:
+    """The process-group backend: nccl for CUDA ranks (each set to its local rank's GPU), gloo for CPU."""
     device = select_device(device_choice)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return True
+    if device.type != "cuda":
+        return "gloo"
+    torch.cuda.set_device(device)
+    return "nccl"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -87,7 +86,8 @@ def run(args: argparse.Namespace) -> None:
     trainer = DeSAMTrainer(
         preprocessed, trees.results, find_plans_name(preprocessed, args.plans_name), args.fold,
         sources=args.source, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        loss_weights=args.loss_weights, seed=args.seed, device=args.device, num_workers=args.num_workers)
+        loss_weights=args.loss_weights, seed=args.seed, device=args.device, precision=args.precision,
+        num_workers=args.num_workers)
     if args.val_only:
         trainer.run_validation_only()
     else:
@@ -97,12 +97,8 @@ def run(args: argparse.Namespace) -> None:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    distributed = init_distributed(args.device)
-    try:
+    with process_group(join_backend(args.device), timeout=None):
         run(args)
-    finally:
-        if distributed:
-            dist.destroy_process_group()
     return 0
 
 

@@ -19,6 +19,7 @@ from segment_anything import SamPredictor
 from toy_data import write_toy_dataset
 
 from desam_pipeline import cache, preprocessing, sam_models
+from desam_pipeline.atomic import read_json
 from desam_pipeline.embedding import preprocess_label, preprocess_volume, select_slices
 from desam_pipeline.errors import DesamError
 from desam_pipeline.nifti_io import file_sha256
@@ -280,23 +281,62 @@ def test_lifecycle_resume_stale_inputs_and_write_once_plan(tmp_path, tiny_checkp
     assert load_plan(pre, "Other")["batch_size"]["cpu"] == 2
 
 
-def test_two_parts_equal_one_part(toy_root, tiny_checkpoint, tmp_path, monkeypatch):
-    options = dict(encoder="tiny", checkpoint=str(tiny_checkpoint), domains=["SiteB"], slices="foreground",
-                   raw=str(toy_root / "raw"))
-    whole = plan_and_embed("900", preprocessed=str(tmp_path / "one"), **options)
-    parts = [plan_and_embed("900", preprocessed=str(tmp_path / "two"), num_parts=2, part_id=0, **options)]
-    # the second part as torchrun would start it: rank and world size from the environment
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    parts.append(plan_and_embed("900", preprocessed=str(tmp_path / "two"), **options))
-    assert parts[0]["embedded"] == ["SiteB_Case00"] and parts[1]["embedded"] == ["SiteB_Case01"]
-    one, two = whole["cache_dir"], parts[1]["cache_dir"]
-    files = sorted(p.relative_to(one) for p in one.glob("SiteB_Case0*/*"))
-    assert len(files) == 2 * 7
-    assert files == sorted(p.relative_to(two) for p in two.glob("SiteB_Case0*/*"))
+def assert_same_cache(one: Path, two: Path, cases: list[str]) -> None:
+    """Byte-identical case folders and the same manifest."""
+    files = sorted(p.relative_to(one) for case in cases for p in (one / case).iterdir())
+    assert len(files) == len(cases) * 7
+    assert files == sorted(p.relative_to(two) for case in cases for p in (two / case).iterdir())
     for name in files:
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
-    assert parts[1]["manifest"]["cases"] == whole["manifest"]["cases"]
+    assert read_json(two / cache.MANIFEST) == read_json(one / cache.MANIFEST)
+
+
+@pytest.fixture(scope="module")
+def site_b_whole(toy_root, tiny_checkpoint) -> dict:
+    """SiteB embedded by one process: the reference for the sharded runs."""
+    return embed(toy_root, encoder="tiny", checkpoint=str(tiny_checkpoint), domains=["SiteB"], slices="foreground",
+                 plans_name="SiteB")
+
+
+def test_two_parts_equal_one_part(toy_root, tiny_checkpoint, site_b_whole, tmp_path):
+    options = dict(encoder="tiny", checkpoint=str(tiny_checkpoint), domains=["SiteB"], slices="foreground",
+                   plans_name="SiteB", raw=str(toy_root / "raw"), preprocessed=str(tmp_path))
+    parts = [plan_and_embed("900", num_parts=2, part_id=part, **options) for part in (0, 1)]
+    assert parts[0]["embedded"] == ["SiteB_Case00"] and parts[1]["embedded"] == ["SiteB_Case01"]
+    # the part that finishes last leaves the manifest complete
+    assert sorted(parts[1]["manifest"]["cases"]) == ["SiteB_Case00", "SiteB_Case01"]
+    assert_same_cache(site_b_whole["cache_dir"], parts[1]["cache_dir"], ["SiteB_Case00", "SiteB_Case01"])
+
+
+def torchrun_embed(toy_root: Path, preprocessed: Path, *flags: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "desam_pipeline.plan_and_embed", "-d", "900", "--raw", str(toy_root / "raw"),
+               "--preprocessed", str(preprocessed), "--device", "cpu", *flags]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=280, env=environment, cwd=REPO)
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_two_ranks_equal_one_process(toy_root, tiny_checkpoint, site_b_whole, tmp_path):
+    proc = torchrun_embed(toy_root, tmp_path, "--encoder", "tiny", "--checkpoint", str(tiny_checkpoint),
+                          "--domains", "SiteB", "--slices", "foreground", "--plans-name", "SiteB")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "part 1/2: 1 cases, 0 complete, 1 to embed" in proc.stdout
+    assert "part 2/2: 1 cases, 0 complete, 1 to embed" in proc.stdout
+    assert proc.stdout.count("all 2 ranks done") == 1 and "2 cases in" in proc.stdout
+    two = cache.cache_dir(tmp_path / DATASET, "SiteB")
+    assert_same_cache(site_b_whole["cache_dir"], two, ["SiteB_Case00", "SiteB_Case01"])
+    assert load_plan(tmp_path / DATASET, "SiteB") == site_b_whole["plan"]
+    assert not [p for p in two.iterdir() if p.name.startswith(".tmp")]
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_rank_zero_error_stops_every_rank(toy_root, tmp_path):
+    proc = torchrun_embed(toy_root, tmp_path, "--encoder", "tiny", "--domains", "Nowhere")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "unknown site(s) Nowhere" in line]
+    assert len(errors) == 2 and any("rank 0 stopped" in line for line in errors), proc.stderr[-3000:]
+    assert not (tmp_path / DATASET).exists()
 
 
 def test_float16_overflow_is_an_error_naming_the_case(toy_root, tiny_checkpoint, tmp_path):
