@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from desam_pipeline import cache, inference, slice_data, splits
+from desam_pipeline import cache, distributed, inference, slice_data, splits
 from desam_pipeline.atomic import atomic_path, read_json, write_json
 from desam_pipeline.errors import DesamError
 from desam_pipeline.losses import desam_loss
@@ -40,7 +40,7 @@ from desam_pipeline.nifti_io import file_sha256
 from desam_pipeline.preprocessing import SLICE_SIZE
 from desam_pipeline.progress_plot import plot_progress
 from desam_pipeline.raw_dataset import domains
-from desam_pipeline.runtime import autocast, select_device
+from desam_pipeline.runtime import autocast, resolve_precision, select_device
 from evaluation.metrics import compute_metrics
 from plans.planner import load_plan, plan_hash
 
@@ -99,13 +99,24 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def training_precision(precision: str, device: torch.device) -> str:
+    """`auto` is fp16 autocast with loss scaling on CUDA (the reference's AMP) and bf16 autocast on CPU.
+
+    Weights and optimizer state stay float32 either way. bf16 halves PDMM's step time on CPUs with
+    AVX-512 BF16 (8.3 -> 4.2 s per batch of 4 on this project's 2 cores).
+    """
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "bf16"
+    return resolve_precision(precision, device)
+
+
 class DeSAMTrainer:
     """Train and validate DeSAM for one fold of one source selection from a plan's embedding cache."""
 
     def __init__(self, preprocessed_dir: Path, results_dir: Path, plans_name: str, fold: int | str,
                  sources: list[str] | None = None, mode: str = "grid", epochs: int = 50, batch_size: int = 8,
                  lr: float = 1e-4, loss_weights: tuple[float, float, float] | None = None, seed: int = 0,
-                 device: str = "auto", num_workers: int = 2,
+                 device: str = "auto", precision: str = "auto", num_workers: int = 2,
                  loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S):
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -119,15 +130,15 @@ class DeSAMTrainer:
         weights = DEFAULT_LOSS_WEIGHTS[mode] if loss_weights is None else tuple(map(float, loss_weights))
         self.loss_weights = weights if mode == "grid" else (weights[0], weights[1], 0.0)
         self.seed, self.num_workers, self.loader_timeout_s = int(seed), int(num_workers), loader_timeout_s
-        self.distributed = dist.is_available() and dist.is_initialized()
+        self.distributed = distributed.in_group()
         self.world_size = dist.get_world_size() if self.distributed else 1
-        self.rank = dist.get_rank() if self.distributed else 0
+        self.rank = distributed.rank()
         if self.batch_size % self.world_size:
             raise DesamError(f"batch size {self.batch_size} does not divide over {self.world_size} processes; "
                              f"use a multiple of {self.world_size}")
         self.local_batch_size = self.batch_size // self.world_size
         self.device = select_device(device)
-        self.precision = "fp16" if self.device.type == "cuda" else "fp32"
+        self.precision = training_precision(precision, self.device)
         self.model_dir = Path(results_dir) / model_folder_name(plans_name, mode, self.sources)
         self.fold_dir = self.model_dir / f"fold_{self.fold}"
         self.log_file = self.fold_dir / "training_log.txt"
@@ -331,7 +342,7 @@ class DeSAMTrainer:
         is_best = math.isfinite(ema) and ema > self.best_ema
         if is_best:
             self.best_ema = ema
-        states = self._gather_rng_states()
+        states = distributed.gather(rng_state())
         if not self.is_main:
             return
         with open(self.log_file, "a") as log:
@@ -343,7 +354,7 @@ class DeSAMTrainer:
             self.print(f"new best moving-average validation Dice {ema:.4f}")
 
     def on_train_end(self) -> None:
-        states = self._gather_rng_states()
+        states = distributed.gather(rng_state())
         if self.is_main:
             self.save_checkpoint(self.fold_dir / "checkpoint_final.pth", states)
             with open(self.log_file, "a") as log:
@@ -357,7 +368,7 @@ class DeSAMTrainer:
             self.run_epoch(epoch)
         if not self.finished:
             self.on_train_end()
-        self._barrier()
+        distributed.barrier()
         self.perform_final_validation()
 
     def run_epoch(self, epoch: int) -> None:
@@ -393,18 +404,6 @@ class DeSAMTrainer:
                               device=self.device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return dict(zip(keys, values.tolist()))
-
-    def _gather_rng_states(self) -> list[dict]:
-        state = rng_state()
-        if not self.distributed:
-            return [state]
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, state)
-        return gathered
-
-    def _barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
 
     def print(self, text: str) -> None:
         if self.is_main:
@@ -498,10 +497,7 @@ class DeSAMTrainer:
         mine = self.val_cases[self.rank::self.world_size]
         for case in tqdm(mine, desc="validation", unit="case", disable=not self.is_main, file=sys.stdout):
             results[case] = self._validate_case(case, out_dir)
-        if self.distributed:
-            gathered = [None] * self.world_size
-            dist.all_gather_object(gathered, results)
-            results = {k: v for part in gathered for k, v in part.items()}
+        results = {k: v for part in distributed.gather(results) for k, v in part.items()}
         if not self.is_main:
             return
         cases = {case: results[case] for case in self.val_cases}

@@ -29,8 +29,9 @@ MODEL = f"DeSAMTrainer__{PLANS}__box__src-SiteA"
 REPO = Path(__file__).resolve().parents[1]
 # Six axial slices with foreground on two (z 2, 3); only those are cached: 2 slices per case.
 SHAPE = (40, 36, 6)
+# fp32, so one process and DDP agree to float precision (the CPU default, bf16, is tested below)
 COMMON = ["900", "0", "--source", "SiteA", "--mode", "box", "--epochs", "2", "--batch-size", "2",
-          "--device", "cpu", "--seed", "7"]
+          "--device", "cpu", "--precision", "fp32", "--seed", "7"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_two_epoch_run_writes_every_output(trained, cached):
 
     debug = json.loads((trained / "debug.json").read_text())
     assert (debug["epochs"], debug["batch_size"], debug["lr"], debug["seed"], debug["mode"]) == (2, 2, 1e-4, 7, "box")
-    assert debug["loss_weights"] == [1.0, 1.0, 0.0] and debug["optimizer"] == "Adam"
+    assert debug["loss_weights"] == [1.0, 1.0, 0.0] and debug["optimizer"] == "Adam" and debug["precision"] == "fp32"
     assert debug["train_cases"] and debug["val_cases"] and not set(debug["train_cases"]) & set(debug["val_cases"])
     counts = debug["parameter_counts"]
     assert counts["total"] == counts["prim.prompt_encoder"] + counts["prim.mask_decoder"] + counts["pdmm"] > 0
@@ -278,3 +279,13 @@ def test_a_different_sam_checkpoint_is_refused(cached, tmp_path):
     trainer = DeSAMTrainer(pre / DATASET, tmp_path / "res", PLANS, 0, sources=["SiteA"], device="cpu")
     with pytest.raises(DesamError, match="sha256 differs from the plan's checkpoint_sha256"):
         trainer.initialize()
+
+
+def test_precision_defaults_to_bf16_on_cpu_and_refuses_fp16_there(cached, tmp_path):
+    def trainer(precision: str) -> DeSAMTrainer:
+        return DeSAMTrainer(cached / "pre" / DATASET, tmp_path, PLANS, 0, sources=["SiteA"], device="cpu",
+                            precision=precision)
+
+    assert trainer("auto").precision == "bf16" and trainer("fp32").precision == "fp32"
+    with pytest.raises(DesamError, match="fp16 autocast is not supported on CPU"):
+        trainer("fp16")
