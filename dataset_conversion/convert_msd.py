@@ -76,14 +76,18 @@ def convert_msd(source: str | Path, raw_root: str | Path, dataset: str | int = 2
     return write_raw_dataset(cases, Path(raw_root), name, description, overwrite=overwrite)
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Convert MSD Task05_Prostate into a desam raw dataset "
                                                  "(T2 only, whole gland, domain MSD).")
     parser.add_argument("source", metavar="SRC", help="the Task05_Prostate folder (or its parent)")
     parser.add_argument("-d", "--dataset", default="2", help="dataset number or DatasetNNN_Name (default 2)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     add_root_arguments(parser, "raw")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     print(summary_line(convert_msd(args.source, get_root("raw", args.raw), args.dataset, args.overwrite)))
     return 0

@@ -199,15 +199,19 @@ def convert_prostate_multisite(source: str | Path, raw_root: str | Path, dataset
     return write_raw_dataset(cases, Path(raw_root), name, description, overwrite=overwrite)
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Convert the multi-site prostate T2 collection (SAML, MaxStyle or "
                                                  "nnU-Net packaging) into a desam raw dataset.")
     parser.add_argument("source", metavar="SRC", help="folder of the downloaded data (layout detected)")
     parser.add_argument("-d", "--dataset", default="1", help="dataset number or DatasetNNN_Name (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     add_root_arguments(parser, "raw")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     folder = convert_prostate_multisite(args.source, get_root("raw", args.raw), args.dataset, args.overwrite)
     print(summary_line(folder))
     return 0

@@ -170,8 +170,7 @@ def make_phantom(out_dir: str | Path, cases_per_site: int = DEFAULT_CASES_PER_SI
     return out_dir
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Write a seeded synthetic multi-site prostate T2 MRI collection "
                                                  "in the SAML layout (convert it with "
                                                  "desam_convert_prostate_multisite).")
@@ -182,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", nargs="+", default=None, choices=SITE_ORDER, metavar="SITE",
                         help=f"sites to generate (default all: {' '.join(SITE_ORDER)})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = make_phantom(args.out, args.cases_per_site, args.seed, args.sites, args.overwrite)
     print(f"{out}: {args.cases_per_site} case(s) per site for {' '.join(args.sites or SITE_ORDER)} (seed {args.seed})")
     return 0

@@ -8,7 +8,6 @@ folder that looks complete.
 """
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass

@@ -67,12 +67,16 @@ def require_valid_dataset(raw_dir: Path) -> None:
         raise DesamError(f"invalid dataset: {problems[0]}{more}")
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Check every case of a raw desam dataset.")
     parser.add_argument("-d", "--dataset", required=True, help="dataset number or DatasetNNN_Name")
     add_root_arguments(parser, "raw")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     raw_dir = Trees.from_args(args).raw
     problems = verify_dataset(raw_dir)
     for problem in problems:

@@ -55,7 +55,8 @@ def resolve_dataset(spec: str | int, *roots: Path) -> str:
                     found.add(child.name)
     if not found:
         searched = ", ".join(str(r) for r in roots) or "(no roots)"
-        raise DesamError(f"no dataset with number {number:03d} in {searched}")
+        raise DesamError(f"no dataset with number {number:03d} in {searched}; convert one first "
+                         f"(desam_convert_prostate_multisite SRC -d {number} or desam_convert_msd SRC -d {number})")
     if len(found) > 1:
         raise DesamError(f"dataset number {number:03d} is ambiguous: {sorted(found)}")
     return found.pop()

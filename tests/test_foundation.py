@@ -24,7 +24,7 @@ def test_dataset_by_number_or_name(toy_dataset, trees):
     assert resolve_dataset("900", trees["raw"]) == "Dataset900_Toy"
     assert resolve_dataset(900, trees["raw"]) == "Dataset900_Toy"
     assert Trees("Dataset900_Toy").raw == toy_dataset
-    with pytest.raises(DesamError, match="no dataset with number 901"):
+    with pytest.raises(DesamError, match="no dataset with number 901 .*convert one first .*-d 901"):
         Trees(901)
 
 
