@@ -27,7 +27,7 @@ def _chunk(array, start: int, stop: int, device: torch.device) -> torch.Tensor:
     """Rows start:stop of a tensor or (memory-mapped) array as float32 on `device`."""
     rows = array[start:stop]
     if not torch.is_tensor(rows):
-        rows = torch.from_numpy(np.ascontiguousarray(rows))
+        rows = torch.from_numpy(np.array(rows))  # a copy: memory-mapped rows are read-only
     return rows.to(device, torch.float32)
 
 
