@@ -4,6 +4,7 @@
 checkpoint of the real size, case folders of random float16 features in the cache layout),
 then runs the real DeSAMTrainer in one subprocess per configuration:
 
+- step time at batch 8 with the default precision (bf16 autocast on CPU), and for vit_b also in fp32.
 - data wait vs compute: batch-8 training steps with the default 2 loader workers; the time
   blocked on the loader against the time in `train_step` (target: wait <= 10% of a step). The
   first step (worker start-up) is left out and reported apart.
@@ -92,7 +93,7 @@ def child(config: dict) -> dict:
     from desam_pipeline.trainer import DeSAMTrainer
     trainer = DeSAMTrainer(Path(config["preprocessed"]), Path(config["results"]), config["plans_name"], "all",
                            mode="grid", epochs=1, batch_size=8, seed=0, device="cpu",
-                           num_workers=config["num_workers"])
+                           precision=config["precision"], num_workers=config["num_workers"])
     trainer.initialize()
     trainer.on_epoch_start(0)
     waits, computes, swept = [], [], 0
@@ -171,15 +172,18 @@ def main(argv: list[str] | None = None) -> int:
             preprocessed = write_dataset(work / name, plan, slices)
             print(f"{name}: wrote {slices} slices ({slices * slice_bytes(plan['tap_width']) / 2 ** 30:.1f} GiB) "
                   f"in {time.perf_counter() - start:.0f} s", flush=True)
-            runs[name] = run_child({"preprocessed": str(preprocessed), "results": str(work / "results" / name),
-                                    "plans_name": plan["plans_name"], "num_workers": args.num_workers,
-                                    "steps": args.steps, "sweep": sweep})
-            result = runs[name]
-            print(f"{name}: step {np.mean(np.add(result['waits_s'], result['computes_s'])):.1f} s "
-                  f"(data wait {np.mean(result['waits_s']):.2f} s = {100 * wait_fraction(result):.1f}%, first "
-                  f"batch {result['first_wait_s']:.1f} s), {result['slices_read']} slices read, main peak RSS "
-                  f"{result['main_peak_rss_mib']:.0f} MiB, workers {result['worker_peak_rss_mib']:.0f} MiB",
-                  flush=True)
+            # the default precision (bf16 autocast on CPU) everywhere; vit_b also in fp32 for the step time
+            for precision in ("auto", "fp32") if encoder == "vit_b" else ("auto",):
+                run = name if precision == "auto" else f"{name}_fp32"
+                runs[run] = run_child({"preprocessed": str(preprocessed), "results": str(work / "results" / run),
+                                       "plans_name": plan["plans_name"], "num_workers": args.num_workers,
+                                       "steps": args.steps, "sweep": sweep, "precision": precision})
+                result = runs[run]
+                print(f"{run}: step {np.mean(np.add(result['waits_s'], result['computes_s'])):.1f} s "
+                      f"(data wait {np.mean(result['waits_s']):.2f} s = {100 * wait_fraction(result):.1f}%, first "
+                      f"batch {result['first_wait_s']:.1f} s), {result['slices_read']} slices read, main peak RSS "
+                      f"{result['main_peak_rss_mib']:.0f} MiB, workers {result['worker_peak_rss_mib']:.0f} MiB",
+                      flush=True)
             shutil.rmtree(preprocessed.parent)
         for encoder, name in (("vit_b", f"vit_b_{args.vit_b_slices}"), ("vit_h", f"vit_h_{args.small}")):
             result = runs[name]
@@ -187,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             figures[f"{encoder}_data_wait_s"] = round(float(np.mean(result["waits_s"])), 3)
             figures[f"{encoder}_data_wait_fraction"] = round(wait_fraction(result), 4)
             figures[f"{encoder}_first_batch_wait_s"] = round(result["first_wait_s"], 2)
+        fp32 = runs[f"vit_b_{args.vit_b_slices}_fp32"]
+        figures["vit_b_step_s_fp32"] = round(float(np.mean(np.add(fp32["waits_s"], fp32["computes_s"]))), 2)
         small, big = runs[f"vit_h_{args.small}"], runs[f"vit_h_{large}"]
         for key in ("main_peak_rss_mib", "worker_peak_rss_mib"):
             figures[f"vit_h_{key}_{args.small}"] = round(small[key])

@@ -228,10 +228,13 @@ def embed_part(raw_dir: Path, out_dir: Path, plan: dict, fingerprint: dict, imag
     def prepare(case: str) -> dict:
         return prepare_case(raw_dir, dataset_json, case, hashes[case], plan, digest)
 
-    slices_done, written = embed_cases(todo, prepare, image_encoder, plan, cache_dir, device, total, show_progress)
-    per_slice = written / slices_done if slices_done else 0.0
-    print(f"done: {slices_done} slices of {len(todo)} cases into {cache_dir}, {written} bytes written "
-          f"({_mib(written)}), {per_slice:.0f} bytes per slice ({_mib(per_slice)})", flush=True)
+    slices_done = written = 0
+    if todo:
+        slices_done, written = embed_cases(todo, prepare, image_encoder, plan, cache_dir, device, total,
+                                           show_progress)
+        per_slice = written / max(slices_done, 1)
+        print(f"done: {slices_done} slices of {len(todo)} cases into {cache_dir}, {written} bytes written "
+              f"({_mib(written)}), {per_slice:.0f} bytes per slice ({_mib(per_slice)})", flush=True)
     return {"plan": plan, "plan_sha256": digest, "cache_dir": cache_dir, "embedded": todo,
             "skipped": [case for case in mine if status[case] == "complete"], "slices": slices_done,
             "bytes_written": written}
