@@ -16,7 +16,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 install: .venv/.installed
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 demo: install
 	$(PY) -m desam_pipeline.demo
