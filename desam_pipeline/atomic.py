@@ -5,6 +5,7 @@ Temporary names start with a dot so `*.nii.gz` globs and folder listings skip th
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -34,6 +35,17 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink()
+
+
+@contextlib.contextmanager
+def file_lock(lock_file: str | os.PathLike) -> Iterator[None]:
+    """An exclusive flock on `lock_file` for the block, so separate processes take turns (freed if one dies)."""
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_json(data: Any, target: str | os.PathLike) -> None:

@@ -7,17 +7,14 @@ into place, so a folder named after a case is always complete, also after `kill 
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from desam_pipeline.atomic import TMP_PREFIX, read_json, write_json
+from desam_pipeline.atomic import TMP_PREFIX, file_lock, read_json, write_json
 from desam_pipeline.nifti_io import file_sha256
 
 META = "meta.json"
@@ -180,22 +177,11 @@ class CaseWriter:
             self.discard()
 
 
-@contextlib.contextmanager
-def _locked(cache_dir: Path) -> Iterator[None]:
-    """An exclusive lock on the cache folder, so parts of a sharded run merge the manifest in turn."""
-    with open(cache_dir / _LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def update_manifest(cache_dir: str | os.PathLike, plan: dict, plan_hash: str) -> dict:
     """Rewrite manifest.json from the complete case folders made with this plan (all parts' cases)."""
     folder = Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder):
+    with file_lock(folder / _LOCK):  # parts of a sharded run merge in turn
         cases = {}
         for case in complete_cases(folder, plan_hash):
             meta = read_json(folder / case / META)

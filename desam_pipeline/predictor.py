@@ -9,8 +9,6 @@ the input's affine and header), `quality/<case>.csv` (PRIM's predicted IoU per s
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import re
 import sys
@@ -25,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from desam_pipeline import cache, inference, sam_models, splits
-from desam_pipeline.atomic import atomic_path, read_json
+from desam_pipeline.atomic import atomic_path, file_lock, read_json
 from desam_pipeline.embedding import encode_slices, features_for_cache, preprocess_volume
 from desam_pipeline.errors import DesamError
 from desam_pipeline.network import DeSAM
@@ -433,17 +431,6 @@ def write_case_quality(out_dir: Path, case: str, iou: np.ndarray) -> None:
         table.to_csv(tmp, index=False, float_format="%.6f")
 
 
-@contextlib.contextmanager
-def _quality_lock(out_dir: Path) -> Iterator[None]:
-    """Parts of a sharded run merge quality.csv one after the other (flock: freed if a process dies)."""
-    with open(Path(out_dir) / _QUALITY_LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def merge_quality(out_dir: str | os.PathLike) -> pd.DataFrame:
     """Rewrite OUT/quality.csv from every finished case's `quality/<case>.csv` (all parts, all runs).
 
@@ -451,7 +438,7 @@ def merge_quality(out_dir: str | os.PathLike) -> pd.DataFrame:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _quality_lock(out_dir):
+    with file_lock(out_dir / _QUALITY_LOCK):  # parts of a sharded run merge in turn
         parts = [pd.read_csv(path, dtype={"case": str}) for path in sorted((out_dir / QUALITY_DIR).glob("*.csv"))
                  if output_path(out_dir, path.stem).is_file()]
         if parts:
