@@ -38,3 +38,17 @@ def test_no_note_when_something_was_segmented(tmp_path, capsys):
     assert "predicted empty" not in out
     bmc = next(line for line in out.splitlines() if line.startswith("BMC"))
     assert bmc.split()[:4] == ["BMC", "2", "0.25", "4.0"]
+
+
+def test_encoder_choice_detects_the_variant_of_desam_sam_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DESAM_SAM_CHECKPOINT", raising=False)
+    assert demo.encoder_choice() == ("tiny", [])
+    assert "TINY RANDOMLY INITIALISED" in capsys.readouterr().out
+    # the keys detection reads, shaped as in sam_vit_b_01ec64.pth (width 768, 12 blocks)
+    state = {"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16)}
+    state.update({f"image_encoder.blocks.{i}.norm1.weight": torch.zeros(1) for i in range(12)})
+    checkpoint = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save(state, checkpoint)
+    monkeypatch.setenv("DESAM_SAM_CHECKPOINT", str(checkpoint))
+    assert demo.encoder_choice() == ("vit_b", ["--checkpoint", str(checkpoint)])
+    assert "(vit_b)" in capsys.readouterr().out
