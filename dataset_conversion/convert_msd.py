@@ -10,10 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from dataset_conversion.raw_writer import (SourceCase, dataset_folder_name, nifti_stem, summary_line,
-                                          write_raw_dataset)
+from dataset_conversion.raw_writer import (SourceCase, converter_parser, dataset_folder_name, nifti_stem,
+                                          run_converter, write_raw_dataset)
 from desam_pipeline.errors import DesamError, cli_entry
-from desam_pipeline.paths import add_root_arguments, get_root
 
 DEFAULT_NAME = "ProstateMSD"
 DOMAIN = "MSD"
@@ -77,17 +76,10 @@ def convert_msd(source: str | Path, raw_root: str | Path, dataset: str | int = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Convert MSD Task05_Prostate into a desam raw dataset "
-                                                 "(T2 only, whole gland, domain MSD).")
-    parser.add_argument("source", metavar="SRC", help="the Task05_Prostate folder (or its parent)")
-    parser.add_argument("-d", "--dataset", default="2", help="dataset number or DatasetNNN_Name (default 2)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
-    add_root_arguments(parser, "raw")
-    return parser
+    return converter_parser("Convert MSD Task05_Prostate into a desam raw dataset (T2 only, whole gland, domain MSD).",
+                            "the Task05_Prostate folder (or its parent)", "2")
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    print(summary_line(convert_msd(args.source, get_root("raw", args.raw), args.dataset, args.overwrite)))
-    return 0
+    return run_converter(convert_msd, build_parser().parse_args(argv))

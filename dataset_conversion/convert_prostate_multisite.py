@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from dataset_conversion.raw_writer import (SourceCase, dataset_folder_name, nifti_stem, summary_line,
-                                          write_raw_dataset)
+from dataset_conversion.raw_writer import (SourceCase, converter_parser, dataset_folder_name, nifti_stem,
+                                          run_converter, write_raw_dataset)
 from desam_pipeline.errors import DesamError, cli_entry
-from desam_pipeline.paths import add_root_arguments, get_root
 
 DEFAULT_NAME = "ProstateMultiSite"
 SAML_SITES = ("BIDMC", "BMC", "HK", "I2CVB", "RUNMC", "UCL")
@@ -200,18 +199,10 @@ def convert_prostate_multisite(source: str | Path, raw_root: str | Path, dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Convert the multi-site prostate T2 collection (SAML, MaxStyle or "
-                                                 "nnU-Net packaging) into a desam raw dataset.")
-    parser.add_argument("source", metavar="SRC", help="folder of the downloaded data (layout detected)")
-    parser.add_argument("-d", "--dataset", default="1", help="dataset number or DatasetNNN_Name (default 1)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
-    add_root_arguments(parser, "raw")
-    return parser
+    return converter_parser("Convert the multi-site prostate T2 collection (SAML, MaxStyle or nnU-Net packaging) "
+                            "into a desam raw dataset.", "folder of the downloaded data (layout detected)", "1")
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    folder = convert_prostate_multisite(args.source, get_root("raw", args.raw), args.dataset, args.overwrite)
-    print(summary_line(folder))
-    return 0
+    return run_converter(convert_prostate_multisite, build_parser().parse_args(argv))

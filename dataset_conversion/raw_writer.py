@@ -8,10 +8,12 @@ folder that looks complete.
 """
 from __future__ import annotations
 
+import argparse
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -22,7 +24,7 @@ from desam_pipeline.atomic import atomic_path, write_json
 from desam_pipeline.dataset_checks import AFFINE_TOLERANCE, verify_dataset
 from desam_pipeline.errors import DesamError
 from desam_pipeline.nifti_io import load_nifti, save_like
-from desam_pipeline.paths import DATASET_PATTERN, dataset_name
+from desam_pipeline.paths import DATASET_PATTERN, add_root_arguments, dataset_name, get_root
 from desam_pipeline.raw_dataset import CHANNEL_SUFFIX, domains, load_dataset_json
 
 FILE_ENDING = ".nii.gz"
@@ -165,3 +167,20 @@ def summary_line(folder: Path) -> str:
     case_sites = domains(load_dataset_json(folder))
     counts = Counter(case_sites.values())
     return f"{folder}: {len(case_sites)} cases ({', '.join(f'{s} {n}' for s, n in sorted(counts.items()))})"
+
+
+def converter_parser(description: str, source_help: str, default_dataset: str) -> argparse.ArgumentParser:
+    """The arguments every converter takes: SRC, -d/--dataset, --overwrite and the raw root."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("source", metavar="SRC", help=source_help)
+    parser.add_argument("-d", "--dataset", default=default_dataset,
+                        help=f"dataset number or DatasetNNN_Name (default {default_dataset})")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    add_root_arguments(parser, "raw")
+    return parser
+
+
+def run_converter(convert: Callable[[str, Path, str, bool], Path], args: argparse.Namespace) -> int:
+    """Run a converter on parsed `converter_parser` arguments and print the summary line of its dataset."""
+    print(summary_line(convert(args.source, get_root("raw", args.raw), args.dataset, args.overwrite)))
+    return 0
