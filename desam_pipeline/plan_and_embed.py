@@ -148,7 +148,8 @@ def set_up(raw_dir: Path, out_dir: Path, domains: list[str] | None, encoder: str
            plans_name: str, device: torch.device, overwrite: bool, **flags) -> tuple[dict, ImageEncoderViT]:
     """Verify the raw dataset, write dataset.json, the fingerprint and the plan.
 
-    Returns ({"plan", "fingerprint", "cases"}, the loaded encoder); `cases` are those of `domains`.
+    Returns ({"plan", "fingerprint", "dataset_json", "cases"}, the loaded encoder); `cases` are those of
+    `domains`.
     """
     require_valid_dataset(raw_dir)
     dataset_json = raw_dataset.load_dataset_json(raw_dir)
@@ -157,7 +158,7 @@ def set_up(raw_dir: Path, out_dir: Path, domains: list[str] | None, encoder: str
     write_json(dataset_json, out_dir / "dataset.json")
     fingerprint = write_fingerprint(raw_dir, out_dir)
     plan, image_encoder = write_or_check_plan(out_dir, plans_name, encoder, checkpoint, device, overwrite, **flags)
-    return {"plan": plan, "fingerprint": fingerprint, "cases": cases}, image_encoder
+    return {"plan": plan, "fingerprint": fingerprint, "dataset_json": dataset_json, "cases": cases}, image_encoder
 
 
 def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str | None = None,
@@ -190,7 +191,7 @@ def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str |
         plan = planned["plan"]
         if "encoder" not in loaded:
             loaded["encoder"] = load_encoder(plan["encoder"], Path(plan["checkpoint"])).to(torch_device)
-        summary = embed_part(raw_dir, out_dir, plan, planned["fingerprint"], loaded["encoder"], torch_device,
+        summary = embed_part(raw_dir, out_dir, planned, loaded["encoder"], torch_device,
                              shard(planned["cases"], num_parts, part_id), f"{part_id + 1}/{num_parts}",
                              show_progress=distributed.rank() == 0)
         parts = distributed.gather({key: summary[key] for key in ("slices", "bytes_written")})
@@ -203,10 +204,13 @@ def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str |
     return summary
 
 
-def embed_part(raw_dir: Path, out_dir: Path, plan: dict, fingerprint: dict, image_encoder: ImageEncoderViT,
-               device: torch.device, mine: list[str], part: str, show_progress: bool = True) -> dict:
-    """Embed the cases of `mine` that are missing or stale under the written plan; a summary of the work."""
-    dataset_json = raw_dataset.load_dataset_json(raw_dir)
+def embed_part(raw_dir: Path, out_dir: Path, planned: dict, image_encoder: ImageEncoderViT, device: torch.device,
+               mine: list[str], part: str, show_progress: bool = True) -> dict:
+    """Embed the cases of `mine` that are missing or stale under the written plan; a summary of the work.
+
+    `planned` is what `set_up` returned: the plan, the fingerprint and the dataset.json.
+    """
+    plan, fingerprint, dataset_json = planned["plan"], planned["fingerprint"], planned["dataset_json"]
     digest = plan_hash(plan)
     cache_dir = cache.cache_dir(out_dir, plan["plans_name"])
     cache_dir.mkdir(parents=True, exist_ok=True)

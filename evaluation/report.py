@@ -71,7 +71,7 @@ def select_models(models: list[dict], dataset: str, mode: str, protocol: str, pl
     for model in evaluated:
         if model["source"] in sources:
             raise DesamError(f"source {model['source']} ({mode}) is evaluated under several plans; "
-                             "choose one with --plans")
+                             "choose one with --plans-name")
         sources[model["source"]] = model["per_case"]
     return sources
 
@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt mode(s) to report, e.g. grid box (default: every mode evaluated under the protocol)")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="full",
                         help="evaluation protocol to gather (default: full)")
-    parser.add_argument("--plans", default=None, help="plans name, when a source was trained under several")
+    parser.add_argument("--plans-name", "--plans", dest="plans", default=None,
+                        help="plans name, when a source was trained under several")
     add_root_arguments(parser, "results")
     return parser
 

@@ -126,3 +126,4 @@ def test_clashing_plans_and_bad_csv(results, capsys):
     err = capsys.readouterr().err
     assert "per_case.csv: missing column(s) hd95, assd, nsd, in_domain" in err
     assert run(["-d", DATASET, "--plans", "DeSAMPlans_tiny"]) == 0
+    assert run(["-d", DATASET, "--plans-name", "DeSAMPlans_tiny"]) == 0  # the other commands' spelling
