@@ -30,13 +30,14 @@ def build_prompt_encoder() -> PromptEncoder:
                          input_image_size=(INPUT_SIZE, INPUT_SIZE), mask_in_chans=MASK_IN_CHANS)
 
 
-def build_mask_decoder() -> MaskDecoder:
-    """SAM's mask decoder with `_build_sam`'s arguments, minus the mask upscaling and hypernetwork heads."""
+def build_mask_decoder(drop: tuple[str, ...] = UNUSED_DECODER_PARTS) -> MaskDecoder:
+    """SAM's mask decoder with `_build_sam`'s arguments, minus the parts in `drop` (by default the mask
+    upscaling and hypernetwork heads, which PRIM does not use)."""
     decoder = MaskDecoder(
         num_multimask_outputs=NUM_MULTIMASK_OUTPUTS,
         transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8),
         transformer_dim=EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256)
-    for name in UNUSED_DECODER_PARTS:
+    for name in drop:
         delattr(decoder, name)
     return decoder
 
@@ -84,6 +85,14 @@ class PRIM(nn.Module):
         1 foreground / 0 background) and boxes (B,4) as (x0, y0, x1, y1), both in SAM's 1024x1024
         input frame.
         """
+        hs, mask_embedding = self.run_transformer(neck, points, boxes)
+        iou = self.mask_decoder.iou_prediction_head(hs[:, 0, :])[:, :1]
+        return mask_embedding, iou
+
+    def run_transformer(self, neck: torch.Tensor, points: Points | None = None,
+                        boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer's output tokens (B, 5 + prompt tokens, 256), the IoU token first,
+        then SAM's four mask tokens, and its updated image tokens as a map (B,256,64,64)."""
         decoder = self.mask_decoder
         sparse, dense, image_pe = self.encode_prompts(points, boxes, neck.device)
         batch = neck.shape[0]
@@ -94,6 +103,4 @@ class PRIM(nn.Module):
         src = neck + dense
         pos = image_pe.expand(batch, -1, -1, -1)
         hs, image_tokens = decoder.transformer(src, pos, tokens)
-        iou = decoder.iou_prediction_head(hs[:, 0, :])[:, :1]
-        mask_embedding = image_tokens.transpose(1, 2).reshape(src.shape)
-        return mask_embedding, iou
+        return hs, image_tokens.transpose(1, 2).reshape(src.shape)

@@ -1,0 +1,105 @@
+"""CoupledSAM: SAM's own prompt encoder and complete mask decoder, the baseline DeSAM decouples.
+
+The mask comes from the decoder's mask head as in `MaskDecoder.forward(multimask_output=False)`:
+the first mask token's hypernetwork output times the upscaled image tokens, i.e. low-resolution
+logits of 4x the embedding size (256x256 for the 64x64 embedding), with the IoU head's first output.
+Like DeSAM it works on cached neck features and takes (and ignores) the taps, so the trainer and
+`inference.predict_slices` drive both networks alike: `prim` scores prompts (its IoU path is PRIM's,
+so `grid_iou.prompt_ious` applies) and hands on the decoder's own mask logits, and the mask-module
+slot `pdmm` passes them through.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from desam_pipeline import sam_models
+from desam_pipeline.errors import DesamError
+from desam_pipeline.network.prim import PRIM, Points, build_mask_decoder
+
+
+class CoupledPRIM(PRIM):
+    """PRIM on SAM's complete mask decoder: what it hands on is the decoder's single-mask logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask_decoder = build_mask_decoder(drop=())
+        # Single-mask output uses the first mask token's hypernetwork only; the others get no gradient.
+        self.mask_decoder.output_hypernetworks_mlps[1:].requires_grad_(False)
+
+    def forward(self, neck: torch.Tensor, points: Points | None = None,
+                boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits (B,1,4h,4w) and predicted IoU (B,1) for B images (B,256,h,w) with one prompt set each."""
+        decoder = self.mask_decoder
+        hs, image_tokens = self.run_transformer(neck, points, boxes)
+        upscaled = decoder.output_upscaling(image_tokens)
+        hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1, :])
+        logits = (hyper.unsqueeze(1) @ upscaled.flatten(2)).view(upscaled.shape[0], 1, *upscaled.shape[2:])
+        return logits, decoder.iou_prediction_head(hs[:, 0, :])[:, :1]
+
+
+class PassThrough(nn.Module):
+    """The mask-module slot of CoupledSAM: the decoder's logits are already the mask; taps are unused."""
+
+    def forward(self, taps: Sequence[torch.Tensor], mask_logits: torch.Tensor) -> torch.Tensor:
+        return mask_logits
+
+
+class CoupledSAM(nn.Module):
+    """SAM's decoder with its own mask head, on cached image embeddings; the same call as DeSAM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = {"network": type(self).__name__}
+        self.prim = CoupledPRIM()
+        self.pdmm = PassThrough()
+
+    @classmethod
+    def from_sam_checkpoint(cls, path: str | os.PathLike, encoder: str) -> "CoupledSAM":
+        """Prompt encoder and complete mask decoder loaded strictly (every key) from a SAM .pth file."""
+        if encoder not in sam_models.ENCODERS:
+            raise DesamError(f"unknown encoder {encoder!r}; choose one of {', '.join(sam_models.ENCODERS)}")
+        state = sam_models.read_state_dict(path)
+        found = sam_models.detect_encoder(state, path)
+        if found != encoder:
+            raise DesamError(f"{path}: a SAM {found} checkpoint, but encoder {encoder} was asked for")
+        net = cls()
+        sam_models.load_submodule(net.prim.prompt_encoder, state, "prompt_encoder", path, encoder)
+        sam_models.load_submodule(net.prim.mask_decoder, state, "mask_decoder", path, encoder)
+        return net
+
+    @classmethod
+    def from_inference_state(cls, state: Mapping[str, torch.Tensor],
+                             source: str | os.PathLike = "checkpoint") -> "CoupledSAM":
+        """Rebuild a trained CoupledSAM from `inference_state_dict()`; a mismatch is one line naming `source`."""
+        net = cls()
+        own = net.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or wrong:
+            first = (wrong or missing or unexpected)[0]
+            raise DesamError(f"{source}: not a CoupledSAM state ({len(wrong)} mis-shaped, {len(missing)} missing, "
+                             f"{len(unexpected)} unexpected keys; first: {first})")
+        net.load_state_dict(state)
+        return net
+
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        """Prompt encoder and mask decoder weights on CPU: all prediction needs besides SAM's encoder."""
+        return {k: v.detach().cpu() for k, v in self.state_dict().items()}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per module (for the debug output), plus trainable and total."""
+        modules = {"prim.prompt_encoder": self.prim.prompt_encoder, "prim.mask_decoder": self.prim.mask_decoder}
+        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
+        counts["trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    def forward(self, neck: torch.Tensor, taps: Sequence[torch.Tensor] | None = None, points: Points | None = None,
+                boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits (B,1,256,256) and predicted IoU (B,1); prompts as in `PRIM.forward`; taps unused."""
+        return self.prim(neck, points=points, boxes=boxes)
