@@ -21,6 +21,7 @@ from dataset_conversion import convert_prostate_multisite, make_phantom
 from desam_pipeline import dataset_checks, plan_and_embed, train
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.paths import ROOT_VARIABLES, dataset_name
+from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folder_name
 from desam_pipeline.sam_models import detect_encoder, read_state_dict
 from evaluation import evaluate, report
 
@@ -71,7 +72,7 @@ def run(main: Callable, command: str, argv: list[str]) -> None:
 
 
 def model_folder(results: Path, plans_name: str) -> Path:
-    return results / DATASET / f"DeSAMTrainer__{plans_name}__grid__src-{SOURCE}"
+    return results / DATASET / model_folder_name(DEFAULT_TRAINER, plans_name, "grid", [SOURCE])
 
 
 @cli_entry

@@ -26,12 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of <case>_0000.nii.gz (nnU-Net naming) or plain .nii.gz files, or one file")
     parser.add_argument("-o", "--output", required=True, help="output folder: <case>.nii.gz, quality.csv")
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("-m", "--model-folder", help="a DeSAMTrainer__* folder written by desam_train")
+    model.add_argument("-m", "--model-folder", help="a <Trainer>__<plans>__<mode>__src-<SITES> folder written by "
+                                                    "desam_train")
     model.add_argument("-d", "--dataset", help="dataset number or name: its model folder is found in the results tree")
     parser.add_argument("--source", nargs="+", metavar="SITE", default=None,
                         help="with -d: the source site(s) the model was trained on")
     parser.add_argument("--mode", choices=MODES, default=None, help="with -d: the model's mode")
     parser.add_argument("--plans-name", default=None, help="with -d: the model's plan")
+    parser.add_argument("-tr", "--trainer", default=None, metavar="NAME",
+                        help="with -d: the trainer class that trained the model (default: any)")
     parser.add_argument("-f", "--folds", nargs="+", default=None,
                         help="folds to average (default: every numbered fold with a final checkpoint, else 'all')")
     parser.add_argument("--checkpoint", default=None,
@@ -55,15 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_folder(args: argparse.Namespace) -> Path:
-    """-m as given, or the single model folder of -d matching --source/--mode/--plans-name."""
+    """-m as given, or the single model folder of -d matching --source/--mode/--plans-name/-tr."""
     if args.model_folder:
         given = [flag for flag, value in (("--source", args.source), ("--mode", args.mode),
-                                          ("--plans-name", args.plans_name)) if value]
+                                          ("--plans-name", args.plans_name), ("-tr", args.trainer)) if value]
         if given:
             raise DesamError(f"{', '.join(given)} select a model folder with -d; -m names one already")
         return Path(args.model_folder)
     trees = Trees(args.dataset, preprocessed=args.preprocessed, results=args.results)
-    return predictor.find_model_folder(trees.results, args.source, args.mode, args.plans_name)
+    return predictor.find_model_folder(trees.results, args.source, args.mode, args.plans_name, args.trainer)
 
 
 def summarise(results: list[predictor.CaseResult], out_dir: Path, part: str) -> int:

@@ -26,16 +26,16 @@ from desam_pipeline import cache, inference, sam_models, splits
 from desam_pipeline.atomic import atomic_path, file_lock, read_json
 from desam_pipeline.embedding import encode_slices, features_for_cache, preprocess_volume
 from desam_pipeline.errors import DesamError
-from desam_pipeline.network import DeSAM
+from desam_pipeline.network import CoupledSAM, DeSAM
 from desam_pipeline.nifti_io import file_sha256, read_volume, save_like
 from desam_pipeline.paths import DATASET_PATTERN, get_root
 from desam_pipeline.postprocessing import postprocess
 from desam_pipeline.preprocessing import resize_probabilities_back
+from desam_pipeline.results_layout import CHECKPOINT_FINAL, Checkpoint, model_folders
 from desam_pipeline.runtime import resolve_precision
 from plans.planner import REQUIRED_KEYS, plan_hash
 
-CHECKPOINT_FILE = "checkpoint_final.pth"
-TRAINER_PREFIX = "DeSAMTrainer__"  # trainer.model_folder_name; not imported to keep the trainer out of start-up
+CHECKPOINT_FILE = CHECKPOINT_FINAL
 QUALITY_FILE = "quality.csv"
 QUALITY_DIR = "quality"
 QUALITY_COLUMNS = ["case", "slice", "predicted_iou", "case_mean_iou"]
@@ -140,7 +140,7 @@ class Model:
     dataset_json: dict
     mode: str
     folds: list[str]
-    networks: list[DeSAM] = field(repr=False)
+    networks: list[DeSAM | CoupledSAM] = field(repr=False)
 
     @property
     def num_channels(self) -> int:
@@ -148,8 +148,9 @@ class Model:
 
 
 def find_model_folder(results_dataset_dir: str | os.PathLike, sources: list[str] | None = None,
-                      mode: str | None = None, plans_name: str | None = None) -> Path:
-    """The single trainer folder of a dataset matching the given source sites, mode and plans name.
+                      mode: str | None = None, plans_name: str | None = None, trainer: str | None = None) -> Path:
+    """The single model folder of a dataset (any trainer class) matching the given source sites, mode,
+    plans name and trainer.
 
     Left-out criteria match anything; none or several matches are a one-line error listing them.
     """
@@ -157,22 +158,18 @@ def find_model_folder(results_dataset_dir: str | os.PathLike, sources: list[str]
     if not folder.is_dir():
         raise DesamError(f"{folder}: no results for this dataset; train a model first (desam_train)")
     source_key = splits.source_key(sources) if sources else None
-    found = []
-    for child in sorted(folder.iterdir()):
-        parts = child.name.split("__")
-        if not child.is_dir() or len(parts) != 4 or not child.name.startswith(TRAINER_PREFIX):
-            continue
-        _, plans, folder_mode, src = parts
-        if (plans_name in (None, plans) and mode in (None, folder_mode) and source_key in (None, src)):
-            found.append(child)
+    models = model_folders(folder)
+    found = [child for child, name in models
+             if plans_name in (None, name.plans) and mode in (None, name.mode) and source_key in (None, name.source)
+             and trainer in (None, name.trainer)]
     if len(found) == 1:
         return found[0]
-    available = ", ".join(c.name for c in sorted(folder.iterdir()) if c.name.startswith(TRAINER_PREFIX)) or "none"
+    available = ", ".join(child.name for child, _ in models) or "none"
     if not found:
         raise DesamError(f"{folder}: no model folder for source {sources or 'any'}, mode {mode or 'any'}, "
-                         f"plans {plans_name or 'any'} (available: {available})")
+                         f"plans {plans_name or 'any'}, trainer {trainer or 'any'} (available: {available})")
     raise DesamError(f"{folder}: several model folders match ({', '.join(c.name for c in found)}); "
-                     f"choose one with --source, --mode or --plans-name, or pass -m")
+                     f"choose one with --source, --mode, --plans-name or -tr, or pass -m")
 
 
 def available_folds(model_folder: str | os.PathLike) -> list[str]:
@@ -201,11 +198,16 @@ def _read_model_json(folder: Path, name: str) -> dict:
         raise DesamError(f"{path}: invalid JSON ({exc})") from exc
 
 
-def load_fold_network(path: Path, plan: dict) -> tuple[DeSAM, str]:
-    """The trained network of one fold checkpoint, and the mode it was trained in."""
+def load_fold_network(path: Path, plan: dict) -> tuple[DeSAM | CoupledSAM, str]:
+    """The trained network of one fold checkpoint (the class its network_config names), and its mode."""
+    checkpoint = Checkpoint.load(path)
+    config, state = checkpoint.network_config, checkpoint.network
+    if config.get("network") == CoupledSAM.__name__:
+        if config.get("encoder") != plan["encoder"]:
+            raise DesamError(f"{path}: trained for encoder {config.get('encoder')}, but the model folder's plan "
+                             f"is {plan['encoder']}")
+        return CoupledSAM.from_inference_state(state, source=path).eval().requires_grad_(False), config["mode"]
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        config, state = checkpoint["network_config"], checkpoint["network"]
         encoder, tap_width, mode = config["encoder"], int(config["tap_width"]), config["mode"]
     except Exception as exc:
         raise DesamError(f"{path}: not a readable DeSAM checkpoint ({type(exc).__name__}: {exc})") from exc

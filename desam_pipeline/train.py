@@ -16,7 +16,9 @@ from desam_pipeline.distributed import process_group
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.runtime import PRECISIONS, select_device
-from desam_pipeline.trainer import DEFAULT_LOSS_WEIGHTS, MODES, DeSAMTrainer
+from desam_pipeline.results_layout import DEFAULT_TRAINER
+from desam_pipeline.trainer import DEFAULT_LOSS_WEIGHTS, MODES
+from desam_pipeline.trainer_registry import trainer_class, trainer_classes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("fold", help="fold 0-4, or 'all' (train on every source case, no validation)")
     parser.add_argument("--source", nargs="+", metavar="SITE", default=None,
                         help="source domain(s) to train on (default: all domains)")
+    parser.add_argument("-tr", "--trainer", default=DEFAULT_TRAINER, metavar="NAME",
+                        help=f"trainer class, which also names the model folder (default {DEFAULT_TRAINER}; "
+                             f"built in: {', '.join(trainer_classes())}; ZeroShotSAMTrainer trains 0 epochs)")
     parser.add_argument("--mode", choices=MODES, default="grid",
                         help="grid: one sampled point per slice + IoU loss (DeSAM-P); box: whole-image box (DeSAM-B)")
     parser.add_argument("--plans-name", default=None,
@@ -79,11 +84,12 @@ def join_backend(device_choice: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    trainer_cls = trainer_class(args.trainer)
     trees = Trees(args.dataset, preprocessed=args.preprocessed, results=args.results)
     preprocessed = trees.preprocessed
     if not preprocessed.is_dir():
         raise DesamError(f"{preprocessed}: not found; run desam_plan_and_embed -d {args.dataset} first")
-    trainer = DeSAMTrainer(
+    trainer = trainer_cls(
         preprocessed, trees.results, find_plans_name(preprocessed, args.plans_name), args.fold,
         sources=args.source, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         loss_weights=args.loss_weights, seed=args.seed, device=args.device, precision=args.precision,

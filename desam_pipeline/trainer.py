@@ -1,10 +1,12 @@
 """DeSAMTrainer: trains PRIM + PDMM on cached SAM features of the source domains, one fold at a time.
 
 One class with plain hooks (on_train_start, on_epoch_start, train_step, validation_step,
-on_epoch_end, on_train_end); every hyper-parameter is a constructor argument. Outputs follow
-nnU-Net's layout:
+on_epoch_end, on_train_end) and override points for subclasses (build_network, build_loss,
+build_optimizer, build_data_loaders; `desam_train -tr NAME` picks a subclass by its class name);
+every hyper-parameter is a constructor argument. Outputs follow nnU-Net's layout
+(`desam_pipeline.results_layout`), the model folder named after the trainer class:
 
-    <results>/<Dataset>/DeSAMTrainer__<plans>__<mode>__src-<SITES|ALL>/
+    <results>/<Dataset>/<TrainerClass>__<plans>__<mode>__src-<SITES|ALL>/
         plans.json dataset.json dataset_fingerprint.json
         fold_<k>/ checkpoint_{latest,best,final}.pth training_log.txt progress.png debug.json
                   validation/<case>.nii.gz validation/summary.json
@@ -14,6 +16,7 @@ slices of every global batch, losses and metrics are all-reduced, and only rank 
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import math
 import platform
@@ -23,6 +26,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -40,25 +44,20 @@ from desam_pipeline.nifti_io import file_sha256
 from desam_pipeline.preprocessing import SLICE_SIZE
 from desam_pipeline.progress_plot import plot_progress
 from desam_pipeline.raw_dataset import domains
+from desam_pipeline.results_layout import CHECKPOINT_FINAL, CHECKPOINTS, Checkpoint, model_folder_name
 from desam_pipeline.runtime import autocast, resolve_precision, select_device
 from evaluation.metrics import compute_metrics
 from plans.planner import load_plan, plan_hash
 
-TRAINER_NAME = "DeSAMTrainer"
 MODES = slice_data.MODES
 DEFAULT_LOSS_WEIGHTS = {"grid": (1.0, 1.0, 10.0), "box": (1.0, 1.0, 0.0)}
 POLY_EXPONENT = 0.9
 EMA_MOMENTUM = 0.9
-CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 COPIED_FILES = ("dataset.json", "dataset_fingerprint.json")
 HISTORY_KEYS = ("train_loss", "val_loss", "val_dice", "val_dice_ema", "iou_accuracy", "lr",
                 "epoch_time", "data_wait")
 # Hyper-parameters that must match for `-c` to continue the same run exactly.
 RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss_weights", "seed", "plans_name", "fold", "sources")
-
-
-def model_folder_name(plans_name: str, mode: str, sources: list[str] | None) -> str:
-    return f"{TRAINER_NAME}__{plans_name}__{mode}__{splits.source_key(sources)}"
 
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = POLY_EXPONENT) -> float:
@@ -113,6 +112,8 @@ def training_precision(precision: str, device: torch.device) -> str:
 class DeSAMTrainer:
     """Train and validate DeSAM for one fold of one source selection from a plan's embedding cache."""
 
+    MIN_EPOCHS = 1
+
     def __init__(self, preprocessed_dir: Path, results_dir: Path, plans_name: str, fold: int | str,
                  sources: list[str] | None = None, mode: str = "grid", epochs: int = 50, batch_size: int = 8,
                  lr: float = 1e-4, loss_weights: tuple[float, float, float] | None = None, seed: int = 0,
@@ -120,8 +121,9 @@ class DeSAMTrainer:
                  loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S):
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if epochs < 1 or batch_size < 1 or not lr > 0:
-            raise DesamError(f"epochs ({epochs}) and batch size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
+        if epochs < self.MIN_EPOCHS or batch_size < 1 or not lr > 0:
+            raise DesamError(f"epochs ({epochs}) must be >= {self.MIN_EPOCHS}, batch size ({batch_size}) >= 1 "
+                             f"and lr ({lr}) > 0")
         self.preprocessed_dir = Path(preprocessed_dir)
         self.plans_name = plans_name
         self.fold = splits.parse_fold(fold)
@@ -139,7 +141,7 @@ class DeSAMTrainer:
         self.local_batch_size = self.batch_size // self.world_size
         self.device = select_device(device)
         self.precision = training_precision(precision, self.device)
-        self.model_dir = Path(results_dir) / model_folder_name(plans_name, mode, self.sources)
+        self.model_dir = Path(results_dir) / model_folder_name(type(self).__name__, plans_name, mode, self.sources)
         self.fold_dir = self.model_dir / f"fold_{self.fold}"
         self.log_file = self.fold_dir / "training_log.txt"
         self.history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
@@ -155,7 +157,7 @@ class DeSAMTrainer:
 
     def config(self) -> dict:
         """Every hyper-parameter of the run (debug.json, checkpoints, resume checks)."""
-        return {"trainer": TRAINER_NAME, "plans_name": self.plans_name, "fold": self.fold,
+        return {"trainer": type(self).__name__, "plans_name": self.plans_name, "fold": self.fold,
                 "sources": self.sources, "mode": self.mode, "epochs": self.epochs,
                 "batch_size": self.batch_size, "local_batch_size": self.local_batch_size,
                 "world_size": self.world_size, "lr": self.lr, "lr_schedule": f"poly {POLY_EXPONENT} per epoch",
@@ -177,6 +179,21 @@ class DeSAMTrainer:
         self.train_cases, self.val_cases = splits.fold_cases(folds, self.fold, source_cases, key)
         self._require_cached(source_cases)
         self._seed_everything()
+        self.build_data_loaders()
+        self._check_sam_checkpoint()
+        self.network = self.build_network().to(self.device)
+        # Box mode has no IoU loss, so the weights that only feed the IoU head get no gradient: DDP must look for them.
+        self.model = DistributedDataParallel(
+            self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.mode == "box") if self.distributed else self.network
+        self.loss = self.build_loss()
+        self.optimizer = self.build_optimizer()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self._initialized = True
+
+    # ---------------------------------------------------------------- override points
+    def build_data_loaders(self) -> None:
+        """Set train_data, val_data, train_sampler, train_loader and val_loader (None without held-out cases)."""
         self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
                                                   self.seed, slice_data.TRAIN_STREAM)
         self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode,
@@ -190,19 +207,26 @@ class DeSAMTrainer:
         self.val_loader = slice_data.make_loader(
             self.val_data, slice_data.val_sampler(self.val_data, self.world_size, self.rank),
             self.local_batch_size, self.num_workers, pin, self.loader_timeout_s) if self.val_cases else None
-        self._check_sam_checkpoint()
-        self.network = DeSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"]).to(self.device)
-        if int(self.plan["tap_width"]) != self.network.pdmm.tap_width:
+
+    def build_network(self) -> torch.nn.Module:
+        """DeSAM with PRIM from the plan's SAM checkpoint (on CPU). A network takes (neck, taps, points=
+        or boxes=) and gives (mask logits, IoU), has `prim`/`pdmm` for `inference`, a `config` dict
+        and `inference_state_dict()`; the predictor rebuilds it from the checkpoint's network_config."""
+        network = DeSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"])
+        if int(self.plan["tap_width"]) != network.pdmm.tap_width:
             raise DesamError(f"plan {self.plans_name}: tap_width {self.plan['tap_width']} does not match "
                              f"encoder {self.plan['encoder']}")
-        # Box mode has no IoU loss, so the weights that only feed the IoU head get no gradient: DDP must look for them.
-        self.model = DistributedDataParallel(
-            self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=self.mode == "box") if self.distributed else self.network
-        self.optimizer = torch.optim.Adam([p for p in self.network.parameters() if p.requires_grad], lr=self.lr)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self._initialized = True
+        return network
 
+    def build_loss(self) -> Callable[..., tuple[torch.Tensor, dict]]:
+        """(logits, target, iou_pred=None, iou_target=None) -> (total, detached parts): Dice + BCE (+ L1 IoU)."""
+        return functools.partial(desam_loss, weights=self.loss_weights)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """Adam over the network's trainable parameters (the learning rate is set per epoch by poly_lr)."""
+        return torch.optim.Adam([p for p in self.network.parameters() if p.requires_grad], lr=self.lr)
+
+    # ---------------------------------------------------------------- checks
     def _check_sam_checkpoint(self) -> None:
         """PRIM starts from the decoder of the SAM whose encoder made the cache: the same file, by hash."""
         path = Path(self.plan["checkpoint"])
@@ -287,8 +311,8 @@ class DeSAMTrainer:
     def _loss(self, logits: torch.Tensor, iou: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         target = batch["label"].to(self.device, non_blocking=True)
         if self.mode == "grid":
-            return desam_loss(logits, target, iou, batch["iou_target"].to(self.device), self.loss_weights)
-        return desam_loss(logits, target, weights=self.loss_weights)
+            return self.loss(logits, target, iou, batch["iou_target"].to(self.device))
+        return self.loss(logits, target)
 
     def train_step(self, batch: dict) -> float:
         """One optimiser step on this rank's part of a global batch; returns the local mean loss."""
@@ -356,7 +380,7 @@ class DeSAMTrainer:
     def on_train_end(self) -> None:
         states = distributed.gather(rng_state())
         if self.is_main:
-            self.save_checkpoint(self.fold_dir / "checkpoint_final.pth", states)
+            self.save_checkpoint(self.fold_dir / CHECKPOINT_FINAL, states)
             with open(self.log_file, "a") as log:
                 log.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} training finished after {self.epochs} epochs\n")
 
@@ -431,16 +455,15 @@ class DeSAMTrainer:
 
     def network_config(self) -> dict:
         """What rebuilding the network needs besides its weights."""
-        return {**self.network.config, "encoder": self.plan["encoder"], "mode": self.mode}
+        return {"network": type(self.network).__name__, **self.network.config, "encoder": self.plan["encoder"],
+                "mode": self.mode}
 
     def save_checkpoint(self, target: Path, rng_states: list[dict]) -> None:
-        checkpoint = {"network": self.network.inference_state_dict(), "network_config": self.network_config(),
-                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                      "epoch": self.start_epoch, "history": self.history, "best_ema": self.best_ema,
-                      "rng": rng_states, "sampler": {"seed": self.seed, "next_epoch": self.start_epoch},
-                      "config": self.config(), "plan_sha256": self.plan_sha256}
-        with atomic_path(target) as tmp:
-            torch.save(checkpoint, tmp)
+        Checkpoint(network=self.network.inference_state_dict(), network_config=self.network_config(),
+                   optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), epoch=self.start_epoch,
+                   history=self.history, best_ema=self.best_ema, rng=rng_states,
+                   sampler={"seed": self.seed, "next_epoch": self.start_epoch}, config=self.config(),
+                   plan_sha256=self.plan_sha256).save(target)
 
     def newest_checkpoint(self) -> Path | None:
         """checkpoint_final, else latest, else best (nnU-Net's order for `-c`)."""
@@ -451,31 +474,30 @@ class DeSAMTrainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimizer, scaler, history, epoch and RNG states; refuse a different run."""
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise DesamError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
-        saved = checkpoint.get("config", {})
+        checkpoint = Checkpoint.load(path)
+        if not checkpoint.has_training_state:
+            raise DesamError(f"{path}: holds no training state (optimizer, scaler, RNG); cannot resume from it")
+        saved = checkpoint.config
         differ = [f"{k} {saved.get(k)!r} -> {getattr(self, k)!r}" for k in RESUME_KEYS
                   if _comparable(saved.get(k)) != _comparable(getattr(self, k))]
         if differ:
             raise DesamError(f"{path}: was trained with other settings ({'; '.join(differ)}); "
                              f"start a new run without -c or use the original flags")
-        self.network.load_state_dict(checkpoint["network"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
-        self.start_epoch = int(checkpoint["epoch"])
-        self.history = {k: list(checkpoint["history"][k]) for k in HISTORY_KEYS}
-        self.best_ema = float(checkpoint["best_ema"])
-        self.finished = path.name == "checkpoint_final.pth"
-        states = checkpoint["rng"]
+        self.network.load_state_dict(checkpoint.network)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.scaler.load_state_dict(checkpoint.scaler)
+        self.start_epoch = int(checkpoint.epoch)
+        self.history = {k: list(checkpoint.history[k]) for k in HISTORY_KEYS}
+        self.best_ema = float(checkpoint.best_ema)
+        self.finished = path.name == CHECKPOINT_FINAL
+        states = checkpoint.rng
         set_rng_state(states[self.rank] if len(states) == self.world_size else states[0])
 
     # ---------------------------------------------------------------- final validation
     def run_validation_only(self) -> None:
         """`--val-only`: validate checkpoint_final.pth of this fold."""
         self.initialize()
-        final = self.fold_dir / "checkpoint_final.pth"
+        final = self.fold_dir / CHECKPOINT_FINAL
         if not final.is_file():
             raise DesamError(f"{final}: not found; train this fold first")
         self.load_checkpoint(final)

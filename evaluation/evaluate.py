@@ -35,9 +35,9 @@ from desam_pipeline.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.postprocessing import POSTPROCESSING
 from desam_pipeline.raw_dataset import domains, file_ending, image_path, label_path, list_cases, load_dataset_json
+from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folder_name
 from desam_pipeline.runtime import select_device, tune_malloc
 from desam_pipeline.train import find_plans_name
-from desam_pipeline.trainer import model_folder_name
 from evaluation.evaluate_folder import evaluate_pair, foreground
 from evaluation.metrics import METRICS, check_same_geometry
 from evaluation.paper_protocol import (BORDER, paper_metrics, paper_volumes, slice_grid_spacing, to_slice_grid,
@@ -63,21 +63,23 @@ class EvalCase:
 
 
 # ---------------------------------------------------------------- model folder, folds, test cases
-def train_command(dataset: str, sources: Sequence[str], mode: str, plans_name: str, fold: str = "FOLD") -> str:
+def train_command(dataset: str, sources: Sequence[str], mode: str, plans_name: str, fold: str = "FOLD",
+                  trainer: str = DEFAULT_TRAINER) -> str:
     return (f"desam_train {dataset} {fold} --source {' '.join(sorted(set(sources)))} --mode {mode} "
-            f"--plans-name {plans_name}")
+            f"--plans-name {plans_name}" + (f" -tr {trainer}" if trainer != DEFAULT_TRAINER else ""))
 
 
-def locate_model(trees: Trees, sources: Sequence[str], mode: str, plans_name: str | None) -> tuple[Path, str]:
+def locate_model(trees: Trees, sources: Sequence[str], mode: str, plans_name: str | None,
+                 trainer: str = DEFAULT_TRAINER) -> tuple[Path, str]:
     """The model folder desam_train writes for these flags (same plan choice and folder name), and its plan name."""
     if not trees.preprocessed.is_dir():
         raise DesamError(f"{trees.preprocessed}: not found; run desam_plan_and_embed -d {trees.dataset}, "
                          "then desam_train")
     plans = find_plans_name(trees.preprocessed, plans_name)
-    folder = trees.results / model_folder_name(plans, mode, list(sources))
+    folder = trees.results / model_folder_name(trainer, plans, mode, list(sources))
     if not folder.is_dir():
-        raise DesamError(f"{folder}: no trained model; run `{train_command(trees.dataset, sources, mode, plans)}` "
-                         "for each fold 0-4 (or fold all) first")
+        command = train_command(trees.dataset, sources, mode, plans, trainer=trainer)
+        raise DesamError(f"{folder}: no trained model; run `{command}` for each fold 0-4 (or fold all) first")
     return folder, plans
 
 
@@ -376,8 +378,9 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
                    device: str = "auto", postprocess: str = "none", batch_size: int | None = None, grid: int = 9,
                    iou_threshold: float = 0.5, nsd_tolerance: float = 1.0, raw: str | None = None,
                    preprocessed: str | None = None, results: str | None = None,
-                   progress: bool = True) -> dict[str, Path]:
-    """Predict (or reuse) and score every test case of one model; returns protocol -> evaluation folder."""
+                   progress: bool = True, trainer: str = DEFAULT_TRAINER) -> dict[str, Path]:
+    """Predict (or reuse) and score every test case of one model (of the trainer class `trainer`);
+    returns protocol -> evaluation folder."""
     protocols = list(dict.fromkeys(protocols))
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown or mode not in MODES or postprocess not in POSTPROCESSING:
@@ -393,19 +396,20 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
         raise DesamError(f"{raw_dir}: raw dataset not found; {CONVERT_HINT}")
     dataset_json = load_dataset_json(raw_dir)
     check_sources(raw_dir, dataset_json, sources)
-    folder, plans = locate_model(trees, sources, mode, plans_name)
-    chosen_folds = choose_folds(folder, folds, train_command(trees.dataset, sources, mode, plans))
+    folder, plans = locate_model(trees, sources, mode, plans_name, trainer)
+    chosen_folds = choose_folds(folder, folds, train_command(trees.dataset, sources, mode, plans, trainer=trainer))
     cases = evaluation_cases(raw_dir, dataset_json, trees.preprocessed, folder, sources, chosen_folds)
     counts = ensure_predictions(folder, cases, raw_dir, dataset_json, checkpoint=checkpoint, device=device,
                                 batch_size=batch_size, grid=grid, iou_threshold=iou_threshold,
                                 postprocess=postprocess, preprocessed_root=preprocessed, progress=progress)
     plan = read_json(folder / "plans.json")
-    title = f"{trees.dataset}: {mode} mode, trained on {'+'.join(sources)} (folds {', '.join(chosen_folds)})"
+    shown_trainer = "" if trainer == DEFAULT_TRAINER else f"{trainer}, "
+    title = f"{trees.dataset}: {shown_trainer}{mode} mode, trained on {'+'.join(sources)} (folds {', '.join(chosen_folds)})"
     written = {}
     for protocol in protocols:
         per_case = score_cases(folder, cases, raw_dir, dataset_json, protocol, int(plan["slice_axis"]),
                                nsd_tolerance, progress)
-        context = {"protocol": protocol, "dataset": trees.dataset, "model_folder": folder.name, "mode": mode,
+        context = {"protocol": protocol, "dataset": trees.dataset, "model_folder": folder.name, "trainer": trainer, "mode": mode,
                    "source": sources, "plans_name": plans, "folds": chosen_folds,
                    "in_domain_fold_of_case": {c.case: c.folds[0] for c in cases if c.in_domain},
                    "postprocess": postprocess, "grid": grid, "iou_threshold": iou_threshold,
@@ -429,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", nargs="+", required=True, metavar="SITE",
                         help="the source site(s) the model was trained on")
     parser.add_argument("--mode", choices=MODES, required=True, help="the model's prompt mode")
+    parser.add_argument("-tr", "--trainer", default=DEFAULT_TRAINER, metavar="NAME",
+                        help=f"the trainer class that trained the model (default {DEFAULT_TRAINER}; e.g. "
+                             "CoupledSAMTrainer, ZeroShotSAMTrainer)")
     parser.add_argument("--protocol", nargs="+", choices=sorted(PROTOCOLS), default=["full"],
                         help="full: every slice in original geometry (default); paper: the reference protocol "
                              "(foreground slices only, 256x256, 50-px border zeroed); both may be given")
@@ -456,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     evaluate_model(args.dataset, args.source, args.mode, args.protocol, args.folds, args.checkpoint, args.plans_name,
                    args.device, args.postprocess, args.batch_size, args.grid, args.iou_threshold, args.nsd_tolerance,
-                   args.raw, args.preprocessed, args.results)
+                   args.raw, args.preprocessed, args.results, trainer=args.trainer)
     return 0
 
 

@@ -1,14 +1,14 @@
 """`desam_report -d DATASET`: gather every evaluated source model into source x target tables.
 
-Reads `<results>/<Dataset>/DeSAMTrainer__<plans>__<mode>__src-<SITES>/evaluation/<protocol>/per_case.csv`
-(columns case, site, dice, hd95, assd, nsd, in_domain) and writes, per mode, under
-`<results>/<Dataset>/report/<mode>__<protocol>/`: cells.csv (one row per source and target site),
+Reads `<results>/<Dataset>/<Trainer>__<plans>__<mode>__src-<SITES>/evaluation/<protocol>/per_case.csv`
+(columns case, site, dice, hd95, assd, nsd, in_domain) of one trainer class (`-tr`, default DeSAMTrainer)
+and writes, per mode, under `<results>/<Dataset>/report/<mode>__<protocol>/` (DeSAMTrainer) or
+`report/<Trainer>__<mode>__<protocol>/` (any other trainer): cells.csv (one row per source and target site),
 dice_matrix.csv, hd95_matrix.csv, report.md and dice_heatmap.png, hd95_heatmap.png.
 """
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -17,28 +17,32 @@ import pandas as pd
 from desam_pipeline.atomic import atomic_path
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.paths import Trees, add_root_arguments
+from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folders
 from evaluation.metrics import METRICS
 from evaluation.plots import heatmap_png
 from evaluation.tables import (MEAN_UNSEEN, METRIC_LABELS, PROTOCOLS, cross_domain_cells, cross_domain_matrix,
                                label_protocol, matrix_markdown, protocol_caption, to_markdown, write_csv)
 
-MODEL_PATTERN = re.compile(r"^DeSAMTrainer__(?P<plans>.+)__(?P<mode>[A-Za-z0-9]+)__src-(?P<source>.+)$")
 REQUIRED_COLUMNS = ("case", "site", *METRICS, "in_domain")
 REPORT_METRICS = {"dice": True, "hd95": False}  # metric -> higher is better
 
 
-def find_models(results_dir: Path, protocol: str) -> list[dict]:
-    """Every model folder of the dataset: source, mode, plans, folder and its per_case.csv (None when
-    that protocol was not evaluated yet)."""
+def find_models(results_dir: Path, protocol: str, trainer: str = DEFAULT_TRAINER) -> list[dict]:
+    """Every model folder of the dataset trained by `trainer`: source, mode, plans, folder and its
+    per_case.csv (None when that protocol was not evaluated yet)."""
     models = []
-    if results_dir.is_dir():
-        for folder in sorted(results_dir.iterdir()):
-            match = MODEL_PATTERN.match(folder.name)
-            if match and folder.is_dir():
-                per_case = folder / "evaluation" / protocol / "per_case.csv"
-                models.append(match.groupdict() | {"folder": folder,
-                                                   "per_case": per_case if per_case.is_file() else None})
+    for folder, name in model_folders(results_dir):
+        if name.trainer == trainer:
+            per_case = folder / "evaluation" / protocol / "per_case.csv"
+            models.append({"plans": name.plans, "mode": name.mode, "source": name.sites, "folder": folder,
+                           "per_case": per_case if per_case.is_file() else None})
     return models
+
+
+def report_folder(results_dir: Path, mode: str, protocol: str, trainer: str = DEFAULT_TRAINER) -> Path:
+    """`report/<mode>__<protocol>` for DeSAMTrainer, `report/<trainer>__<mode>__<protocol>` for any other."""
+    prefix = "" if trainer == DEFAULT_TRAINER else f"{trainer}__"
+    return results_dir / "report" / f"{prefix}{mode}__{protocol}"
 
 
 def read_per_case(path: Path) -> pd.DataFrame:
@@ -54,15 +58,17 @@ def read_per_case(path: Path) -> pd.DataFrame:
     return frame
 
 
-def select_models(models: list[dict], dataset: str, mode: str, protocol: str, plans: str | None) -> dict[str, Path]:
+def select_models(models: list[dict], dataset: str, mode: str, protocol: str, plans: str | None,
+                  trainer: str = DEFAULT_TRAINER) -> dict[str, Path]:
     """source label -> per_case.csv for one mode; clear errors when none is evaluated or sources clash."""
     chosen = [m for m in models if m["mode"] == mode and (plans is None or m["plans"] == plans)]
     evaluated = [m for m in chosen if m["per_case"] is not None]
     if not evaluated:
         pending = ", ".join(m["folder"].name for m in chosen) or "none"
-        raise DesamError(f"no evaluated model for mode {mode}, protocol {protocol} in dataset {dataset} "
+        flag = "" if trainer == DEFAULT_TRAINER else f" -tr {trainer}"
+        raise DesamError(f"no evaluated model for mode {mode}, protocol {protocol}, trainer {trainer} in dataset {dataset} "
                          f"(trained model folders of that mode: {pending}); run `desam_evaluate -d {dataset} "
-                         f"--source SITE --mode {mode} --protocol {protocol}` first")
+                         f"--source SITE --mode {mode} --protocol {protocol}{flag}` first")
     for model in chosen:
         if model["per_case"] is None:
             print(f"desam_report: note: {model['folder'].name} has no {protocol} evaluation; left out",
@@ -85,13 +91,15 @@ def count_matrix(cells: pd.DataFrame, metric: str) -> pd.DataFrame:
     return matrix.fillna("-")
 
 
-def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plans: str | None = None) -> Path:
-    """Build and write one mode's report folder; return it."""
-    sources = select_models(find_models(results_dir, protocol), dataset, mode, protocol, plans)
+def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plans: str | None = None,
+                 trainer: str = DEFAULT_TRAINER) -> Path:
+    """Build and write one mode's report folder for one trainer class; return it."""
+    sources = select_models(find_models(results_dir, protocol, trainer), dataset, mode, protocol, plans, trainer)
     cells = cross_domain_cells({source: read_per_case(path) for source, path in sources.items()})
-    out = results_dir / "report" / f"{mode}__{protocol}"
+    out = report_folder(results_dir, mode, protocol, trainer)
     write_csv(label_protocol(cells.assign(mode=mode), protocol), out / "cells.csv")
-    sections = [f"# {dataset}: source x target, {mode} mode", "", f"*{protocol_caption(protocol)}*", "",
+    model = f"{mode} mode" if trainer == DEFAULT_TRAINER else f"{trainer}, {mode} mode"
+    sections = [f"# {dataset}: source x target, {model}", "", f"*{protocol_caption(protocol)}*", "",
                 f"Rows: the source site(s) a model was trained on; columns: target sites. `*` marks in-domain "
                 f"cells (the source's own held-out cases). `{MEAN_UNSEEN}`: mean over the targets that are not "
                 "in-domain, each target weighted equally. Means leave out cases whose value is NaN "
@@ -102,7 +110,7 @@ def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plan
         label = METRIC_LABELS[metric]
         sections += [f"## Mean {label}", "", matrix_markdown(values, in_domain), ""]
         heatmap_png(values, in_domain, out / f"{metric}_heatmap.png",
-                    title=f"{dataset}: mean {label.split(' (')[0]}, {mode} mode\n{protocol_caption(protocol)}",
+                    title=f"{dataset}: mean {label.split(' (')[0]}, {model}\n{protocol_caption(protocol)}",
                     colorbar_label=f"mean {label}", higher_is_better=higher_is_better,
                     fmt="{:.3f}" if metric == "dice" else "{:.2f}")
     matrix = count_matrix(cells, "hd95")
@@ -125,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluation protocol to gather (default: full)")
     parser.add_argument("--plans-name", "--plans", dest="plans", default=None,
                         help="plans name, when a source was trained under several")
+    parser.add_argument("-tr", "--trainer", default=DEFAULT_TRAINER, metavar="NAME",
+                        help=f"the trainer class whose models to report (default {DEFAULT_TRAINER}; e.g. "
+                             "CoupledSAMTrainer, ZeroShotSAMTrainer)")
     add_root_arguments(parser, "results")
     return parser
 
@@ -134,15 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     trees = Trees.from_args(args)
     results_dir = trees.results
-    models = find_models(results_dir, args.protocol)
+    models = find_models(results_dir, args.protocol, args.trainer)
     modes = args.mode or sorted({m["mode"] for m in models if m["per_case"] is not None})
     if not modes:
         trained = ", ".join(m["folder"].name for m in models) or "none"
-        raise DesamError(f"{results_dir}: no model evaluated under protocol {args.protocol} (trained model folders: "
-                         f"{trained}); run `desam_evaluate -d {trees.dataset} --source SITE --mode grid "
-                         f"--protocol {args.protocol}` first")
+        flag = "" if args.trainer == DEFAULT_TRAINER else f" -tr {args.trainer}"
+        raise DesamError(f"{results_dir}: no {args.trainer} model evaluated under protocol {args.protocol} (trained "
+                         f"model folders: {trained}); run `desam_evaluate -d {trees.dataset} --source SITE --mode grid "
+                         f"--protocol {args.protocol}{flag}` first")
     for mode in modes:
-        out = write_report(trees.dataset, results_dir, mode, args.protocol, args.plans)
+        out = write_report(trees.dataset, results_dir, mode, args.protocol, args.plans, args.trainer)
         print((out / "report.md").read_text())
         print(f"report written to {out}", file=sys.stderr)
     return 0
