@@ -52,6 +52,7 @@ def write_model_folders(results: Path, encoder: str, checkpoint: Path, precision
     from desam_pipeline.atomic import write_json
     from desam_pipeline.network import DeSAM
     from desam_pipeline.nifti_io import file_sha256
+    from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folder_name
     from desam_pipeline.sam_models import load_image_encoder
     from plans.planner import make_plan
 
@@ -61,7 +62,7 @@ def write_model_folders(results: Path, encoder: str, checkpoint: Path, precision
                      batch_size={"cpu": batch_size, "cuda": batch_size})
     folders = {}
     for mode in ("box", "grid"):
-        folder = results / DATASET / f"DeSAMTrainer__{plan['plans_name']}__{mode}__src-ALL"
+        folder = results / DATASET / model_folder_name(DEFAULT_TRAINER, plan["plans_name"], mode, None)
         write_json(plan, folder / "plans.json")
         write_json({"channel_names": {"0": "T2"}, "labels": {"background": 0, "prostate": 1},
                     "numTraining": 0, "file_ending": ".nii.gz"}, folder / "dataset.json")
