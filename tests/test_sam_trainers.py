@@ -181,7 +181,7 @@ def test_zero_shot_fold_is_evaluated_and_reported(env):
     assert (fold / "validation" / "summary.json").is_file()
 
     assert run(evaluate_main, ["-d", "900", "--source", "SiteA", "--mode", "grid", "-tr", "ZeroShotSAMTrainer",
-                               "--device", "cpu", *env["flags"]]) == 0
+                               "--grid", "3", "--device", "cpu", *env["flags"]]) == 0
     per_case = pd.read_csv(folder / "evaluation" / "full" / "per_case.csv")
     held = json.loads((fold / "debug.json").read_text())["val_cases"]
     assert sorted(per_case["case"]) == sorted(["SiteB_Case00", "SiteB_Case01", *held])
