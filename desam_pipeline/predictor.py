@@ -202,7 +202,11 @@ def load_fold_network(path: Path, plan: dict) -> tuple[DeSAM | CoupledSAM, str]:
     """The trained network of one fold checkpoint (the class its network_config names), and its mode."""
     checkpoint = Checkpoint.load(path)
     config, state = checkpoint.network_config, checkpoint.network
-    if config.get("network") == CoupledSAM.__name__:
+    network = config.get("network", DeSAM.__name__)
+    if network not in (DeSAM.__name__, CoupledSAM.__name__):
+        raise DesamError(f"{path}: network {network!r} is not one the predictor can rebuild "
+                         f"({DeSAM.__name__}, {CoupledSAM.__name__})")
+    if network == CoupledSAM.__name__:
         if config.get("encoder") != plan["encoder"]:
             raise DesamError(f"{path}: trained for encoder {config.get('encoder')}, but the model folder's plan "
                              f"is {plan['encoder']}")
