@@ -30,6 +30,7 @@ from desam_pipeline import predictor, splits
 from desam_pipeline.atomic import read_json, write_json
 from desam_pipeline.embedding import preprocess_volume
 from desam_pipeline.errors import DesamError, cli_entry
+from desam_pipeline.external_predictions import read_record
 from desam_pipeline.inference import MODES
 from desam_pipeline.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.paths import Trees, add_root_arguments
@@ -155,6 +156,34 @@ def evaluation_cases(raw_dir: Path, dataset_json: dict, preprocessed_dir: Path, 
             raise DesamError(f"{label_path(raw_dir, case.case, dataset_json)}: ground truth not found; "
                              "evaluation needs the label of every test case")
     return chosen
+
+
+def locate_external(trees: Trees, name: str, sources: Sequence[str], folds: Sequence[str] | None) -> tuple[Path, dict]:
+    """A results folder of predictions made outside desam (e.g. desam_nnunet_baseline), and its record."""
+    folder = trees.results / name
+    if not folder.is_dir():
+        raise DesamError(f"{folder}: not found; make its predictions first (e.g. desam_nnunet_baseline)")
+    record = read_record(folder)
+    if sorted(record["sources"]) != sorted(sources):
+        raise DesamError(f"{folder}: trained on {'+'.join(record['sources'])}, not {'+'.join(sources)}")
+    if folds and sorted(str(splits.parse_fold(f)) for f in folds) != sorted(record["folds"]):
+        raise DesamError(f"{folder}: predictions were made with fold(s) {', '.join(record['folds'])}; "
+                         "rerun the baseline with the folds you want")
+    return folder, record
+
+
+def check_external_predictions(folder: Path, cases: list[EvalCase], record: dict) -> dict:
+    """Every test case has its prediction and was predicted by the fold the split holds it out in."""
+    made = record["in_domain_fold_of_case"]
+    wrong = [c.case for c in cases if c.in_domain and made.get(c.case) != c.folds[0]]
+    if wrong:
+        raise DesamError(f"{folder}: held-out source case(s) {', '.join(wrong)} were not predicted by the fold "
+                         "that holds them out in splits_final.json (split edited since?); rerun the baseline")
+    missing = [str(prediction_path(folder, c)) for c in cases if not prediction_path(folder, c).is_file()]
+    if missing:
+        raise DesamError(f"{len(missing)} external prediction(s) missing ({', '.join(missing[:3])}); "
+                         f"{record['made_by']} did not predict every test case, rerun it")
+    return {"reused": len(cases), "predicted": 0, "made_by": record["made_by"]}
 
 
 # ---------------------------------------------------------------- predictions
@@ -376,11 +405,15 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
                    device: str = "auto", postprocess: str = "none", batch_size: int | None = None, grid: int = 9,
                    iou_threshold: float = 0.5, nsd_tolerance: float = 1.0, raw: str | None = None,
                    preprocessed: str | None = None, results: str | None = None,
-                   progress: bool = True) -> dict[str, Path]:
-    """Predict (or reuse) and score every test case of one model; returns protocol -> evaluation folder."""
+                   progress: bool = True, model_folder: str | None = None) -> dict[str, Path]:
+    """Predict (or reuse) and score every test case of one model; returns protocol -> evaluation folder.
+
+    With `model_folder` (a results folder of external predictions) the saved predictions are scored as
+    they are and `mode` may be None.
+    """
     protocols = list(dict.fromkeys(protocols))
     unknown = [p for p in protocols if p not in PROTOCOLS]
-    if unknown or mode not in MODES or postprocess not in POSTPROCESSING:
+    if unknown or (model_folder is None and mode not in MODES) or postprocess not in POSTPROCESSING:
         raise DesamError(f"unknown protocol {unknown}, mode {mode!r} or post-processing {postprocess!r}")
     if not sources:
         raise DesamError("--source: name the site(s) the model was trained on")
@@ -393,14 +426,24 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
         raise DesamError(f"{raw_dir}: raw dataset not found; {CONVERT_HINT}")
     dataset_json = load_dataset_json(raw_dir)
     check_sources(raw_dir, dataset_json, sources)
-    folder, plans = locate_model(trees, sources, mode, plans_name)
-    chosen_folds = choose_folds(folder, folds, train_command(trees.dataset, sources, mode, plans))
+    external = None
+    if model_folder is None:
+        folder, plans = locate_model(trees, sources, mode, plans_name)
+        chosen_folds = choose_folds(folder, folds, train_command(trees.dataset, sources, mode, plans))
+    else:
+        folder, external = locate_external(trees, model_folder, sources, folds)
+        plans, mode, chosen_folds = external["plans"], external["mode"], external["folds"]
     cases = evaluation_cases(raw_dir, dataset_json, trees.preprocessed, folder, sources, chosen_folds)
-    counts = ensure_predictions(folder, cases, raw_dir, dataset_json, checkpoint=checkpoint, device=device,
-                                batch_size=batch_size, grid=grid, iou_threshold=iou_threshold,
-                                postprocess=postprocess, preprocessed_root=preprocessed, progress=progress)
-    plan = read_json(folder / "plans.json")
-    title = f"{trees.dataset}: {mode} mode, trained on {'+'.join(sources)} (folds {', '.join(chosen_folds)})"
+    if external is None:
+        counts = ensure_predictions(folder, cases, raw_dir, dataset_json, checkpoint=checkpoint, device=device,
+                                    batch_size=batch_size, grid=grid, iou_threshold=iou_threshold,
+                                    postprocess=postprocess, preprocessed_root=preprocessed, progress=progress)
+        plan = read_json(folder / "plans.json")
+        title = f"{trees.dataset}: {mode} mode, trained on {'+'.join(sources)} (folds {', '.join(chosen_folds)})"
+    else:
+        counts = check_external_predictions(folder, cases, external)
+        plan = external["scoring_plan"]
+        title = f"{trees.dataset}: {external['description']}, trained on {'+'.join(sources)}"
     written = {}
     for protocol in protocols:
         per_case = score_cases(folder, cases, raw_dir, dataset_json, protocol, int(plan["slice_axis"]),
@@ -411,6 +454,8 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
                    "postprocess": postprocess, "grid": grid, "iou_threshold": iou_threshold,
                    "nsd_tolerance_mm": nsd_tolerance, "labels": foreground_labels(dataset_json),
                    "predictions": {"folder": str(folder / PREDICTIONS), **counts}}
+        if external is not None:
+            context |= {"external": external["description"], "schedule": external["schedule"]}
         out_dir = folder / EVALUATION / protocol
         per_site = write_evaluation(per_case, out_dir, context, title, raw_dir, dataset_json, folder, plan)
         shown = per_site[per_site["metric"].isin(["dice", "hd95"])]
@@ -428,7 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-d", "--dataset", required=True, help="dataset number or DatasetNNN_Name")
     parser.add_argument("--source", nargs="+", required=True, metavar="SITE",
                         help="the source site(s) the model was trained on")
-    parser.add_argument("--mode", choices=MODES, required=True, help="the model's prompt mode")
+    parser.add_argument("--mode", choices=MODES, default=None, help="the model's prompt mode (required unless "
+                                                                    "--model-folder names external predictions)")
+    parser.add_argument("--model-folder", default=None, metavar="NAME",
+                        help="score the predictions of a results folder made outside desam (e.g. by "
+                             "desam_nnunet_baseline) as they are, without desam's predictor")
     parser.add_argument("--protocol", nargs="+", choices=sorted(PROTOCOLS), default=["full"],
                         help="full: every slice in original geometry (default); paper: the reference protocol "
                              "(foreground slices only, 256x256, 50-px border zeroed); both may be given")
@@ -452,11 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.mode is None and args.model_folder is None:
+        parser.error("--mode is required (or --model-folder for external predictions)")
     tune_malloc()
     evaluate_model(args.dataset, args.source, args.mode, args.protocol, args.folds, args.checkpoint, args.plans_name,
                    args.device, args.postprocess, args.batch_size, args.grid, args.iou_threshold, args.nsd_tolerance,
-                   args.raw, args.preprocessed, args.results)
+                   args.raw, args.preprocessed, args.results, model_folder=args.model_folder)
     return 0
 
 

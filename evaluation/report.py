@@ -1,9 +1,11 @@
 """`desam_report -d DATASET`: gather every evaluated source model into source x target tables.
 
-Reads `<results>/<Dataset>/DeSAMTrainer__<plans>__<mode>__src-<SITES>/evaluation/<protocol>/per_case.csv`
+Reads `<results>/<Dataset>/<Trainer>__<plans>__<mode>__src-<SITES>/evaluation/<protocol>/per_case.csv`
 (columns case, site, dice, hd95, assd, nsd, in_domain) and writes, per mode, under
 `<results>/<Dataset>/report/<mode>__<protocol>/`: cells.csv (one row per source and target site),
 dice_matrix.csv, hd95_matrix.csv, report.md and dice_heatmap.png, hd95_heatmap.png.
+Folders of external predictions (desam_pipeline.external_predictions, e.g. the nnU-Net baseline, whose
+configuration is its mode) are tabulated the same way; report.md states how they were made (trainer, schedule).
 """
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ import pandas as pd
 
 from desam_pipeline.atomic import atomic_path
 from desam_pipeline.errors import DesamError, cli_entry
+from desam_pipeline.external_predictions import is_external, read_record
 from desam_pipeline.paths import Trees, add_root_arguments
 from evaluation.metrics import METRICS
 from evaluation.plots import heatmap_png
 from evaluation.tables import (MEAN_UNSEEN, METRIC_LABELS, PROTOCOLS, cross_domain_cells, cross_domain_matrix,
                                label_protocol, matrix_markdown, protocol_caption, to_markdown, write_csv)
 
-MODEL_PATTERN = re.compile(r"^DeSAMTrainer__(?P<plans>.+)__(?P<mode>[A-Za-z0-9]+)__src-(?P<source>.+)$")
+MODEL_PATTERN = re.compile(r"^(?P<trainer>[A-Za-z][A-Za-z0-9_]*?)__(?P<plans>.+)__(?P<mode>[A-Za-z0-9_]+?)"
+                           r"__src-(?P<source>.+)$")
 REQUIRED_COLUMNS = ("case", "site", *METRICS, "in_domain")
 REPORT_METRICS = {"dice": True, "hd95": False}  # metric -> higher is better
 
@@ -87,7 +91,10 @@ def count_matrix(cells: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plans: str | None = None) -> Path:
     """Build and write one mode's report folder; return it."""
-    sources = select_models(find_models(results_dir, protocol), dataset, mode, protocol, plans)
+    models = find_models(results_dir, protocol)
+    sources = select_models(models, dataset, mode, protocol, plans)
+    external = [f"- `{m['folder'].name}`: {read_record(m['folder'])['description']}" for m in models
+                if m["mode"] == mode and m["per_case"] in sources.values() and is_external(m["folder"])]
     cells = cross_domain_cells({source: read_per_case(path) for source, path in sources.items()})
     out = results_dir / "report" / f"{mode}__{protocol}"
     write_csv(label_protocol(cells.assign(mode=mode), protocol), out / "cells.csv")
@@ -96,6 +103,8 @@ def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plan
                 f"cells (the source's own held-out cases). `{MEAN_UNSEEN}`: mean over the targets that are not "
                 "in-domain, each target weighted equally. Means leave out cases whose value is NaN "
                 "(see the case counts below and cells.csv).", ""]
+    if external:
+        sections += ["Predictions made outside desam (schedule as trained):", "", *external, ""]
     for metric, higher_is_better in REPORT_METRICS.items():
         values, in_domain = cross_domain_matrix(cells, metric)
         write_csv(label_protocol(values.reset_index(), protocol), out / f"{metric}_matrix.csv")
