@@ -21,11 +21,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from desam_pipeline import splits
 from desam_pipeline.atomic import read_json, write_json
 from desam_pipeline.errors import DesamError
 from desam_pipeline.preprocessing import SLICE_AXIS, SLICE_SIZE
 
 RECORD_FILE = "external_predictions.json"
+PREDICTIONS = "predictions"
 REQUIRED_KEYS = ("made_by", "description", "plans", "mode", "sources", "folds", "in_domain_fold_of_case", "schedule", "scoring_plan")
 
 
@@ -64,3 +66,38 @@ def read_record(folder: Path) -> dict:
     if missing:
         raise DesamError(f"{path}: missing key(s) {', '.join(missing)}")
     return record
+
+
+def prediction_file(folder: Path, site: str, case: str) -> Path:
+    return Path(folder) / PREDICTIONS / site / f"{case}.nii.gz"
+
+
+def locate(results_dir: Path, name: str, sources: Sequence[str], folds: Sequence[str] | None) -> tuple[Path, dict]:
+    """The results folder `name` of external predictions for these sources (and folds, when given), and its
+    record."""
+    folder = Path(results_dir) / name
+    if not folder.is_dir():
+        raise DesamError(f"{folder}: not found; make its predictions first (e.g. desam_nnunet_baseline)")
+    record = read_record(folder)
+    if sorted(record["sources"]) != sorted(sources):
+        raise DesamError(f"{folder}: trained on {'+'.join(record['sources'])}, not {'+'.join(sources)}")
+    if folds and sorted(str(splits.parse_fold(f)) for f in folds) != sorted(record["folds"]):
+        raise DesamError(f"{folder}: predictions were made with fold(s) {', '.join(record['folds'])}; "
+                         "rerun the baseline with the folds you want")
+    return folder, record
+
+
+def check_predictions(folder: Path, cases: Sequence, record: dict) -> dict:
+    """Every test case (objects with case, site, in_domain, folds) has its prediction, and each held-out source
+    case was predicted by the fold that holds it out in splits_final.json; returns the evaluation's counts."""
+    made = record["in_domain_fold_of_case"]
+    wrong = [c.case for c in cases if c.in_domain and made.get(c.case) != c.folds[0]]
+    if wrong:
+        raise DesamError(f"{folder}: held-out source case(s) {', '.join(wrong)} were not predicted by the fold "
+                         "that holds them out in splits_final.json (split edited since?); rerun the baseline")
+    missing = [str(prediction_file(folder, c.site, c.case)) for c in cases
+               if not prediction_file(folder, c.site, c.case).is_file()]
+    if missing:
+        raise DesamError(f"{len(missing)} external prediction(s) missing ({', '.join(missing[:3])}); "
+                         f"{record['made_by']} did not predict every test case, rerun it")
+    return {"reused": len(cases), "predicted": 0, "made_by": record["made_by"]}

@@ -30,13 +30,12 @@ from typing import Sequence
 from desam_pipeline import splits
 from desam_pipeline.atomic import read_json, write_json
 from desam_pipeline.errors import DesamError, cli_entry
-from desam_pipeline.external_predictions import RECORD_FILE, write_record
+from desam_pipeline.external_predictions import PREDICTIONS, RECORD_FILE, prediction_file, write_record
 from desam_pipeline.paths import DATASET_PATTERN, Trees, add_root_arguments
 from desam_pipeline.raw_dataset import domains, file_ending, label_path, list_cases, load_dataset_json
 
 INSTALL_HINT = "nnunetv2 is not installed; install the baseline extra: pip install -e .[baseline]"
 NNUNET_FOLDER = "nnunet"
-PREDICTIONS = "predictions"
 
 
 # ---------------------------------------------------------------- nnU-Net's side: trees, commands
@@ -95,9 +94,15 @@ def export_dataset(raw_dir: Path, dataset_json: dict, cases: list[str], target: 
     return True
 
 
-def export_splits(folds: list[dict], target: Path) -> None:
-    """desam's folds of the source key, as nnU-Net's splits_final.json (a list of {train, val})."""
-    write_json([{"train": sorted(f["train"]), "val": sorted(f["val"])} for f in folds], target / splits.SPLITS_FILE)
+def export_splits(folds: list[dict], target: Path) -> bool:
+    """desam's folds of the source key, as nnU-Net's splits_final.json (a list of {train, val}); returns True
+    when it changed (folds trained on the old split are then stale)."""
+    exported = [{"train": sorted(f["train"]), "val": sorted(f["val"])} for f in folds]
+    path = target / splits.SPLITS_FILE
+    if path.is_file() and read_json(path) == exported:
+        return False
+    write_json(exported, path)
+    return True
 
 
 def link_inputs(raw_dir: Path, dataset_json: dict, cases: list[str], folder: Path) -> None:
@@ -166,9 +171,13 @@ def run_baseline(dataset: str | int, sources: Sequence[str], folds: Sequence[str
     if changed or not (nn_preprocessed / f"{plans}.json").is_file():
         run_nnunet("nnUNetv2_plan_and_preprocess", ["-d", number, "-c", configuration, "-np", processes,
                                                     "--verify_dataset_integrity"], environment)
-    export_splits(split, nn_preprocessed)
+    changed = export_splits(split, nn_preprocessed) or changed
 
     folder = trees.results / f"{trainer}__{plans}__{configuration}__{key}"
+    record = read_json(folder / RECORD_FILE) if (folder / RECORD_FILE).is_file() else None
+    if record is None or record["folds"] != folds or record["schedule"].get("tta") != tta:
+        (folder / RECORD_FILE).unlink(missing_ok=True)  # predictions of other folds or options: made anew
+        shutil.rmtree(folder / PREDICTIONS, ignore_errors=True)
     for fold in folds:
         fold_dir = nn_model / f"fold_{fold}"
         if (fold_dir / "checkpoint_final.pth").is_file() and not changed:
@@ -180,18 +189,18 @@ def run_baseline(dataset: str | int, sources: Sequence[str], folds: Sequence[str
         run_nnunet("nnUNetv2_train", [number, configuration, fold, "-tr", trainer, "-p", plans, "-device", device,
                                       *resume], environment)
 
-    groups: dict[tuple[tuple[str, ...], str], list[str]] = {}
+    groups: dict[tuple[str, ...], list[str]] = {}  # one nnU-Net prediction call per fold set
     for case in cases:
         if case_sites[case] not in sources:
-            groups.setdefault((tuple(folds), case_sites[case]), []).append(case)
+            groups.setdefault(tuple(folds), []).append(case)
         elif case in held:
-            groups.setdefault(((held[case],), case_sites[case]), []).append(case)
-    for (group_folds, site), members in groups.items():
-        targets = {case: folder / PREDICTIONS / site / f"{case}.nii.gz" for case in members}
+            groups.setdefault((held[case],), []).append(case)
+    for group_folds, members in groups.items():
+        targets = {case: prediction_file(folder, case_sites[case], case) for case in members}
         todo = [case for case, target in targets.items() if not target.is_file()]
         if not todo:
             continue
-        tag = f"{site}__folds-{'+'.join(group_folds)}"
+        tag = f"folds-{'+'.join(group_folds)}"
         inputs, outputs = base / "inputs" / tag, base / "predictions" / nn_model.name / tag
         link_inputs(raw_dir, dataset_json, todo, inputs)
         shutil.rmtree(outputs, ignore_errors=True)

@@ -30,7 +30,7 @@ from desam_pipeline import predictor, splits
 from desam_pipeline.atomic import read_json, write_json
 from desam_pipeline.embedding import preprocess_volume
 from desam_pipeline.errors import DesamError, cli_entry
-from desam_pipeline.external_predictions import read_record
+from desam_pipeline.external_predictions import check_predictions, locate
 from desam_pipeline.inference import MODES
 from desam_pipeline.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.paths import Trees, add_root_arguments
@@ -156,34 +156,6 @@ def evaluation_cases(raw_dir: Path, dataset_json: dict, preprocessed_dir: Path, 
             raise DesamError(f"{label_path(raw_dir, case.case, dataset_json)}: ground truth not found; "
                              "evaluation needs the label of every test case")
     return chosen
-
-
-def locate_external(trees: Trees, name: str, sources: Sequence[str], folds: Sequence[str] | None) -> tuple[Path, dict]:
-    """A results folder of predictions made outside desam (e.g. desam_nnunet_baseline), and its record."""
-    folder = trees.results / name
-    if not folder.is_dir():
-        raise DesamError(f"{folder}: not found; make its predictions first (e.g. desam_nnunet_baseline)")
-    record = read_record(folder)
-    if sorted(record["sources"]) != sorted(sources):
-        raise DesamError(f"{folder}: trained on {'+'.join(record['sources'])}, not {'+'.join(sources)}")
-    if folds and sorted(str(splits.parse_fold(f)) for f in folds) != sorted(record["folds"]):
-        raise DesamError(f"{folder}: predictions were made with fold(s) {', '.join(record['folds'])}; "
-                         "rerun the baseline with the folds you want")
-    return folder, record
-
-
-def check_external_predictions(folder: Path, cases: list[EvalCase], record: dict) -> dict:
-    """Every test case has its prediction and was predicted by the fold the split holds it out in."""
-    made = record["in_domain_fold_of_case"]
-    wrong = [c.case for c in cases if c.in_domain and made.get(c.case) != c.folds[0]]
-    if wrong:
-        raise DesamError(f"{folder}: held-out source case(s) {', '.join(wrong)} were not predicted by the fold "
-                         "that holds them out in splits_final.json (split edited since?); rerun the baseline")
-    missing = [str(prediction_path(folder, c)) for c in cases if not prediction_path(folder, c).is_file()]
-    if missing:
-        raise DesamError(f"{len(missing)} external prediction(s) missing ({', '.join(missing[:3])}); "
-                         f"{record['made_by']} did not predict every test case, rerun it")
-    return {"reused": len(cases), "predicted": 0, "made_by": record["made_by"]}
 
 
 # ---------------------------------------------------------------- predictions
@@ -431,7 +403,7 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
         folder, plans = locate_model(trees, sources, mode, plans_name)
         chosen_folds = choose_folds(folder, folds, train_command(trees.dataset, sources, mode, plans))
     else:
-        folder, external = locate_external(trees, model_folder, sources, folds)
+        folder, external = locate(trees.results, model_folder, sources, folds)
         plans, mode, chosen_folds = external["plans"], external["mode"], external["folds"]
     cases = evaluation_cases(raw_dir, dataset_json, trees.preprocessed, folder, sources, chosen_folds)
     if external is None:
@@ -441,7 +413,7 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
         plan = read_json(folder / "plans.json")
         title = f"{trees.dataset}: {mode} mode, trained on {'+'.join(sources)} (folds {', '.join(chosen_folds)})"
     else:
-        counts = check_external_predictions(folder, cases, external)
+        counts = check_predictions(folder, cases, external)
         plan = external["scoring_plan"]
         title = f"{trees.dataset}: {external['description']}, trained on {'+'.join(sources)}"
     written = {}

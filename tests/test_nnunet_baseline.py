@@ -120,6 +120,14 @@ def test_baseline_places_predictions_that_evaluate_and_report_score(dataset, tre
     nnunet_baseline.run_baseline(DATASET, ["SiteA"], ["0"], trainer="nnUNetTrainer_1epoch")
     assert [c[0] for c in calls] == []
 
+    # another fold set: only the new fold is trained, and every prediction is made again with both folds
+    nnunet_baseline.run_baseline(DATASET, ["SiteA"], ["0", "1"], trainer="nnUNetTrainer_1epoch")
+    assert [(c[0], c[1][2]) for c in calls if c[0] == "nnUNetv2_train"] == [("nnUNetv2_train", "1")]
+    predict_folds = sorted(tuple(c[1][c[1].index("-f") + 1:c[1].index("-device")]) for c in calls
+                           if c[0] == "nnUNetv2_predict")
+    assert predict_folds == [("0",), ("0", "1"), ("1",)]
+    assert read_record(folder)["folds"] == ["0", "1"]
+
 
 def test_missing_external_prediction_is_an_error(dataset, trees, monkeypatch):
     monkeypatch.setattr(nnunet_baseline, "run_nnunet", fake_nnunet(dataset, []))
