@@ -19,7 +19,7 @@ setup(
         "matplotlib>=3.7",
         "tqdm>=4.60",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "medpy==0.5.2"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "medpy==0.5.2"], "baseline": ["nnunetv2>=2.5"]},
     entry_points={
         "console_scripts": [
             "desam_make_phantom=dataset_conversion.make_phantom:main",
@@ -32,6 +32,7 @@ setup(
             "desam_evaluate_folder=evaluation.evaluate_folder:main",
             "desam_evaluate=evaluation.evaluate:main",
             "desam_report=evaluation.report:main",
+            "desam_nnunet_baseline=desam_pipeline.nnunet_baseline:main",
         ]
     },
 )

@@ -4,6 +4,11 @@ Layout: `<preprocessed>/<Dataset>/<plans_name>/<case>/` with image.npy, label.np
 tap0..2.npy and meta.json, plus `<plans_name>/manifest.json`. A case folder is written under
 a `.tmp-<pid>-<case>` name (arrays first, meta.json last, everything fsynced) and renamed
 into place, so a folder named after a case is always complete, also after `kill -9`.
+
+Augmented views (plan entry `augmented_views`, see desam_pipeline.augmented_views): a case with K views
+has meta.json `"views": K` and, for each view k = 1..K, `view<k>_image.npy` (the augmented uint8 slices)
+and `view<k>_neck.npy`, `view<k>_tap0..2.npy`, each shaped like the original array. View 0 is the
+original (the plain names); the label is shared by every view. `view_array` builds these names.
 """
 from __future__ import annotations
 
@@ -21,6 +26,11 @@ META = "meta.json"
 MANIFEST = "manifest.json"
 REPLACED_SUFFIX = ".replaced"
 _LOCK = ".manifest.lock"
+
+
+def view_array(name: str, view: int) -> str:
+    """File stem of array `name` in view `view`: the plain name for the original (0), `view<k>_<name>` else."""
+    return name if view == 0 else f"view{view}_{name}"
 
 
 def cache_dir(preprocessed_dataset_dir: str | os.PathLike, plans_name: str) -> Path:

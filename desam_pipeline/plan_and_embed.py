@@ -16,7 +16,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT
 from tqdm import tqdm
 
-from desam_pipeline import cache, distributed, raw_dataset
+from desam_pipeline import augmented_views, cache, distributed, raw_dataset
 from desam_pipeline.atomic import write_json
 from desam_pipeline.dataset_checks import require_valid_dataset
 from desam_pipeline.embedding import (SLICE_MODES, encode_slices, feature_shapes, features_for_cache,
@@ -77,7 +77,12 @@ def prepare_case(raw_dir: Path, dataset_json: dict, case: str, input_hash: str, 
         "input_sha256": input_hash,
         "plan_sha256": plan_digest,
     }
-    return {"meta": meta, "image": preprocess_volume(volume, plan)[z], "label": preprocess_label(label, plan)[z]}
+    image = preprocess_volume(volume, plan)[z]
+    views = augmented_views.views_for(plan, meta["domain"])
+    if views:
+        meta["views"] = views
+    return {"meta": meta, "image": image, "label": preprocess_label(label, plan)[z],
+            "views": augmented_views.make_views(image, views, case, plan["augmented_views"]["seed"]) if views else []}
 
 
 def embed_case(prepared: dict, image_encoder: ImageEncoderViT, plan: dict, cache_dir: Path,
@@ -85,14 +90,21 @@ def embed_case(prepared: dict, image_encoder: ImageEncoderViT, plan: dict, cache
     """Encode one prepared case batch by batch into its cache folder; return the bytes written."""
     meta, image = prepared["meta"], prepared["image"]
     count, size, dtype = len(meta["z"]), plan["slice_size"], np.dtype(plan["cache_dtype"])
-    arrays = {"image": ((count, size, size), np.uint8), "label": ((count, size, size), np.uint8)}
-    arrays.update({name: ((count, *shape), dtype) for name, shape in feature_shapes(image_encoder).items()})
+    views = [image, *prepared["views"]]
+    arrays = {"label": ((count, size, size), np.uint8)}
+    for v in range(len(views)):
+        arrays[cache.view_array("image", v)] = ((count, size, size), np.uint8)
+        arrays.update({cache.view_array(name, v): ((count, *shape), dtype)
+                       for name, shape in feature_shapes(image_encoder).items()})
     with cache.CaseWriter(cache_dir, meta["case"], arrays) as writer:
-        writer.append({"image": image, "label": prepared["label"]})
-        for start in range(0, count, batch_size):
-            neck, taps = encode_slices(image_encoder, image[start:start + batch_size], device, precision)
-            writer.append(features_for_cache(neck, taps, dtype, meta["case"]))
-            progress.update(len(neck))
+        writer.append({"label": prepared["label"]})
+        for v, slices in enumerate(views):
+            writer.append({cache.view_array("image", v): slices})
+            for start in range(0, count, batch_size):
+                neck, taps = encode_slices(image_encoder, slices[start:start + batch_size], device, precision)
+                features = features_for_cache(neck, taps, dtype, meta["case"])
+                writer.append({cache.view_array(name, v): values for name, values in features.items()})
+                progress.update(len(neck))
         return writer.commit(meta)
 
 
@@ -104,7 +116,8 @@ def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint
                         device: torch.device, overwrite: bool, **flags) -> tuple[dict, ImageEncoderViT]:
     """Load the encoder and write the plan once; flags left None keep the existing plan's choices.
 
-    `flags` are slices, precision and batch_size; the last two set this device's entry.
+    `flags` are slices, precision and batch_size (the last two set this device's entry), and
+    augmented_views with view_sites (the sites whose cases get that many augmented views).
     """
     existing = load_plan(out_dir, plans_name) if plan_path(out_dir, plans_name).is_file() else None
     checkpoint_path = resolve_checkpoint(encoder, checkpoint, existing, out_dir)
@@ -121,6 +134,9 @@ def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint
             raise DesamError(f"--batch-size must be at least 1, got {flags['batch_size']}")
         choices["batch_size"] = {**base["batch_size"], device.type: flags["batch_size"]}
     plan = make_plan(plans_name, encoder, checkpoint_path, checkpoint_sha, image_encoder, base=existing, **choices)
+    views = augmented_views.plan_entry(flags.get("augmented_views"), flags.get("view_sites"), existing)
+    if views:
+        plan["augmented_views"] = views
     save_plan(plan, out_dir, overwrite)
     return plan, image_encoder
 
@@ -165,7 +181,8 @@ def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str |
                    domains: list[str] | None = None, plans_name: str | None = None, slices: str | None = None,
                    precision: str | None = None, batch_size: int | None = None, device: str = "auto",
                    num_parts: int | None = None, part_id: int | None = None, overwrite: bool = False,
-                   raw: str | None = None, preprocessed: str | None = None) -> dict:
+                   raw: str | None = None, preprocessed: str | None = None,
+                   augmented_views: int | None = None) -> dict:
     """Verify, fingerprint, plan and embed one part of a dataset; return a summary of what was done.
 
     Choices left as None come from the existing plan of that name, else from the defaults. Under
@@ -184,7 +201,8 @@ def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str |
         def plan_on_rank_zero() -> dict:
             planned, loaded["encoder"] = set_up(raw_dir, out_dir, domains, encoder, checkpoint, plans_name,
                                                 torch_device, overwrite, slices=slices, precision=precision,
-                                                batch_size=batch_size)
+                                                batch_size=batch_size, augmented_views=augmented_views,
+                                                view_sites=domains)
             return planned
 
         planned = distributed.on_rank_zero(plan_on_rank_zero)
@@ -226,8 +244,10 @@ def embed_part(raw_dir: Path, out_dir: Path, planned: dict, image_encoder: Image
           f"({sum(status[case] == 'stale' for case in todo)} stale)", flush=True)
 
     axis = plan["slice_axis"]
+    sites = raw_dataset.domains(dataset_json)
     total = sum(len(select_slices(fingerprint["cases"][case]["foreground_z"], fingerprint["cases"][case]["shape"][axis],
-                                  plan["slices"], plan["slice_margin"])) for case in todo)
+                                  plan["slices"], plan["slice_margin"]))
+                * (1 + augmented_views.views_for(plan, sites.get(case, ""))) for case in todo)
 
     def prepare(case: str) -> dict:
         return prepare_case(raw_dir, dataset_json, case, hashes[case], plan, digest)
@@ -260,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--num-parts", type=int, help="split the cases into this many parts (default: torchrun's)")
     parser.add_argument("--part-id", type=int, help="the part this process embeds, 0-based")
+    parser.add_argument("--augmented-views", type=int, metavar="K",
+                        help="also cache K intensity-augmented views of each slice of the embedded cases (of "
+                             "--domains, the training sources) for training; 0 removes them (default: the plan's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing plan that has other choices")
     add_root_arguments(parser, "raw", "preprocessed")
     return parser
@@ -271,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     plan_and_embed(args.dataset, encoder=args.encoder, checkpoint=args.checkpoint, domains=args.domains,
                    plans_name=args.plans_name, slices=args.slices, precision=args.precision,
                    batch_size=args.batch_size, device=args.device, num_parts=args.num_parts,
-                   part_id=args.part_id, overwrite=args.overwrite, raw=args.raw, preprocessed=args.preprocessed)
+                   part_id=args.part_id, overwrite=args.overwrite, raw=args.raw, preprocessed=args.preprocessed,
+                   augmented_views=args.augmented_views)
     return 0
 
 

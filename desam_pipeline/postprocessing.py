@@ -6,6 +6,7 @@ slice's own grid, so the island threshold is scaled by the slice's pixel count.
 from __future__ import annotations
 
 import numpy as np
+from acvl_utils.morphology.morphology_helper import remove_all_but_largest_component
 from scipy import ndimage
 
 from desam_pipeline.preprocessing import SLICE_AXIS, SLICE_SIZE
@@ -32,13 +33,9 @@ def paper_min_area(shape_hw: tuple[int, int]) -> float:
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest connected component of a 3D mask (full 26-connectivity); empty stays empty."""
-    labels, count = ndimage.label(mask > 0, structure=np.ones((3,) * mask.ndim, dtype=bool))
-    if count <= 1:
-        return labels > 0
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    """Keep the largest connected component of a 3D mask (full 26-connectivity; components of equal largest
+    size are all kept, as nnU-Net does); empty stays empty."""
+    return remove_all_but_largest_component(np.asarray(mask) > 0, connectivity=None)
 
 
 def postprocess(mask: np.ndarray, method: str, slice_axis: int = SLICE_AXIS) -> np.ndarray:

@@ -9,6 +9,8 @@ Prompts are drawn per sample from `np.random.default_rng([seed, stream, epoch, i
 depend only on which slice is drawn in which epoch, not on the worker, batch or process that
 reads it. That makes runs seeded and resumable, and lets DDP ranks draw the same prompts as one
 process would. Samplers yield `(epoch, index)` pairs so that persistent workers see the epoch.
+A training slice of a case cached with augmented views is read from one of its views (the original or
+one of the K), drawn the same way from a generator of its own, so caches without views draw as before.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from desam_pipeline import prompts
+from desam_pipeline import cache, prompts
 from desam_pipeline.atomic import read_json
 from desam_pipeline.errors import DesamError
 
@@ -48,9 +50,11 @@ class SliceDataset(Dataset):
         self.case_dirs = [Path(d) for d in case_dirs]
         self.mode, self.seed, self.stream = mode, int(seed), int(stream)
         self.entries: list[tuple[int, int]] = []
+        self.views: list[int] = []  # augmented views per case, drawn from in the training stream only
         for c, case_dir in enumerate(self.case_dirs):
-            count = len(read_json(case_dir / "meta.json")["z"])
-            self.entries.extend((c, s) for s in range(count))
+            meta = read_json(case_dir / "meta.json")
+            self.entries.extend((c, s) for s in range(len(meta["z"])))
+            self.views.append(int(meta.get("views", 0)) if self.stream == TRAIN_STREAM else 0)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -59,10 +63,15 @@ class SliceDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         c, s = self.entries[index]
         case_dir = self.case_dirs[c]
-        sample = {name: read_slice(case_dir / f"{name}.npy", s) for name in FEATURES}
+        view = 0
+        if self.views[c]:
+            view = int(np.random.default_rng([self.seed, self.stream, int(epoch), int(index), 1]).integers(
+                self.views[c] + 1))
+        sample = {name: read_slice(case_dir / f"{cache.view_array(name, view)}.npy", s) for name in FEATURES}
         label = read_slice(case_dir / "label.npy", s)
         sample["label"] = label
         sample["index"] = np.int64(index)
+        sample["view"] = np.int64(view)
         rng = np.random.default_rng([self.seed, self.stream, int(epoch), int(index)])
         if self.mode == "grid":
             coords, point_labels, iou_target = prompts.sample_training_points(label[None], rng)

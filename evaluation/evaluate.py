@@ -30,6 +30,7 @@ from desam_pipeline import predictor, splits
 from desam_pipeline.atomic import read_json, write_json
 from desam_pipeline.embedding import preprocess_volume
 from desam_pipeline.errors import DesamError, cli_entry
+from desam_pipeline.external_predictions import check_predictions, locate
 from desam_pipeline.inference import MODES
 from desam_pipeline.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.paths import Trees, add_root_arguments
@@ -378,12 +379,17 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
                    device: str = "auto", postprocess: str = "none", batch_size: int | None = None, grid: int = 9,
                    iou_threshold: float = 0.5, nsd_tolerance: float = 1.0, raw: str | None = None,
                    preprocessed: str | None = None, results: str | None = None,
-                   progress: bool = True, trainer: str = DEFAULT_TRAINER) -> dict[str, Path]:
+                   progress: bool = True, trainer: str = DEFAULT_TRAINER,
+                   model_folder: str | None = None) -> dict[str, Path]:
     """Predict (or reuse) and score every test case of one model (of the trainer class `trainer`);
-    returns protocol -> evaluation folder."""
+    returns protocol -> evaluation folder.
+
+    With `model_folder` (a results folder of external predictions) the saved predictions are scored as
+    they are and `mode` may be None.
+    """
     protocols = list(dict.fromkeys(protocols))
     unknown = [p for p in protocols if p not in PROTOCOLS]
-    if unknown or mode not in MODES or postprocess not in POSTPROCESSING:
+    if unknown or (model_folder is None and mode not in MODES) or postprocess not in POSTPROCESSING:
         raise DesamError(f"unknown protocol {unknown}, mode {mode!r} or post-processing {postprocess!r}")
     if not sources:
         raise DesamError("--source: name the site(s) the model was trained on")
@@ -396,15 +402,26 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
         raise DesamError(f"{raw_dir}: raw dataset not found; {CONVERT_HINT}")
     dataset_json = load_dataset_json(raw_dir)
     check_sources(raw_dir, dataset_json, sources)
-    folder, plans = locate_model(trees, sources, mode, plans_name, trainer)
-    chosen_folds = choose_folds(folder, folds, train_command(trees.dataset, sources, mode, plans, trainer=trainer))
+    external = None
+    if model_folder is None:
+        folder, plans = locate_model(trees, sources, mode, plans_name, trainer)
+        chosen_folds = choose_folds(folder, folds, train_command(trees.dataset, sources, mode, plans, trainer=trainer))
+    else:
+        folder, external = locate(trees.results, model_folder, sources, folds)
+        plans, mode, chosen_folds = external["plans"], external["mode"], external["folds"]
     cases = evaluation_cases(raw_dir, dataset_json, trees.preprocessed, folder, sources, chosen_folds)
-    counts = ensure_predictions(folder, cases, raw_dir, dataset_json, checkpoint=checkpoint, device=device,
-                                batch_size=batch_size, grid=grid, iou_threshold=iou_threshold,
-                                postprocess=postprocess, preprocessed_root=preprocessed, progress=progress)
-    plan = read_json(folder / "plans.json")
-    shown_trainer = "" if trainer == DEFAULT_TRAINER else f"{trainer}, "
-    title = f"{trees.dataset}: {shown_trainer}{mode} mode, trained on {'+'.join(sources)} (folds {', '.join(chosen_folds)})"
+    if external is None:
+        counts = ensure_predictions(folder, cases, raw_dir, dataset_json, checkpoint=checkpoint, device=device,
+                                    batch_size=batch_size, grid=grid, iou_threshold=iou_threshold,
+                                    postprocess=postprocess, preprocessed_root=preprocessed, progress=progress)
+        plan = read_json(folder / "plans.json")
+        shown_trainer = "" if trainer == DEFAULT_TRAINER else f"{trainer}, "
+        title = (f"{trees.dataset}: {shown_trainer}{mode} mode, trained on {'+'.join(sources)} "
+                 f"(folds {', '.join(chosen_folds)})")
+    else:
+        counts = check_predictions(folder, cases, external)
+        plan = external["scoring_plan"]
+        title = f"{trees.dataset}: {external['description']}, trained on {'+'.join(sources)}"
     written = {}
     for protocol in protocols:
         per_case = score_cases(folder, cases, raw_dir, dataset_json, protocol, int(plan["slice_axis"]),
@@ -415,6 +432,8 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
                    "postprocess": postprocess, "grid": grid, "iou_threshold": iou_threshold,
                    "nsd_tolerance_mm": nsd_tolerance, "labels": foreground_labels(dataset_json),
                    "predictions": {"folder": str(folder / PREDICTIONS), **counts}}
+        if external is not None:
+            context |= {"external": external["description"], "schedule": external["schedule"]}
         out_dir = folder / EVALUATION / protocol
         per_site = write_evaluation(per_case, out_dir, context, title, raw_dir, dataset_json, folder, plan)
         shown = per_site[per_site["metric"].isin(["dice", "hd95"])]
@@ -432,10 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-d", "--dataset", required=True, help="dataset number or DatasetNNN_Name")
     parser.add_argument("--source", nargs="+", required=True, metavar="SITE",
                         help="the source site(s) the model was trained on")
-    parser.add_argument("--mode", choices=MODES, required=True, help="the model's prompt mode")
+    parser.add_argument("--mode", choices=MODES, default=None, help="the model's prompt mode (required unless "
+                                                                    "--model-folder names external predictions)")
     parser.add_argument("-tr", "--trainer", default=DEFAULT_TRAINER, metavar="NAME",
                         help=f"the trainer class that trained the model (default {DEFAULT_TRAINER}; e.g. "
                              "CoupledSAMTrainer, ZeroShotSAMTrainer)")
+    parser.add_argument("--model-folder", default=None, metavar="NAME",
+                        help="score the predictions of a results folder made outside desam (e.g. by "
+                             "desam_nnunet_baseline) as they are, without desam's predictor")
     parser.add_argument("--protocol", nargs="+", choices=sorted(PROTOCOLS), default=["full"],
                         help="full: every slice in original geometry (default); paper: the reference protocol "
                              "(foreground slices only, 256x256, 50-px border zeroed); both may be given")
@@ -459,11 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.mode is None and args.model_folder is None:
+        parser.error("--mode is required (or --model-folder for external predictions)")
     tune_malloc()
     evaluate_model(args.dataset, args.source, args.mode, args.protocol, args.folds, args.checkpoint, args.plans_name,
                    args.device, args.postprocess, args.batch_size, args.grid, args.iou_threshold, args.nsd_tolerance,
-                   args.raw, args.preprocessed, args.results, trainer=args.trainer)
+                   args.raw, args.preprocessed, args.results, trainer=args.trainer, model_folder=args.model_folder)
     return 0
 
 

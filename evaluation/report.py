@@ -5,6 +5,8 @@ Reads `<results>/<Dataset>/<Trainer>__<plans>__<mode>__src-<SITES>/evaluation/<p
 and writes, per mode, under `<results>/<Dataset>/report/<mode>__<protocol>/` (DeSAMTrainer) or
 `report/<Trainer>__<mode>__<protocol>/` (any other trainer): cells.csv (one row per source and target site),
 dice_matrix.csv, hd95_matrix.csv, report.md and dice_heatmap.png, hd95_heatmap.png.
+Folders of external predictions (desam_pipeline.external_predictions, e.g. the nnU-Net baseline, whose
+configuration is its mode) are tabulated the same way; report.md states how they were made (trainer, schedule).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pandas as pd
 
 from desam_pipeline.atomic import atomic_path
 from desam_pipeline.errors import DesamError, cli_entry
+from desam_pipeline.external_predictions import is_external, read_record
 from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folders
 from evaluation.metrics import METRICS
@@ -94,7 +97,10 @@ def count_matrix(cells: pd.DataFrame, metric: str) -> pd.DataFrame:
 def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plans: str | None = None,
                  trainer: str = DEFAULT_TRAINER) -> Path:
     """Build and write one mode's report folder for one trainer class; return it."""
-    sources = select_models(find_models(results_dir, protocol, trainer), dataset, mode, protocol, plans, trainer)
+    models = find_models(results_dir, protocol, trainer)
+    sources = select_models(models, dataset, mode, protocol, plans, trainer)
+    external = [f"- `{m['folder'].name}`: {read_record(m['folder'])['description']}" for m in models
+                if m["mode"] == mode and m["per_case"] in sources.values() and is_external(m["folder"])]
     cells = cross_domain_cells({source: read_per_case(path) for source, path in sources.items()})
     out = report_folder(results_dir, mode, protocol, trainer)
     write_csv(label_protocol(cells.assign(mode=mode), protocol), out / "cells.csv")
@@ -104,6 +110,8 @@ def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plan
                 f"cells (the source's own held-out cases). `{MEAN_UNSEEN}`: mean over the targets that are not "
                 "in-domain, each target weighted equally. Means leave out cases whose value is NaN "
                 "(see the case counts below and cells.csv).", ""]
+    if external:
+        sections += ["Predictions made outside desam (schedule as trained):", "", *external, ""]
     for metric, higher_is_better in REPORT_METRICS.items():
         values, in_domain = cross_domain_matrix(cells, metric)
         write_csv(label_protocol(values.reset_index(), protocol), out / f"{metric}_matrix.csv")

@@ -53,6 +53,15 @@ def test_largest_keeps_one_3d_component_with_diagonal_contacts():
     assert postprocess(np.zeros((3, 3, 3)), "largest").sum() == 0
 
 
+def test_largest_keeps_every_component_of_the_largest_size():
+    mask = np.zeros((10, 10, 4), dtype=np.uint8)
+    mask[0:2, 0:2, 0] = 1              # 4 voxels
+    mask[6:8, 6:8, 3] = 1              # 4 voxels: a tie, kept too (nnU-Net's rule, no scan-order choice)
+    mask[4, 0, 0] = 1                  # 1 voxel, dropped
+    out = postprocess(mask, "largest")
+    assert out.sum() == 8 and out[4, 0, 0] == 0 and out[0, 0, 0] == 1 and out[7, 7, 3] == 1
+
+
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="unknown post-processing"):
         postprocess(np.zeros((2, 2, 2)), "median")

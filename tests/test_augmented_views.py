@@ -1,0 +1,103 @@
+"""Augmented views: batchgenerators' intensity transforms on the uint8 slices, cached per view for the
+source cases, seeded per case, drawn by the trainer's dataset; a cache without views trains as before."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from toy_data import toy_volume, write_toy_dataset
+
+from desam_pipeline import cache, slice_data, train
+from desam_pipeline.augmented_views import make_views, views_for
+from desam_pipeline.embedding import preprocess_label, preprocess_volume
+from desam_pipeline.plan_and_embed import plan_and_embed
+from plans.planner import DEFAULT_CHOICES
+
+DATASET = "Dataset900_Toy"
+PLANS = "DeSAMPlans_tiny"
+VIEWS = 2
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, tiny_checkpoint) -> Path:
+    """Toy dataset, SiteA embedded with 2 augmented views, SiteB (unseen) embedded by a second call."""
+    root = tmp_path_factory.mktemp("views")
+    write_toy_dataset(root / "raw", shape=(40, 36, 6))
+    common = dict(encoder="tiny", checkpoint=str(tiny_checkpoint), slices="foreground", device="cpu",
+                  raw=str(root / "raw"), preprocessed=str(root / "pre"))
+    plan_and_embed("900", domains=["SiteA"], augmented_views=VIEWS, **common)
+    plan_and_embed("900", domains=["SiteB"], **common)
+    return root
+
+
+def case_dir(root: Path, case: str) -> Path:
+    return root / "pre" / DATASET / PLANS / case
+
+
+def test_views_change_intensities_but_keep_the_structure_and_are_seeded():
+    image, label = toy_volume(np.random.default_rng(3), (64, 60, 6), empty_slices=1)
+    slices = preprocess_volume(image, dict(DEFAULT_CHOICES))
+    target = preprocess_label(label) > 0
+    views = make_views(slices, 3, "SiteA_Case00")
+    assert views.shape == (3, *slices.shape) and views.dtype == np.uint8
+    for view in views:
+        assert np.mean(view != slices) > 0.2  # every view differs from the original
+        assert np.all(view[slices == 0] == 0)  # padding stays padding
+        for s in np.flatnonzero(target.any(axis=(1, 2))):  # the labelled blob is still the bright region
+            assert view[s][target[s]].mean() > view[s][~target[s] & (slices[s] > 0)].mean() + 20
+    assert not np.array_equal(views[0], views[1])
+    np.testing.assert_array_equal(views, make_views(slices, 3, "SiteA_Case00"))
+    assert not np.array_equal(views, make_views(slices, 3, "SiteA_Case01"))
+    state = np.random.get_state()[1].copy()
+    make_views(slices, 1, "x")
+    np.testing.assert_array_equal(np.random.get_state()[1], state)  # the global generator is left alone
+
+
+def test_views_are_cached_for_the_source_cases_only(cached):
+    plan = json.loads((cached / "pre" / DATASET / f"{PLANS}.json").read_text())
+    assert plan["augmented_views"]["count"] == VIEWS and plan["augmented_views"]["sites"] == ["SiteA"]
+    assert views_for(plan, "SiteA") == VIEWS and views_for(plan, "SiteB") == 0
+    source, unseen = case_dir(cached, "SiteA_Case00"), case_dir(cached, "SiteB_Case00")
+    assert json.loads((source / "meta.json").read_text())["views"] == VIEWS
+    assert "views" not in json.loads((unseen / "meta.json").read_text())
+    assert not list(unseen.glob("view*"))
+    original = cache.open_case(source)
+    for v in range(1, VIEWS + 1):
+        for name in ("image", "neck", "tap0", "tap1", "tap2"):
+            view = original[cache.view_array(name, v)]
+            assert view.shape == original[name].shape and view.dtype == original[name].dtype
+            assert not np.array_equal(view, original[name])
+        # the cached view is the seeded view of the cached original slices
+        np.testing.assert_array_equal(original[cache.view_array("image", v)],
+                                      make_views(np.asarray(original["image"]), VIEWS, "SiteA_Case00")[v - 1])
+
+
+def test_the_training_stream_draws_views_and_validation_does_not(cached):
+    source = case_dir(cached, "SiteA_Case00")
+    train_data = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.TRAIN_STREAM)
+    drawn = []
+    for epoch in range(12):
+        for index in range(len(train_data)):
+            sample = train_data[(epoch, index)]
+            view, s = int(sample["view"]), train_data.entries[index][1]
+            np.testing.assert_array_equal(sample["neck"], np.load(source / f"{cache.view_array('neck', view)}.npy")[s])
+            drawn.append(view)
+    assert set(drawn) == set(range(VIEWS + 1))
+    assert [int(train_data[(3, 1)]["view"]) for _ in range(3)] == [drawn[3 * len(train_data) + 1]] * 3
+    val_data = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.VAL_STREAM)
+    assert {int(val_data[(e, i)]["view"]) for e in range(5) for i in range(len(val_data))} == {0}
+    plain = slice_data.SliceDataset([case_dir(cached, "SiteB_Case00")], "box", seed=0)
+    assert {int(plain[(e, 0)]["view"]) for e in range(10)} == {0}
+
+
+@pytest.mark.parametrize("source", ["SiteA", "SiteB"])  # with views, and a cache without views
+def test_training_runs_with_and_without_views(cached, source):
+    with pytest.raises(SystemExit) as stop:
+        train.main(["900", "all", "--source", source, "--mode", "box", "--epochs", "1", "--batch-size", "2",
+                    "--device", "cpu", "--num-workers", "0", "--plans-name", PLANS,
+                    "--preprocessed", str(cached / "pre"), "--results", str(cached / f"results_{source}")])
+    assert stop.value.code == 0
+    model = cached / f"results_{source}" / DATASET / f"DeSAMTrainer__{PLANS}__box__src-{source}"
+    assert (model / "fold_all" / "checkpoint_final.pth").is_file()
