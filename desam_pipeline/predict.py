@@ -12,6 +12,7 @@ files stops before writing anything.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -82,8 +83,9 @@ def refuse_overwriting_inputs(cases: list[predictor.CaseInput], out_dir: Path) -
 
 
 def check_iou_threshold(value: float) -> None:
-    if not 0 <= value <= 1:  # NaN fails too
-        raise DesamError(f"--iou-threshold must be a number from 0 to 1, got {value}")
+    """A finite number (below 0 keeps every slice, 1 or more empties them all); NaN would empty all silently."""
+    if not math.isfinite(value):
+        raise DesamError(f"--iou-threshold must be a finite number, got {value}")
 
 
 def summarise(results: list[predictor.CaseResult], out_dir: Path, part: str) -> int:
