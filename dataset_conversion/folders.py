@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from desam_pipeline.atomic import temporary_sibling
-from desam_pipeline.errors import DesamError
+from desam_pipeline.atomic import remove_stale_temporaries, temporary_sibling
+from desam_pipeline.errors import DesamError, naming
 
 
 def _publish(tmp: Path, target: Path) -> None:
@@ -35,13 +35,15 @@ def building_folder(target: str | os.PathLike, overwrite: bool = False) -> Itera
     target = Path(target)
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
         raise DesamError(f"{target}: already exists (pass --overwrite to replace it)")
+    remove_stale_temporaries(target.parent)  # half-built folders of killed runs
     tmp = temporary_sibling(target)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        yield tmp
-        _publish(tmp, target)
+        with naming(target):  # a full disk names the folder being built
+            yield tmp
+            _publish(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -1,6 +1,7 @@
 """Write files and folders so that a reader never sees a half-written one.
 
-Temporary names start with a dot so `*.nii.gz` globs and folder listings skip them.
+Temporary names start with a dot so `*.nii.gz` globs and folder listings skip them, and carry
+the writer's process id so that only temporaries of dead processes are ever cleaned up.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
+
+from desam_pipeline.errors import naming
 
 TMP_PREFIX = ".tmp-"
 
@@ -27,8 +30,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(target)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        with naming(target):
+            yield tmp
+            os.replace(tmp, target)
     finally:
         if tmp.exists():
             if tmp.is_dir():
@@ -48,6 +52,25 @@ def file_lock(lock_file: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def write_bytes(data: bytes, target: str | os.PathLike) -> None:
+    """Write bytes atomically (torch checkpoints go through a buffer, so their bytes never depend on the
+    temporary name and a full disk is a plain OSError naming the file)."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_torch(obj: Any, target: str | os.PathLike) -> None:
+    """torch.save atomically, through a buffer: torch records the file's name inside the archive, so
+    saving to the temporary path would make the bytes (and any recorded sha256) differ per process."""
+    import io
+
+    import torch  # here, not at the top: most users of this module never save a tensor
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(buffer.getvalue(), target)
+
+
 def write_json(data: Any, target: str | os.PathLike) -> None:
     """Write JSON atomically, indented for people to read and edit."""
     with atomic_path(target) as tmp:
@@ -58,13 +81,41 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def temporary_owner(name: str) -> int | None:
+    """The process id in a `.tmp-<pid>-<name>` temporary's name, None for other names."""
+    if not name.startswith(TMP_PREFIX):
+        return None
+    pid, _, rest = name[len(TMP_PREFIX):].partition("-")
+    return int(pid) if pid.isdigit() and rest else None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale_temporary(name: str) -> bool:
+    """A temporary whose writer is gone (killed mid-write): safe to delete."""
+    pid = temporary_owner(name)
+    return pid is not None and not process_alive(pid)
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete temporaries left by killed runs (any pid) in `folder`; return how many."""
+    """Delete the temporaries that killed runs left in `folder`; return how many.
+
+    Temporaries of live processes (a concurrent run writing right now) are left alone.
+    """
     folder = Path(folder)
     removed = 0
     if folder.is_dir():
         for child in folder.iterdir():
-            if child.name.startswith(TMP_PREFIX):
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if is_stale_temporary(child.name):
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
                 removed += 1
     return removed

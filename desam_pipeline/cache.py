@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from desam_pipeline.atomic import TMP_PREFIX, file_lock, read_json, write_json
+from desam_pipeline.atomic import TMP_PREFIX, file_lock, is_stale_temporary, read_json, write_json
+from desam_pipeline.errors import naming
 from desam_pipeline.nifti_io import file_sha256
 
 META = "meta.json"
@@ -94,14 +95,16 @@ def _case_of_temporary(name: str) -> str | None:
 def remove_case_temporaries(cache_dir: str | os.PathLike, cases: list[str]) -> int:
     """Delete the temporary folders that killed runs left for these cases; return how many.
 
-    Only the caller's cases: other parts of a sharded run may be writing theirs right now.
+    Only the caller's cases (other parts of a sharded run, maybe on other machines, may be writing
+    theirs right now), and only those of processes no longer running (a concurrent run of the same
+    cases may be writing them).
     """
     folder = Path(cache_dir)
     removed = 0
     if folder.is_dir():
         wanted = set(cases)
         for child in folder.iterdir():
-            if child.is_dir() and _case_of_temporary(child.name) in wanted:
+            if child.is_dir() and _case_of_temporary(child.name) in wanted and is_stale_temporary(child.name):
                 shutil.rmtree(child)
                 removed += 1
     return removed
@@ -130,14 +133,19 @@ class CaseWriter:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         self.files, self.layout, self.missing = {}, {}, {}
-        for name, (shape, dtype) in arrays.items():
-            dtype = np.dtype(dtype)
-            handle = open(self.tmp / f"{name}.npy", "wb")
-            self.files[name] = handle
-            np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                                          "fortran_order": False, "shape": tuple(shape)})
-            self.layout[name] = (tuple(shape[1:]), dtype)
-            self.missing[name] = shape[0]
+        try:
+            for name, (shape, dtype) in arrays.items():
+                dtype = np.dtype(dtype)
+                handle = open(self.tmp / f"{name}.npy", "wb")
+                self.files[name] = handle
+                with naming(self.final):
+                    np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                                  "fortran_order": False, "shape": tuple(shape)})
+                self.layout[name] = (tuple(shape[1:]), dtype)
+                self.missing[name] = shape[0]
+        except BaseException:  # e.g. a full disk: no `with` block runs __exit__ for a failed constructor
+            self.discard()
+            raise
 
     def append(self, batch: dict[str, np.ndarray]) -> None:
         """Append the next slices of every array named in `batch` (in slice order)."""
@@ -147,7 +155,8 @@ class CaseWriter:
             if values.shape[1:] != row_shape or len(values) > self.missing[name]:
                 raise ValueError(f"{name}: batch of shape {values.shape} does not fit the remaining "
                                  f"({self.missing[name]}, *{row_shape})")
-            self.files[name].write(values.data)
+            with naming(self.final):  # a full disk names the case folder
+                self.files[name].write(values.data)
             self.missing[name] -= len(values)
 
     def commit(self, meta: dict) -> int:
@@ -156,20 +165,22 @@ class CaseWriter:
         if unfilled:
             raise ValueError(f"{self.final.name}: arrays not filled: {', '.join(unfilled)}")
         for handle in self.files.values():
-            handle.flush()
-            os.fsync(handle.fileno())
+            with naming(self.final):
+                handle.flush()
+                os.fsync(handle.fileno())
             handle.close()
         self.files.clear()
         write_json(meta, self.tmp / META)
         _fsync(self.tmp / META)
         _fsync(self.tmp)
-        if self.final.exists():
-            replaced = self.tmp.with_name(self.tmp.name + REPLACED_SUFFIX)
-            os.replace(self.final, replaced)
-            os.replace(self.tmp, self.final)
-            shutil.rmtree(replaced)
-        else:
-            os.replace(self.tmp, self.final)
+        with file_lock(self.final.parent / _LOCK):  # a concurrent run may publish the same case
+            if self.final.exists():
+                replaced = self.tmp.with_name(self.tmp.name + REPLACED_SUFFIX)
+                os.replace(self.final, replaced)
+                os.replace(self.tmp, self.final)
+                shutil.rmtree(replaced)
+            else:
+                os.replace(self.tmp, self.final)
         _fsync(self.final.parent)
         return sum(path.stat().st_size for path in self.final.iterdir())
 

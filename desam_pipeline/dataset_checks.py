@@ -46,6 +46,9 @@ def verify_dataset(raw_dir: Path) -> list[str]:
     """All problems of a raw dataset: dataset.json keys, case count, every case's files and geometry."""
     raw_dir = Path(raw_dir)
     dataset_json = raw_dataset.load_dataset_json(raw_dir)
+    wrong = raw_dataset.field_problems(dataset_json, raw_dir / "dataset.json")
+    if wrong:
+        return wrong
     missing_keys = [k for k in REQUIRED_KEYS if k not in dataset_json]
     if missing_keys:
         return [f"{raw_dir / 'dataset.json'}: missing keys {', '.join(missing_keys)}"]

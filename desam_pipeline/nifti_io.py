@@ -24,8 +24,16 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
 
 
 def read_volume(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Load the voxel array of a 3D volume (a trailing singleton 4th axis is dropped) and its image."""
+    """Load the voxel array of a 3D volume (a trailing singleton 4th axis is dropped) and its image.
+
+    Only real scalar voxels are read: RGB/vector (structured) and complex types are an error naming
+    the file, never a silent cast.
+    """
     image = load_nifti(path)
+    stored = image.get_data_dtype()
+    if stored.fields is not None or stored.kind not in "biuf":
+        raise DesamError(f"{path}: voxel type {stored} is not a real scalar intensity "
+                         f"(RGB, vector and complex images are not supported)")
     try:
         data = np.asanyarray(image.dataobj)
     except Exception as exc:

@@ -17,7 +17,7 @@ from segment_anything.modeling import ImageEncoderViT
 from tqdm import tqdm
 
 from desam_pipeline import augmented_views, cache, distributed, raw_dataset
-from desam_pipeline.atomic import write_json
+from desam_pipeline.atomic import remove_stale_temporaries, write_json
 from desam_pipeline.dataset_checks import require_valid_dataset
 from desam_pipeline.embedding import (SLICE_MODES, encode_slices, feature_shapes, features_for_cache,
                                       foreground_slices, preprocess_label, preprocess_volume, select_slices)
@@ -171,6 +171,7 @@ def set_up(raw_dir: Path, out_dir: Path, domains: list[str] | None, encoder: str
     dataset_json = raw_dataset.load_dataset_json(raw_dir)
     cases = raw_dataset.cases_of_sites(dataset_json, domains, raw_dataset.list_cases(raw_dir, dataset_json))
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     write_json(dataset_json, out_dir / "dataset.json")
     fingerprint = write_fingerprint(raw_dir, out_dir)
     plan, image_encoder = write_or_check_plan(out_dir, plans_name, encoder, checkpoint, device, overwrite, **flags)

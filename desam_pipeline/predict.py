@@ -4,14 +4,20 @@ Cases are split over `--num-parts/--part-id`, or over the ranks of `torchrun -m 
 each case is written by exactly one part. Under torchrun the ranks meet at the end to gather their
 results (a gloo group: it only carries the summary) and rank 0 merges quality.csv; separate parts each merge it
 under a file lock when they finish, so the last one to finish leaves it complete.
+
+An (X, Y, Z, 1) input is read as the 3D volume it holds and its mask is written as (X, Y, Z); RGB, vector
+and complex inputs fail like any other bad case. A run whose outputs would replace one of its input
+files stops before writing anything.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from desam_pipeline import distributed, predictor
+from desam_pipeline.atomic import remove_stale_temporaries
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.inference import MODES
 from desam_pipeline.paths import Trees, add_root_arguments
@@ -69,6 +75,22 @@ def model_folder(args: argparse.Namespace) -> Path:
     return predictor.find_model_folder(trees.results, args.source, args.mode, args.plans_name, args.trainer)
 
 
+def refuse_overwriting_inputs(cases: list[predictor.CaseInput], out_dir: Path) -> None:
+    """No case's outputs may be one of the input files, however either is spelled (links, `..`, slashes)."""
+    inputs = {path.resolve() for case in cases for path in case.files}
+    for case in cases:
+        for target in (predictor.output_path(out_dir, case.case), out_dir / f"{case.case}.npz"):
+            if target.resolve() in inputs:
+                raise DesamError(f"{target}: the output of case {case.case} would overwrite an input file; "
+                                 f"choose another output folder")
+
+
+def check_iou_threshold(value: float) -> None:
+    """A finite number (below 0 keeps every slice, 1 or more empties them all); NaN would empty all silently."""
+    if not math.isfinite(value):
+        raise DesamError(f"--iou-threshold must be a finite number, got {value}")
+
+
 def summarise(results: list[predictor.CaseResult], out_dir: Path, part: str) -> int:
     """Print what was done and list the failed cases; the exit code (1 when any case failed)."""
     counts = {s: sum(r.status == s for r in results) for s in ("predicted", "skipped", "failed")}
@@ -90,12 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     input_path, out_dir = Path(args.input), Path(args.output)
     if out_dir.resolve() == input_path.resolve():
         raise DesamError(f"{out_dir}: the output folder must not be the input folder")
+    check_iou_threshold(args.iou_threshold)
     device = select_device(args.device)
     model = predictor.load_model(model_folder(args), args.folds, device)
     settings = predictor.make_settings(
         model.plan, device, args.batch_size, grid=args.grid, iou_threshold=args.iou_threshold,
         postprocess=args.postprocess, save_probabilities=args.save_probabilities, skip_existing=args.skip_existing)
     cases = predictor.discover_inputs(input_path, model.num_channels)
+    refuse_overwriting_inputs(cases, out_dir)
+    for folder in (out_dir, out_dir / predictor.QUALITY_DIR):
+        remove_stale_temporaries(folder)
     engine = predictor.build_predictor(model, settings, args.checkpoint, args.preprocessed)
     mine = shard(cases, num_parts, part_id)
     part = f" part {part_id + 1}/{num_parts}" if num_parts > 1 else ""

@@ -20,6 +20,37 @@ def read_dataset_json(path: Path, hint: str = "") -> dict:
         raise DesamError(f"{path}: invalid JSON ({exc})") from exc
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# field -> (what it must be, test); region-based labels (lists of values) are an nnU-Net feature desam lacks
+FIELD_TYPES = {
+    "labels": ("an object of label name -> integer value (region lists are not supported)",
+               lambda v: isinstance(v, dict) and bool(v) and all(_is_int(x) for x in v.values())),
+    "channel_names": ("a non-empty object of channel index -> name, e.g. {\"0\": \"MRI\"}",
+                      lambda v: isinstance(v, dict) and bool(v)
+                      and all(str(k).isdigit() and isinstance(x, str) for k, x in v.items())),
+    "file_ending": ("a string such as \".nii.gz\"", lambda v: isinstance(v, str) and v.startswith(".")),
+    "domains": ("an object of case id -> site name (a non-empty string)",
+                lambda v: isinstance(v, dict) and all(isinstance(x, str) and x for x in v.values())),
+    "numTraining": ("an integer", _is_int),
+}
+
+
+def field_problems(dataset_json, path: Path, fields: tuple[str, ...] = tuple(FIELD_TYPES)) -> list[str]:
+    """Wrong-typed `fields` of a dataset.json (those present), each naming the file and the field."""
+    if not isinstance(dataset_json, dict):
+        return [f"{path}: must hold a JSON object, found {type(dataset_json).__name__}"]
+    problems = []
+    for name in fields:
+        expected, valid = FIELD_TYPES[name]
+        if name in dataset_json and not valid(dataset_json[name]):
+            found = json.dumps(dataset_json[name])
+            problems.append(f"{path}: '{name}' must be {expected}, found {found[:60]}{'...' if len(found) > 60 else ''}")
+    return problems
+
+
 def load_dataset_json(raw_dir: Path) -> dict:
     """dataset.json of a raw dataset folder."""
     return read_dataset_json(Path(raw_dir) / "dataset.json",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from desam_pipeline.atomic import atomic_path
+from desam_pipeline.atomic import save_torch
 from desam_pipeline.errors import DesamError
 from desam_pipeline.splits import source_key
 
@@ -97,9 +97,9 @@ class Checkpoint:
         return None not in (self.optimizer, self.scaler, self.rng)
 
     def save(self, target: str | os.PathLike) -> None:
-        """Write atomically as a plain dict of tensors and builtins (loadable with weights_only=True)."""
-        with atomic_path(target) as tmp:
-            torch.save({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, tmp)
+        """Write atomically as a plain dict of tensors and builtins (loadable with weights_only=True); a full
+        disk is a plain OSError naming the file, not a zip error."""
+        save_torch({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, target)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Checkpoint":

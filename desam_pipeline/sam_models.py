@@ -13,7 +13,7 @@ import torch
 from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import ImageEncoderViT, Sam
 
-from desam_pipeline.atomic import atomic_path
+from desam_pipeline.atomic import save_torch
 from desam_pipeline.errors import DesamError
 
 ENCODER_SPECS: dict[str, dict] = {
@@ -133,9 +133,12 @@ def load_image_encoder(encoder: str, checkpoint: str | os.PathLike) -> ImageEnco
 
 
 def save_sam_checkpoint(sam: Sam, target: str | os.PathLike) -> Path:
-    """Save a SAM's state dict the way the official .pth files are laid out (flat keys)."""
-    with atomic_path(target) as tmp:
-        torch.save(sam.state_dict(), tmp)
+    """Save a SAM's state dict the way the official .pth files are laid out (flat keys).
+
+    Saved through a buffer: torch.save records a file's name inside the archive, so the same weights
+    would hash differently with every temporary name (plans record the file's sha256).
+    """
+    save_torch(sam.state_dict(), target)
     return Path(target)
 
 

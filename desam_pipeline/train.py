@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="autocast precision (default auto: fp16 with loss scaling on CUDA, bf16 on CPU)")
-    parser.add_argument("-c", "--continue", dest="continue_training", action="store_true",
-                        help="resume from the newest checkpoint of this fold")
+    restart = parser.add_mutually_exclusive_group()
+    restart.add_argument("-c", "--continue", dest="continue_training", action="store_true",
+                         help="resume from the newest checkpoint of this fold (a finished fold: nothing to do)")
+    restart.add_argument("--overwrite", action="store_true",
+                         help="train a finished fold again from scratch, removing its checkpoints first")
     parser.add_argument("--val-only", action="store_true",
                         help="only run the final validation of checkpoint_final.pth")
     parser.add_argument("--num-workers", type=int, default=2,
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
     if args.val_only:
         trainer.run_validation_only()
     else:
-        trainer.run_training(continue_training=args.continue_training)
+        trainer.run_training(continue_training=args.continue_training, overwrite=args.overwrite)
 
 
 @cli_entry

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from desam_pipeline import cache, distributed, inference, slice_data, splits
-from desam_pipeline.atomic import atomic_path, read_json, write_json
+from desam_pipeline.atomic import atomic_path, read_json, remove_stale_temporaries, write_json
 from desam_pipeline.errors import DesamError
 from desam_pipeline.losses import desam_loss
 from desam_pipeline.network import DeSAM
@@ -46,7 +46,7 @@ from desam_pipeline.progress_plot import plot_progress
 from desam_pipeline.raw_dataset import domains
 from desam_pipeline.results_layout import CHECKPOINT_FINAL, CHECKPOINTS, Checkpoint, model_folder_name
 from desam_pipeline.runtime import autocast, resolve_precision, select_device
-from evaluation.metrics import compute_metrics
+from evaluation.metrics import METRICS, compute_metrics
 from plans.planner import load_plan, plan_hash
 
 MODES = slice_data.MODES
@@ -124,6 +124,8 @@ class DeSAMTrainer:
         if epochs < self.MIN_EPOCHS or batch_size < 1 or not lr > 0:
             raise DesamError(f"epochs ({epochs}) must be >= {self.MIN_EPOCHS}, batch size ({batch_size}) >= 1 "
                              f"and lr ({lr}) > 0")
+        if num_workers < 0:
+            raise DesamError(f"--num-workers must be 0 (load in this process) or more, got {num_workers}")
         self.preprocessed_dir = Path(preprocessed_dir)
         self.plans_name = plans_name
         self.fold = splits.parse_fold(fold)
@@ -273,14 +275,25 @@ class DeSAMTrainer:
         torch.manual_seed(seed)
 
     # ---------------------------------------------------------------- hooks
-    def on_train_start(self, continue_training: bool) -> None:
+    def on_train_start(self, continue_training: bool, overwrite: bool = False) -> None:
+        self.check_finished_fold(continue_training, overwrite)
         self.initialize()
+        if self.is_main:
+            for folder in (self.model_dir, self.fold_dir, self.fold_dir / "validation"):
+                remove_stale_temporaries(folder)
+            if overwrite:
+                self.clear_fold()
+        distributed.barrier()
         if continue_training:
             newest = self.newest_checkpoint()
             if newest is None:
                 self.print(f"no checkpoint in {self.fold_dir}; starting from scratch")
             else:
                 self.load_checkpoint(newest)
+                if self.fold_done():
+                    self.print(f"{self.fold_dir}: fold finished (checkpoint_final.pth and its validation); "
+                               f"nothing to do (--overwrite trains it again)")
+                    return
                 self.print(f"resuming from {newest.name} after epoch {self.start_epoch}")
         if self.is_main:
             self.fold_dir.mkdir(parents=True, exist_ok=True)
@@ -292,6 +305,23 @@ class DeSAMTrainer:
                           f"{self.model_dir.name}/fold_{self.fold}, {len(self.train_cases)} train cases "
                           f"({len(self.train_data)} slices), {len(self.val_cases)} validation cases "
                           f"({len(self.val_data)} slices), device {self.device}, world size {self.world_size}\n")
+
+    def check_finished_fold(self, continue_training: bool, overwrite: bool) -> None:
+        """A finished fold (checkpoint_final.pth) is retrained only with an explicit `overwrite`."""
+        final = self.fold_dir / "checkpoint_final.pth"
+        if final.is_file() and not continue_training and not overwrite:
+            raise DesamError(f"{final}: this fold is finished; pass -c to keep it (nothing left to train) or "
+                             f"--overwrite to train it again from scratch")
+
+    def fold_done(self) -> bool:
+        """Resumed from checkpoint_final.pth with the final validation written (or none to do)."""
+        return self.finished and (not self.val_cases or (self.fold_dir / "validation" / "summary.json").is_file())
+
+    def clear_fold(self) -> None:
+        """Remove a previous run's checkpoints, log, plot and validation, so no mixed folder survives."""
+        for name in (*CHECKPOINTS, "training_log.txt", "progress.png", "debug.json"):
+            (self.fold_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.fold_dir / "validation", ignore_errors=True)
 
     def on_epoch_start(self, epoch: int) -> None:
         self.network.train()
@@ -369,13 +399,13 @@ class DeSAMTrainer:
         states = distributed.gather(rng_state())
         if not self.is_main:
             return
-        with open(self.log_file, "a") as log:
-            log.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {line}\n")
-        plot_progress(self.history, self.fold_dir / "progress.png")
-        self.save_checkpoint(self.fold_dir / "checkpoint_latest.pth", states)
+        self.save_checkpoint(self.fold_dir / "checkpoint_latest.pth", states)  # first: the log never runs ahead
         if is_best:
             self.save_checkpoint(self.fold_dir / "checkpoint_best.pth", states)
             self.print(f"new best moving-average validation Dice {ema:.4f}")
+        with open(self.log_file, "a") as log:
+            log.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {line}\n")
+        plot_progress(self.history, self.fold_dir / "progress.png")
 
     def on_train_end(self) -> None:
         states = distributed.gather(rng_state())
@@ -385,9 +415,15 @@ class DeSAMTrainer:
                 log.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} training finished after {self.epochs} epochs\n")
 
     # ---------------------------------------------------------------- loops
-    def run_training(self, continue_training: bool = False) -> None:
-        """Train from epoch 0 (or, with `continue_training`, from the newest checkpoint), then validate."""
-        self.on_train_start(continue_training)
+    def run_training(self, continue_training: bool = False, overwrite: bool = False) -> None:
+        """Train from epoch 0 (or, with `continue_training`, from the newest checkpoint), then validate.
+
+        A finished fold needs `continue_training` (then only a missing final validation is done) or
+        `overwrite` (start over, the old run's files removed first).
+        """
+        self.on_train_start(continue_training, overwrite)
+        if self.fold_done():
+            return
         for epoch in range(self.start_epoch, self.epochs):
             self.run_epoch(epoch)
         if not self.finished:
@@ -539,6 +575,9 @@ class DeSAMTrainer:
     def _validate_case(self, case: str, out_dir: Path) -> dict:
         arrays = cache.open_case(self.cache_dir / case)
         meta = arrays["meta"]
+        if not meta["z"]:  # nothing cached, so nothing predicted: no score rather than a free Dice of 1
+            self.print(f"fold {self.fold}: validation case {case} has no cached slices; left out of the mean")
+            return {"domain": meta.get("domain", self.case_domains.get(case)), **{k: None for k in METRICS}}
         probabilities, _ = inference.predict_slices(
             self.network, arrays["neck"], [arrays[f"tap{i}"] for i in range(3)], self.mode,
             batch_size=self.local_batch_size, device=self.device, precision=self.precision)

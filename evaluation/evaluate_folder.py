@@ -1,7 +1,9 @@
 """`desam_evaluate_folder REF PRED`: Dice, HD95, ASSD and NSD of every reference case, one CSV row each.
 
 A case of REF without a prediction in PRED is a row with status `missing` and NaN metrics, never
-skipped. Files are `<case><file_ending>` (`.nii.gz` unless the dataset.json says otherwise).
+skipped. Files are `<case><file_ending>` (`.nii.gz` unless the dataset.json says otherwise). A PRED
+without any prediction is an error; predicted values that are neither foreground labels nor in the
+reference count as background with a warning naming the file, and NaN or fractional values are an error.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from tqdm import tqdm
 
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.nifti_io import read_volume, voxel_spacing
-from desam_pipeline.raw_dataset import domains, file_ending, read_dataset_json
+from desam_pipeline.raw_dataset import domains, field_problems, file_ending, read_dataset_json
 from evaluation.metrics import METRICS, check_same_geometry, compute_metrics
 from evaluation.tables import summarise, to_markdown, write_csv
 
@@ -29,6 +31,20 @@ def foreground(volume: np.ndarray, labels: Iterable[int]) -> np.ndarray:
     return np.isin(volume, np.asarray(list(labels), dtype=volume.dtype))
 
 
+def check_prediction_values(prediction: np.ndarray, reference: np.ndarray, labels: list[int],
+                            path: str | os.PathLike) -> None:
+    """Label values must be finite integers; values in neither the reference nor `labels` count as
+    background, and a warning line says so."""
+    values = np.unique(prediction)
+    odd = values[~np.isfinite(values) | (values != np.round(values))]
+    if odd.size:
+        raise DesamError(f"{path}: label values must be integers, found {', '.join(map(str, odd[:5].tolist()))}")
+    unknown = sorted(set(values.tolist()) - {0} - set(labels) - set(np.unique(reference).tolist()))
+    if unknown:
+        tqdm.write(f"desam: warning: {path}: label values {[int(v) for v in unknown]} are neither in the reference "
+                   f"nor in the labels {labels}; counted as background", file=sys.stderr)
+
+
 def evaluate_pair(reference_path: str | os.PathLike, prediction_path: str | os.PathLike,
                   labels: Iterable[int] = (1,), nsd_tolerance: float = 1.0) -> dict[str, float]:
     """Metrics of one prediction file against its reference file (same grid required), spacing from
@@ -37,14 +53,20 @@ def evaluate_pair(reference_path: str | os.PathLike, prediction_path: str | os.P
     prediction, prediction_image = read_volume(prediction_path)
     check_same_geometry(reference_image, prediction_image, reference_path, prediction_path)
     labels = list(labels)
+    check_prediction_values(prediction, reference, labels, prediction_path)
     return compute_metrics(foreground(reference, labels), foreground(prediction, labels),
                            voxel_spacing(reference_image), nsd_tolerance=nsd_tolerance)
 
 
 def _load_dataset_json(dataset_json: str | os.PathLike | dict | None) -> dict:
+    """The dataset.json given (path or dict), its file_ending and domains checked for type."""
     if dataset_json is None or isinstance(dataset_json, dict):
         return dict(dataset_json or {})
-    return read_dataset_json(Path(dataset_json))
+    info = read_dataset_json(Path(dataset_json))
+    problems = field_problems(info, Path(dataset_json), ("file_ending", "domains"))
+    if problems:
+        raise DesamError(problems[0])
+    return info
 
 
 def list_case_files(folder: Path, ending: str) -> dict[str, Path]:
@@ -71,6 +93,8 @@ def evaluate_folder(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike,
     if not references:
         raise DesamError(f"{ref_dir}: no reference files ending in {ending}")
     predictions = list_case_files(pred_dir, ending)
+    if not predictions:
+        raise DesamError(f"{pred_dir}: no prediction files ending in {ending}")
     case_sites = domains(info)
     labels = list(labels)
     rows = []
@@ -103,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("ref", metavar="REF", help="folder of reference label files <case>.nii.gz")
     parser.add_argument("pred", metavar="PRED", help="folder of predicted label files <case>.nii.gz")
     parser.add_argument("-o", "--output", metavar="OUT.csv", default=None,
-                        help=f"per-case CSV (default: PRED/{DEFAULT_OUTPUT})")
+                        help=f"per-case CSV, or a folder to write {DEFAULT_OUTPUT} into (default: PRED/{DEFAULT_OUTPUT})")
     parser.add_argument("--dataset-json", metavar="PATH", default=None,
                         help="dataset.json giving file_ending and the 'domains' (case -> site) for a site column")
     parser.add_argument("--labels", type=int, nargs="+", default=[1],
@@ -120,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         raise DesamError(f"--nsd-tolerance must be >= 0, got {args.nsd_tolerance}")
     per_case = evaluate_folder(args.ref, args.pred, args.dataset_json, args.labels, args.nsd_tolerance)
     output = Path(args.output) if args.output else Path(args.pred) / DEFAULT_OUTPUT
+    if output.is_dir():  # -o FOLDER: the default file name inside it
+        output = output / DEFAULT_OUTPUT
     write_csv(per_case, output)
     print(summary_text(per_case))
     print(f"per-case metrics written to {output}", file=sys.stderr)

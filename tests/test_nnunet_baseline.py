@@ -7,7 +7,6 @@ writes, the prediction of each case being its ground truth or, for one case, an 
 """
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
