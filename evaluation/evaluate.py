@@ -40,8 +40,8 @@ from desam_pipeline.train import find_plans_name
 from desam_pipeline.trainer import model_folder_name
 from evaluation.evaluate_folder import evaluate_pair, foreground
 from evaluation.metrics import METRICS, check_same_geometry
-from evaluation.paper_protocol import (BORDER, paper_metrics, paper_volumes, slice_grid_spacing, to_slice_grid,
-                                       zero_border)
+from evaluation.paper_protocol import (BORDER, paper_metrics, paper_volumes, reference_label_grid, slice_grid_spacing,
+                                       to_slice_grid, zero_border)
 from evaluation.plots import overlay_png, site_boxplot_png
 from evaluation.tables import OVERALL, PROTOCOLS, label_protocol, markdown_section, summarise, write_csv
 
@@ -307,9 +307,11 @@ def summary_document(per_case: pd.DataFrame, per_site: pd.DataFrame, context: di
     }
     if protocol == "paper":
         document["paper_protocol"] = {"slice_size": 256, "border_zeroed_px": BORDER,
-                                      "slices": "those whose ground truth (resized to 256x256) has foreground",
-                                      "prediction": "the saved mask resized to 256x256 (nearest), like the "
-                                                    "ground truth",
+                                      "slices": "first foreground slice up to, not including, the last one; of "
+                                                "those, the ones whose resized ground truth has foreground",
+                                      "ground_truth": "resized to 256x256 as the reference does (skimage order 0, "
+                                                      "anti-aliased)",
+                                      "prediction": "the saved mask resized to 256x256 (nearest)",
                                       "spacing": "slice spacing; in-plane spacing x original size / 256"}
     return document
 
@@ -343,7 +345,7 @@ def write_overlays(per_case: pd.DataFrame, out_dir: Path, raw_dir: Path, dataset
         target = out_dir / f"{site}_{tag}_{case}.png"
         if protocol == "paper":
             slices = preprocess_volume(image, plan)
-            ref256 = to_slice_grid(reference, axis) > 0
+            ref256 = reference_label_grid(reference, axis)
             pred256 = zero_border(to_slice_grid(prediction, axis)) > 0
             _, _, kept = paper_volumes(reference, prediction, axis)
             pred256[np.setdiff1d(np.arange(len(pred256)), kept)] = False
