@@ -28,6 +28,7 @@ from desam_pipeline.embedding import encode_slices, features_for_cache, preproce
 from desam_pipeline.errors import DesamError
 from desam_pipeline.network import DeSAM
 from desam_pipeline.nifti_io import file_sha256, read_volume, save_like
+from desam_pipeline.orientation import from_slices, in_plane_shape, plan_orientation
 from desam_pipeline.paths import DATASET_PATTERN, get_root
 from desam_pipeline.postprocessing import postprocess
 from desam_pipeline.preprocessing import resize_probabilities_back
@@ -411,8 +412,9 @@ def predict_volume(model: Model, volume: np.ndarray, encoder: SliceEncoder, sett
         probabilities[index], iou[index] = decode(model, neck, taps, settings)
         if progress is not None:
             progress.update(len(index))
-    in_plane = tuple(s for a, s in enumerate(volume.shape) if a != axis)
-    return np.moveaxis(resize_probabilities_back(probabilities, in_plane), 0, axis), iou
+    orientation = plan_orientation(model.plan)
+    back = resize_probabilities_back(probabilities, in_plane_shape(volume.shape, axis, orientation))
+    return np.ascontiguousarray(from_slices(back, axis, orientation)), iou
 
 
 # ---------------------------------------------------------------- outputs

@@ -37,6 +37,7 @@ from desam_pipeline.errors import DesamError
 from desam_pipeline.losses import desam_loss
 from desam_pipeline.network import DeSAM
 from desam_pipeline.nifti_io import file_sha256
+from desam_pipeline.orientation import from_slices, plan_orientation
 from desam_pipeline.preprocessing import SLICE_SIZE
 from desam_pipeline.progress_plot import plot_progress
 from desam_pipeline.raw_dataset import domains
@@ -524,8 +525,9 @@ class DeSAMTrainer:
         z = np.asarray(meta["z"], dtype=int)
         prediction = np.zeros((SLICE_SIZE, SLICE_SIZE, depth), bool)
         reference = np.zeros_like(prediction)
-        prediction[:, :, z] = np.moveaxis(probabilities > 0.5, 0, -1)
-        reference[:, :, z] = np.moveaxis(np.asarray(arrays["label"]) > 0, 0, -1)
+        orientation = plan_orientation(self.plan)
+        prediction[:, :, z] = from_slices(probabilities > 0.5, 2, orientation)
+        reference[:, :, z] = from_slices(np.asarray(arrays["label"]) > 0, 2, orientation)
         spacing = (meta["spacing"][0] * width / SLICE_SIZE, meta["spacing"][1] * height / SLICE_SIZE,
                    meta["spacing"][2])
         metrics = compute_metrics(reference, prediction, spacing)

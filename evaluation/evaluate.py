@@ -33,6 +33,7 @@ from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.inference import MODES
 from desam_pipeline.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.paths import Trees, add_root_arguments
+from desam_pipeline.orientation import LEGACY_ORIENTATION, from_slices, plan_orientation, to_slices
 from desam_pipeline.postprocessing import POSTPROCESSING
 from desam_pipeline.raw_dataset import domains, file_ending, image_path, label_path, list_cases, load_dataset_json
 from desam_pipeline.runtime import select_device, tune_malloc
@@ -344,7 +345,8 @@ def write_overlays(per_case: pd.DataFrame, out_dir: Path, raw_dir: Path, dataset
         spacing = voxel_spacing(image_nii)
         target = out_dir / f"{site}_{tag}_{case}.png"
         if protocol == "paper":
-            slices = preprocess_volume(image, plan)
+            sam_slices = preprocess_volume(image, plan)  # back to array order, as the protocol's slices
+            slices = to_slices(from_slices(sam_slices, axis, plan_orientation(plan)), axis, LEGACY_ORIENTATION)
             ref256 = reference_label_grid(reference, axis)
             pred256 = zero_border(to_slice_grid(prediction, axis)) > 0
             _, _, kept = paper_volumes(reference, prediction, axis)
