@@ -15,6 +15,7 @@ from desam_pipeline import distributed, predictor
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.inference import MODES
 from desam_pipeline.paths import Trees, add_root_arguments
+from desam_pipeline.prediction_record import write_record
 from desam_pipeline.postprocessing import POSTPROCESSING
 from desam_pipeline.runtime import select_device, shard, shard_spec, tune_malloc
 
@@ -33,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default=None, help="with -d: the model's mode")
     parser.add_argument("--plans-name", default=None, help="with -d: the model's plan")
     parser.add_argument("-f", "--folds", nargs="+", default=None,
-                        help="folds to average (default: every numbered fold with a final checkpoint, else 'all')")
+                        help="folds to average (default: every numbered fold with the chosen checkpoint, else 'all')")
+    parser.add_argument("--checkpoint-name", choices=tuple(predictor.CHECKPOINT_NAMES), default="final",
+                        help="each fold's checkpoint: final (default) or best (best moving-average validation "
+                             "Dice); recorded in <output>/prediction.json")
     parser.add_argument("--checkpoint", default=None,
                         help="SAM checkpoint for the frozen encoder (default: the plan's; its sha256 must match)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir.resolve() == input_path.resolve():
         raise DesamError(f"{out_dir}: the output folder must not be the input folder")
     device = select_device(args.device)
-    model = predictor.load_model(model_folder(args), args.folds, device)
+    model = predictor.load_model(model_folder(args), args.folds, device, args.checkpoint_name)
     settings = predictor.make_settings(
         model.plan, device, args.batch_size, grid=args.grid, iou_threshold=args.iou_threshold,
         postprocess=args.postprocess, save_probabilities=args.save_probabilities, skip_existing=args.skip_existing)
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"desam_predict{part}: {len(mine)} of {len(cases)} cases, model {model.folder.name} ({model.mode} "
               f"mode, folds {', '.join(model.folds)}), {device.type} {settings.precision}, batch "
               f"{settings.batch_size}, {len(engine.cache_index)} cached cases of the plan", flush=True)
+        if not in_group or distributed.rank() == 0:
+            write_record(out_dir, model, settings)
         results = engine.predict_cases(mine, out_dir, show_progress=not in_group or part_id == 0)
         if not in_group:
             predictor.merge_quality(out_dir)

@@ -35,7 +35,9 @@ from desam_pipeline.preprocessing import resize_probabilities_back
 from desam_pipeline.runtime import resolve_precision
 from plans.planner import REQUIRED_KEYS, plan_hash
 
-CHECKPOINT_FILE = "checkpoint_final.pth"
+# Which checkpoint of a fold predicts: the final one (default) or the best moving-average validation Dice.
+CHECKPOINT_NAMES = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
+CHECKPOINT_FILE = CHECKPOINT_NAMES["final"]
 TRAINER_PREFIX = "DeSAMTrainer__"  # trainer.model_folder_name; not imported to keep the trainer out of start-up
 QUALITY_FILE = "quality.csv"
 QUALITY_DIR = "quality"
@@ -142,6 +144,7 @@ class Model:
     mode: str
     folds: list[str]
     networks: list[DeSAM] = field(repr=False)
+    checkpoint_name: str = "final"
 
     @property
     def num_channels(self) -> int:
@@ -176,19 +179,27 @@ def find_model_folder(results_dataset_dir: str | os.PathLike, sources: list[str]
                      f"choose one with --source, --mode or --plans-name, or pass -m")
 
 
-def available_folds(model_folder: str | os.PathLike) -> list[str]:
-    """Fold names (`0`, `1`, ..., `all`) that have a final checkpoint; numbered folds first."""
-    folder = Path(model_folder)
-    names = [c.name[len("fold_"):] for c in folder.glob("fold_*") if (c / CHECKPOINT_FILE).is_file()]
+def checkpoint_file(checkpoint_name: str) -> str:
+    """The file name of a fold's `final` or `best` checkpoint."""
+    if checkpoint_name not in CHECKPOINT_NAMES:
+        raise DesamError(f"unknown checkpoint name {checkpoint_name!r}; choose one of {', '.join(CHECKPOINT_NAMES)}")
+    return CHECKPOINT_NAMES[checkpoint_name]
+
+
+def available_folds(model_folder: str | os.PathLike, checkpoint_name: str = "final") -> list[str]:
+    """Fold names (`0`, `1`, ..., `all`) that have the named checkpoint; numbered folds first."""
+    folder, name = Path(model_folder), checkpoint_file(checkpoint_name)
+    names = [c.name[len("fold_"):] for c in folder.glob("fold_*") if (c / name).is_file()]
     return sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
 
 
-def default_folds(model_folder: str | os.PathLike) -> list[str]:
+def default_folds(model_folder: str | os.PathLike, checkpoint_name: str = "final") -> list[str]:
     """The cross-validation folds when there are any (as nnU-Net), else fold `all`."""
-    folds = available_folds(model_folder)
+    folds = available_folds(model_folder, checkpoint_name)
     numbered = [f for f in folds if f.isdigit()]
     if not folds:
-        raise DesamError(f"{model_folder}: no fold_*/{CHECKPOINT_FILE}; train at least one fold to the end")
+        raise DesamError(f"{model_folder}: no fold_*/{checkpoint_file(checkpoint_name)}; "
+                         "train at least one fold to the end")
     return numbered or folds
 
 
@@ -219,8 +230,9 @@ def load_fold_network(path: Path, plan: dict) -> tuple[DeSAM, str]:
 
 
 def load_model(model_folder: str | os.PathLike, folds: list[str] | None = None,
-               device: torch.device | str = "cpu") -> Model:
-    """Read a model folder's plans.json, dataset.json and the final checkpoints of `folds` (default: all)."""
+               device: torch.device | str = "cpu", checkpoint_name: str = "final") -> Model:
+    """Read a model folder's plans.json, dataset.json and the `final` (or `best`) checkpoints of `folds`
+    (default: all)."""
     folder = Path(model_folder)
     if not folder.is_dir():
         raise DesamError(f"{folder}: model folder not found")
@@ -229,19 +241,19 @@ def load_model(model_folder: str | os.PathLike, folds: list[str] | None = None,
     if missing:
         raise DesamError(f"{folder / 'plans.json'}: plan lacks keys {', '.join(missing)}")
     dataset_json = _read_model_json(folder, "dataset.json")
-    folds = [str(f) for f in folds] if folds else default_folds(folder)
+    folds = [str(f) for f in folds] if folds else default_folds(folder, checkpoint_name)
     networks, modes = [], set()
     for fold in folds:
-        path = folder / f"fold_{fold}" / CHECKPOINT_FILE
+        path = folder / f"fold_{fold}" / checkpoint_file(checkpoint_name)
         if not path.is_file():
-            have = ", ".join(available_folds(folder)) or "none"
-            raise DesamError(f"{path}: not found (folds with a final checkpoint: {have})")
+            have = ", ".join(available_folds(folder, checkpoint_name)) or "none"
+            raise DesamError(f"{path}: not found (folds with a {checkpoint_name} checkpoint: {have})")
         net, mode = load_fold_network(path, plan)
         networks.append(net.to(device))
         modes.add(mode)
     if len(modes) != 1:
         raise DesamError(f"{folder}: folds {', '.join(folds)} were trained in different modes ({sorted(modes)})")
-    return Model(folder, plan, dataset_json, modes.pop(), folds, networks)
+    return Model(folder, plan, dataset_json, modes.pop(), folds, networks, checkpoint_name)
 
 
 # ---------------------------------------------------------------- features: encoder and cache

@@ -82,17 +82,18 @@ def locate_model(trees: Trees, sources: Sequence[str], mode: str, plans_name: st
     return folder, plans
 
 
-def choose_folds(folder: Path, requested: Sequence[str] | None, hint: str) -> list[str]:
-    """The requested folds (each must have checkpoint_final.pth), else the predictor's default folds."""
-    available = predictor.available_folds(folder)
+def choose_folds(folder: Path, requested: Sequence[str] | None, hint: str, checkpoint_name: str = "final") -> list[str]:
+    """The requested folds (each must have the named checkpoint), else the predictor's default folds."""
+    available = predictor.available_folds(folder, checkpoint_name)
+    name = predictor.checkpoint_file(checkpoint_name)
     if not available:
-        raise DesamError(f"{folder}: no fold has {predictor.CHECKPOINT_FILE}; run `{hint}` to the end first")
+        raise DesamError(f"{folder}: no fold has {name}; run `{hint}` to the end first")
     if not requested:
-        return predictor.default_folds(folder)
+        return predictor.default_folds(folder, checkpoint_name)
     folds = list(dict.fromkeys(str(splits.parse_fold(f)) for f in requested))
     missing = [f for f in folds if f not in available]
     if missing:
-        raise DesamError(f"{folder}: fold(s) {', '.join(missing)} have no {predictor.CHECKPOINT_FILE} (trained: "
+        raise DesamError(f"{folder}: fold(s) {', '.join(missing)} have no {name} (trained: "
                          f"{', '.join(available)}); run `{hint.replace('FOLD', missing[0])}` first")
     return folds
 
@@ -164,14 +165,14 @@ def prediction_path(folder: Path, case: EvalCase) -> Path:
 
 
 def prediction_settings(folder: Path, folds: Sequence[str], postprocess: str, grid: int,
-                        iou_threshold: float) -> dict:
-    """What a saved prediction depends on: folds (with their checkpoint's size and mtime) and options."""
+                        iou_threshold: float, checkpoint_name: str = "final") -> dict:
+    """What a saved prediction depends on: folds (with their checkpoint's name, size and mtime) and options."""
     checkpoints = {}
     for fold in folds:
-        stat = (folder / f"fold_{fold}" / predictor.CHECKPOINT_FILE).stat()
+        stat = (folder / f"fold_{fold}" / predictor.checkpoint_file(checkpoint_name)).stat()
         checkpoints[fold] = [stat.st_size, stat.st_mtime_ns]
-    return {"folds": list(folds), "checkpoints": checkpoints, "postprocess": postprocess, "grid": int(grid),
-            "iou_threshold": float(iou_threshold)}
+    return {"folds": list(folds), "checkpoint_name": checkpoint_name, "checkpoints": checkpoints,
+            "postprocess": postprocess, "grid": int(grid), "iou_threshold": float(iou_threshold)}
 
 
 def channel_files(raw_dir: Path, case: str, dataset_json: dict) -> tuple[Path, ...]:
@@ -183,18 +184,20 @@ def channel_files(raw_dir: Path, case: str, dataset_json: dict) -> tuple[Path, .
 def ensure_predictions(folder: Path, cases: list[EvalCase], raw_dir: Path, dataset_json: dict, *,
                        checkpoint: str | None = None, device: str = "auto", batch_size: int | None = None,
                        grid: int = 9, iou_threshold: float = 0.5, postprocess: str = "none",
-                       preprocessed_root: str | None = None, progress: bool = True) -> dict[str, int]:
+                       preprocessed_root: str | None = None, progress: bool = True,
+                       checkpoint_name: str = "final") -> dict[str, int]:
     """Predict the cases without an up-to-date saved prediction, through the predictor; returns counts."""
     record_path = folder / PREDICTIONS / PREDICTION_RECORD
     record = read_json(record_path) if record_path.is_file() else {}
-    wanted = {c.case: prediction_settings(folder, c.folds, postprocess, grid, iou_threshold) for c in cases}
+    wanted = {c.case: prediction_settings(folder, c.folds, postprocess, grid, iou_threshold, checkpoint_name)
+              for c in cases}
     todo = [c for c in cases if not (prediction_path(folder, c).is_file() and record.get(c.case) == wanted[c.case])]
     print(f"desam_evaluate: {len(cases) - len(todo)} saved prediction(s) reused, {len(todo)} to predict", flush=True)
     if not todo:
         return {"reused": len(cases), "predicted": 0}
     torch_device = select_device(device)
     fold_order = list(dict.fromkeys(f for c in todo for f in c.folds))
-    model = predictor.load_model(folder, fold_order, torch_device)
+    model = predictor.load_model(folder, fold_order, torch_device, checkpoint_name)
     settings = predictor.make_settings(model.plan, torch_device, batch_size, grid=grid, iou_threshold=iou_threshold,
                                        postprocess=postprocess)
     engine = predictor.build_predictor(model, settings, checkpoint, preprocessed_root)
@@ -380,7 +383,7 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
                    device: str = "auto", postprocess: str = "none", batch_size: int | None = None, grid: int = 9,
                    iou_threshold: float = 0.5, nsd_tolerance: float = 1.0, raw: str | None = None,
                    preprocessed: str | None = None, results: str | None = None,
-                   progress: bool = True) -> dict[str, Path]:
+                   progress: bool = True, checkpoint_name: str = "final") -> dict[str, Path]:
     """Predict (or reuse) and score every test case of one model; returns protocol -> evaluation folder."""
     protocols = list(dict.fromkeys(protocols))
     unknown = [p for p in protocols if p not in PROTOCOLS]
@@ -398,11 +401,12 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
     dataset_json = load_dataset_json(raw_dir)
     check_sources(raw_dir, dataset_json, sources)
     folder, plans = locate_model(trees, sources, mode, plans_name)
-    chosen_folds = choose_folds(folder, folds, train_command(trees.dataset, sources, mode, plans))
+    chosen_folds = choose_folds(folder, folds, train_command(trees.dataset, sources, mode, plans), checkpoint_name)
     cases = evaluation_cases(raw_dir, dataset_json, trees.preprocessed, folder, sources, chosen_folds)
     counts = ensure_predictions(folder, cases, raw_dir, dataset_json, checkpoint=checkpoint, device=device,
                                 batch_size=batch_size, grid=grid, iou_threshold=iou_threshold,
-                                postprocess=postprocess, preprocessed_root=preprocessed, progress=progress)
+                                postprocess=postprocess, preprocessed_root=preprocessed, progress=progress,
+                                checkpoint_name=checkpoint_name)
     plan = read_json(folder / "plans.json")
     title = f"{trees.dataset}: {mode} mode, trained on {'+'.join(sources)} (folds {', '.join(chosen_folds)})"
     written = {}
@@ -411,6 +415,7 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
                                nsd_tolerance, progress)
         context = {"protocol": protocol, "dataset": trees.dataset, "model_folder": folder.name, "mode": mode,
                    "source": sources, "plans_name": plans, "folds": chosen_folds,
+                   "checkpoint_name": checkpoint_name, "checkpoint_file": predictor.checkpoint_file(checkpoint_name),
                    "in_domain_fold_of_case": {c.case: c.folds[0] for c in cases if c.in_domain},
                    "postprocess": postprocess, "grid": grid, "iou_threshold": iou_threshold,
                    "nsd_tolerance_mm": nsd_tolerance, "labels": foreground_labels(dataset_json),
@@ -437,7 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="full: every slice in original geometry (default); paper: the reference protocol "
                              "(foreground slices only, 256x256, 50-px border zeroed); both may be given")
     parser.add_argument("-f", "--folds", nargs="+", default=None,
-                        help="folds to use (default: every numbered fold with a final checkpoint, else 'all')")
+                        help="folds to use (default: every numbered fold with the chosen checkpoint, else 'all')")
+    parser.add_argument("--checkpoint-name", choices=tuple(predictor.CHECKPOINT_NAMES), default="final",
+                        help="each fold's checkpoint: final (default) or best (best moving-average validation "
+                             "Dice); recorded in summary.json")
     parser.add_argument("--checkpoint", default=None,
                         help="SAM checkpoint for the frozen encoder (default: the plan's; its sha256 must match)")
     parser.add_argument("--plans-name", default=None, help="the model's plan (default: the dataset's only plan)")
@@ -460,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     evaluate_model(args.dataset, args.source, args.mode, args.protocol, args.folds, args.checkpoint, args.plans_name,
                    args.device, args.postprocess, args.batch_size, args.grid, args.iou_threshold, args.nsd_tolerance,
-                   args.raw, args.preprocessed, args.results)
+                   args.raw, args.preprocessed, args.results, checkpoint_name=args.checkpoint_name)
     return 0
 
 

@@ -256,6 +256,7 @@ def test_paper_protocol_reuses_predictions(trained, full_run, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["protocol"] == "paper" and summary["protocol_description"] == PROTOCOLS["paper"]
     assert summary["paper_protocol"]["border_zeroed_px"] == BORDER
+    assert summary["checkpoint_name"] == "final" and summary["checkpoint_file"] == "checkpoint_final.pth"
     assert_png(out / "per_site_boxplot.png")
     assert (pd.read_csv(out / "per_site.csv")["protocol"] == "paper").all()
     assert list((out / "overlays").glob("*.png")) or per_case["dice"].isna().all()
@@ -290,6 +291,10 @@ def test_settings_follow_the_checkpoint(trained, full_run):
         assert prediction_settings(model, ["0"], "paper", 9, 0.5) != before
     finally:
         os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert prediction_settings(model, ["0"], "none", 9, 0.5) == before
+    if (model / "fold_0" / "checkpoint_best.pth").is_file():
+        best = prediction_settings(model, ["0"], "none", 9, 0.5, "best")
+        assert best != before and best["checkpoint_name"] == "best"
 
 
 def test_errors_name_the_next_command(trained, full_run):
