@@ -34,7 +34,7 @@ from tqdm import tqdm
 from desam_pipeline import cache, distributed, inference, slice_data, splits
 from desam_pipeline.atomic import atomic_path, read_json, write_json
 from desam_pipeline.errors import DesamError
-from desam_pipeline.losses import desam_loss
+from desam_pipeline.losses import LOSS_WEIGHTS, LOSSES, desam_loss
 from desam_pipeline.network import DeSAM
 from desam_pipeline.nifti_io import file_sha256
 from desam_pipeline.orientation import from_slices, plan_orientation
@@ -47,7 +47,6 @@ from plans.planner import load_plan, plan_hash
 
 TRAINER_NAME = "DeSAMTrainer"
 MODES = slice_data.MODES
-DEFAULT_LOSS_WEIGHTS = {"grid": (1.0, 1.0, 10.0), "box": (1.0, 1.0, 0.0)}
 POLY_EXPONENT = 0.9
 EMA_MOMENTUM = 0.9
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
@@ -55,7 +54,8 @@ COPIED_FILES = ("dataset.json", "dataset_fingerprint.json")
 HISTORY_KEYS = ("train_loss", "val_loss", "val_dice", "val_dice_ema", "iou_accuracy", "lr",
                 "epoch_time", "data_wait")
 # Hyper-parameters that must match for `-c` to continue the same run exactly.
-RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss_weights", "seed", "plans_name", "fold", "sources")
+RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources")
+RESUME_DEFAULTS = {"loss": "paper"}  # checkpoints written before the key existed
 
 
 def model_folder_name(plans_name: str, mode: str, sources: list[str] | None) -> str:
@@ -118,9 +118,11 @@ class DeSAMTrainer:
                  sources: list[str] | None = None, mode: str = "grid", epochs: int = 50, batch_size: int = 8,
                  lr: float = 1e-4, loss_weights: tuple[float, float, float] | None = None, seed: int = 0,
                  device: str = "auto", precision: str = "auto", num_workers: int = 2,
-                 loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S):
+                 loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S, loss: str = "paper"):
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if loss not in LOSSES:
+            raise DesamError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         if epochs < 1 or batch_size < 1 or not lr > 0:
             raise DesamError(f"epochs ({epochs}) and batch size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
         self.preprocessed_dir = Path(preprocessed_dir)
@@ -128,7 +130,8 @@ class DeSAMTrainer:
         self.fold = splits.parse_fold(fold)
         self.sources = sorted(set(sources)) if sources else None
         self.mode, self.epochs, self.batch_size, self.lr = mode, int(epochs), int(batch_size), float(lr)
-        weights = DEFAULT_LOSS_WEIGHTS[mode] if loss_weights is None else tuple(map(float, loss_weights))
+        self.loss = loss
+        weights = LOSS_WEIGHTS[loss] if loss_weights is None else tuple(map(float, loss_weights))
         self.loss_weights = weights if mode == "grid" else (weights[0], weights[1], 0.0)
         self.seed, self.num_workers, self.loader_timeout_s = int(seed), int(num_workers), loader_timeout_s
         self.distributed = distributed.in_group()
@@ -160,7 +163,7 @@ class DeSAMTrainer:
                 "sources": self.sources, "mode": self.mode, "epochs": self.epochs,
                 "batch_size": self.batch_size, "local_batch_size": self.local_batch_size,
                 "world_size": self.world_size, "lr": self.lr, "lr_schedule": f"poly {POLY_EXPONENT} per epoch",
-                "optimizer": "Adam", "loss_weights": list(self.loss_weights), "seed": self.seed,
+                "optimizer": "Adam", "loss": self.loss, "loss_weights": list(self.loss_weights), "seed": self.seed,
                 "device": str(self.device), "precision": self.precision, "num_workers": self.num_workers,
                 "loader_timeout_s": self.loader_timeout_s, "dice_ema_momentum": EMA_MOMENTUM,
                 "split_seed": splits.SPLIT_SEED}
@@ -288,8 +291,8 @@ class DeSAMTrainer:
     def _loss(self, logits: torch.Tensor, iou: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         target = batch["label"].to(self.device, non_blocking=True)
         if self.mode == "grid":
-            return desam_loss(logits, target, iou, batch["iou_target"].to(self.device), self.loss_weights)
-        return desam_loss(logits, target, weights=self.loss_weights)
+            return desam_loss(logits, target, iou, batch["iou_target"].to(self.device), self.loss_weights, self.loss)
+        return desam_loss(logits, target, weights=self.loss_weights, loss=self.loss)
 
     def train_step(self, batch: dict) -> float:
         """One optimiser step on this rank's part of a global batch; returns the local mean loss."""
@@ -457,8 +460,8 @@ class DeSAMTrainer:
         except Exception as exc:
             raise DesamError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
         saved = checkpoint.get("config", {})
-        differ = [f"{k} {saved.get(k)!r} -> {getattr(self, k)!r}" for k in RESUME_KEYS
-                  if _comparable(saved.get(k)) != _comparable(getattr(self, k))]
+        differ = [f"{k} {saved.get(k, RESUME_DEFAULTS.get(k))!r} -> {getattr(self, k)!r}" for k in RESUME_KEYS
+                  if _comparable(saved.get(k, RESUME_DEFAULTS.get(k))) != _comparable(getattr(self, k))]
         if differ:
             raise DesamError(f"{path}: was trained with other settings ({'; '.join(differ)}); "
                              f"start a new run without -c or use the original flags")

@@ -289,3 +289,14 @@ def test_precision_defaults_to_bf16_on_cpu_and_refuses_fp16_there(cached, tmp_pa
     assert trainer("auto").precision == "bf16" and trainer("fp32").precision == "fp32"
     with pytest.raises(DesamError, match="fp16 autocast is not supported on CPU"):
         trainer("fp16")
+
+
+def test_loss_setting_is_recorded_in_the_config(tmp_path):
+    grid = DeSAMTrainer(tmp_path, tmp_path, "P", 0, mode="grid", loss="reference", device="cpu")
+    assert grid.config()["loss"] == "reference" and grid.config()["loss_weights"] == [1.0, 0.0, 1.0]
+    box = DeSAMTrainer(tmp_path, tmp_path, "P", 0, mode="box", loss="reference", device="cpu")
+    assert box.config()["loss_weights"] == [1.0, 0.0, 0.0]
+    paper = DeSAMTrainer(tmp_path, tmp_path, "P", 0, mode="grid", device="cpu")
+    assert paper.config()["loss"] == "paper" and paper.config()["loss_weights"] == [1.0, 1.0, 10.0]
+    with pytest.raises(DesamError, match="unknown loss"):
+        DeSAMTrainer(tmp_path, tmp_path, "P", 0, loss="monai", device="cpu")
