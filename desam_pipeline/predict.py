@@ -13,6 +13,7 @@ from pathlib import Path
 
 from desam_pipeline import distributed, predictor
 from desam_pipeline.errors import DesamError, cli_entry
+from desam_pipeline.grid_rules import GRID_RULES
 from desam_pipeline.inference import MODES
 from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.prediction_record import write_record
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iou-threshold", type=float, default=0.5,
                         help="grid mode: a slice is empty unless its best point's predicted IoU exceeds this")
     parser.add_argument("--grid", type=int, default=9, help="grid mode: K x K points per slice")
+    parser.add_argument("--grid-rule", choices=GRID_RULES, default="top1",
+                        help="grid mode: top1 = PDMM on the best point's embedding (default); reference = every "
+                             "point over the threshold through the network, NMS, clean-up, first mask, as the "
+                             "reference code; recorded in <output>/prediction.json")
     parser.add_argument("--postprocess", choices=POSTPROCESSING, default="none",
                         help="paper: per slice fill holes and drop islands under 1000 px at 256x256; "
                              "largest: keep the largest 3D connected component")
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     model = predictor.load_model(model_folder(args), args.folds, device, args.checkpoint_name)
     settings = predictor.make_settings(
         model.plan, device, args.batch_size, grid=args.grid, iou_threshold=args.iou_threshold,
-        postprocess=args.postprocess, save_probabilities=args.save_probabilities, skip_existing=args.skip_existing)
+        grid_rule=args.grid_rule, postprocess=args.postprocess, save_probabilities=args.save_probabilities,
+        skip_existing=args.skip_existing)
     cases = predictor.discover_inputs(input_path, model.num_channels)
     engine = predictor.build_predictor(model, settings, args.checkpoint, args.preprocessed)
     mine = shard(cases, num_parts, part_id)

@@ -26,6 +26,7 @@ from desam_pipeline import cache, inference, sam_models, splits
 from desam_pipeline.atomic import atomic_path, file_lock, read_json
 from desam_pipeline.embedding import encode_slices, features_for_cache, preprocess_volume
 from desam_pipeline.errors import DesamError
+from desam_pipeline.grid_rules import GRID_RULES
 from desam_pipeline.network import DeSAM
 from desam_pipeline.nifti_io import file_sha256, read_volume, save_like
 from desam_pipeline.orientation import from_slices, in_plane_shape, plan_orientation
@@ -354,6 +355,7 @@ class Settings:
     batch_size: int
     grid: int = 9
     iou_threshold: float = 0.5
+    grid_rule: str = "top1"
     postprocess: str = "none"
     save_probabilities: bool = False
     skip_existing: bool = False
@@ -371,6 +373,8 @@ def make_settings(plan: dict, device: torch.device, batch_size: int | None = Non
         raise DesamError(f"--batch-size must be at least 1, got {batch}")
     if choices.get("grid", 1) < 1:
         raise DesamError(f"--grid must be at least 1, got {choices['grid']}")
+    if choices.get("grid_rule", "top1") not in GRID_RULES:
+        raise DesamError(f"unknown --grid-rule {choices['grid_rule']!r}; choose one of {', '.join(GRID_RULES)}")
     return Settings(device=device, precision=precision, batch_size=batch, **choices)
 
 
@@ -402,7 +406,8 @@ def decode(model: Model, neck: torch.Tensor, taps: list[torch.Tensor],
     for net in model.networks:
         p, q = inference.predict_slices(net, neck, taps, model.mode, grid=settings.grid,
                                         iou_threshold=settings.iou_threshold, batch_size=settings.batch_size,
-                                        device=settings.device, precision=settings.precision)
+                                        device=settings.device, precision=settings.precision,
+                                        grid_rule=settings.grid_rule)
         probabilities += p
         iou += q
     return probabilities / len(model.networks), iou / len(model.networks)

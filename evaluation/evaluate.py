@@ -30,6 +30,7 @@ from desam_pipeline import predictor, splits
 from desam_pipeline.atomic import read_json, write_json
 from desam_pipeline.embedding import preprocess_volume
 from desam_pipeline.errors import DesamError, cli_entry
+from desam_pipeline.grid_rules import GRID_RULES
 from desam_pipeline.inference import MODES
 from desam_pipeline.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.paths import Trees, add_root_arguments
@@ -165,14 +166,15 @@ def prediction_path(folder: Path, case: EvalCase) -> Path:
 
 
 def prediction_settings(folder: Path, folds: Sequence[str], postprocess: str, grid: int,
-                        iou_threshold: float, checkpoint_name: str = "final") -> dict:
+                        iou_threshold: float, checkpoint_name: str = "final", grid_rule: str = "top1") -> dict:
     """What a saved prediction depends on: folds (with their checkpoint's name, size and mtime) and options."""
     checkpoints = {}
     for fold in folds:
         stat = (folder / f"fold_{fold}" / predictor.checkpoint_file(checkpoint_name)).stat()
         checkpoints[fold] = [stat.st_size, stat.st_mtime_ns]
     return {"folds": list(folds), "checkpoint_name": checkpoint_name, "checkpoints": checkpoints,
-            "postprocess": postprocess, "grid": int(grid), "iou_threshold": float(iou_threshold)}
+            "postprocess": postprocess, "grid": int(grid), "grid_rule": grid_rule,
+            "iou_threshold": float(iou_threshold)}
 
 
 def channel_files(raw_dir: Path, case: str, dataset_json: dict) -> tuple[Path, ...]:
@@ -185,12 +187,12 @@ def ensure_predictions(folder: Path, cases: list[EvalCase], raw_dir: Path, datas
                        checkpoint: str | None = None, device: str = "auto", batch_size: int | None = None,
                        grid: int = 9, iou_threshold: float = 0.5, postprocess: str = "none",
                        preprocessed_root: str | None = None, progress: bool = True,
-                       checkpoint_name: str = "final") -> dict[str, int]:
+                       checkpoint_name: str = "final", grid_rule: str = "top1") -> dict[str, int]:
     """Predict the cases without an up-to-date saved prediction, through the predictor; returns counts."""
     record_path = folder / PREDICTIONS / PREDICTION_RECORD
     record = read_json(record_path) if record_path.is_file() else {}
-    wanted = {c.case: prediction_settings(folder, c.folds, postprocess, grid, iou_threshold, checkpoint_name)
-              for c in cases}
+    wanted = {c.case: prediction_settings(folder, c.folds, postprocess, grid, iou_threshold, checkpoint_name,
+                                          grid_rule) for c in cases}
     todo = [c for c in cases if not (prediction_path(folder, c).is_file() and record.get(c.case) == wanted[c.case])]
     print(f"desam_evaluate: {len(cases) - len(todo)} saved prediction(s) reused, {len(todo)} to predict", flush=True)
     if not todo:
@@ -199,7 +201,7 @@ def ensure_predictions(folder: Path, cases: list[EvalCase], raw_dir: Path, datas
     fold_order = list(dict.fromkeys(f for c in todo for f in c.folds))
     model = predictor.load_model(folder, fold_order, torch_device, checkpoint_name)
     settings = predictor.make_settings(model.plan, torch_device, batch_size, grid=grid, iou_threshold=iou_threshold,
-                                       postprocess=postprocess)
+                                       grid_rule=grid_rule, postprocess=postprocess)
     engine = predictor.build_predictor(model, settings, checkpoint, preprocessed_root)
     groups: dict[tuple[tuple[str, ...], str], list[EvalCase]] = {}
     for case in todo:
@@ -383,7 +385,7 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
                    device: str = "auto", postprocess: str = "none", batch_size: int | None = None, grid: int = 9,
                    iou_threshold: float = 0.5, nsd_tolerance: float = 1.0, raw: str | None = None,
                    preprocessed: str | None = None, results: str | None = None,
-                   progress: bool = True, checkpoint_name: str = "final") -> dict[str, Path]:
+                   progress: bool = True, checkpoint_name: str = "final", grid_rule: str = "top1") -> dict[str, Path]:
     """Predict (or reuse) and score every test case of one model; returns protocol -> evaluation folder."""
     protocols = list(dict.fromkeys(protocols))
     unknown = [p for p in protocols if p not in PROTOCOLS]
@@ -406,7 +408,7 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
     counts = ensure_predictions(folder, cases, raw_dir, dataset_json, checkpoint=checkpoint, device=device,
                                 batch_size=batch_size, grid=grid, iou_threshold=iou_threshold,
                                 postprocess=postprocess, preprocessed_root=preprocessed, progress=progress,
-                                checkpoint_name=checkpoint_name)
+                                checkpoint_name=checkpoint_name, grid_rule=grid_rule)
     plan = read_json(folder / "plans.json")
     title = f"{trees.dataset}: {mode} mode, trained on {'+'.join(sources)} (folds {', '.join(chosen_folds)})"
     written = {}
@@ -417,7 +419,7 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
                    "source": sources, "plans_name": plans, "folds": chosen_folds,
                    "checkpoint_name": checkpoint_name, "checkpoint_file": predictor.checkpoint_file(checkpoint_name),
                    "in_domain_fold_of_case": {c.case: c.folds[0] for c in cases if c.in_domain},
-                   "postprocess": postprocess, "grid": grid, "iou_threshold": iou_threshold,
+                   "postprocess": postprocess, "grid": grid, "grid_rule": grid_rule, "iou_threshold": iou_threshold,
                    "nsd_tolerance_mm": nsd_tolerance, "labels": foreground_labels(dataset_json),
                    "predictions": {"folder": str(folder / PREDICTIONS), **counts}}
         out_dir = folder / EVALUATION / protocol
@@ -454,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--postprocess", choices=POSTPROCESSING, default="none",
                         help="post-processing of the predictions (paper: fill holes, drop small islands per slice)")
     parser.add_argument("--grid", type=int, default=9, help="grid mode: K x K points per slice")
+    parser.add_argument("--grid-rule", choices=GRID_RULES, default="top1",
+                        help="grid mode: top1 = PDMM on the best point's embedding (default); reference = the "
+                             "reference code's rule (every point over the threshold, NMS, clean-up, first mask)")
     parser.add_argument("--iou-threshold", type=float, default=0.5,
                         help="grid mode: a slice is empty unless its best point's predicted IoU exceeds this")
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
@@ -468,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     evaluate_model(args.dataset, args.source, args.mode, args.protocol, args.folds, args.checkpoint, args.plans_name,
                    args.device, args.postprocess, args.batch_size, args.grid, args.iou_threshold, args.nsd_tolerance,
-                   args.raw, args.preprocessed, args.results, checkpoint_name=args.checkpoint_name)
+                   args.raw, args.preprocessed, args.results, checkpoint_name=args.checkpoint_name,
+                   grid_rule=args.grid_rule)
     return 0
 
 

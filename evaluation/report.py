@@ -20,7 +20,8 @@ from desam_pipeline.paths import Trees, add_root_arguments
 from evaluation.metrics import METRICS
 from evaluation.plots import heatmap_png
 from evaluation.tables import (MEAN_UNSEEN, METRIC_LABELS, POOLED_UNSEEN, PROTOCOLS, cross_domain_cells,
-                               cross_domain_matrix, label_protocol, matrix_markdown, protocol_caption, to_markdown, write_csv)
+                               cross_domain_matrix, label_protocol, matrix_markdown, protocol_caption, to_markdown,
+                               write_csv)
 
 MODEL_PATTERN = re.compile(r"^DeSAMTrainer__(?P<plans>.+)__(?P<mode>[A-Za-z0-9]+)__src-(?P<source>.+)$")
 REQUIRED_COLUMNS = ("case", "site", *METRICS, "in_domain")
@@ -94,8 +95,8 @@ def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plan
     sections = [f"# {dataset}: source x target, {mode} mode", "", f"*{protocol_caption(protocol)}*", "",
                 f"Rows: the source site(s) a model was trained on; columns: target sites. `*` marks in-domain "
                 f"cells (the source's own held-out cases). `{MEAN_UNSEEN}`: mean over the targets that are not "
-                f"in-domain, each target weighted equally; `{POOLED_UNSEEN}`: one mean over every case of those targets "
-                "pooled together (how the reference code reports). Means leave out cases whose value is NaN "
+                f"in-domain, each target weighted equally; `{POOLED_UNSEEN}`: one mean over every case of those "
+                "targets pooled together (how the reference code reports). Means leave out cases whose value is NaN "
                 "(see the case counts below and cells.csv).", ""]
     for metric, higher_is_better in REPORT_METRICS.items():
         values, in_domain = cross_domain_matrix(cells, metric)

@@ -172,6 +172,13 @@ def test_grid_mode_threshold_and_box_mode_by_dataset(env, tmp_path):
     _, [(_, iou)] = manual_prediction(env, env.grid, ["0"], path, {"grid": 2, "iou_threshold": -1})
     for out in outs.values():
         assert np.allclose(quality(out)["predicted_iou"], iou, atol=2e-6)
+    reference = tmp_path / "reference"
+    assert run_cli("-i", path, "-o", reference, "-d", "900", "--mode", "grid", "--grid", "2", "--grid-rule",
+                   "reference", "--iou-threshold", "-1", "--save-probabilities", *env.roots) == 0
+    record = read_json(reference / "prediction.json")
+    assert record["grid_rule"] == "reference" and record["grid"] == 2 and record["iou_threshold"] == -1
+    assert read_json(outs["-1"] / "prediction.json")["grid_rule"] == "top1"
+    assert np.load(reference / "g.npz")["probabilities"].shape == (40, 36, 2)
     box_out = tmp_path / "box"
     assert run_cli("-i", path, "-o", box_out, "-d", "900", "--mode", "box", "-f", "1", *env.roots) == 0
     assert nib.load(str(box_out / "g.nii.gz")).shape == (40, 36, 2)
