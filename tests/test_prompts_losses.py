@@ -13,9 +13,9 @@ from desam_pipeline.prompts import grid_points, pixel_to_frame, sample_training_
 
 
 def _to_pixels(coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Invert x = (c + 0.5) * 4, y = (r + 0.5) * 4; the result must be whole pixel indices."""
-    cols = coords[..., 0] / 4 - 0.5
-    rows = coords[..., 1] / 4 - 0.5
+    """Invert x = c * 4, y = r * 4; the result must be whole pixel indices."""
+    cols = coords[..., 0] / 4
+    rows = coords[..., 1] / 4
     assert np.array_equal(cols, np.round(cols)) and np.array_equal(rows, np.round(rows))
     return rows.astype(int), cols.astype(int)
 
@@ -30,10 +30,11 @@ def _labels(batch: int, rng: np.random.Generator) -> np.ndarray:
     return labels
 
 
-def test_pixel_centre_convention():
-    assert pixel_to_frame(0, 0).tolist() == [2.0, 2.0]
-    assert pixel_to_frame(255, 255).tolist() == [1022.0, 1022.0]
-    assert pixel_to_frame(np.array([10]), np.array([3])).tolist() == [[14.0, 42.0]]  # (x, y) = (col, row)
+def test_training_point_convention():
+    # the reference's (4 col, 4 row): ProstateDataset's x_indices * image_scale, y_indices * image_scale
+    assert pixel_to_frame(0, 0).tolist() == [0.0, 0.0]
+    assert pixel_to_frame(255, 255).tolist() == [1020.0, 1020.0]
+    assert pixel_to_frame(np.array([10]), np.array([3])).tolist() == [[12.0, 40.0]]  # (x, y) = (col, row)
 
 
 @pytest.mark.parametrize("probability", [0.5, 0.8])
