@@ -180,8 +180,17 @@ def test_grid_mode_steps_score_the_iou_head(cached):
     batch = next(iter(trainer.val_loader))
     assert set(batch["iou_target"].tolist()) <= {0.0, 1.0}
     sums = trainer.validation_step(batch)
-    assert sums["count"] == 2 and 0 <= sums["iou_agree"] <= 2
-    assert sums["tp"] + sums["fn"] == float((batch["label"] > 0).sum())
+    on_object = int((batch["iou_target"] > 0.5).sum())
+    assert sums["count"] == 2 and sums["tp"] + sums["fn"] == float((batch["label"] > 0).sum())
+    head = trainer.network.prim.mask_decoder.iou_prediction_head.layers[-1]
+    saved = {k: v.clone() for k, v in head.state_dict().items()}
+    with torch.no_grad():
+        head.weight.zero_()
+        for bias, agreeing in ((5.0, on_object), (-5.0, 2 - on_object)):
+            head.bias.fill_(bias)  # the IoU head now says "on the object" (5) or "off it" (-5) for every point
+            assert trainer.validation_step(batch)["iou_agree"] == agreeing
+        head.load_state_dict(saved)
+    assert trainer.validation_step(batch)["iou_agree"] == sums["iou_agree"]
     before = {k: v.clone() for k, v in trainer.network.prim.mask_decoder.iou_prediction_head.state_dict().items()}
     loss = trainer.train_step(batch)
     assert np.isfinite(loss)
