@@ -2,9 +2,9 @@
 
 Grid mode (the `top1` rule; `grid_rules` has the reference's) scores a k x k grid of points with
 PRIM's IoU head and runs PDMM ONCE per slice, on the mask embedding of the best-scoring point (PDMM's
-masks are nearly prompt-independent by design). The k*k IoUs come from `network.grid_iou.prompt_ious`, the same maths as k*k dense PRIM passes at a
-fraction of the cost; the dense PRIM then runs only for the chosen point(s) to give their mask
-embedding. A slice whose best predicted IoU is not above the threshold is empty. Box mode runs one
+masks are nearly prompt-independent by design). The k*k IoUs come from `network.grid_iou.prompt_ious`,
+the same maths as k*k dense PRIM passes at a fraction of the cost; the dense PRIM then runs only for
+the chosen point(s) to give their mask embedding. A slice whose best predicted IoU is not above the threshold is empty. Box mode runs one
 forward pass per chunk of slices with the whole-image box.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Post-processing rules on hand-made masks: the reference clean-up (segment_anything's own function), largest 3D component."""
+"""Post-processing rules on hand-made masks: the reference clean-up (against segment_anything's own
+function) and the largest 3D component."""
 from __future__ import annotations
 
 import numpy as np
