@@ -19,6 +19,7 @@ from toy_data import write_toy_dataset
 from desam_pipeline import cache, inference, train
 from desam_pipeline.errors import DesamError
 from desam_pipeline.network import DeSAM
+from desam_pipeline.orientation import from_slices, plan_orientation
 from desam_pipeline.plan_and_embed import plan_and_embed
 from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
 from desam_pipeline.trainer import DeSAMTrainer
@@ -223,8 +224,10 @@ def test_model_folder_alone_rebuilds_the_network(trained, cached, tmp_path):
     probabilities, _ = inference.predict_slices(net, arrays["neck"], [arrays[f"tap{i}"] for i in range(3)],
                                                 config["mode"])
     written = np.asarray(nib.load(str(trained / "validation" / f"{val_case}.nii.gz")).dataobj)
+    # the cached slices are in SAM's orientation; the written mask is back in the volume's (x, y) order
+    assert plan_orientation(plan) == "simpleitk"
     np.testing.assert_array_equal(written[:, :, arrays["meta"]["z"]],
-                                  np.moveaxis(probabilities > 0.5, 0, -1).astype(np.uint8))
+                                  from_slices(probabilities > 0.5, 2, "simpleitk").astype(np.uint8))
 
 
 def run_torchrun(cached: Path, results: str, *extra: str) -> None:
