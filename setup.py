@@ -15,6 +15,7 @@ setup(
         "nibabel>=5.0",
         "scikit-image>=0.21",
         "scipy>=1.10",
+        "opencv-python-headless>=4.5",  # segment_anything.utils.amg.remove_small_regions
         "pandas>=2.0",
         "matplotlib>=3.7",
         "tqdm>=4.60",

@@ -12,6 +12,7 @@ from segment_anything.modeling import ImageEncoderViT
 
 from desam_pipeline import preprocessing
 from desam_pipeline.errors import DesamError
+from desam_pipeline.orientation import plan_orientation, to_slices
 from desam_pipeline.runtime import autocast
 from desam_pipeline.sam_models import tap_indices
 
@@ -39,18 +40,18 @@ def select_slices(foreground_z: list[int], depth: int, mode: str, margin: int = 
 
 
 def preprocess_volume(volume: np.ndarray, plan: dict) -> np.ndarray:
-    """(X, Y, Z) intensities -> (Z, 256, 256) uint8 slices, clipped and scaled per the plan."""
+    """(X, Y, Z) intensities -> (Z, 256, 256) uint8 slices in the plan's orientation, clipped and scaled."""
     scaled = preprocessing.intensity_to_uint8(volume, plan["intensity"]["low_percentile"],
                                               plan["intensity"]["high_percentile"])
-    return preprocessing.resize_image_slices(preprocessing.slices_first(scaled, plan["slice_axis"]),
+    return preprocessing.resize_image_slices(to_slices(scaled, plan["slice_axis"], plan_orientation(plan)),
                                              plan["slice_size"])
 
 
 def preprocess_label(label: np.ndarray, plan: dict | None = None) -> np.ndarray:
-    """(X, Y, Z) labels -> (Z, 256, 256) uint8 in {0, 1} (nearest neighbour)."""
+    """(X, Y, Z) labels -> (Z, 256, 256) uint8 in {0, 1} in the plan's orientation (nearest neighbour)."""
     axis = plan["slice_axis"] if plan else preprocessing.SLICE_AXIS
     size = plan["slice_size"] if plan else preprocessing.SLICE_SIZE
-    return preprocessing.resize_label_slices(preprocessing.slices_first(label, axis), size)
+    return preprocessing.resize_label_slices(to_slices(label, axis, plan_orientation(plan)), size)
 
 
 def feature_shapes(image_encoder: ImageEncoderViT) -> dict[str, tuple[int, int, int]]:

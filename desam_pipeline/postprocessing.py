@@ -1,13 +1,15 @@
 """Post-processing of predicted binary masks: none, the paper's per-slice clean-up, or the largest 3D component.
 
-`paper` is the reference rule (fill holes, drop islands under 1000 px at 256x256) applied in each
-slice's own grid, so the island threshold is scaled by the slice's pixel count.
+`paper` is the reference rule: segment_anything's `remove_small_regions` per slice, first filling
+holes smaller than 1000 px at 256x256, then removing islands smaller than that (8-connectivity;
+when every island is small the largest is kept). It is applied in each slice's own grid, so the
+threshold is scaled by the slice's pixel count.
 """
 from __future__ import annotations
 
 import numpy as np
 from acvl_utils.morphology.morphology_helper import remove_all_but_largest_component
-from scipy import ndimage
+from segment_anything.utils.amg import remove_small_regions
 
 from desam_pipeline.preprocessing import SLICE_AXIS, SLICE_SIZE
 
@@ -16,15 +18,10 @@ PAPER_MIN_ISLAND = 1000  # pixels at SLICE_SIZE x SLICE_SIZE
 
 
 def fill_holes_and_drop_islands(mask2d: np.ndarray, min_area: float) -> np.ndarray:
-    """One 2D slice: fill every hole, then remove 4-connected islands smaller than `min_area` pixels."""
-    filled = ndimage.binary_fill_holes(mask2d > 0)
-    labels, count = ndimage.label(filled)
-    if count == 0:
-        return filled
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_area
-    keep[0] = False
-    return keep[labels]
+    """One 2D slice as the reference cleans a mask: holes, then islands, under `min_area` pixels."""
+    mask, _ = remove_small_regions(np.asarray(mask2d) > 0, min_area, mode="holes")
+    mask, _ = remove_small_regions(mask, min_area, mode="islands")
+    return mask
 
 
 def paper_min_area(shape_hw: tuple[int, int]) -> float:

@@ -19,8 +19,10 @@ from pathlib import Path
 from desam_pipeline import distributed, predictor
 from desam_pipeline.atomic import remove_stale_temporaries
 from desam_pipeline.errors import DesamError, cli_entry
+from desam_pipeline.grid_rules import GRID_RULES
 from desam_pipeline.inference import MODES
 from desam_pipeline.paths import Trees, add_root_arguments
+from desam_pipeline.prediction_record import write_record
 from desam_pipeline.postprocessing import POSTPROCESSING
 from desam_pipeline.runtime import select_device, shard, shard_spec, tune_malloc
 
@@ -42,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-tr", "--trainer", default=None, metavar="NAME",
                         help="with -d: the trainer class that trained the model (default: any)")
     parser.add_argument("-f", "--folds", nargs="+", default=None,
-                        help="folds to average (default: every numbered fold with a final checkpoint, else 'all')")
+                        help="folds to average (default: every numbered fold with the chosen checkpoint, else 'all')")
+    parser.add_argument("--checkpoint-name", choices=tuple(predictor.CHECKPOINT_NAMES), default="final",
+                        help="each fold's checkpoint: final (default) or best (best moving-average validation "
+                             "Dice); recorded in <output>/prediction.json")
     parser.add_argument("--checkpoint", default=None,
                         help="SAM checkpoint for the frozen encoder (default: the plan's; its sha256 must match)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -50,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iou-threshold", type=float, default=0.5,
                         help="grid mode: a slice is empty unless its best point's predicted IoU exceeds this")
     parser.add_argument("--grid", type=int, default=9, help="grid mode: K x K points per slice")
+    parser.add_argument("--grid-rule", choices=GRID_RULES, default="top1",
+                        help="grid mode: top1 = PDMM on the best point's embedding (default); reference = every "
+                             "point over the threshold through the network, NMS, clean-up, first mask, as the "
+                             "reference code; recorded in <output>/prediction.json")
     parser.add_argument("--postprocess", choices=POSTPROCESSING, default="none",
                         help="paper: per slice fill holes and drop islands under 1000 px at 256x256; "
                              "largest: keep the largest 3D connected component")
@@ -114,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         raise DesamError(f"{out_dir}: the output folder must not be the input folder")
     check_iou_threshold(args.iou_threshold)
     device = select_device(args.device)
-    model = predictor.load_model(model_folder(args), args.folds, device)
+    model = predictor.load_model(model_folder(args), args.folds, device, args.checkpoint_name)
     settings = predictor.make_settings(
         model.plan, device, args.batch_size, grid=args.grid, iou_threshold=args.iou_threshold,
-        postprocess=args.postprocess, save_probabilities=args.save_probabilities, skip_existing=args.skip_existing)
+        grid_rule=args.grid_rule, postprocess=args.postprocess, save_probabilities=args.save_probabilities,
+        skip_existing=args.skip_existing)
     cases = predictor.discover_inputs(input_path, model.num_channels)
     refuse_overwriting_inputs(cases, out_dir)
     for folder in (out_dir, out_dir / predictor.QUALITY_DIR):
@@ -129,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"desam_predict{part}: {len(mine)} of {len(cases)} cases, model {model.folder.name} ({model.mode} "
               f"mode, folds {', '.join(model.folds)}), {device.type} {settings.precision}, batch "
               f"{settings.batch_size}, {len(engine.cache_index)} cached cases of the plan", flush=True)
+        if not in_group or distributed.rank() == 0:
+            write_record(out_dir, model, settings)
         results = engine.predict_cases(mine, out_dir, show_progress=not in_group or part_id == 0)
         if not in_group:
             predictor.merge_quality(out_dir)

@@ -26,12 +26,14 @@ from desam_pipeline import cache, inference, sam_models, splits
 from desam_pipeline.atomic import atomic_path, file_lock, read_json
 from desam_pipeline.embedding import encode_slices, features_for_cache, preprocess_volume
 from desam_pipeline.errors import DesamError
+from desam_pipeline.grid_rules import GRID_RULES
 from desam_pipeline.network import CoupledSAM, DeSAM
 from desam_pipeline.nifti_io import file_sha256, read_volume, save_like
+from desam_pipeline.orientation import from_slices, in_plane_shape, plan_orientation
 from desam_pipeline.paths import DATASET_PATTERN, get_root
 from desam_pipeline.postprocessing import postprocess
 from desam_pipeline.preprocessing import resize_probabilities_back
-from desam_pipeline.results_layout import CHECKPOINT_FINAL, Checkpoint, model_folders
+from desam_pipeline.results_layout import CHECKPOINT_FINAL, CHECKPOINT_NAMES, Checkpoint, model_folders
 from desam_pipeline.runtime import resolve_precision
 from plans.planner import REQUIRED_KEYS, plan_hash
 
@@ -141,6 +143,7 @@ class Model:
     mode: str
     folds: list[str]
     networks: list[DeSAM | CoupledSAM] = field(repr=False)
+    checkpoint_name: str = "final"
 
     @property
     def num_channels(self) -> int:
@@ -172,19 +175,27 @@ def find_model_folder(results_dataset_dir: str | os.PathLike, sources: list[str]
                      f"choose one with --source, --mode, --plans-name or -tr, or pass -m")
 
 
-def available_folds(model_folder: str | os.PathLike) -> list[str]:
-    """Fold names (`0`, `1`, ..., `all`) that have a final checkpoint; numbered folds first."""
-    folder = Path(model_folder)
-    names = [c.name[len("fold_"):] for c in folder.glob("fold_*") if (c / CHECKPOINT_FILE).is_file()]
+def checkpoint_file(checkpoint_name: str) -> str:
+    """The file name of a fold's `final` or `best` checkpoint."""
+    if checkpoint_name not in CHECKPOINT_NAMES:
+        raise DesamError(f"unknown checkpoint name {checkpoint_name!r}; choose one of {', '.join(CHECKPOINT_NAMES)}")
+    return CHECKPOINT_NAMES[checkpoint_name]
+
+
+def available_folds(model_folder: str | os.PathLike, checkpoint_name: str = "final") -> list[str]:
+    """Fold names (`0`, `1`, ..., `all`) that have the named checkpoint; numbered folds first."""
+    folder, name = Path(model_folder), checkpoint_file(checkpoint_name)
+    names = [c.name[len("fold_"):] for c in folder.glob("fold_*") if (c / name).is_file()]
     return sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
 
 
-def default_folds(model_folder: str | os.PathLike) -> list[str]:
+def default_folds(model_folder: str | os.PathLike, checkpoint_name: str = "final") -> list[str]:
     """The cross-validation folds when there are any (as nnU-Net), else fold `all`."""
-    folds = available_folds(model_folder)
+    folds = available_folds(model_folder, checkpoint_name)
     numbered = [f for f in folds if f.isdigit()]
     if not folds:
-        raise DesamError(f"{model_folder}: no fold_*/{CHECKPOINT_FILE}; train at least one fold to the end")
+        raise DesamError(f"{model_folder}: no fold_*/{checkpoint_file(checkpoint_name)}; "
+                         "train at least one fold to the end")
     return numbered or folds
 
 
@@ -224,8 +235,9 @@ def load_fold_network(path: Path, plan: dict) -> tuple[DeSAM | CoupledSAM, str]:
 
 
 def load_model(model_folder: str | os.PathLike, folds: list[str] | None = None,
-               device: torch.device | str = "cpu") -> Model:
-    """Read a model folder's plans.json, dataset.json and the final checkpoints of `folds` (default: all)."""
+               device: torch.device | str = "cpu", checkpoint_name: str = "final") -> Model:
+    """Read a model folder's plans.json, dataset.json and the `final` (or `best`) checkpoints of `folds`
+    (default: all)."""
     folder = Path(model_folder)
     if not folder.is_dir():
         raise DesamError(f"{folder}: model folder not found")
@@ -234,19 +246,19 @@ def load_model(model_folder: str | os.PathLike, folds: list[str] | None = None,
     if missing:
         raise DesamError(f"{folder / 'plans.json'}: plan lacks keys {', '.join(missing)}")
     dataset_json = _read_model_json(folder, "dataset.json")
-    folds = [str(f) for f in folds] if folds else default_folds(folder)
+    folds = [str(f) for f in folds] if folds else default_folds(folder, checkpoint_name)
     networks, modes = [], set()
     for fold in folds:
-        path = folder / f"fold_{fold}" / CHECKPOINT_FILE
+        path = folder / f"fold_{fold}" / checkpoint_file(checkpoint_name)
         if not path.is_file():
-            have = ", ".join(available_folds(folder)) or "none"
-            raise DesamError(f"{path}: not found (folds with a final checkpoint: {have})")
+            have = ", ".join(available_folds(folder, checkpoint_name)) or "none"
+            raise DesamError(f"{path}: not found (folds with a {checkpoint_name} checkpoint: {have})")
         net, mode = load_fold_network(path, plan)
         networks.append(net.to(device))
         modes.add(mode)
     if len(modes) != 1:
         raise DesamError(f"{folder}: folds {', '.join(folds)} were trained in different modes ({sorted(modes)})")
-    return Model(folder, plan, dataset_json, modes.pop(), folds, networks)
+    return Model(folder, plan, dataset_json, modes.pop(), folds, networks, checkpoint_name)
 
 
 # ---------------------------------------------------------------- features: encoder and cache
@@ -347,6 +359,7 @@ class Settings:
     batch_size: int
     grid: int = 9
     iou_threshold: float = 0.5
+    grid_rule: str = "top1"
     postprocess: str = "none"
     save_probabilities: bool = False
     skip_existing: bool = False
@@ -364,6 +377,8 @@ def make_settings(plan: dict, device: torch.device, batch_size: int | None = Non
         raise DesamError(f"--batch-size must be at least 1, got {batch}")
     if choices.get("grid", 1) < 1:
         raise DesamError(f"--grid must be at least 1, got {choices['grid']}")
+    if choices.get("grid_rule", "top1") not in GRID_RULES:
+        raise DesamError(f"unknown --grid-rule {choices['grid_rule']!r}; choose one of {', '.join(GRID_RULES)}")
     return Settings(device=device, precision=precision, batch_size=batch, **choices)
 
 
@@ -395,7 +410,8 @@ def decode(model: Model, neck: torch.Tensor, taps: list[torch.Tensor],
     for net in model.networks:
         p, q = inference.predict_slices(net, neck, taps, model.mode, grid=settings.grid,
                                         iou_threshold=settings.iou_threshold, batch_size=settings.batch_size,
-                                        device=settings.device, precision=settings.precision)
+                                        device=settings.device, precision=settings.precision,
+                                        grid_rule=settings.grid_rule)
         probabilities += p
         iou += q
     return probabilities / len(model.networks), iou / len(model.networks)
@@ -417,8 +433,9 @@ def predict_volume(model: Model, volume: np.ndarray, encoder: SliceEncoder, sett
         probabilities[index], iou[index] = decode(model, neck, taps, settings)
         if progress is not None:
             progress.update(len(index))
-    in_plane = tuple(s for a, s in enumerate(volume.shape) if a != axis)
-    return np.moveaxis(resize_probabilities_back(probabilities, in_plane), 0, axis), iou
+    orientation = plan_orientation(model.plan)
+    back = resize_probabilities_back(probabilities, in_plane_shape(volume.shape, axis, orientation))
+    return np.ascontiguousarray(from_slices(back, axis, orientation)), iou
 
 
 # ---------------------------------------------------------------- outputs

@@ -1,7 +1,10 @@
 """Prompts in SAM's 1024x1024 input frame: training points from the ground truth, whole-image box, grid.
 
-Coordinates are (x, y) = (column, row). A pixel (row r, col c) of a 256x256 slice maps to its
-centre in the 1024 frame: x = (c + 0.5) * 4, y = (r + 0.5) * 4.
+Coordinates are (x, y) = (column, row). A training pixel (row r, col c) of a 256x256 slice maps to
+x = c * SCALE, y = r * SCALE in the 1024 frame (SCALE = 4), as the reference code's training points
+do. SAM's prompt encoder adds half a pixel, so the point lands inside that pixel's 4x4 footprint, 1.5
+frame pixels from its centre: a shift under half a slice pixel, kept so desam trains on the very
+prompts the reference trained on.
 """
 from __future__ import annotations
 
@@ -14,9 +17,8 @@ SCALE = INPUT_SIZE / SLICE_SIZE
 
 
 def pixel_to_frame(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """(N,2) float32 (x, y) in the 1024 frame of 256x256 pixel centres (rows, cols)."""
-    return np.stack([(np.asarray(cols) + 0.5) * SCALE, (np.asarray(rows) + 0.5) * SCALE],
-                    axis=-1).astype(np.float32)
+    """(N,2) float32 (x, y) = (cols * SCALE, rows * SCALE) in the 1024 frame, as the reference's training points."""
+    return np.stack([np.asarray(cols) * SCALE, np.asarray(rows) * SCALE], axis=-1).astype(np.float32)
 
 
 def sample_training_points(labels: np.ndarray, rng: np.random.Generator,

@@ -26,6 +26,8 @@ CHECKPOINT_LATEST = "checkpoint_latest.pth"
 CHECKPOINT_BEST = "checkpoint_best.pth"
 # nnU-Net's order for `-c`: final, else latest, else best.
 CHECKPOINTS = (CHECKPOINT_FINAL, CHECKPOINT_LATEST, CHECKPOINT_BEST)
+# Which checkpoint of a fold predicts: the final one (default) or the best moving-average validation Dice.
+CHECKPOINT_NAMES = {"final": CHECKPOINT_FINAL, "best": CHECKPOINT_BEST}
 _FOLDER = re.compile(r"^(?P<trainer>[A-Za-z_][A-Za-z0-9_]*?)__(?P<plans>.+)__(?P<mode>[A-Za-z0-9]+)"
                      r"__(?P<source>src-.+)$")
 

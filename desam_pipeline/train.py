@@ -14,10 +14,11 @@ import torch
 from desam_pipeline.atomic import read_json
 from desam_pipeline.distributed import process_group
 from desam_pipeline.errors import DesamError, cli_entry
+from desam_pipeline.losses import LOSS_WEIGHTS, LOSSES
 from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.runtime import PRECISIONS, select_device
 from desam_pipeline.results_layout import DEFAULT_TRAINER
-from desam_pipeline.trainer import DEFAULT_LOSS_WEIGHTS, MODES
+from desam_pipeline.trainer import MODES
 from desam_pipeline.trainer_registry import trainer_class, trainer_classes
 
 
@@ -38,8 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch size (split over DDP ranks)")
     parser.add_argument("--lr", type=float, default=1e-4, help="initial Adam learning rate (poly decay 0.9)")
+    parser.add_argument("--loss", choices=LOSSES, default="paper",
+                        help="paper: soft Dice + BCE + L1 IoU, weights (1, 1, 10) as the paper states (default); "
+                             "reference: what the reference code optimises, squared-denominator Dice (MONAI, "
+                             "smoothing 1e-5) + 1 x L1 IoU, no cross-entropy; recorded in the checkpoints")
     parser.add_argument("--loss-weights", type=float, nargs=3, metavar=("DICE", "BCE", "IOU"), default=None,
-                        help=f"loss weights (default {DEFAULT_LOSS_WEIGHTS['grid']} grid; IoU unused in box mode)")
+                        help=f"loss weights (default: the --loss setting's, {LOSS_WEIGHTS['paper']} for paper; "
+                             "IoU unused in box mode)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -96,7 +102,7 @@ def run(args: argparse.Namespace) -> None:
         preprocessed, trees.results, find_plans_name(preprocessed, args.plans_name), args.fold,
         sources=args.source, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         loss_weights=args.loss_weights, seed=args.seed, device=args.device, precision=args.precision,
-        num_workers=args.num_workers)
+        num_workers=args.num_workers, loss=args.loss)
     if args.val_only:
         trainer.run_validation_only()
     else:

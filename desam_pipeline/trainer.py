@@ -38,9 +38,10 @@ from tqdm import tqdm
 from desam_pipeline import cache, distributed, inference, slice_data, splits
 from desam_pipeline.atomic import atomic_path, read_json, remove_stale_temporaries, write_json
 from desam_pipeline.errors import DesamError
-from desam_pipeline.losses import desam_loss
+from desam_pipeline.losses import LOSS_WEIGHTS, LOSSES, desam_loss
 from desam_pipeline.network import DeSAM
 from desam_pipeline.nifti_io import file_sha256
+from desam_pipeline.orientation import from_slices, plan_orientation
 from desam_pipeline.preprocessing import SLICE_SIZE
 from desam_pipeline.progress_plot import plot_progress
 from desam_pipeline.raw_dataset import domains
@@ -50,14 +51,14 @@ from evaluation.metrics import METRICS, compute_metrics
 from plans.planner import load_plan, plan_hash
 
 MODES = slice_data.MODES
-DEFAULT_LOSS_WEIGHTS = {"grid": (1.0, 1.0, 10.0), "box": (1.0, 1.0, 0.0)}
 POLY_EXPONENT = 0.9
 EMA_MOMENTUM = 0.9
 COPIED_FILES = ("dataset.json", "dataset_fingerprint.json")
 HISTORY_KEYS = ("train_loss", "val_loss", "val_dice", "val_dice_ema", "iou_accuracy", "lr",
                 "epoch_time", "data_wait")
 # Hyper-parameters that must match for `-c` to continue the same run exactly.
-RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss_weights", "seed", "plans_name", "fold", "sources")
+RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources")
+RESUME_DEFAULTS = {"loss": "paper"}  # checkpoints written before the key existed
 
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = POLY_EXPONENT) -> float:
@@ -118,9 +119,11 @@ class DeSAMTrainer:
                  sources: list[str] | None = None, mode: str = "grid", epochs: int = 50, batch_size: int = 8,
                  lr: float = 1e-4, loss_weights: tuple[float, float, float] | None = None, seed: int = 0,
                  device: str = "auto", precision: str = "auto", num_workers: int = 2,
-                 loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S):
+                 loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S, loss: str = "paper"):
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if loss not in LOSSES:
+            raise DesamError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         if epochs < self.MIN_EPOCHS or batch_size < 1 or not lr > 0:
             raise DesamError(f"epochs ({epochs}) must be >= {self.MIN_EPOCHS}, batch size ({batch_size}) >= 1 "
                              f"and lr ({lr}) > 0")
@@ -131,7 +134,8 @@ class DeSAMTrainer:
         self.fold = splits.parse_fold(fold)
         self.sources = sorted(set(sources)) if sources else None
         self.mode, self.epochs, self.batch_size, self.lr = mode, int(epochs), int(batch_size), float(lr)
-        weights = DEFAULT_LOSS_WEIGHTS[mode] if loss_weights is None else tuple(map(float, loss_weights))
+        self.loss = loss
+        weights = LOSS_WEIGHTS[loss] if loss_weights is None else tuple(map(float, loss_weights))
         self.loss_weights = weights if mode == "grid" else (weights[0], weights[1], 0.0)
         self.seed, self.num_workers, self.loader_timeout_s = int(seed), int(num_workers), loader_timeout_s
         self.distributed = distributed.in_group()
@@ -163,7 +167,7 @@ class DeSAMTrainer:
                 "sources": self.sources, "mode": self.mode, "epochs": self.epochs,
                 "batch_size": self.batch_size, "local_batch_size": self.local_batch_size,
                 "world_size": self.world_size, "lr": self.lr, "lr_schedule": f"poly {POLY_EXPONENT} per epoch",
-                "optimizer": "Adam", "loss_weights": list(self.loss_weights), "seed": self.seed,
+                "optimizer": "Adam", "loss": self.loss, "loss_weights": list(self.loss_weights), "seed": self.seed,
                 "device": str(self.device), "precision": self.precision, "num_workers": self.num_workers,
                 "loader_timeout_s": self.loader_timeout_s, "dice_ema_momentum": EMA_MOMENTUM,
                 "split_seed": splits.SPLIT_SEED}
@@ -188,7 +192,7 @@ class DeSAMTrainer:
         self.model = DistributedDataParallel(
             self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=self.mode == "box") if self.distributed else self.network
-        self.loss = self.build_loss()
+        self.loss_fn = self.build_loss()
         self.optimizer = self.build_optimizer()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self._initialized = True
@@ -221,8 +225,9 @@ class DeSAMTrainer:
         return network
 
     def build_loss(self) -> Callable[..., tuple[torch.Tensor, dict]]:
-        """(logits, target, iou_pred=None, iou_target=None) -> (total, detached parts): Dice + BCE (+ L1 IoU)."""
-        return functools.partial(desam_loss, weights=self.loss_weights)
+        """(logits, target, iou_pred=None, iou_target=None) -> (total, detached parts): the `loss` setting's
+        Dice (+ BCE) (+ L1 IoU)."""
+        return functools.partial(desam_loss, weights=self.loss_weights, loss=self.loss)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """Adam over the network's trainable parameters (the learning rate is set per epoch by poly_lr)."""
@@ -341,8 +346,8 @@ class DeSAMTrainer:
     def _loss(self, logits: torch.Tensor, iou: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         target = batch["label"].to(self.device, non_blocking=True)
         if self.mode == "grid":
-            return self.loss(logits, target, iou, batch["iou_target"].to(self.device))
-        return self.loss(logits, target)
+            return self.loss_fn(logits, target, iou, batch["iou_target"].to(self.device))
+        return self.loss_fn(logits, target)
 
     def train_step(self, batch: dict) -> float:
         """One optimiser step on this rank's part of a global batch; returns the local mean loss."""
@@ -514,8 +519,8 @@ class DeSAMTrainer:
         if not checkpoint.has_training_state:
             raise DesamError(f"{path}: holds no training state (optimizer, scaler, RNG); cannot resume from it")
         saved = checkpoint.config
-        differ = [f"{k} {saved.get(k)!r} -> {getattr(self, k)!r}" for k in RESUME_KEYS
-                  if _comparable(saved.get(k)) != _comparable(getattr(self, k))]
+        differ = [f"{k} {saved.get(k, RESUME_DEFAULTS.get(k))!r} -> {getattr(self, k)!r}" for k in RESUME_KEYS
+                  if _comparable(saved.get(k, RESUME_DEFAULTS.get(k))) != _comparable(getattr(self, k))]
         if differ:
             raise DesamError(f"{path}: was trained with other settings ({'; '.join(differ)}); "
                              f"start a new run without -c or use the original flags")
@@ -585,8 +590,9 @@ class DeSAMTrainer:
         z = np.asarray(meta["z"], dtype=int)
         prediction = np.zeros((SLICE_SIZE, SLICE_SIZE, depth), bool)
         reference = np.zeros_like(prediction)
-        prediction[:, :, z] = np.moveaxis(probabilities > 0.5, 0, -1)
-        reference[:, :, z] = np.moveaxis(np.asarray(arrays["label"]) > 0, 0, -1)
+        orientation = plan_orientation(self.plan)
+        prediction[:, :, z] = from_slices(probabilities > 0.5, 2, orientation)
+        reference[:, :, z] = from_slices(np.asarray(arrays["label"]) > 0, 2, orientation)
         spacing = (meta["spacing"][0] * width / SLICE_SIZE, meta["spacing"][1] * height / SLICE_SIZE,
                    meta["spacing"][2])
         metrics = compute_metrics(reference, prediction, spacing)

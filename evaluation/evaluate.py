@@ -31,9 +31,11 @@ from desam_pipeline.atomic import read_json, write_json
 from desam_pipeline.embedding import preprocess_volume
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.external_predictions import check_predictions, locate
+from desam_pipeline.grid_rules import GRID_RULES
 from desam_pipeline.inference import MODES
 from desam_pipeline.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.paths import Trees, add_root_arguments
+from desam_pipeline.orientation import LEGACY_ORIENTATION, from_slices, plan_orientation, to_slices
 from desam_pipeline.postprocessing import POSTPROCESSING
 from desam_pipeline.raw_dataset import domains, file_ending, image_path, label_path, list_cases, load_dataset_json
 from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folder_name
@@ -41,8 +43,8 @@ from desam_pipeline.runtime import select_device, tune_malloc
 from desam_pipeline.train import find_plans_name
 from evaluation.evaluate_folder import evaluate_pair, foreground
 from evaluation.metrics import METRICS, check_same_geometry
-from evaluation.paper_protocol import (BORDER, paper_metrics, paper_volumes, slice_grid_spacing, to_slice_grid,
-                                       zero_border)
+from evaluation.paper_protocol import (BORDER, paper_metrics, paper_volumes, reference_label_grid, slice_grid_spacing,
+                                       to_slice_grid, zero_border)
 from evaluation.plots import overlay_png, site_boxplot_png
 from evaluation.tables import OVERALL, PROTOCOLS, label_protocol, markdown_section, summarise, write_csv
 
@@ -84,17 +86,18 @@ def locate_model(trees: Trees, sources: Sequence[str], mode: str, plans_name: st
     return folder, plans
 
 
-def choose_folds(folder: Path, requested: Sequence[str] | None, hint: str) -> list[str]:
-    """The requested folds (each must have checkpoint_final.pth), else the predictor's default folds."""
-    available = predictor.available_folds(folder)
+def choose_folds(folder: Path, requested: Sequence[str] | None, hint: str, checkpoint_name: str = "final") -> list[str]:
+    """The requested folds (each must have the named checkpoint), else the predictor's default folds."""
+    available = predictor.available_folds(folder, checkpoint_name)
+    name = predictor.checkpoint_file(checkpoint_name)
     if not available:
-        raise DesamError(f"{folder}: no fold has {predictor.CHECKPOINT_FILE}; run `{hint}` to the end first")
+        raise DesamError(f"{folder}: no fold has {name}; run `{hint}` to the end first")
     if not requested:
-        return predictor.default_folds(folder)
+        return predictor.default_folds(folder, checkpoint_name)
     folds = list(dict.fromkeys(str(splits.parse_fold(f)) for f in requested))
     missing = [f for f in folds if f not in available]
     if missing:
-        raise DesamError(f"{folder}: fold(s) {', '.join(missing)} have no {predictor.CHECKPOINT_FILE} (trained: "
+        raise DesamError(f"{folder}: fold(s) {', '.join(missing)} have no {name} (trained: "
                          f"{', '.join(available)}); run `{hint.replace('FOLD', missing[0])}` first")
     return folds
 
@@ -166,13 +169,14 @@ def prediction_path(folder: Path, case: EvalCase) -> Path:
 
 
 def prediction_settings(folder: Path, folds: Sequence[str], postprocess: str, grid: int,
-                        iou_threshold: float) -> dict:
-    """What a saved prediction depends on: folds (with their checkpoint's size and mtime) and options."""
+                        iou_threshold: float, checkpoint_name: str = "final", grid_rule: str = "top1") -> dict:
+    """What a saved prediction depends on: folds (with their checkpoint's name, size and mtime) and options."""
     checkpoints = {}
     for fold in folds:
-        stat = (folder / f"fold_{fold}" / predictor.CHECKPOINT_FILE).stat()
+        stat = (folder / f"fold_{fold}" / predictor.checkpoint_file(checkpoint_name)).stat()
         checkpoints[fold] = [stat.st_size, stat.st_mtime_ns]
-    return {"folds": list(folds), "checkpoints": checkpoints, "postprocess": postprocess, "grid": int(grid),
+    return {"folds": list(folds), "checkpoint_name": checkpoint_name, "checkpoints": checkpoints,
+            "postprocess": postprocess, "grid": int(grid), "grid_rule": grid_rule,
             "iou_threshold": float(iou_threshold)}
 
 
@@ -185,20 +189,22 @@ def channel_files(raw_dir: Path, case: str, dataset_json: dict) -> tuple[Path, .
 def ensure_predictions(folder: Path, cases: list[EvalCase], raw_dir: Path, dataset_json: dict, *,
                        checkpoint: str | None = None, device: str = "auto", batch_size: int | None = None,
                        grid: int = 9, iou_threshold: float = 0.5, postprocess: str = "none",
-                       preprocessed_root: str | None = None, progress: bool = True) -> dict[str, int]:
+                       preprocessed_root: str | None = None, progress: bool = True,
+                       checkpoint_name: str = "final", grid_rule: str = "top1") -> dict[str, int]:
     """Predict the cases without an up-to-date saved prediction, through the predictor; returns counts."""
     record_path = folder / PREDICTIONS / PREDICTION_RECORD
     record = read_json(record_path) if record_path.is_file() else {}
-    wanted = {c.case: prediction_settings(folder, c.folds, postprocess, grid, iou_threshold) for c in cases}
+    wanted = {c.case: prediction_settings(folder, c.folds, postprocess, grid, iou_threshold, checkpoint_name,
+                                          grid_rule) for c in cases}
     todo = [c for c in cases if not (prediction_path(folder, c).is_file() and record.get(c.case) == wanted[c.case])]
     print(f"desam_evaluate: {len(cases) - len(todo)} saved prediction(s) reused, {len(todo)} to predict", flush=True)
     if not todo:
         return {"reused": len(cases), "predicted": 0}
     torch_device = select_device(device)
     fold_order = list(dict.fromkeys(f for c in todo for f in c.folds))
-    model = predictor.load_model(folder, fold_order, torch_device)
+    model = predictor.load_model(folder, fold_order, torch_device, checkpoint_name)
     settings = predictor.make_settings(model.plan, torch_device, batch_size, grid=grid, iou_threshold=iou_threshold,
-                                       postprocess=postprocess)
+                                       grid_rule=grid_rule, postprocess=postprocess)
     engine = predictor.build_predictor(model, settings, checkpoint, preprocessed_root)
     groups: dict[tuple[tuple[str, ...], str], list[EvalCase]] = {}
     for case in todo:
@@ -310,9 +316,11 @@ def summary_document(per_case: pd.DataFrame, per_site: pd.DataFrame, context: di
     }
     if protocol == "paper":
         document["paper_protocol"] = {"slice_size": 256, "border_zeroed_px": BORDER,
-                                      "slices": "those whose ground truth (resized to 256x256) has foreground",
-                                      "prediction": "the saved mask resized to 256x256 (nearest), like the "
-                                                    "ground truth",
+                                      "slices": "first foreground slice up to, not including, the last one; of "
+                                                "those, the ones whose resized ground truth has foreground",
+                                      "ground_truth": "resized to 256x256 as the reference does (skimage order 0, "
+                                                      "anti-aliased)",
+                                      "prediction": "the saved mask resized to 256x256 (nearest)",
                                       "spacing": "slice spacing; in-plane spacing x original size / 256"}
     return document
 
@@ -345,8 +353,9 @@ def write_overlays(per_case: pd.DataFrame, out_dir: Path, raw_dir: Path, dataset
         spacing = voxel_spacing(image_nii)
         target = out_dir / f"{site}_{tag}_{case}.png"
         if protocol == "paper":
-            slices = preprocess_volume(image, plan)
-            ref256 = to_slice_grid(reference, axis) > 0
+            sam_slices = preprocess_volume(image, plan)  # back to array order, as the protocol's slices
+            slices = to_slices(from_slices(sam_slices, axis, plan_orientation(plan)), axis, LEGACY_ORIENTATION)
+            ref256 = reference_label_grid(reference, axis)
             pred256 = zero_border(to_slice_grid(prediction, axis)) > 0
             _, _, kept = paper_volumes(reference, prediction, axis)
             pred256[np.setdiff1d(np.arange(len(pred256)), kept)] = False
@@ -379,8 +388,8 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
                    device: str = "auto", postprocess: str = "none", batch_size: int | None = None, grid: int = 9,
                    iou_threshold: float = 0.5, nsd_tolerance: float = 1.0, raw: str | None = None,
                    preprocessed: str | None = None, results: str | None = None,
-                   progress: bool = True, trainer: str = DEFAULT_TRAINER,
-                   model_folder: str | None = None) -> dict[str, Path]:
+                   progress: bool = True, trainer: str = DEFAULT_TRAINER, model_folder: str | None = None,
+                   checkpoint_name: str = "final", grid_rule: str = "top1") -> dict[str, Path]:
     """Predict (or reuse) and score every test case of one model (of the trainer class `trainer`);
     returns protocol -> evaluation folder.
 
@@ -405,7 +414,8 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
     external = None
     if model_folder is None:
         folder, plans = locate_model(trees, sources, mode, plans_name, trainer)
-        chosen_folds = choose_folds(folder, folds, train_command(trees.dataset, sources, mode, plans, trainer=trainer))
+        chosen_folds = choose_folds(folder, folds, train_command(trees.dataset, sources, mode, plans, trainer=trainer),
+                                    checkpoint_name)
     else:
         folder, external = locate(trees.results, model_folder, sources, folds)
         plans, mode, chosen_folds = external["plans"], external["mode"], external["folds"]
@@ -413,7 +423,8 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
     if external is None:
         counts = ensure_predictions(folder, cases, raw_dir, dataset_json, checkpoint=checkpoint, device=device,
                                     batch_size=batch_size, grid=grid, iou_threshold=iou_threshold,
-                                    postprocess=postprocess, preprocessed_root=preprocessed, progress=progress)
+                                    postprocess=postprocess, preprocessed_root=preprocessed, progress=progress,
+                                    checkpoint_name=checkpoint_name, grid_rule=grid_rule)
         plan = read_json(folder / "plans.json")
         shown_trainer = "" if trainer == DEFAULT_TRAINER else f"{trainer}, "
         title = (f"{trees.dataset}: {shown_trainer}{mode} mode, trained on {'+'.join(sources)} "
@@ -428,8 +439,9 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str, protoc
                                nsd_tolerance, progress)
         context = {"protocol": protocol, "dataset": trees.dataset, "model_folder": folder.name, "trainer": trainer, "mode": mode,
                    "source": sources, "plans_name": plans, "folds": chosen_folds,
+                   "checkpoint_name": checkpoint_name, "checkpoint_file": predictor.checkpoint_file(checkpoint_name),
                    "in_domain_fold_of_case": {c.case: c.folds[0] for c in cases if c.in_domain},
-                   "postprocess": postprocess, "grid": grid, "iou_threshold": iou_threshold,
+                   "postprocess": postprocess, "grid": grid, "grid_rule": grid_rule, "iou_threshold": iou_threshold,
                    "nsd_tolerance_mm": nsd_tolerance, "labels": foreground_labels(dataset_json),
                    "predictions": {"folder": str(folder / PREDICTIONS), **counts}}
         if external is not None:
@@ -463,7 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="full: every slice in original geometry (default); paper: the reference protocol "
                              "(foreground slices only, 256x256, 50-px border zeroed); both may be given")
     parser.add_argument("-f", "--folds", nargs="+", default=None,
-                        help="folds to use (default: every numbered fold with a final checkpoint, else 'all')")
+                        help="folds to use (default: every numbered fold with the chosen checkpoint, else 'all')")
+    parser.add_argument("--checkpoint-name", choices=tuple(predictor.CHECKPOINT_NAMES), default="final",
+                        help="each fold's checkpoint: final (default) or best (best moving-average validation "
+                             "Dice); recorded in summary.json")
     parser.add_argument("--checkpoint", default=None,
                         help="SAM checkpoint for the frozen encoder (default: the plan's; its sha256 must match)")
     parser.add_argument("--plans-name", default=None, help="the model's plan (default: the dataset's only plan)")
@@ -472,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--postprocess", choices=POSTPROCESSING, default="none",
                         help="post-processing of the predictions (paper: fill holes, drop small islands per slice)")
     parser.add_argument("--grid", type=int, default=9, help="grid mode: K x K points per slice")
+    parser.add_argument("--grid-rule", choices=GRID_RULES, default="top1",
+                        help="grid mode: top1 = PDMM on the best point's embedding (default); reference = the "
+                             "reference code's rule (every point over the threshold, NMS, clean-up, first mask)")
     parser.add_argument("--iou-threshold", type=float, default=0.5,
                         help="grid mode: a slice is empty unless its best point's predicted IoU exceeds this")
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
@@ -489,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     evaluate_model(args.dataset, args.source, args.mode, args.protocol, args.folds, args.checkpoint, args.plans_name,
                    args.device, args.postprocess, args.batch_size, args.grid, args.iou_threshold, args.nsd_tolerance,
-                   args.raw, args.preprocessed, args.results, trainer=args.trainer, model_folder=args.model_folder)
+                   args.raw, args.preprocessed, args.results, trainer=args.trainer, model_folder=args.model_folder,
+                   checkpoint_name=args.checkpoint_name, grid_rule=args.grid_rule)
     return 0
 
 

@@ -101,7 +101,7 @@ def overlay_png(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray
 def heatmap_png(values: pd.DataFrame, in_domain: pd.DataFrame, target: str | os.PathLike, title: str,
                 colorbar_label: str, higher_is_better: bool = True, fmt: str = "{:.3f}") -> None:
     """Source (rows) x target (columns) heatmap with each value written in its cell and in-domain
-    cells outlined in black and labelled "in-domain"; a last `mean unseen` column is set apart."""
+    cells outlined in black and labelled "in-domain"; the `mean unseen` column and those after it are set apart."""
     matrix = values.to_numpy(dtype=np.float64)
     rows, columns = matrix.shape
     figure, axis = plt.subplots(figsize=(1.3 * columns + 3, 0.8 * rows + 2.2))
@@ -120,8 +120,8 @@ def heatmap_png(values: pd.DataFrame, in_domain: pd.DataFrame, target: str | os.
                 text += "\nin-domain"
                 axis.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.5))
             axis.text(c, r, text, ha="center", va="center", fontsize=9, color="black" if bright else "white")
-    if columns > 1 and values.columns[-1] == MEAN_UNSEEN:
-        axis.axvline(columns - 1.5, color="white", linewidth=5)
+    if columns > 1 and MEAN_UNSEEN in values.columns:
+        axis.axvline(list(values.columns).index(MEAN_UNSEEN) - 0.5, color="white", linewidth=5)
     axis.set_xticks(range(columns), [str(c) for c in values.columns], rotation=30, ha="right")
     axis.set_yticks(range(rows), [str(i) for i in values.index])
     axis.set_xlabel("target site")

@@ -23,8 +23,9 @@ from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folders
 from evaluation.metrics import METRICS
 from evaluation.plots import heatmap_png
-from evaluation.tables import (MEAN_UNSEEN, METRIC_LABELS, PROTOCOLS, cross_domain_cells, cross_domain_matrix,
-                               label_protocol, matrix_markdown, protocol_caption, to_markdown, write_csv)
+from evaluation.tables import (MEAN_UNSEEN, METRIC_LABELS, POOLED_UNSEEN, PROTOCOLS, cross_domain_cells,
+                               cross_domain_matrix, label_protocol, matrix_markdown, protocol_caption, to_markdown,
+                               write_csv)
 
 REQUIRED_COLUMNS = ("case", "site", *METRICS, "in_domain")
 REPORT_METRICS = {"dice": True, "hd95": False}  # metric -> higher is better
@@ -108,7 +109,8 @@ def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plan
     sections = [f"# {dataset}: source x target, {model}", "", f"*{protocol_caption(protocol)}*", "",
                 f"Rows: the source site(s) a model was trained on; columns: target sites. `*` marks in-domain "
                 f"cells (the source's own held-out cases). `{MEAN_UNSEEN}`: mean over the targets that are not "
-                "in-domain, each target weighted equally. Means leave out cases whose value is NaN "
+                f"in-domain, each target weighted equally; `{POOLED_UNSEEN}`: one mean over every case of those "
+                "targets pooled together (how the reference code reports). Means leave out cases whose value is NaN "
                 "(see the case counts below and cells.csv).", ""]
     if external:
         sections += ["Predictions made outside desam (schedule as trained):", "", *external, ""]

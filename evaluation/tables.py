@@ -14,10 +14,12 @@ from evaluation.metrics import METRICS
 METRIC_LABELS = {"dice": "Dice", "hd95": "HD95 (mm)", "assd": "ASSD (mm)", "nsd": "NSD"}
 PROTOCOLS = {
     "full": "every slice of each volume in its original geometry",
-    "paper": "reference protocol of the paper: foreground slices only, 256x256, 50-px border zeroed",
+    "paper": "reference protocol of the paper: foreground slices but the last, 256x256, anti-aliased ground truth, "
+             "50-px border zeroed",
 }
 OVERALL = "overall"
 MEAN_UNSEEN = "mean unseen"
+POOLED_UNSEEN = "pooled unseen"
 
 
 def summarise(per_case: pd.DataFrame, metrics: Iterable[str] = METRICS, by: str = "site") -> pd.DataFrame:
@@ -113,15 +115,20 @@ def cross_domain_cells(per_case_by_source: Mapping[str, pd.DataFrame],
 
 
 def cross_domain_matrix(cells: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Source x target matrix of a metric's mean, with a last column `mean unseen` (the mean of the
-    per-target means over targets that are not in-domain, each target weighted equally); and a
+    """Source x target matrix of a metric's mean, with columns `mean unseen` (the mean of the
+    per-target means over targets that are not in-domain, each target weighted equally) and
+    `pooled unseen` (one mean over every case of those targets, as the reference reports); and a
     boolean matrix of the same shape marking in-domain cells."""
     values = cells.pivot(index="source", columns="target", values=f"{metric}_mean")
     in_domain = cells.pivot(index="source", columns="target", values="in_domain").fillna(False).astype(bool)
     values = values.sort_index().sort_index(axis=1)
     in_domain = in_domain.reindex_like(values).fillna(False).astype(bool)
+    counts = cells.pivot(index="source", columns="target", values=f"{metric}_n").reindex_like(values)
+    unseen_counts = counts.where(~in_domain & values.notna(), 0)
     values[MEAN_UNSEEN] = values.where(~in_domain).mean(axis=1)
-    in_domain[MEAN_UNSEEN] = False
+    values[POOLED_UNSEEN] = (values.where(~in_domain, 0).fillna(0) * unseen_counts).sum(axis=1) / \
+        unseen_counts.sum(axis=1).replace(0, np.nan)
+    in_domain[[MEAN_UNSEEN, POOLED_UNSEEN]] = False
     values.index.name = in_domain.index.name = "source"
     values.columns.name = in_domain.columns.name = None
     return values, in_domain

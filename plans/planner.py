@@ -15,6 +15,7 @@ from segment_anything.modeling import ImageEncoderViT
 from desam_pipeline.atomic import read_json, write_json
 from desam_pipeline.embedding import SLICE_MODES
 from desam_pipeline.errors import DesamError
+from desam_pipeline.orientation import DEFAULT_ORIENTATION, ORIENTATIONS
 from desam_pipeline.preprocessing import SLICE_AXIS, SLICE_SIZE
 from desam_pipeline.sam_models import tap_indices
 
@@ -22,6 +23,7 @@ OFFICIAL_CHECKPOINTS = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3
                         "vit_b": "sam_vit_b_01ec64.pth"}
 DEFAULT_CHOICES = {
     "slice_axis": SLICE_AXIS,
+    "slice_orientation": DEFAULT_ORIENTATION,
     "slice_size": SLICE_SIZE,
     "intensity": {"low_percentile": 0.5, "high_percentile": 99.5},
     "slices": "foreground_margin",
@@ -31,8 +33,10 @@ DEFAULT_CHOICES = {
     "batch_size": {"cpu": 1, "cuda": 4},
     "precision": {"cpu": "bf16", "cuda": "bf16"},
 }
+# Plans written before `slice_orientation` existed lack it and keep the orientation they were embedded
+# with (see orientation.plan_orientation); re-planning writes it and re-embeds.
 REQUIRED_KEYS = ("plans_name", "encoder", "checkpoint", "checkpoint_sha256", "tap_blocks", "tap_width",
-                 *DEFAULT_CHOICES)
+                 *(key for key in DEFAULT_CHOICES if key != "slice_orientation"))
 # Keys that do not change the cached values: renaming, moving the checkpoint or changing the
 # batch size leaves every cached case valid.
 NOT_HASHED = ("plans_name", "checkpoint", "batch_size")
@@ -61,6 +65,9 @@ def make_plan(plans_name: str, encoder: str, checkpoint: str | os.PathLike, chec
               for key, default in DEFAULT_CHOICES.items()}
     if picked["slices"] not in SLICE_MODES:
         raise DesamError(f"unknown slice selection {picked['slices']!r}; choose one of {', '.join(SLICE_MODES)}")
+    if picked["slice_orientation"] not in ORIENTATIONS:
+        raise DesamError(f"unknown slice orientation {picked['slice_orientation']!r}; "
+                         f"choose one of {', '.join(ORIENTATIONS)}")
     return {
         "plans_name": plans_name,
         "encoder": encoder,

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from skimage.transform import resize
 from toy_data import write_toy_dataset
 
 from desam_pipeline.errors import DesamError
@@ -20,7 +21,7 @@ from desam_pipeline.splits import SPLITS_FILE
 from desam_pipeline.train import main as train_main
 from evaluation.evaluate import evaluate_model, main, pick_overlay_cases, prediction_settings
 from evaluation.metrics import compute_metrics
-from evaluation.paper_protocol import BORDER, paper_metrics, slice_grid_spacing
+from evaluation.paper_protocol import BORDER, paper_metrics, paper_volumes, reference_label_grid, slice_grid_spacing
 from evaluation.report import main as report_main
 from evaluation.tables import PROTOCOLS
 
@@ -37,17 +38,18 @@ def block(shape, x, y, z) -> np.ndarray:
 
 
 def test_paper_protocol_by_hand():
-    """128x128 slices (each pixel becomes 2x2 at 256x256); GT in slices 1-2; the prediction is shifted by
-    3 px and adds a false positive in empty slice 0 and one in the 50-px border of slice 1."""
-    shape, spacing = (128, 128, 4), (1.0, 1.0, 2.0)
-    reference = block(shape, (40, 80), (40, 80), (1, 3))
-    shifted = block(shape, (43, 83), (40, 80), (1, 3))
+    """128x128 slices (each pixel becomes 2x2 at 256x256); GT in slices 1-3, of which the reference scores
+    1-2 (its loop stops before the last foreground slice); the prediction is shifted by 3 px and adds a
+    false positive in empty slice 0 and one in the 50-px border of slice 1."""
+    shape, spacing = (128, 128, 5), (1.0, 1.0, 2.0)
+    reference = block(shape, (40, 80), (40, 80), (1, 4))
+    shifted = block(shape, (43, 83), (40, 80), (1, 4))
     outside = block(shape, (40, 60), (40, 60), (0, 1))    # no ground truth in slice 0
     border = block(shape, (0, 10), (0, 10), (1, 2))       # 0..20 at 256x256: inside the 50-px border
     prediction = shifted | outside | border
 
     full = compute_metrics(reference, prediction, spacing)["dice"]
-    assert full == pytest.approx(2 * 37 * 40 * 2 / (40 * 40 * 2 + 40 * 40 * 2 + 20 * 20 + 10 * 10))
+    assert full == pytest.approx(2 * 37 * 40 * 3 / (40 * 40 * 3 + 40 * 40 * 3 + 20 * 20 + 10 * 10))
 
     paper = paper_metrics(reference, prediction, spacing)
     assert paper["slices_scored"] == 2
@@ -74,6 +76,24 @@ def test_paper_border_alone_changes_dice():
     assert paper_metrics(reference, prediction, (1, 1, 1))["dice"] == 1.0
     inside = reference | block(shape, (BORDER, BORDER + 5), (100, 150), (1, 2))
     assert paper_metrics(reference, inside, (1, 1, 1))["dice"] < 1.0
+
+
+def test_paper_ground_truth_is_resized_as_the_reference_does():
+    """512x512 slices: the ground truth goes through skimage's anti-aliased order-0 resize (a 2-px line
+    vanishes, a block erodes), slices from the first foreground one up to but not the last."""
+    shape = (512, 512, 4)
+    reference = block(shape, (100, 300), (100, 300), (0, 3)) | block(shape, (400, 402), (50, 450), (3, 4))
+    prediction = block(shape, (100, 300), (100, 300), (0, 4))
+    ref, pred, kept = paper_volumes(reference, prediction)
+    assert kept.tolist() == [0, 1, 2]           # slice 3 is the last foreground slice: not scored
+    expected = resize(reference[:, :, 0].astype(np.uint8), (256, 256), order=0, preserve_range=True,
+                      mode="constant", anti_aliasing=True) > 0
+    assert np.array_equal(ref[0], expected) and expected.sum() < 100 * 100
+    assert np.array_equal(reference_label_grid(reference)[3],
+                          resize(reference[:, :, 3].astype(np.uint8), (256, 256), order=0, preserve_range=True,
+                                 mode="constant", anti_aliasing=True) > 0)
+    assert not reference_label_grid(block(shape, (400, 402), (50, 450), (0, 1))).any()
+    assert pred[0].sum() == 100 * 100
 
 
 def test_paper_empty_reference_is_not_scored():
@@ -219,10 +239,14 @@ def test_paper_protocol_reuses_predictions(trained, full_run, capsys):
     assert (per_case["protocol"] == "paper").all()
     assert set(per_case["case"]) == set(expected_cases(trained))
     for row in per_case.itertuples():
-        reference = resize_label_slices(np.moveaxis(load_mask(raw / "labelsTr" / f"{row.case}.nii.gz"), 2, 0))
+        label = load_mask(raw / "labelsTr" / f"{row.case}.nii.gz")
+        reference = np.stack([resize(s.astype(np.uint8), (256, 256), order=0, preserve_range=True, mode="constant",
+                                     anti_aliasing=True) for s in np.moveaxis(label, 2, 0)])
         prediction = resize_label_slices(np.moveaxis(load_mask(model / "predictions" / row.site /
                                                                f"{row.case}.nii.gz"), 2, 0))
+        present = np.flatnonzero(label.any(axis=(0, 1)))
         keep = reference.reshape(len(reference), -1).any(axis=1)
+        keep[present[-1]:] = False
         frame = np.zeros((256, 256), bool)
         frame[BORDER:-BORDER, BORDER:-BORDER] = True
         ref, pred = reference[keep] > 0, (prediction[keep] > 0) & frame
@@ -232,6 +256,7 @@ def test_paper_protocol_reuses_predictions(trained, full_run, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["protocol"] == "paper" and summary["protocol_description"] == PROTOCOLS["paper"]
     assert summary["paper_protocol"]["border_zeroed_px"] == BORDER
+    assert summary["checkpoint_name"] == "final" and summary["checkpoint_file"] == "checkpoint_final.pth"
     assert_png(out / "per_site_boxplot.png")
     assert (pd.read_csv(out / "per_site.csv")["protocol"] == "paper").all()
     assert list((out / "overlays").glob("*.png")) or per_case["dice"].isna().all()
@@ -266,6 +291,10 @@ def test_settings_follow_the_checkpoint(trained, full_run):
         assert prediction_settings(model, ["0"], "paper", 9, 0.5) != before
     finally:
         os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert prediction_settings(model, ["0"], "none", 9, 0.5) == before
+    if (model / "fold_0" / "checkpoint_best.pth").is_file():
+        best = prediction_settings(model, ["0"], "none", 9, 0.5, "best")
+        assert best != before and best["checkpoint_name"] == "best"
 
 
 def test_errors_name_the_next_command(trained, full_run):

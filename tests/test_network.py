@@ -125,9 +125,20 @@ def test_output_shapes_for_every_encoder_width(width):
 def test_parameter_counts():
     counts = DeSAM(sam_models.encoder_width("vit_h")).parameter_counts()
     print("DeSAM vit_h parameters:", counts)
+    # PRIM is segment_anything's own prompt encoder and mask decoder minus the two heads it does not use
+    # (SAM's decoder is the same for every variant: 4,058,340 parameters, 6,220 in the prompt encoder).
+    sam = sam_models.build_sam("tiny", seed=0)
+
+    def size(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    unused = size(sam.mask_decoder.output_upscaling) + size(sam.mask_decoder.output_hypernetworks_mlps)
+    assert (size(sam.prompt_encoder), size(sam.mask_decoder), unused) == (6_220, 4_058_340, 633_184)
+    assert counts["prim.prompt_encoder"] == size(sam.prompt_encoder) == 6_220
+    assert counts["prim.mask_decoder"] == size(sam.mask_decoder) - unused == 3_425_156
     assert 9e6 < counts["pdmm"] < 11e6  # "about 10 M" in the paper
-    assert counts["total"] == counts["prim.prompt_encoder"] + counts["prim.mask_decoder"] + counts["pdmm"]
-    assert counts["trainable"] == counts["total"] - counts["prim.prompt_encoder"]
+    assert counts["total"] == 6_220 + 3_425_156 + counts["pdmm"]
+    assert counts["trainable"] == 3_425_156 + counts["pdmm"]  # the prompt encoder is frozen
 
 
 def test_gradients_reach_prim_and_pdmm_but_not_the_prompt_encoder(tiny_net):

@@ -116,9 +116,9 @@ def test_negative_num_workers_is_refused(cached, capsys):  # noqa: F811
 def test_training_on_a_full_disk_stops_in_one_line_and_resumes(cached, trained, capsys, monkeypatch,  # noqa: F811
                                                                live_pid):
     folder = fold_dir(cached, "full")
-    failing = full_disk(trainer.write_bytes, lambda target: target.name == "checkpoint_latest.pth"
+    failing = full_disk(atomic.write_bytes, lambda target: target.name == "checkpoint_latest.pth"
                         and target.is_file())  # the second epoch's checkpoint
-    monkeypatch.setattr(trainer, "write_bytes", failing)
+    monkeypatch.setattr(atomic, "write_bytes", failing)
     assert run_cli(cached, "full", "--num-workers", "0") == 1
     line = one_error_line(capsys.readouterr().err)
     assert str(folder / "checkpoint_latest.pth") in line and "no space left on device" in line

@@ -1,8 +1,11 @@
-"""Post-processing rules on hand-made masks: hole filling, scaled island removal, largest 3D component."""
+"""Post-processing rules on hand-made masks: the reference clean-up (against segment_anything's own
+function) and the largest 3D component."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from segment_anything.utils.amg import remove_small_regions
 
 from desam_pipeline.postprocessing import paper_min_area, postprocess
 
@@ -16,28 +19,53 @@ def test_none_only_binarises():
     assert np.array_equal(out, (mask > 0).astype(np.uint8))
 
 
+def reference_clean(slice2d: np.ndarray, min_area: float) -> np.ndarray:
+    """The reference's clean-up of one mask, called straight from segment_anything."""
+    mask, _ = remove_small_regions(slice2d > 0, min_area, mode="holes")
+    mask, _ = remove_small_regions(mask, min_area, mode="islands")
+    return mask
+
+
 def test_paper_fills_holes_and_drops_islands_per_slice():
     # 128x128 slices: the 1000 px reference threshold at 256x256 becomes 250 px.
     assert paper_min_area((128, 128)) == pytest.approx(250.0)
     mask = np.zeros((128, 128, 2), dtype=np.uint8)
     mask[10:40, 10:40, 0] = 1          # 900 px square ...
-    mask[20:25, 20:25, 0] = 0          # ... with a 25 px hole
-    mask[80:95, 80:95, 0] = 1          # 225 px island: under 250, dropped
-    mask[60:76, 60:76, 1] = 1          # 256 px island on the other slice: kept
+    mask[20:25, 20:25, 0] = 0          # ... with a 25 px hole: filled
+    mask[50:80, 50:80, 0] = 1          # 900 px square ...
+    mask[55:75, 55:75, 0] = 0          # ... with a 400 px hole: too big, stays open
+    mask[100:115, 100:115, 0] = 1      # 225 px island: under 250, dropped
+    mask[100:110, 10:20, 0] = 1        # 100 px ...
+    mask[110:120, 20:30, 0] = 1        # ... + 100 px touching only by a corner: one 8-connected 200 px island, dropped
+    mask[60:70, 60:70, 1] = 1          # the only island of its slice, 100 px: every region is small, the largest stays
+    mask[20:24, 20:24, 1] = 1          # 16 px, dropped
     out = postprocess(mask, "paper")
     expected = np.zeros_like(mask)
     expected[10:40, 10:40, 0] = 1
-    expected[60:76, 60:76, 1] = 1
+    expected[50:80, 50:80, 0] = 1
+    expected[55:75, 55:75, 0] = 0
+    expected[60:70, 60:70, 1] = 1
     assert np.array_equal(out, expected)
+    for k in range(mask.shape[2]):
+        assert np.array_equal(out[:, :, k], reference_clean(mask[:, :, k], 250.0))
 
 
 def test_paper_threshold_follows_the_slice_axis():
-    # Slices along axis 0 are 64x64 (threshold 62.5 px): a 64 px blob stays, a 49 px blob goes.
-    mask = np.zeros((2, 64, 64), dtype=np.uint8)
+    # Slices along axis 0 are 64x64 (threshold 62.5 px): a 64 px blob stays, a 49 px blob beside it goes,
+    # a lone 49 px blob stays (the largest of all-small regions), a 49 px hole is filled, a 64 px one is not.
+    mask = np.zeros((3, 64, 64), dtype=np.uint8)
     mask[0, 0:8, 0:8] = 1
+    mask[0, 20:27, 20:27] = 1
     mask[1, 0:7, 0:7] = 1
+    mask[2, 10:30, 10:30] = 1
+    mask[2, 12:19, 12:19] = 0
+    mask[2, 20:28, 20:28] = 0
     out = postprocess(mask, "paper", slice_axis=0)
-    assert out[0].sum() == 64 and out[1].sum() == 0
+    assert out[0].sum() == 64 and out[0, 0:8, 0:8].all()
+    assert out[1].sum() == 49
+    assert out[2].sum() == 400 - 64 and not out[2, 20:28, 20:28].any()
+    for k in range(mask.shape[0]):
+        assert np.array_equal(out[k], reference_clean(mask[k], paper_min_area((64, 64))))
 
 
 def test_largest_keeps_one_3d_component_with_diagonal_contacts():

@@ -19,6 +19,7 @@ from desam_pipeline import inference, predict, predictor
 from desam_pipeline.atomic import read_json
 from desam_pipeline.embedding import preprocess_volume
 from desam_pipeline.network import DeSAM
+from desam_pipeline.orientation import from_slices, in_plane_shape, plan_orientation
 from desam_pipeline.plan_and_embed import plan_and_embed
 from desam_pipeline.preprocessing import resize_probabilities_back
 from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
@@ -142,7 +143,9 @@ def test_folds_are_averaged(env, tmp_path):
     (p0, q0), (p1, q1) = per_fold
     average = (p0 + p1) / 2
     assert not np.allclose(average, p0, atol=1e-3) and not np.allclose(average, p1, atol=1e-3)
-    expected = np.moveaxis(resize_probabilities_back(average, volume.shape[:2]), 0, 2)
+    orientation = plan_orientation(predictor.load_model(env.box, ["0"], CPU).plan)
+    expected = from_slices(resize_probabilities_back(average, in_plane_shape(volume.shape, 2, orientation)), 2,
+                           orientation)
     saved = np.load(out / "case.npz")["probabilities"]
     assert np.allclose(saved, expected, atol=1e-5)
     mask = np.asanyarray(nib.load(str(out / "case.nii.gz")).dataobj)
@@ -169,9 +172,41 @@ def test_grid_mode_threshold_and_box_mode_by_dataset(env, tmp_path):
     _, [(_, iou)] = manual_prediction(env, env.grid, ["0"], path, {"grid": 2, "iou_threshold": -1})
     for out in outs.values():
         assert np.allclose(quality(out)["predicted_iou"], iou, atol=2e-6)
+    reference = tmp_path / "reference"
+    assert run_cli("-i", path, "-o", reference, "-d", "900", "--mode", "grid", "--grid", "2", "--grid-rule",
+                   "reference", "--iou-threshold", "-1", "--save-probabilities", *env.roots) == 0
+    record = read_json(reference / "prediction.json")
+    assert record["grid_rule"] == "reference" and record["grid"] == 2 and record["iou_threshold"] == -1
+    assert read_json(outs["-1"] / "prediction.json")["grid_rule"] == "top1"
+    assert np.load(reference / "g.npz")["probabilities"].shape == (40, 36, 2)
     box_out = tmp_path / "box"
     assert run_cli("-i", path, "-o", box_out, "-d", "900", "--mode", "box", "-f", "1", *env.roots) == 0
     assert nib.load(str(box_out / "g.nii.gz")).shape == (40, 36, 2)
+
+
+def test_checkpoint_name_chooses_and_records_the_checkpoint(env, tmp_path):
+    """fold 0's `best` checkpoint is fold 1's weights here: --checkpoint-name best -f 0 must predict what
+    fold 1's final checkpoint predicts, and prediction.json says which checkpoint was used."""
+    path = tmp_path / "in" / "c_0000.nii.gz"
+    write_volume(path, (40, 36, 2), np.diag([0.8, 0.8, 3.0, 1.0]), seed=4)
+    best = env.box / "fold_0" / predictor.CHECKPOINT_NAMES["best"]
+    shutil.copyfile(env.box / "fold_1" / predictor.CHECKPOINT_FILE, best)
+    try:
+        outs = {name: tmp_path / name for name in ("final0", "best0", "final1")}
+        for name, fold, checkpoint in (("final0", "0", "final"), ("best0", "0", "best"), ("final1", "1", "final")):
+            assert run_cli("-i", path, "-o", outs[name], "-m", env.box, "-f", fold, "--checkpoint-name", checkpoint,
+                           "--save-probabilities", *env.roots) == 0
+        saved = {name: np.load(out / "c.npz")["probabilities"] for name, out in outs.items()}
+        assert np.array_equal(saved["best0"], saved["final1"])
+        assert not np.allclose(saved["best0"], saved["final0"], atol=1e-3)
+        records = {name: read_json(out / "prediction.json") for name, out in outs.items()}
+        assert records["best0"]["checkpoint_name"] == "best" and records["best0"]["folds"] == ["0"]
+        assert records["best0"]["checkpoint_file"] == "checkpoint_best.pth"
+        assert records["final0"]["checkpoint_name"] == "final"
+        with pytest.raises(predictor.DesamError, match="checkpoint_best.pth: not found"):
+            predictor.load_model(env.box, ["1"], CPU, "best")
+    finally:
+        best.unlink()
 
 
 def test_cached_features_give_the_same_masks(env, tmp_path):

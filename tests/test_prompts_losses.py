@@ -8,14 +8,14 @@ import pytest
 import torch
 from segment_anything.utils.amg import build_point_grid
 
-from desam_pipeline.losses import desam_loss, soft_dice_loss
+from desam_pipeline.losses import LOSS_WEIGHTS, desam_loss, soft_dice_loss, squared_dice_loss
 from desam_pipeline.prompts import grid_points, pixel_to_frame, sample_training_points, whole_box
 
 
 def _to_pixels(coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Invert x = (c + 0.5) * 4, y = (r + 0.5) * 4; the result must be whole pixel indices."""
-    cols = coords[..., 0] / 4 - 0.5
-    rows = coords[..., 1] / 4 - 0.5
+    """Invert x = c * 4, y = r * 4; the result must be whole pixel indices."""
+    cols = coords[..., 0] / 4
+    rows = coords[..., 1] / 4
     assert np.array_equal(cols, np.round(cols)) and np.array_equal(rows, np.round(rows))
     return rows.astype(int), cols.astype(int)
 
@@ -30,10 +30,11 @@ def _labels(batch: int, rng: np.random.Generator) -> np.ndarray:
     return labels
 
 
-def test_pixel_centre_convention():
-    assert pixel_to_frame(0, 0).tolist() == [2.0, 2.0]
-    assert pixel_to_frame(255, 255).tolist() == [1022.0, 1022.0]
-    assert pixel_to_frame(np.array([10]), np.array([3])).tolist() == [[14.0, 42.0]]  # (x, y) = (col, row)
+def test_training_point_convention():
+    # the reference's (4 col, 4 row): ProstateDataset's x_indices * image_scale, y_indices * image_scale
+    assert pixel_to_frame(0, 0).tolist() == [0.0, 0.0]
+    assert pixel_to_frame(255, 255).tolist() == [1020.0, 1020.0]
+    assert pixel_to_frame(np.array([10]), np.array([3])).tolist() == [[12.0, 40.0]]  # (x, y) = (col, row)
 
 
 @pytest.mark.parametrize("probability", [0.5, 0.8])
@@ -113,6 +114,29 @@ def test_desam_loss_on_hand_made_cases():
     assert weighted.item() == pytest.approx(2 * dice + iou, abs=1e-5)
     box_mode, parts = desam_loss(logits, target)
     assert parts["iou"].item() == 0 and box_mode.item() == pytest.approx(dice + bce, abs=1e-6)
+
+
+def test_reference_loss_is_squared_dice_plus_l1_iou():
+    """The reference's MONAI 1.1.0 DiceCELoss(sigmoid, squared_pred) on one channel, by hand: squared
+    denominator, smoothing 1e-5 top and bottom, per sample; its cross-entropy term is torch's
+    CrossEntropyLoss over a single channel, which is 0 whatever the logits; IoU L1 weight 1."""
+    logits = torch.tensor([[[[2.0, -1.0]]], [[[0.0, 0.0]]]], requires_grad=True)
+    target = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 1.0]]]])
+    p = [1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(1.0))]
+    first = (2 * p[0] + 1e-5) / (p[0] ** 2 + p[1] ** 2 + 1 + 1e-5)
+    second = (2 * 1.0 + 1e-5) / (0.25 + 0.25 + 2 + 1e-5)
+    dice = 1 - (first + second) / 2
+    assert squared_dice_loss(logits, target).item() == pytest.approx(dice, abs=1e-6)
+    assert torch.nn.CrossEntropyLoss()(logits, target).item() == 0.0   # the silent CE of one channel
+    iou_pred, iou_target = torch.tensor([[0.7], [0.2]]), torch.tensor([1.0, 0.6])
+    total, parts = desam_loss(logits, target, iou_pred, iou_target, LOSS_WEIGHTS["reference"], "reference")
+    assert LOSS_WEIGHTS["reference"] == (1.0, 0.0, 1.0) and LOSS_WEIGHTS["paper"] == (1.0, 1.0, 10.0)
+    assert parts["dice"].item() == pytest.approx(dice, abs=1e-6)
+    assert total.item() == pytest.approx(dice + (0.3 + 0.4) / 2, abs=1e-5)
+    paper, _ = desam_loss(logits, target, iou_pred, iou_target)
+    assert paper.item() != pytest.approx(total.item(), abs=1e-3)
+    with pytest.raises(ValueError, match="unknown loss"):
+        desam_loss(logits, target, loss="monai")
 
 
 def test_loss_of_an_empty_target_is_finite():

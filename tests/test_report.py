@@ -58,17 +58,21 @@ def test_report_outputs(results, capsys):
     dice = pd.read_csv(out / "dice_matrix.csv").set_index("source")
     assert (dice["protocol"] == "full").all()
     assert list(dice.index) == ["SiteA", "SiteB"]
-    assert list(dice.columns) == ["protocol", *SITES, "mean unseen"]
+    assert list(dice.columns) == ["protocol", *SITES, "mean unseen", "pooled unseen"]
     for source in ("SiteA", "SiteB"):
         for site in SITES:
             assert dice.at[source, site] == pytest.approx(expected[source].at[site, "dice"], abs=1e-12)
         unseen = [expected[source].at[s, "dice"] for s in SITES if s != source]
         assert dice.at[source, "mean unseen"] == pytest.approx(np.mean(unseen), abs=1e-12)
+        pooled = frames[source].query("site != @source")
+        assert dice.at[source, "pooled unseen"] == pytest.approx(pooled["dice"].mean(), abs=1e-12)
 
     hd95 = pd.read_csv(out / "hd95_matrix.csv").set_index("source")
     nan_free = frames["SiteA"].query("site == 'SiteB'")["hd95"].dropna()
     assert len(nan_free) == 2
     assert hd95.at["SiteA", "SiteB"] == pytest.approx(nan_free.mean(), abs=1e-12)
+    pooled = frames["SiteA"].query("site != 'SiteA'")["hd95"].dropna()
+    assert hd95.at["SiteA", "pooled unseen"] == pytest.approx(pooled.mean(), abs=1e-12)
 
     cells = pd.read_csv(out / "cells.csv")
     assert len(cells) == 6 and set(cells["mode"]) == {"grid"}

@@ -19,6 +19,7 @@ from toy_data import write_toy_dataset
 from desam_pipeline import cache, inference, train
 from desam_pipeline.errors import DesamError
 from desam_pipeline.network import DeSAM
+from desam_pipeline.orientation import from_slices, plan_orientation
 from desam_pipeline.plan_and_embed import plan_and_embed
 from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
 from desam_pipeline.trainer import DeSAMTrainer
@@ -180,8 +181,17 @@ def test_grid_mode_steps_score_the_iou_head(cached):
     batch = next(iter(trainer.val_loader))
     assert set(batch["iou_target"].tolist()) <= {0.0, 1.0}
     sums = trainer.validation_step(batch)
-    assert sums["count"] == 2 and 0 <= sums["iou_agree"] <= 2
-    assert sums["tp"] + sums["fn"] == float((batch["label"] > 0).sum())
+    on_object = int((batch["iou_target"] > 0.5).sum())
+    assert sums["count"] == 2 and sums["tp"] + sums["fn"] == float((batch["label"] > 0).sum())
+    head = trainer.network.prim.mask_decoder.iou_prediction_head.layers[-1]
+    saved = {k: v.clone() for k, v in head.state_dict().items()}
+    with torch.no_grad():
+        head.weight.zero_()
+        for bias, agreeing in ((5.0, on_object), (-5.0, 2 - on_object)):
+            head.bias.fill_(bias)  # the IoU head now says "on the object" (5) or "off it" (-5) for every point
+            assert trainer.validation_step(batch)["iou_agree"] == agreeing
+        head.load_state_dict(saved)
+    assert trainer.validation_step(batch)["iou_agree"] == sums["iou_agree"]
     before = {k: v.clone() for k, v in trainer.network.prim.mask_decoder.iou_prediction_head.state_dict().items()}
     loss = trainer.train_step(batch)
     assert np.isfinite(loss)
@@ -214,8 +224,10 @@ def test_model_folder_alone_rebuilds_the_network(trained, cached, tmp_path):
     probabilities, _ = inference.predict_slices(net, arrays["neck"], [arrays[f"tap{i}"] for i in range(3)],
                                                 config["mode"])
     written = np.asarray(nib.load(str(trained / "validation" / f"{val_case}.nii.gz")).dataobj)
+    # the cached slices are in SAM's orientation; the written mask is back in the volume's (x, y) order
+    assert plan_orientation(plan) == "simpleitk"
     np.testing.assert_array_equal(written[:, :, arrays["meta"]["z"]],
-                                  np.moveaxis(probabilities > 0.5, 0, -1).astype(np.uint8))
+                                  from_slices(probabilities > 0.5, 2, "simpleitk").astype(np.uint8))
 
 
 def run_torchrun(cached: Path, results: str, *extra: str) -> None:
@@ -289,3 +301,14 @@ def test_precision_defaults_to_bf16_on_cpu_and_refuses_fp16_there(cached, tmp_pa
     assert trainer("auto").precision == "bf16" and trainer("fp32").precision == "fp32"
     with pytest.raises(DesamError, match="fp16 autocast is not supported on CPU"):
         trainer("fp16")
+
+
+def test_loss_setting_is_recorded_in_the_config(tmp_path):
+    grid = DeSAMTrainer(tmp_path, tmp_path, "P", 0, mode="grid", loss="reference", device="cpu")
+    assert grid.config()["loss"] == "reference" and grid.config()["loss_weights"] == [1.0, 0.0, 1.0]
+    box = DeSAMTrainer(tmp_path, tmp_path, "P", 0, mode="box", loss="reference", device="cpu")
+    assert box.config()["loss_weights"] == [1.0, 0.0, 0.0]
+    paper = DeSAMTrainer(tmp_path, tmp_path, "P", 0, mode="grid", device="cpu")
+    assert paper.config()["loss"] == "paper" and paper.config()["loss_weights"] == [1.0, 1.0, 10.0]
+    with pytest.raises(DesamError, match="unknown loss"):
+        DeSAMTrainer(tmp_path, tmp_path, "P", 0, loss="monai", device="cpu")
