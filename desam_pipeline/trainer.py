@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from desam_pipeline import cache, distributed, inference, slice_data, splits
+from desam_pipeline import cache, distributed, encoders, inference, slice_data, splits
 from desam_pipeline.atomic import atomic_path, read_json, write_json
 from desam_pipeline.errors import DesamError
 from desam_pipeline.losses import desam_loss
@@ -177,10 +177,11 @@ class DeSAMTrainer:
         self.train_cases, self.val_cases = splits.fold_cases(folds, self.fold, source_cases, key)
         self._require_cached(source_cases)
         self._seed_everything()
+        frame = encoders.family(self.plan["encoder"]).prompt_frame
         self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
-                                                  self.seed, slice_data.TRAIN_STREAM)
+                                                  self.seed, slice_data.TRAIN_STREAM, frame=frame)
         self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode,
-                                                self.seed, slice_data.VAL_STREAM)
+                                                self.seed, slice_data.VAL_STREAM, frame=frame)
         if len(self.train_data) == 0:
             raise DesamError(f"{self.cache_dir}: the training cases of fold {self.fold} have no cached slices")
         pin = self.device.type == "cuda"
@@ -191,10 +192,8 @@ class DeSAMTrainer:
             self.val_data, slice_data.val_sampler(self.val_data, self.world_size, self.rank),
             self.local_batch_size, self.num_workers, pin, self.loader_timeout_s) if self.val_cases else None
         self._check_sam_checkpoint()
-        self.network = DeSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"]).to(self.device)
-        if int(self.plan["tap_width"]) != self.network.pdmm.tap_width:
-            raise DesamError(f"plan {self.plans_name}: tap_width {self.plan['tap_width']} does not match "
-                             f"encoder {self.plan['encoder']}")
+        self.network = DeSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"],
+                                                 self.plan["tap_shapes"]).to(self.device)
         # Box mode has no IoU loss, so the weights that only feed the IoU head get no gradient: DDP must look for them.
         self.model = DistributedDataParallel(
             self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -422,7 +421,7 @@ class DeSAMTrainer:
 
     def debug_info(self) -> dict:
         return {**self.config(), "dataset": self.preprocessed_dir.name, "plan_sha256": self.plan_sha256,
-                "encoder": self.plan["encoder"], "tap_width": int(self.plan["tap_width"]),
+                "encoder": self.plan["encoder"], "tap_shapes": self.plan["tap_shapes"],
                 "sam_checkpoint": self.plan["checkpoint"], "cache_dir": str(self.cache_dir),
                 "train_cases": self.train_cases, "val_cases": self.val_cases,
                 "train_slices": len(self.train_data), "val_slices": len(self.val_data),
