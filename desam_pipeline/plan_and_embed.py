@@ -21,11 +21,11 @@ from desam_pipeline.atomic import write_json
 from desam_pipeline.dataset_checks import require_valid_dataset
 from desam_pipeline.embedding import (SLICE_MODES, encode_slices, features_for_cache, foreground_slices,
                                       preprocess_label, preprocess_volume, select_slices)
+from desam_pipeline.encoders import ENCODERS, load_image_encoder
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.nifti_io import file_sha256, read_volume, voxel_spacing
 from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.runtime import PRECISIONS, resolve_precision, select_device, shard, shard_spec, tune_malloc
-from desam_pipeline.encoders import ENCODERS, load_image_encoder
 from desam_pipeline.sam_models import ensure_tiny_checkpoint
 from plans.fingerprint import write_fingerprint
 from plans.planner import (OFFICIAL_CHECKPOINTS, default_choices, default_plans_name, load_plan, make_plan,
@@ -42,11 +42,11 @@ def resolve_checkpoint(encoder: str, checkpoint: str | None, existing_plan: dict
         return Path(checkpoint)
     if encoder == "tiny":
         return ensure_tiny_checkpoint(preprocessed_dir / TINY_CHECKPOINT_NAME)
+    if existing_plan and existing_plan["encoder"] == encoder:
+        return Path(existing_plan["checkpoint"])
     packaged = encoders.default_checkpoint(encoder)
     if packaged is not None:
         return packaged
-    if existing_plan and existing_plan["encoder"] == encoder:
-        return Path(existing_plan["checkpoint"])
     raise DesamError(f"--encoder {encoder} needs --checkpoint: pass the official SAM file "
                      f"{OFFICIAL_CHECKPOINTS[encoder]} (nothing is downloaded)")
 

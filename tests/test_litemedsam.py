@@ -39,8 +39,8 @@ def package_model():
 def lite_cache(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("lite")
     write_toy_dataset(root / "raw", sites=("SiteA",), cases_per_site=1, shape=SHAPE)
-    summary = plan_and_embed("900", encoder="litemedsam", precision="fp32", raw=str(root / "raw"),
-                             preprocessed=str(root / "pre"))
+    summary = plan_and_embed("900", encoder="litemedsam", device="cpu", raw=str(root / "raw"),
+                             preprocessed=str(root / "pre"))  # no --precision: the family's CPU default
     plan = load_plan(root / "pre" / "Dataset900_Toy", "DeSAMPlans_litemedsam")
     return {"root": root, "summary": summary, "plan": plan,
             "case": cache.open_case(summary["cache_dir"] / "SiteA_Case00")}
@@ -53,8 +53,9 @@ def test_plan_records_family_weights_and_shapes(lite_cache, package_model):
     assert plan["tap_blocks"] == [0, 1, 2]
     assert plan["tap_shapes"] == [[128, 128, 128], [160, 64, 64], [320, 64, 64]]
     assert plan["neck_shape"] == [256, 64, 64]
-    # the CPU default is the family's (fp32 was asked here; a fresh plan without the flag gets it too)
-    assert encoders.family("litemedsam").cpu_precision == "fp32" and plan["precision"]["cpu"] == "fp32"
+    # the CPU default is the family's: fp32 for litemedsam (the ViT family's is bf16)
+    assert plan["precision"]["cpu"] == encoders.family("litemedsam").cpu_precision == "fp32"
+    assert encoders.family("vit_b").cpu_precision == "bf16"
     case = lite_cache["case"]
     assert case["neck"].shape[1:] == (256, 64, 64) and case["tap0"].shape[1:] == (128, 128, 128)
 

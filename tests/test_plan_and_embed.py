@@ -197,7 +197,7 @@ def test_checkpoint_and_variant_errors_are_one_line(toy_root, tiny_checkpoint, t
 
     assert "sam_vit_b_01ec64.pth" in error_of("--encoder", "vit_b")
     assert "sam_vit_h_4b8939.pth" in error_of()  # vit_h is the default encoder
-    assert "a SAM tiny checkpoint, not vit_b" in error_of("--encoder", "vit_b", "--checkpoint", str(tiny_checkpoint))
+    assert "a tiny checkpoint, not vit_b" in error_of("--encoder", "vit_b", "--checkpoint", str(tiny_checkpoint))
     state = torch.load(tiny_checkpoint, weights_only=True)
     state.pop("image_encoder.neck.0.weight")
     torch.save(state, tmp_path / "broken.pth")
