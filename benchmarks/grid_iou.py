@@ -46,13 +46,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = sam_models.ensure_tiny_checkpoint(Path(tmp) / "sam_tiny.pth")
-        tiny = DeSAM.from_sam_checkpoint(checkpoint, "tiny").eval()
-    net = DeSAM(sam_models.encoder_width(args.encoder)).eval()
+        tiny = DeSAM.from_sam_checkpoint(checkpoint, "tiny", [[32, 64, 64]] * 3).eval()
+    net = DeSAM.for_encoder(args.encoder, [[sam_models.encoder_width(args.encoder), 64, 64]] * 3).eval()
     net.prim.load_state_dict(tiny.prim.state_dict())
     generator = torch.Generator().manual_seed(0)
     neck = torch.randn(1, 256, 64, 64, generator=generator)
-    taps = [torch.randn(1, net.config["tap_width"], 64, 64, generator=generator) for _ in range(3)]
-    points = torch.as_tensor(grid_points(args.grid))[:, None, :]
+    taps = [torch.randn(1, *shape, generator=generator) for shape in net.config["tap_shapes"]]
+    points = torch.as_tensor(grid_points(args.grid, net.prim.frame))[:, None, :]
     labels = torch.ones(points.shape[:2], dtype=torch.int64)
     count = points.shape[0]
 

@@ -1,6 +1,6 @@
 """Prediction benchmark: the whole `desam_predict` versus the bare encoder forward over the same slices.
 
-    python -m benchmarks.predict [--encoder vit_b|tiny] [--volumes N] [--slices S] [--precision bf16|fp32]
+    python -m benchmarks.predict [--encoder vit_b|tiny|litemedsam] [--volumes N] [--slices S] [--precision bf16|fp32]
                                  [--batch-size B] [--folds F] [--grid K] [--device cpu|cuda] [--repeats R]
 
 Everything is a whole process (start-up and weight loading included): (a) loads the encoder and
@@ -8,8 +8,8 @@ runs its forward over every slice of the N volumes, preprocessed as the predicto
 `desam_predict` on the same volumes in box mode and (c) in grid mode (K x K points, IoU threshold
 -1 so that every slice runs PDMM, the costliest case: an untrained IoU head would otherwise
 reject every slice and skip PDMM). The untrained model folder of F folds is written here
-(random SAM saved as a .pth, nothing downloaded); same precision and batch size, no embedding
-cache. Prints b/a, c/a and c/b in wall and CPU seconds; the last line is one JSON object.
+(a random SAM ViT saved as a .pth, or litemedsam's packaged weights; nothing downloaded); same
+precision and batch size, no embedding cache. Prints b/a, c/a and c/b in wall and CPU seconds; the last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -50,10 +50,10 @@ def write_model_folders(results: Path, encoder: str, checkpoint: Path, precision
     import torch
 
     from desam_pipeline.atomic import write_json
+    from desam_pipeline.encoders import load_image_encoder
     from desam_pipeline.network import DeSAM
     from desam_pipeline.nifti_io import file_sha256
     from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folder_name
-    from desam_pipeline.sam_models import load_image_encoder
     from plans.planner import make_plan
 
     plan = make_plan(f"DeSAMPlans_{encoder}", encoder, checkpoint, file_sha256(checkpoint),
@@ -68,7 +68,7 @@ def write_model_folders(results: Path, encoder: str, checkpoint: Path, precision
                     "numTraining": 0, "file_ending": ".nii.gz"}, folder / "dataset.json")
         for fold in range(folds):
             torch.manual_seed(fold)
-            net = DeSAM.from_sam_checkpoint(checkpoint, encoder)
+            net = DeSAM.from_sam_checkpoint(checkpoint, encoder, plan["tap_shapes"])
             (folder / f"fold_{fold}").mkdir()
             torch.save({"network": net.inference_state_dict(),
                         "network_config": {**net.config, "encoder": encoder, "mode": mode}},
@@ -82,9 +82,8 @@ def bare_forward(encoder: str, checkpoint: str, slices_file: str, precision: str
     """Process (a): load the encoder and run its forward over the slices, nothing else."""
     import torch
 
-    from desam_pipeline.preprocessing import sam_input
+    from desam_pipeline.encoders import encoder_input, load_image_encoder
     from desam_pipeline.runtime import autocast, select_device, tune_malloc
-    from desam_pipeline.sam_models import load_image_encoder
 
     tune_malloc()
     device = select_device(device_name)
@@ -94,17 +93,17 @@ def bare_forward(encoder: str, checkpoint: str, slices_file: str, precision: str
         for name in volumes.files:
             slices = volumes[name]
             for start in range(0, len(slices), batch_size):
-                image_encoder(sam_input(slices[start:start + batch_size], device))
+                image_encoder(encoder_input(image_encoder, slices[start:start + batch_size], device))
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--encoder", choices=("vit_b", "vit_l", "vit_h", "tiny"), default="vit_b")
+    parser.add_argument("--encoder", choices=("vit_b", "vit_l", "vit_h", "tiny", "litemedsam"), default="vit_b")
     parser.add_argument("--volumes", type=int, default=2)
     parser.add_argument("--slices", type=int, default=3, help="slices per volume")
-    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default: the encoder family's CPU one")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: the plan's)")
     parser.add_argument("--folds", type=int, default=1)
     parser.add_argument("--grid", type=int, default=9)
@@ -116,18 +115,24 @@ def main(argv: list[str] | None = None) -> int:
         from plans.planner import DEFAULT_CHOICES
 
         args.batch_size = DEFAULT_CHOICES["batch_size"][args.device]
+    if args.precision is None:
+        from desam_pipeline.encoders import family
+
+        args.precision = family(args.encoder).cpu_precision if args.device == "cpu" else "bf16"
     if args.bare:
         bare_forward(args.encoder, args.bare[0], args.bare[1], args.precision, args.batch_size, args.device)
         return 0
 
     from desam_pipeline.embedding import preprocess_volume
+    from desam_pipeline.encoders import default_checkpoint
     from desam_pipeline.nifti_io import read_volume
     from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="desam-bench-predict-") as scratch:
         scratch = Path(scratch)
         inputs = write_volumes(scratch / "in", args.volumes, args.slices)
-        checkpoint = save_sam_checkpoint(build_sam(args.encoder, seed=0), scratch / f"sam_{args.encoder}.pth")
+        checkpoint = default_checkpoint(args.encoder) or save_sam_checkpoint(
+            build_sam(args.encoder, seed=0), scratch / f"sam_{args.encoder}.pth")
         models = write_model_folders(scratch / "results", args.encoder, checkpoint, args.precision,
                                      args.batch_size, args.folds)
         plan = json.loads((models["box"] / "plans.json").read_text())

@@ -62,7 +62,7 @@ def write_dataset(root: Path, plan: dict, slices: int) -> Path:
     folder = root / DATASET
     folder.mkdir(parents=True)
     save_plan(plan, folder)
-    digest, width = plan_hash(plan), plan["tap_width"]
+    digest, width = plan_hash(plan), plan["tap_shapes"][0][0]  # a ViT: three taps of one width
     rng = np.random.default_rng(0)
     pool = {"neck": rng.standard_normal((4, 256, 64, 64)).astype(np.float16),
             "tap": rng.standard_normal((4, width, 64, 64)).astype(np.float16)}
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 plans[encoder] = make_plan(encoder, work / encoder)
             plan = plans[encoder]
             preprocessed = write_dataset(work / name, plan, slices)
-            print(f"{name}: wrote {slices} slices ({slices * slice_bytes(plan['tap_width']) / 2 ** 30:.1f} GiB) "
+            print(f"{name}: wrote {slices} slices ({slices * slice_bytes(plan['tap_shapes'][0][0]) / 2 ** 30:.1f} GiB) "
                   f"in {time.perf_counter() - start:.0f} s", flush=True)
             # the default precision (bf16 autocast on CPU) everywhere; vit_b also in fp32 for the step time
             for precision in ("auto", "fp32") if encoder == "vit_b" else ("auto",):

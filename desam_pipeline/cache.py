@@ -1,7 +1,7 @@
 """The embedding cache: one folder per case of plain .npy arrays that training memory-maps.
 
 Layout: `<preprocessed>/<Dataset>/<plans_name>/<case>/` with image.npy, label.npy, neck.npy,
-tap0..2.npy and meta.json, plus `<plans_name>/manifest.json`. A case folder is written under
+tap0..2.npy (shapes in the plan: they depend on the encoder family) and meta.json, plus `<plans_name>/manifest.json`. A case folder is written under
 a `.tmp-<pid>-<case>` name (arrays first, meta.json last, everything fsynced) and renamed
 into place, so a folder named after a case is always complete, also after `kill -9`.
 
@@ -208,9 +208,10 @@ def update_manifest(cache_dir: str | os.PathLike, plan: dict, plan_hash: str) ->
             meta = read_json(folder / case / META)
             cases[case] = {"domain": meta["domain"], "slices": len(meta["z"])}
         manifest = {
-            "plans_name": plan["plans_name"], "encoder": plan["encoder"],
+            "plans_name": plan["plans_name"], "encoder": plan["encoder"], "family": plan["family"],
             "checkpoint_sha256": plan["checkpoint_sha256"], "tap_blocks": plan["tap_blocks"],
-            "tap_width": plan["tap_width"], "dtype": plan["cache_dtype"], "plan_sha256": plan_hash,
+            "tap_shapes": plan["tap_shapes"], "neck_shape": plan["neck_shape"], "dtype": plan["cache_dtype"],
+            "plan_sha256": plan_hash,
             "cases": cases,
         }
         write_json(manifest, folder / MANIFEST)

@@ -1,20 +1,20 @@
-"""Frozen-SAM features of 2D slices: the neck embedding and the tapped global-attention blocks.
+"""Frozen-encoder features of 2D slices: the neck embedding and the tapped intermediate outputs.
 
-The slices are preprocessed exactly as the method says (see `preprocessing`), so the neck of
-a slice equals `SamPredictor(sam).set_image(rgb_slice).get_image_embedding()` and each tap is
-the raw output of one global-attention block (all but the last), before the neck.
+The slices are preprocessed exactly as the method says (see `preprocessing`) and fed to the
+encoder as its family wants (see `encoders`): for SAM's ViT the neck of a slice equals
+`SamPredictor(sam).set_image(rgb_slice).get_image_embedding()` and each tap is the raw output
+of one global-attention block (all but the last), before the neck.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from segment_anything.modeling import ImageEncoderViT
+from torch import nn
 
-from desam_pipeline import preprocessing
+from desam_pipeline import encoders, preprocessing
 from desam_pipeline.errors import DesamError
 from desam_pipeline.orientation import plan_orientation, to_slices
 from desam_pipeline.runtime import autocast
-from desam_pipeline.sam_models import tap_indices
 
 SLICE_MODES = ("foreground_margin", "foreground", "all")
 
@@ -54,40 +54,14 @@ def preprocess_label(label: np.ndarray, plan: dict | None = None) -> np.ndarray:
     return preprocessing.resize_label_slices(to_slices(label, axis, plan_orientation(plan)), size)
 
 
-def feature_shapes(image_encoder: ImageEncoderViT) -> dict[str, tuple[int, int, int]]:
-    """(C, H, W) of every cached feature: `neck`, then `tap0`.. shallow to deep."""
-    grid = image_encoder.img_size // image_encoder.patch_embed.proj.stride[0]
-    width = image_encoder.patch_embed.proj.out_channels
-    shapes = {"neck": (image_encoder.neck[0].out_channels, grid, grid)}
-    for k, _ in enumerate(tap_indices(image_encoder)):
-        shapes[f"tap{k}"] = (width, grid, grid)
-    return shapes
-
-
-def encode_slices(image_encoder: ImageEncoderViT, slices_uint8: np.ndarray, device: torch.device,
+def encode_slices(image_encoder: nn.Module, slices_uint8: np.ndarray, device: torch.device,
                   precision: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(B, 256, 256) uint8 -> neck (B, 256, 64, 64) and the taps [(B, C, 64, 64)] as float32.
+    """(B, 256, 256) uint8 -> neck (B, 256, h, w) and the taps [(B, C, H, W)] shallow to deep, as float32.
 
-    The taps are caught with forward hooks on the tapped blocks (channels-last outputs,
-    permuted to channels-first), so the encoder runs once, unmodified.
+    The slices are fed as the encoder's family wants them (`encoders.encoder_input`).
     """
-    captured: dict[int, torch.Tensor] = {}
-
-    def catch(k: int):
-        def hook(_module, _inputs, output):
-            captured[k] = output
-        return hook
-
-    handles = [image_encoder.blocks[i].register_forward_hook(catch(k))
-               for k, i in enumerate(tap_indices(image_encoder))]
-    try:
-        with torch.inference_mode(), autocast(device, precision):
-            neck = image_encoder(preprocessing.sam_input(slices_uint8, device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    taps = [captured[k].permute(0, 3, 1, 2).float().contiguous() for k in range(len(handles))]
-    return neck.float(), taps
+    with torch.inference_mode(), autocast(device, precision):
+        return encoders.encode(image_encoder, encoders.encoder_input(image_encoder, slices_uint8, device))
 
 
 def features_for_cache(neck: torch.Tensor, taps: list[torch.Tensor], dtype: np.dtype,

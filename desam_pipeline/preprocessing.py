@@ -1,8 +1,8 @@
 """The method's slice preprocessing, identical for embedding, training targets and prediction.
 
 Volume -> clip to the 0.5/99.5 percentiles -> 0..255 uint8 (exact zeros stay 0) -> axial
-slices resized to 256x256 (bicubic image, nearest label) -> 3 channels -> SAM's
-ResizeLongestSide to 1024 -> SAM's pixel normalisation.
+slices resized to 256x256 (bicubic image, nearest label). What the image encoder is then fed
+depends on its family (see `encoders`); `sam_input` is the ViT family's.
 """
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ from skimage.transform import resize
 from desam_pipeline.sam_models import PIXEL_MEAN, PIXEL_STD
 
 SLICE_SIZE = 256
-SAM_INPUT_SIZE = 1024
 SLICE_AXIS = 2
-_TO_1024 = ResizeLongestSide(SAM_INPUT_SIZE)
 
 
 def intensity_to_uint8(volume: np.ndarray, low_percentile: float = 0.5,
@@ -57,14 +55,16 @@ def resize_probabilities_back(probabilities: np.ndarray, shape_hw: tuple[int, in
                   mode="edge", anti_aliasing=False, preserve_range=True).astype(np.float32)
 
 
-def sam_input(slices_uint8: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(B, 256, 256) uint8 -> (B, 3, 1024, 1024) float32 normalised, exactly as SamPredictor.set_image.
+def sam_input(slices_uint8: np.ndarray, device: torch.device | str, size: int) -> torch.Tensor:
+    """(B, S, S) uint8 -> (B, 3, size, size) float32 normalised, exactly as SamPredictor.set_image for
+    a SAM ViT of input side `size`.
 
     Uses ResizeLongestSide.apply_image (PIL bilinear on uint8), then Sam.preprocess's
-    normalisation; 256 -> 1024 needs no padding.
+    normalisation; square slices need no padding.
     """
     rgb = np.repeat(slices_uint8[..., None], 3, axis=-1)
-    resized = np.stack([_TO_1024.apply_image(img) for img in rgb])
+    resize = ResizeLongestSide(size)
+    resized = np.stack([resize.apply_image(img) for img in rgb])
     x = torch.as_tensor(resized, device=device).permute(0, 3, 1, 2).contiguous().float()
     mean = torch.tensor(PIXEL_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(PIXEL_STD, device=device).view(1, 3, 1, 1)

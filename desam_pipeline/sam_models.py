@@ -123,15 +123,6 @@ def load_submodule(module: torch.nn.Module, state: dict[str, torch.Tensor], pref
     module.load_state_dict({k: v for k, v in sub.items() if k in own}, strict=False)
 
 
-def load_image_encoder(encoder: str, checkpoint: str | os.PathLike) -> ImageEncoderViT:
-    """The frozen image encoder of `encoder`, loaded strictly from `checkpoint`, in eval mode."""
-    state = read_state_dict(checkpoint)
-    image_encoder = build_sam(encoder).image_encoder
-    load_submodule(image_encoder, state, "image_encoder", checkpoint, encoder)
-    image_encoder.eval().requires_grad_(False)
-    return image_encoder
-
-
 def save_sam_checkpoint(sam: Sam, target: str | os.PathLike) -> Path:
     """Save a SAM's state dict the way the official .pth files are laid out (flat keys).
 

@@ -44,11 +44,13 @@ def read_slice(path: Path, index: int) -> np.ndarray:
 class SliceDataset(Dataset):
     """Every cached slice of the given case folders; item (epoch, index) -> features, label, prompt."""
 
-    def __init__(self, case_dirs: Sequence[Path], mode: str, seed: int, stream: int = TRAIN_STREAM):
+    def __init__(self, case_dirs: Sequence[Path], mode: str, seed: int, stream: int = TRAIN_STREAM, *,
+                 frame: int):
+        """`frame`: side of the prompt frame the points and boxes are drawn in (the network's `prim.frame`)."""
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         self.case_dirs = [Path(d) for d in case_dirs]
-        self.mode, self.seed, self.stream = mode, int(seed), int(stream)
+        self.mode, self.seed, self.stream, self.frame = mode, int(seed), int(stream), int(frame)
         self.entries: list[tuple[int, int]] = []
         self.views: list[int] = []  # augmented views per case, drawn from in the training stream only
         for c, case_dir in enumerate(self.case_dirs):
@@ -74,10 +76,10 @@ class SliceDataset(Dataset):
         sample["view"] = np.int64(view)
         rng = np.random.default_rng([self.seed, self.stream, int(epoch), int(index)])
         if self.mode == "grid":
-            coords, point_labels, iou_target = prompts.sample_training_points(label[None], rng)
+            coords, point_labels, iou_target = prompts.sample_training_points(label[None], rng, frame=self.frame)
             sample["coords"], sample["point_labels"], sample["iou_target"] = coords[0], point_labels[0], iou_target[0]
         else:
-            sample["box"] = prompts.whole_box(1)[0]
+            sample["box"] = prompts.whole_box(1, self.frame)[0]
         return sample
 
 

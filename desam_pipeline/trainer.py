@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from desam_pipeline import cache, distributed, inference, slice_data, splits
+from desam_pipeline import cache, distributed, encoders, inference, slice_data, splits
 from desam_pipeline.atomic import atomic_path, read_json, remove_stale_temporaries, write_json
 from desam_pipeline.errors import DesamError
 from desam_pipeline.losses import LOSS_WEIGHTS, LOSSES, desam_loss
@@ -200,10 +200,11 @@ class DeSAMTrainer:
     # ---------------------------------------------------------------- override points
     def build_data_loaders(self) -> None:
         """Set train_data, val_data, train_sampler, train_loader and val_loader (None without held-out cases)."""
+        frame = encoders.family(self.plan["encoder"]).prompt_frame
         self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
-                                                  self.seed, slice_data.TRAIN_STREAM)
+                                                  self.seed, slice_data.TRAIN_STREAM, frame=frame)
         self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode,
-                                                self.seed, slice_data.VAL_STREAM)
+                                                self.seed, slice_data.VAL_STREAM, frame=frame)
         if len(self.train_data) == 0:
             raise DesamError(f"{self.cache_dir}: the training cases of fold {self.fold} have no cached slices")
         pin = self.device.type == "cuda"
@@ -218,11 +219,7 @@ class DeSAMTrainer:
         """DeSAM with PRIM from the plan's SAM checkpoint (on CPU). A network takes (neck, taps, points=
         or boxes=) and gives (mask logits, IoU), has `prim`/`pdmm` for `inference`, a `config` dict
         and `inference_state_dict()`; the predictor rebuilds it from the checkpoint's network_config."""
-        network = DeSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"])
-        if int(self.plan["tap_width"]) != network.pdmm.tap_width:
-            raise DesamError(f"plan {self.plans_name}: tap_width {self.plan['tap_width']} does not match "
-                             f"encoder {self.plan['encoder']}")
-        return network
+        return DeSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"], self.plan["tap_shapes"])
 
     def build_loss(self) -> Callable[..., tuple[torch.Tensor, dict]]:
         """(logits, target, iou_pred=None, iou_target=None) -> (total, detached parts): the `loss` setting's
@@ -487,7 +484,7 @@ class DeSAMTrainer:
 
     def debug_info(self) -> dict:
         return {**self.config(), "dataset": self.preprocessed_dir.name, "plan_sha256": self.plan_sha256,
-                "encoder": self.plan["encoder"], "tap_width": int(self.plan["tap_width"]),
+                "encoder": self.plan["encoder"], "tap_shapes": self.plan["tap_shapes"],
                 "sam_checkpoint": self.plan["checkpoint"], "cache_dir": str(self.cache_dir),
                 "train_cases": self.train_cases, "val_cases": self.val_cases,
                 "train_slices": len(self.train_data), "val_slices": len(self.val_data),

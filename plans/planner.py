@@ -1,7 +1,8 @@
 """The plan: every choice of the embedding cache, written once as `<preprocessed>/<Dataset>/<plans_name>.json`.
 
-Later stages read their choices from the plan and re-derive nothing. The tapped blocks and
-their width come from the built encoder, so every SAM variant gets its own.
+Later stages read their choices from the plan and re-derive nothing. The encoder family, the
+tapped blocks and the shapes of the cached features come from the built encoder, so every
+encoder gets its own.
 """
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import json
 import os
 from pathlib import Path
 
-from segment_anything.modeling import ImageEncoderViT
+from torch import nn
 
+from desam_pipeline import encoders
 from desam_pipeline.atomic import read_json, write_json
 from desam_pipeline.embedding import SLICE_MODES
 from desam_pipeline.errors import DesamError
 from desam_pipeline.orientation import DEFAULT_ORIENTATION, ORIENTATIONS
 from desam_pipeline.preprocessing import SLICE_AXIS, SLICE_SIZE
-from desam_pipeline.sam_models import tap_indices
 
 OFFICIAL_CHECKPOINTS = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth",
                         "vit_b": "sam_vit_b_01ec64.pth"}
@@ -31,12 +32,13 @@ DEFAULT_CHOICES = {
     "cache_dtype": "float16",
     # On CPU a batch of 2 is no faster and doubles the attention buffers (vit_b: 5M page faults per 4 slices).
     "batch_size": {"cpu": 1, "cuda": 4},
+    # cpu: the encoder family's (see encoders.FAMILIES), set by default_choices
     "precision": {"cpu": "bf16", "cuda": "bf16"},
 }
 # Plans written before `slice_orientation` existed lack it and keep the orientation they were embedded
 # with (see orientation.plan_orientation); re-planning writes it and re-embeds.
-REQUIRED_KEYS = ("plans_name", "encoder", "checkpoint", "checkpoint_sha256", "tap_blocks", "tap_width",
-                 *(key for key in DEFAULT_CHOICES if key != "slice_orientation"))
+REQUIRED_KEYS = ("plans_name", "encoder", "family", "checkpoint", "checkpoint_sha256", "tap_blocks", "tap_shapes",
+                 "neck_shape", *(key for key in DEFAULT_CHOICES if key != "slice_orientation"))
 # Keys that do not change the cached values: renaming, moving the checkpoint or changing the
 # batch size leaves every cached case valid.
 NOT_HASHED = ("plans_name", "checkpoint", "batch_size")
@@ -46,23 +48,30 @@ def default_plans_name(encoder: str) -> str:
     return f"DeSAMPlans_{encoder}"
 
 
+def default_choices(encoder: str) -> dict:
+    """DEFAULT_CHOICES with the CPU precision of the encoder's family."""
+    return {**DEFAULT_CHOICES,
+            "precision": {**DEFAULT_CHOICES["precision"], "cpu": encoders.family(encoder).cpu_precision}}
+
+
 def plan_path(preprocessed_dataset_dir: str | os.PathLike, plans_name: str) -> Path:
     return Path(preprocessed_dataset_dir) / f"{plans_name}.json"
 
 
 def make_plan(plans_name: str, encoder: str, checkpoint: str | os.PathLike, checkpoint_sha256: str,
-              image_encoder: ImageEncoderViT, base: dict | None = None, **choices) -> dict:
+              image_encoder: nn.Module, base: dict | None = None, **choices) -> dict:
     """A plan for this encoder and checkpoint.
 
     Each choice (keys of DEFAULT_CHOICES) comes from `choices` when given, else from `base`
-    (an existing plan, so a re-run keeps its choices), else from the defaults.
+    (an existing plan, so a re-run keeps its choices), else from the encoder's defaults.
     """
     unknown = set(choices) - set(DEFAULT_CHOICES)
     if unknown:
         raise ValueError(f"unknown plan choices {sorted(unknown)}")
     base = base or {}
     picked = {key: choices.get(key) if choices.get(key) is not None else base.get(key, default)
-              for key, default in DEFAULT_CHOICES.items()}
+              for key, default in default_choices(encoder).items()}
+    shapes = encoders.feature_shapes(image_encoder)
     if picked["slices"] not in SLICE_MODES:
         raise DesamError(f"unknown slice selection {picked['slices']!r}; choose one of {', '.join(SLICE_MODES)}")
     if picked["slice_orientation"] not in ORIENTATIONS:
@@ -73,8 +82,10 @@ def make_plan(plans_name: str, encoder: str, checkpoint: str | os.PathLike, chec
         "encoder": encoder,
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_sha256": checkpoint_sha256,
-        "tap_blocks": tap_indices(image_encoder),
-        "tap_width": int(image_encoder.patch_embed.proj.out_channels),
+        "family": encoders.family(encoder).name,
+        "tap_blocks": encoders.tap_blocks(image_encoder),
+        "tap_shapes": [list(shape) for name, shape in shapes.items() if name != "neck"],
+        "neck_shape": list(shapes["neck"]),
         **picked,
     }
 

@@ -7,7 +7,7 @@ import torch
 from segment_anything import SamPredictor
 from segment_anything.build_sam import sam_model_registry
 
-from desam_pipeline import dataset_checks, preprocessing, sam_models
+from desam_pipeline import dataset_checks, encoders, preprocessing, sam_models
 from desam_pipeline.atomic import atomic_path
 from desam_pipeline.errors import DesamError
 from desam_pipeline.paths import Trees, get_root, resolve_dataset
@@ -41,8 +41,9 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
 
 
 def test_tiny_sam_keeps_real_geometry(tiny_checkpoint):
-    encoder = sam_models.load_image_encoder("tiny", tiny_checkpoint)
+    encoder = encoders.load_image_encoder("tiny", tiny_checkpoint)
     assert sam_models.tap_indices(encoder) == [1, 3, 5]
+    assert encoders.feature_shapes(encoder) == {"neck": (256, 64, 64), **{f"tap{k}": (32, 64, 64) for k in range(3)}}
     assert encoder.img_size == 1024 and encoder.patch_embed.proj.stride == (16, 16)
     with torch.no_grad():
         out = encoder(torch.zeros(1, 3, 1024, 1024))
@@ -57,8 +58,8 @@ def test_tap_indices_of_real_variants_follow_their_config():
 
 def test_checkpoint_variant_mismatch_is_one_line(tiny_checkpoint, tmp_path):
     with pytest.raises(DesamError) as info:
-        sam_models.load_image_encoder("vit_b", tiny_checkpoint)
-    assert "does not match SAM vit_b" in str(info.value) and "\n" not in str(info.value)
+        encoders.load_image_encoder("vit_b", tiny_checkpoint)
+    assert "sam_tiny.pth: a tiny checkpoint, not vit_b" in str(info.value) and "\n" not in str(info.value)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(DesamError, match="not a readable PyTorch checkpoint"):
@@ -75,7 +76,7 @@ def test_sam_input_equals_sam_predictor(tiny_checkpoint):
     rng = np.random.default_rng(1)
     slices = rng.integers(0, 256, size=(2, 256, 256), dtype=np.uint8)
     with torch.no_grad():
-        ours = sam.image_encoder(preprocessing.sam_input(slices))
+        ours = sam.image_encoder(preprocessing.sam_input(slices, "cpu", sam.image_encoder.img_size))
     for i, img in enumerate(slices):
         predictor = SamPredictor(sam)
         predictor.set_image(np.repeat(img[..., None], 3, axis=-1))

@@ -11,6 +11,7 @@ from desam_pipeline.network import DeSAM
 from desam_pipeline.network import grid_iou
 from desam_pipeline.network.grid_iou import iou_token_outputs, prompt_ious
 from desam_pipeline.prompts import grid_points
+from toy_data import TINY_FRAME, TINY_TAPS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,7 +26,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_net(tiny_checkpoint) -> DeSAM:
-    return DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny").eval()
+    return DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny", TINY_TAPS).eval()
 
 
 def rescaled(net: DeSAM, seed: int) -> DeSAM:
@@ -53,7 +54,7 @@ def rescaled(net: DeSAM, seed: int) -> DeSAM:
 
 
 def grid_prompts(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    points = torch.as_tensor(grid_points(k))[:, None, :]
+    points = torch.as_tensor(grid_points(k, TINY_FRAME))[:, None, :]
     return points, torch.ones(points.shape[:2], dtype=torch.int64)
 
 

@@ -14,13 +14,14 @@ from desam_pipeline.grid_rules import first_mask, reference_slice, resample_like
 from desam_pipeline.network import DeSAM
 from desam_pipeline.prompts import grid_points
 from desam_pipeline.sam_models import build_sam
+from toy_data import TINY_FRAME, TINY_TAPS
 
 
 def test_logits_are_resampled_as_sam_postprocess_masks():
     sam = build_sam("tiny", seed=0)
     low = torch.randn(3, 1, 256, 256, generator=torch.Generator().manual_seed(0))
     expected = sam.postprocess_masks(low, (1024, 1024), (256, 256))
-    assert torch.equal(resample_like_sam(low, 256), expected)
+    assert torch.equal(resample_like_sam(low, 256, 1024), expected)
 
 
 def square(top: int, left: int, side: int, hole: int = 0) -> torch.Tensor:
@@ -66,7 +67,7 @@ def test_first_mask_is_the_generators_first_record():
 @pytest.fixture(scope="module")
 def net(tiny_checkpoint):
     torch.manual_seed(3)
-    return DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny").eval()
+    return DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny", TINY_TAPS).eval()
 
 
 def test_reference_rule_through_predict_slices(net):
@@ -75,7 +76,7 @@ def test_reference_rule_through_predict_slices(net):
     taps = [torch.randn(2, 32, 64, 64, generator=generator) for _ in range(3)]
     probabilities, best = inference.predict_slices(net, neck, taps, "grid", grid=3, iou_threshold=-1.0,
                                                    grid_rule="reference")
-    points = torch.as_tensor(grid_points(3))[:, None, :]
+    points = torch.as_tensor(grid_points(3, TINY_FRAME))[:, None, :]
     labels = torch.ones(9, 1, dtype=torch.int64)
     sam = build_sam("tiny", seed=0)
     with torch.no_grad():

@@ -8,6 +8,7 @@ import torch
 from desam_pipeline.inference import predict_slices
 from desam_pipeline.network import DeSAM
 from desam_pipeline.prompts import grid_points, whole_box
+from toy_data import TINY_FRAME, TINY_TAPS
 
 SLICES = 2
 GRID = 2
@@ -15,7 +16,7 @@ GRID = 2
 
 @pytest.fixture(scope="module")
 def net(tiny_checkpoint) -> DeSAM:
-    return DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny").eval()
+    return DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny", TINY_TAPS).eval()
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def grid_run(net, features):
 
 def dense_grid_ious(net, neck_slice):
     """The k*k predicted IoUs of the grid through the dense PRIM (one copy of the image per prompt)."""
-    grid = torch.as_tensor(grid_points(GRID))[:, None]
+    grid = torch.as_tensor(grid_points(GRID, TINY_FRAME))[:, None]
     with torch.no_grad():
         embedding, iou = net.prim(neck_slice.expand(GRID * GRID, -1, -1, -1),
                                   points=(grid, torch.ones(GRID * GRID, 1, dtype=torch.int64)))
@@ -77,7 +78,7 @@ def test_grid_runs_pdmm_once_per_slice_on_the_top_iou_prompt(net, features, grid
     assert best_iou.shape == (SLICES,) and best_iou.dtype == np.float32
     # The dense PRIM runs once per slice, on the point the dense k x k scoring ranks first.
     assert len(spy.prim) == SLICES
-    grid = torch.as_tensor(grid_points(GRID))
+    grid = torch.as_tensor(grid_points(GRID, TINY_FRAME))
     fed = torch.cat([call["embedding"] for call in spy.pdmm])
     logits = torch.cat([call["logits"] for call in spy.pdmm])
     # PDMM: exactly one row per slice, fed the embedding of the highest-IoU point.
@@ -115,7 +116,7 @@ def test_grid_average_over_accepted_prompts(net, features):
     one = [neck[:1], [t[:1] for t in taps]]
     with torch.no_grad():
         embedding, iou = net.prim(one[0].expand(GRID * GRID, -1, -1, -1),
-                                  points=(torch.as_tensor(grid_points(GRID))[:, None],
+                                  points=(torch.as_tensor(grid_points(GRID, TINY_FRAME))[:, None],
                                           torch.ones(GRID * GRID, 1, dtype=torch.int64)))
         threshold = float(iou.median())
         accepted = embedding[iou[:, 0] > threshold]
@@ -131,7 +132,7 @@ def test_grid_average_over_accepted_prompts(net, features):
 def test_box_mode_is_one_forward_pass_per_chunk(net, features):
     neck, taps = features
     with torch.no_grad():
-        logits, iou = net(neck, taps, boxes=torch.as_tensor(whole_box(SLICES)))
+        logits, iou = net(neck, taps, boxes=torch.as_tensor(whole_box(SLICES, TINY_FRAME)))
     with Spy(net) as spy:
         probs, box_iou = predict_slices(net, neck, taps, mode="box", batch_size=1)
     assert len(spy.prim) == SLICES and len(spy.pdmm) == SLICES and spy.pdmm_rows() == SLICES

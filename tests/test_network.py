@@ -11,9 +11,14 @@ from desam_pipeline.network import DeSAM
 WIDTHS = [sam_models.encoder_width(e) for e in sam_models.ENCODERS]
 
 
+def vit_taps(width: int) -> list[list[int]]:
+    """Tap shapes of a SAM ViT of this width: three maps on the 64x64 grid."""
+    return [[width, 64, 64]] * 3
+
+
 @pytest.fixture(scope="module")
 def tiny_net(tiny_checkpoint) -> DeSAM:
-    return DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny").eval()
+    return DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny", vit_taps(32)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -71,25 +76,25 @@ def test_prim_equals_sam_decoder_per_image(tiny_net, tiny_sam, prompt):
 
 
 def test_loading_is_strict_and_names_the_problem(tiny_checkpoint, tmp_path):
-    with pytest.raises(DesamError, match=r"sam_tiny\.pth: a SAM tiny checkpoint, but encoder vit_b"):
-        DeSAM.from_sam_checkpoint(tiny_checkpoint, "vit_b")
+    with pytest.raises(DesamError, match=r"sam_tiny\.pth: a tiny checkpoint, but encoder vit_b"):
+        DeSAM.from_sam_checkpoint(tiny_checkpoint, "vit_b", vit_taps(32))
     with pytest.raises(DesamError, match="unknown encoder"):
-        DeSAM.from_sam_checkpoint(tiny_checkpoint, "vit_x")
+        DeSAM.from_sam_checkpoint(tiny_checkpoint, "vit_x", vit_taps(32))
 
     other = tmp_path / "other.pth"
     torch.save({"backbone.weight": torch.zeros(3)}, other)
     with pytest.raises(DesamError, match=r"other\.pth: not a SAM checkpoint"):
-        DeSAM.from_sam_checkpoint(other, "tiny")
+        DeSAM.from_sam_checkpoint(other, "tiny", vit_taps(32))
     text = tmp_path / "notes.pth"
     text.write_text("hello")
     with pytest.raises(DesamError, match=r"notes\.pth: not a readable PyTorch checkpoint"):
-        DeSAM.from_sam_checkpoint(text, "tiny")
+        DeSAM.from_sam_checkpoint(text, "tiny", vit_taps(32))
 
     state = torch.load(tiny_checkpoint, weights_only=True)
     broken = tmp_path / "broken.pth"
     torch.save({k: v for k, v in state.items() if k != "mask_decoder.iou_token.weight"}, broken)
     with pytest.raises(DesamError) as info:
-        DeSAM.from_sam_checkpoint(broken, "tiny")
+        DeSAM.from_sam_checkpoint(broken, "tiny", vit_taps(32))
     message = str(info.value)
     assert "broken.pth" in message and "mask_decoder.iou_token.weight" in message and "\n" not in message
 
@@ -101,7 +106,7 @@ def test_unused_decoder_heads_may_be_absent(tiny_checkpoint, tmp_path):
     assert len(lean) < len(state)
     path = tmp_path / "lean.pth"
     torch.save(lean, path)
-    net = DeSAM.from_sam_checkpoint(path, "tiny")
+    net = DeSAM.from_sam_checkpoint(path, "tiny", vit_taps(32))
     own = net.prim.state_dict()
     for key in ("mask_decoder.iou_token.weight", "mask_decoder.transformer.layers.0.mlp.lin1.weight",
                 "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"):
@@ -110,7 +115,7 @@ def test_unused_decoder_heads_may_be_absent(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("width", WIDTHS)
 def test_output_shapes_for_every_encoder_width(width):
-    net = DeSAM(width).eval()
+    net = DeSAM.for_encoder("tiny", vit_taps(width)).eval()
     batch = 2 if width < 256 else 1  # the real widths cost ~25 GFLOP per sample on CPU
     neck = torch.randn(batch, 256, 64, 64)
     taps = [torch.randn(batch, width, 64, 64) for _ in range(3)]
@@ -118,12 +123,12 @@ def test_output_shapes_for_every_encoder_width(width):
         logits, iou = net(neck, taps, boxes=torch.tensor([[0.0, 0, 1024, 1024]] * batch))
     assert logits.shape == (batch, 1, 256, 256) and iou.shape == (batch, 1)
     assert torch.isfinite(logits).all()
-    with pytest.raises(ValueError, match=f"3 taps of {width} channels"):
+    with pytest.raises(ValueError, match="3 taps of shapes"):
         net.pdmm([t[:, :16] for t in taps], torch.zeros(batch, 256, 64, 64))
 
 
 def test_parameter_counts():
-    counts = DeSAM(sam_models.encoder_width("vit_h")).parameter_counts()
+    counts = DeSAM.for_encoder("vit_h", vit_taps(sam_models.encoder_width("vit_h"))).parameter_counts()
     print("DeSAM vit_h parameters:", counts)
     # PRIM is segment_anything's own prompt encoder and mask decoder minus the two heads it does not use
     # (SAM's decoder is the same for every variant: 4,058,340 parameters, 6,220 in the prompt encoder).
@@ -142,7 +147,7 @@ def test_parameter_counts():
 
 
 def test_gradients_reach_prim_and_pdmm_but_not_the_prompt_encoder(tiny_net):
-    net = DeSAM.from_inference_state(tiny_net.inference_state_dict(), 32).train()
+    net = DeSAM.from_inference_state(tiny_net.inference_state_dict(), tiny_net.config).train()
     assert not net.prim.prompt_encoder.training and net.prim.mask_decoder.training
     neck = torch.randn(2, 256, 64, 64)
     taps = [torch.randn(2, 32, 64, 64) for _ in range(3)]
@@ -168,23 +173,23 @@ def test_inference_state_round_trip(tiny_net, tmp_path):
     assert not any("image_encoder" in k or "output_upscaling" in k for k in state)
     path = tmp_path / "state.pth"
     torch.save(state, path)
-    loaded = DeSAM.from_inference_state(torch.load(path, weights_only=True), 32).eval()
+    loaded = DeSAM.from_inference_state(torch.load(path, weights_only=True), tiny_net.config).eval()
     neck = torch.randn(1, 256, 64, 64)
     taps = [torch.randn(1, 32, 64, 64) for _ in range(3)]
     boxes = torch.tensor([[0.0, 0, 1024, 1024]])
     with torch.no_grad():
         for a, b in zip(tiny_net(neck, taps, boxes=boxes), loaded(neck, taps, boxes=boxes)):
             assert torch.equal(a, b)
-    with pytest.raises(DesamError, match="state.pth: not a DeSAM state for tap width 768"):
-        DeSAM.from_inference_state(state, 768, source=path)
+    with pytest.raises(DesamError, match=r"state.pth: not a DeSAM state for taps \[\[768, 64, 64\]"):
+        DeSAM.from_inference_state(state, {**tiny_net.config, "tap_shapes": vit_taps(768)}, source=path)
 
 
 def test_norm_is_configurable():
-    net = DeSAM(32, norm="batch", norm_affine=True)
+    net = DeSAM.for_encoder("tiny", vit_taps(32), norm="batch", norm_affine=True)
     norms = [m for m in net.pdmm.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(m.affine for m in norms)
     assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in net.pdmm.modules())
-    default = [m for m in DeSAM(32).pdmm.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
+    default = [m for m in DeSAM.for_encoder("tiny", vit_taps(32)).pdmm.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
     assert default and not any(m.affine for m in default)
     with pytest.raises(DesamError, match="unknown PDMM norm 'layer'"):
-        DeSAM(32, norm="layer")
+        DeSAM.for_encoder("tiny", vit_taps(32), norm="layer")

@@ -18,7 +18,7 @@ import torch
 from segment_anything import SamPredictor
 from toy_data import write_toy_dataset
 
-from desam_pipeline import cache, preprocessing, sam_models
+from desam_pipeline import cache, encoders, preprocessing, sam_models
 from desam_pipeline.atomic import read_json
 from desam_pipeline.embedding import preprocess_label, preprocess_volume, select_slices
 from desam_pipeline.errors import DesamError
@@ -121,8 +121,9 @@ def test_case_writer_is_atomic_and_writes_plain_npy(tmp_path):
 def test_cache_layout_plan_and_manifest(fp32_cache, toy_root, tiny_checkpoint):
     pre, raw = toy_root / "pre" / DATASET, toy_root / "raw" / DATASET
     plan = load_plan(pre, "Fp32")
-    encoder = sam_models.load_image_encoder("tiny", tiny_checkpoint)
-    assert plan["tap_blocks"] == sam_models.tap_indices(encoder) and plan["tap_width"] == 32
+    encoder = encoders.load_image_encoder("tiny", tiny_checkpoint)
+    assert plan["tap_blocks"] == sam_models.tap_indices(encoder) and plan["tap_shapes"] == [[32, 64, 64]] * 3
+    assert plan["family"] == "vit" and plan["neck_shape"] == [256, 64, 64]
     assert plan["checkpoint"] == str(tiny_checkpoint.resolve())
     assert plan["checkpoint_sha256"] == file_sha256(tiny_checkpoint)
     assert plan["slices"] == "foreground" and plan["precision"]["cpu"] == "fp32"
@@ -169,7 +170,7 @@ def test_neck_equals_sam_predictor_and_taps_equal_global_blocks(fp32_cache, tiny
     encoder = sam.image_encoder
     global_blocks = [i for i, block in enumerate(encoder.blocks) if block.window_size == 0]
     with torch.no_grad():
-        x = encoder.patch_embed(preprocessing.sam_input(np.asarray(case["image"][picked]))) + encoder.pos_embed
+        x = encoder.patch_embed(preprocessing.sam_input(np.asarray(case["image"][picked]), "cpu", encoder.img_size)) + encoder.pos_embed
         outputs = []
         for block in encoder.blocks:
             x = block(x)
@@ -196,7 +197,7 @@ def test_checkpoint_and_variant_errors_are_one_line(toy_root, tiny_checkpoint, t
 
     assert "sam_vit_b_01ec64.pth" in error_of("--encoder", "vit_b")
     assert "sam_vit_h_4b8939.pth" in error_of()  # vit_h is the default encoder
-    assert "a SAM tiny checkpoint, not vit_b" in error_of("--encoder", "vit_b", "--checkpoint", str(tiny_checkpoint))
+    assert "a tiny checkpoint, not vit_b" in error_of("--encoder", "vit_b", "--checkpoint", str(tiny_checkpoint))
     state = torch.load(tiny_checkpoint, weights_only=True)
     state.pop("image_encoder.neck.0.weight")
     torch.save(state, tmp_path / "broken.pth")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from toy_data import toy_volume, write_toy_dataset
+from toy_data import TINY_TAPS, toy_volume, write_toy_dataset
 
 from desam_pipeline import inference, predict, predictor
 from desam_pipeline.atomic import read_json
@@ -37,7 +37,7 @@ def write_model_folder(results: Path, preprocessed: Path, checkpoint: Path, mode
         shutil.copyfile(preprocessed / DATASET / name, folder / name)
     for fold in folds:
         torch.manual_seed(100 + fold)
-        net = DeSAM.from_sam_checkpoint(checkpoint, "tiny")
+        net = DeSAM.from_sam_checkpoint(checkpoint, "tiny", TINY_TAPS)
         (folder / f"fold_{fold}").mkdir()
         torch.save({"network": net.inference_state_dict(),
                     "network_config": {**net.config, "encoder": "tiny", "mode": mode}},

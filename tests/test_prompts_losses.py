@@ -32,9 +32,10 @@ def _labels(batch: int, rng: np.random.Generator) -> np.ndarray:
 
 def test_training_point_convention():
     # the reference's (4 col, 4 row): ProstateDataset's x_indices * image_scale, y_indices * image_scale
-    assert pixel_to_frame(0, 0).tolist() == [0.0, 0.0]
-    assert pixel_to_frame(255, 255).tolist() == [1020.0, 1020.0]
-    assert pixel_to_frame(np.array([10]), np.array([3])).tolist() == [[12.0, 40.0]]  # (x, y) = (col, row)
+    assert pixel_to_frame(0, 0, 1024).tolist() == [0.0, 0.0]
+    assert pixel_to_frame(255, 255, 1024).tolist() == [1020.0, 1020.0]
+    assert pixel_to_frame(np.array([10]), np.array([3]), 1024).tolist() == [[12.0, 40.0]]  # (x, y) = (col, row)
+    assert pixel_to_frame(np.array([10]), np.array([3]), 256).tolist() == [[3.0, 10.0]]  # LiteMedSAM's frame
 
 
 @pytest.mark.parametrize("probability", [0.5, 0.8])
@@ -43,7 +44,7 @@ def test_points_are_drawn_from_the_right_class_at_the_asked_rate(probability):
     labels = _labels(500, rng)
     targets = []
     for _ in range(8):
-        coords, point_labels, iou_target = sample_training_points(labels, rng, probability)
+        coords, point_labels, iou_target = sample_training_points(labels, rng, probability, frame=1024)
         assert coords.shape == (500, 1, 2) and coords.dtype == np.float32
         assert point_labels.shape == (500, 1) and (point_labels == 1).all()
         assert iou_target.dtype == np.float32 and set(np.unique(iou_target)) <= {0.0, 1.0}
@@ -58,7 +59,7 @@ def test_points_are_drawn_from_the_right_class_at_the_asked_rate(probability):
 def test_points_are_uniform_within_the_class():
     labels = np.zeros((1000, 256, 256), np.uint8)
     labels[:, 100, 100:104] = 1  # four foreground pixels
-    coords, _, iou_target = sample_training_points(labels, np.random.default_rng(1), foreground_probability=1.0)
+    coords, _, iou_target = sample_training_points(labels, np.random.default_rng(1), foreground_probability=1.0, frame=1024)
     assert (iou_target == 1).all()
     rows, cols = _to_pixels(coords[:, 0])
     assert (rows == 100).all()
@@ -69,18 +70,19 @@ def test_points_are_uniform_within_the_class():
 def test_slices_without_foreground_or_background():
     labels = np.zeros((50, 256, 256), np.uint8)
     labels[25:] = 1
-    coords, _, iou_target = sample_training_points(labels, np.random.default_rng(2))
+    coords, _, iou_target = sample_training_points(labels, np.random.default_rng(2), frame=1024)
     assert (iou_target[:25] == 0).all() and (iou_target[25:] == 1).all()
     assert np.isfinite(coords).all() and coords.min() >= 2 and coords.max() <= 1022
 
 
 def test_whole_box_and_grid():
-    assert whole_box(3).tolist() == [[0, 0, 1024, 1024]] * 3 and whole_box(3).dtype == np.float32
+    assert whole_box(3, 1024).tolist() == [[0, 0, 1024, 1024]] * 3 and whole_box(3, 256).dtype == np.float32
     for k in (1, 3, 9):
-        grid = grid_points(k)
+        grid = grid_points(k, 1024)
         assert grid.shape == (k * k, 2) and grid.dtype == np.float32
         np.testing.assert_allclose(grid, build_point_grid(k) * 1024, rtol=0, atol=1e-4)
-    assert grid_points(2).tolist() == [[256, 256], [768, 256], [256, 768], [768, 768]]
+    assert grid_points(2, 1024).tolist() == [[256, 256], [768, 256], [256, 768], [768, 768]]
+    assert grid_points(2, 256).tolist() == [[64, 64], [192, 64], [64, 192], [192, 192]]  # LiteMedSAM's frame
 
 
 def test_dice_is_per_sample_and_smooth():

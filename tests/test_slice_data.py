@@ -11,7 +11,10 @@ import torch
 
 from desam_pipeline import cache, slice_data
 from desam_pipeline.errors import DesamError
-from desam_pipeline.prompts import SCALE, whole_box
+from desam_pipeline.prompts import whole_box
+from toy_data import TINY_FRAME
+
+SCALE = TINY_FRAME / 256
 
 WIDTH = 8
 SLICES = {"A_00": 3, "A_01": 4, "B_00": 2}
@@ -43,7 +46,7 @@ def synthetic_cache(tmp_path_factory):
 
 def dataset(synthetic_cache, mode="grid", seed=3):
     folder, _ = synthetic_cache
-    return slice_data.SliceDataset([folder / case for case in SLICES], mode, seed)
+    return slice_data.SliceDataset([folder / case for case in SLICES], mode, seed, frame=TINY_FRAME)
 
 
 def test_items_are_the_cached_slices(synthetic_cache):
@@ -87,7 +90,7 @@ def test_grid_prompts_are_keyed_by_epoch_and_slice(synthetic_cache):
 
 def test_box_mode_gives_the_whole_image_box(synthetic_cache):
     item = dataset(synthetic_cache, mode="box")[(0, 0)]
-    np.testing.assert_array_equal(item["box"], whole_box(1)[0])
+    np.testing.assert_array_equal(item["box"], whole_box(1, TINY_FRAME)[0])
     assert "coords" not in item
 
 
@@ -115,7 +118,8 @@ def test_workers_give_the_same_batches_as_the_main_process(synthetic_cache):
 def test_ranks_together_draw_the_single_process_global_batches(synthetic_cache):
     """Rank r's t-th batch of size B/W, over all ranks, is exactly the t-th global batch of one process."""
     folder, _ = synthetic_cache
-    data = slice_data.SliceDataset([folder / "A_00", folder / "A_01"], "grid", 1)  # 7 slices -> 8 with padding
+    data = slice_data.SliceDataset([folder / "A_00", folder / "A_01"], "grid", 1,
+                                   frame=TINY_FRAME)  # 7 slices -> 8 with padding
     world, global_batch = 2, 4
 
     def run(world_size, rank, batch):
@@ -155,7 +159,7 @@ class StallingDataset(slice_data.SliceDataset):
 @pytest.mark.parametrize("kind, message", [(DyingDataset, "exited unexpectedly"), (StallingDataset, "timed out")])
 def test_a_dead_or_stalled_worker_is_an_error_not_a_hang(synthetic_cache, kind, message):
     folder, _ = synthetic_cache
-    data = kind([folder / "A_00"], "grid", 0)
+    data = kind([folder / "A_00"], "grid", 0, frame=TINY_FRAME)
     loader = slice_data.make_loader(data, slice_data.train_sampler(data, 0), 1, num_workers=1, timeout_s=5)
     start = time.perf_counter()
     with pytest.raises(DesamError, match=f"data loader failed: .*{message}.*--num-workers 0"):

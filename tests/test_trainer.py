@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT
-from toy_data import write_toy_dataset
+from toy_data import TINY_TAPS, write_toy_dataset
 
 from desam_pipeline import cache, inference, train
 from desam_pipeline.errors import DesamError
@@ -91,7 +91,7 @@ def test_two_epoch_run_writes_every_output(trained, cached):
     checkpoint = final_state(trained)
     assert checkpoint["epoch"] == 2 and len(checkpoint["history"]["train_loss"]) == 2
     assert {"optimizer", "scaler", "rng", "network_config"} <= set(checkpoint)
-    assert checkpoint["network_config"]["tap_width"] == 32 and checkpoint["network_config"]["encoder"] == "tiny"
+    assert checkpoint["network_config"]["tap_shapes"] == TINY_TAPS and checkpoint["network_config"]["encoder"] == "tiny"
     assert all(np.isfinite(checkpoint["history"][k]).all() for k in ("train_loss", "val_loss", "val_dice", "lr"))
     assert checkpoint["history"]["lr"][1] < checkpoint["history"]["lr"][0] == 1e-4  # poly decay per epoch
 
@@ -217,8 +217,8 @@ def test_model_folder_alone_rebuilds_the_network(trained, cached, tmp_path):
     plan = json.loads((copy / "plans.json").read_text())
     checkpoint = final_state(copy / "fold_0")
     config = checkpoint["network_config"]
-    net = DeSAM.from_inference_state(checkpoint["network"], plan["tap_width"], norm=config["norm"],
-                                     norm_affine=config["norm_affine"])
+    assert config["tap_shapes"] == plan["tap_shapes"]
+    net = DeSAM.from_inference_state(checkpoint["network"], config)
     (val_case,) = json.loads((trained / "debug.json").read_text())["val_cases"]
     arrays = cache.open_case(cache.cache_dir(cached / "pre" / DATASET, plan["plans_name"]) / val_case)
     probabilities, _ = inference.predict_slices(net, arrays["neck"], [arrays[f"tap{i}"] for i in range(3)],
@@ -264,7 +264,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(trained, cached, tiny_chec
     single, ddp = final_state(trained), final_state(folder)
     assert_same_training(single, ddp)
     torch.manual_seed(7)  # the trainer's seed for rank 0, which DDP broadcasts: the initial weights
-    initial = DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny").inference_state_dict()
+    initial = DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny", TINY_TAPS).inference_state_dict()
     update = torch.cat([(single["network"][k] - initial[k]).flatten() for k in initial])
     assert (update.abs() > 1e-6).float().mean() > 0.5  # most weights moved: the comparison is not vacuous
 

@@ -7,6 +7,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+TINY_TAPS = [[32, 64, 64]] * 3  # tap shapes (C, H, W) of the tiny test SAM (width 32, 64x64 grid)
+TINY_FRAME = 1024  # its prompt frame (the ViT family's)
+
 
 def toy_volume(rng: np.random.Generator, shape=(40, 36, 8), site_gain: float = 1.0,
                empty_slices: int = 2) -> tuple[np.ndarray, np.ndarray]:

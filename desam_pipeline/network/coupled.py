@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from desam_pipeline import sam_models
+from desam_pipeline import encoders, sam_models
 from desam_pipeline.errors import DesamError
 from desam_pipeline.network.prim import PRIM, Points, build_mask_decoder
 
@@ -24,8 +24,8 @@ from desam_pipeline.network.prim import PRIM, Points, build_mask_decoder
 class CoupledPRIM(PRIM):
     """PRIM on SAM's complete mask decoder: what it hands on is the decoder's single-mask logits."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, prompt_frame: int, embedding_grid: int) -> None:
+        super().__init__(prompt_frame, embedding_grid)
         self.mask_decoder = build_mask_decoder(drop=())
         # Single-mask output uses the first mask token's hypernetwork only; the others get no gradient.
         self.mask_decoder.output_hypernetworks_mlps[1:].requires_grad_(False)
@@ -51,31 +51,30 @@ class PassThrough(nn.Module):
 class CoupledSAM(nn.Module):
     """SAM's decoder with its own mask head, on cached image embeddings; the same call as DeSAM."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_frame: int, embedding_grid: int) -> None:
         super().__init__()
-        self.config = {"network": type(self).__name__}
-        self.prim = CoupledPRIM()
+        self.config = {"network": type(self).__name__, "prompt_frame": int(prompt_frame),
+                       "embedding_grid": int(embedding_grid)}
+        self.prim = CoupledPRIM(prompt_frame, embedding_grid)
         self.pdmm = PassThrough()
 
     @classmethod
     def from_sam_checkpoint(cls, path: str | os.PathLike, encoder: str) -> "CoupledSAM":
-        """Prompt encoder and complete mask decoder loaded strictly (every key) from a SAM .pth file."""
-        if encoder not in sam_models.ENCODERS:
-            raise DesamError(f"unknown encoder {encoder!r}; choose one of {', '.join(sam_models.ENCODERS)}")
-        state = sam_models.read_state_dict(path)
-        found = sam_models.detect_encoder(state, path)
-        if found != encoder:
-            raise DesamError(f"{path}: a SAM {found} checkpoint, but encoder {encoder} was asked for")
-        net = cls()
+        """Prompt encoder and complete mask decoder loaded strictly (every key) from a SAM or LiteMedSAM .pth
+        file, in the prompt frame and embedding grid of `encoder`'s family."""
+        state = encoders.read_encoder_state(path, encoder)
+        geometry = encoders.family(encoder)
+        net = cls(geometry.prompt_frame, geometry.embedding_grid)
         sam_models.load_submodule(net.prim.prompt_encoder, state, "prompt_encoder", path, encoder)
         sam_models.load_submodule(net.prim.mask_decoder, state, "mask_decoder", path, encoder)
         return net
 
     @classmethod
-    def from_inference_state(cls, state: Mapping[str, torch.Tensor],
+    def from_inference_state(cls, state: Mapping[str, torch.Tensor], config: Mapping,
                              source: str | os.PathLike = "checkpoint") -> "CoupledSAM":
-        """Rebuild a trained CoupledSAM from `inference_state_dict()`; a mismatch is one line naming `source`."""
-        net = cls()
+        """Rebuild a trained CoupledSAM from `inference_state_dict()` and its `config`; a mismatch is one line
+        naming `source`."""
+        net = cls(config["prompt_frame"], config["embedding_grid"])
         own = net.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]

@@ -1,4 +1,4 @@
-"""DeSAM = PRIM (SAM's prompt encoder and decoder transformer) + PDMM, loaded from SAM checkpoints.
+"""DeSAM = PRIM (SAM's prompt encoder and decoder transformer) + PDMM, loaded from SAM or LiteMedSAM checkpoints.
 
 The image encoder is never built or loaded here: DeSAM works on the cached neck and tap features.
 """
@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from desam_pipeline import sam_models
+from desam_pipeline import encoders, sam_models
 from desam_pipeline.errors import DesamError
 from desam_pipeline.network.pdmm import PDMM
 from desam_pipeline.network.prim import PRIM, UNUSED_DECODER_PARTS, Points
@@ -19,45 +19,51 @@ from desam_pipeline.network.prim import PRIM, UNUSED_DECODER_PARTS, Points
 class DeSAM(nn.Module):
     """Decoupled SAM: `prim` scores the prompt and gives the mask embedding, `pdmm` makes the mask."""
 
-    def __init__(self, tap_width: int, norm: str = "instance", norm_affine: bool = False) -> None:
+    def __init__(self, tap_shapes: Sequence[Sequence[int]], prompt_frame: int, embedding_grid: int,
+                 norm: str = "instance", norm_affine: bool = False) -> None:
         super().__init__()
-        self.config = dict(tap_width=int(tap_width), norm=norm, norm_affine=bool(norm_affine))
-        self.prim = PRIM()
-        self.pdmm = PDMM(tap_width, norm=norm, norm_affine=norm_affine)
+        self.config = dict(tap_shapes=[[int(v) for v in shape] for shape in tap_shapes],
+                           prompt_frame=int(prompt_frame), embedding_grid=int(embedding_grid),
+                           norm=norm, norm_affine=bool(norm_affine))
+        self.prim = PRIM(prompt_frame, embedding_grid)
+        self.pdmm = PDMM(tap_shapes, embedding_grid, norm=norm, norm_affine=norm_affine)
 
     @classmethod
-    def from_sam_checkpoint(cls, path: str | os.PathLike, encoder: str, norm: str = "instance",
-                            norm_affine: bool = False) -> "DeSAM":
-        """DeSAM for `encoder`'s tap width with PRIM loaded strictly from a SAM .pth file.
+    def for_encoder(cls, encoder: str, tap_shapes: Sequence[Sequence[int]], norm: str = "instance",
+                    norm_affine: bool = False) -> "DeSAM":
+        """A randomly initialised DeSAM for `encoder`'s family (prompt frame, grid) and these taps."""
+        geometry = encoders.family(encoder)
+        return cls(tap_shapes, geometry.prompt_frame, geometry.embedding_grid, norm=norm, norm_affine=norm_affine)
+
+    @classmethod
+    def from_sam_checkpoint(cls, path: str | os.PathLike, encoder: str, tap_shapes: Sequence[Sequence[int]],
+                            norm: str = "instance", norm_affine: bool = False) -> "DeSAM":
+        """DeSAM for `encoder` and its taps with PRIM loaded strictly from a SAM or LiteMedSAM .pth file.
 
         `prompt_encoder.*` and `mask_decoder.*` must match exactly, except SAM's mask upscaling and
         hypernetwork heads, which PRIM does not use. PDMM starts from random weights.
         """
-        if encoder not in sam_models.ENCODERS:
-            raise DesamError(f"unknown encoder {encoder!r}; choose one of {', '.join(sam_models.ENCODERS)}")
-        state = sam_models.read_state_dict(path)
-        found = sam_models.detect_encoder(state, path)
-        if found != encoder:
-            raise DesamError(f"{path}: a SAM {found} checkpoint, but encoder {encoder} was asked for")
-        net = cls(sam_models.encoder_width(encoder), norm=norm, norm_affine=norm_affine)
+        state = encoders.read_encoder_state(path, encoder)
+        net = cls.for_encoder(encoder, tap_shapes, norm=norm, norm_affine=norm_affine)
         sam_models.load_submodule(net.prim.prompt_encoder, state, "prompt_encoder", path, encoder)
         sam_models.load_submodule(net.prim.mask_decoder, state, "mask_decoder", path, encoder,
                                   optional=UNUSED_DECODER_PARTS)
         return net
 
     @classmethod
-    def from_inference_state(cls, state: Mapping[str, torch.Tensor], tap_width: int,
-                             norm: str = "instance", norm_affine: bool = False,
+    def from_inference_state(cls, state: Mapping[str, torch.Tensor], config: Mapping,
                              source: str | os.PathLike = "checkpoint") -> "DeSAM":
-        """Rebuild a trained DeSAM from `inference_state_dict()`; a mismatch is a one-line error naming `source`."""
-        net = cls(tap_width, norm=norm, norm_affine=norm_affine)
+        """Rebuild a trained DeSAM from `inference_state_dict()` and its `config`; a mismatch is a one-line
+        error naming `source`."""
+        net = cls(config["tap_shapes"], config["prompt_frame"], config["embedding_grid"],
+                  norm=config.get("norm", "instance"), norm_affine=bool(config.get("norm_affine", False)))
         own = net.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
         if missing or unexpected or wrong:
             first = (wrong or missing or unexpected)[0]
-            raise DesamError(f"{source}: not a DeSAM state for tap width {tap_width} "
+            raise DesamError(f"{source}: not a DeSAM state for taps {net.config['tap_shapes']} "
                              f"({len(wrong)} mis-shaped, {len(missing)} missing, "
                              f"{len(unexpected)} unexpected keys; first: {first})")
         net.load_state_dict(state)
@@ -78,6 +84,6 @@ class DeSAM(nn.Module):
 
     def forward(self, neck: torch.Tensor, taps: Sequence[torch.Tensor], points: Points | None = None,
                 boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask logits (B,1,256,256) and predicted IoU (B,1); prompts as in `PRIM.forward`."""
+        """Mask logits (B,1,4g,4g) and predicted IoU (B,1); prompts as in `PRIM.forward`."""
         mask_embedding, iou = self.prim(neck, points=points, boxes=boxes)
         return self.pdmm(taps, mask_embedding), iou

@@ -1,12 +1,15 @@
 """PDMM, the prompt-decoupled mask module: a UNETR-like decoder on SAM's frozen multi-scale features.
 
-Three branches lift the tapped ViT blocks (shallow -> deep) to 256, 128 and 64 px; PRIM's mask
-embedding meets the deepest branch at the 64x64 bottleneck (the only place the prompt reaches the
-mask); two decoder stages with skips and a 1x1 head give mask logits at 256x256.
-Layer-by-layer as in the DeSAM paper's reference code (see DESAM_METHOD.md).
+Three branches lift the tapped encoder features (shallow -> deep) to 4x, 2x and 1x the embedding
+grid (256, 128 and 64 px for a 64 grid); PRIM's mask embedding meets the deepest branch at the
+bottleneck (the only place the prompt reaches the mask); two decoder stages with skips and a 1x1
+head give mask logits at 4x the grid. Each branch has as many x2 up-samplings as its tap's
+(C, H, W) needs, so one class serves SAM's ViT taps (all at the grid) and TinyViT's (the shallow
+one already at 2x). Layer-by-layer as in the DeSAM paper's reference code.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -72,20 +75,40 @@ class SEResBlock(nn.Module):
         return self.act(out + self.residual(x))
 
 
-class PDMM(nn.Module):
-    """Mask logits (B,1,256,256) from three tapped feature maps (B,tap_width,64,64) and a mask embedding."""
+def upsamplings(size: int, target: int) -> int:
+    """Number of x2 up-samplings taking a `size` map to `target`; other ratios are an error."""
+    steps = math.log2(target / size) if size > 0 else -1.0
+    if steps < 0 or steps != int(steps):
+        raise DesamError(f"a {size}-px tap cannot reach {target} px by x2 up-sampling")
+    return int(steps)
 
-    def __init__(self, tap_width: int, norm: str = "instance", norm_affine: bool = False) -> None:
+
+class PDMM(nn.Module):
+    """Mask logits (B,1,4g,4g) from three tapped feature maps (shallow -> deep) and a (B,256,g,g) mask embedding.
+
+    `tap_shapes`: the taps' (C, H, W); `embedding_grid`: g, the side of the mask embedding.
+    """
+
+    def __init__(self, tap_shapes: Sequence[Sequence[int]], embedding_grid: int, norm: str = "instance",
+                 norm_affine: bool = False) -> None:
         super().__init__()
-        self.tap_width = tap_width
+        self.tap_shapes = [tuple(int(v) for v in shape) for shape in tap_shapes]
+        if len(self.tap_shapes) != 3 or any(len(shape) != 3 or shape[1] != shape[2] for shape in self.tap_shapes):
+            raise DesamError(f"PDMM needs three square taps (C, H, W), got {self.tap_shapes}")
 
         def srb(cin: int, cout: int) -> SEResBlock:
             return SEResBlock(cin, cout, norm, norm_affine)
 
-        self.shallow = nn.Sequential(srb(tap_width, 64), upsample(64, 64), srb(64, 64),
-                                     upsample(64, 64), srb(64, 64))
-        self.middle = nn.Sequential(srb(tap_width, 128), upsample(128, 128), srb(128, 128))
-        self.deep = srb(tap_width, 256)
+        def branch(shape: tuple[int, int, int], width: int, target: int) -> nn.Module:
+            layers = [srb(shape[0], width)]
+            for _ in range(upsamplings(shape[1], target)):
+                layers += [upsample(width, width), srb(width, width)]
+            return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+
+        shallow, middle, deep = self.tap_shapes
+        self.shallow = branch(shallow, 64, 4 * embedding_grid)
+        self.middle = branch(middle, 128, 2 * embedding_grid)
+        self.deep = branch(deep, 256, embedding_grid)
         self.bottleneck = srb(512, 256)
         self.up1 = upsample(256, 128)
         self.decoder1 = srb(256, 128)
@@ -94,10 +117,10 @@ class PDMM(nn.Module):
         self.head = nn.Conv2d(64, 1, kernel_size=1)
 
     def forward(self, taps: Sequence[torch.Tensor], mask_embedding: torch.Tensor) -> torch.Tensor:
-        """taps: the three cached feature maps, shallow to deep; mask_embedding: PRIM's (B,256,64,64)."""
-        if len(taps) != 3 or any(t.shape[1] != self.tap_width for t in taps):
-            raise ValueError(f"PDMM expects 3 taps of {self.tap_width} channels, got "
-                             f"{[tuple(t.shape) for t in taps]}")
+        """taps: the three cached feature maps, shallow to deep; mask_embedding: PRIM's (B,256,g,g)."""
+        if len(taps) != 3 or any(tuple(t.shape[1:]) != shape for t, shape in zip(taps, self.tap_shapes)):
+            raise ValueError(f"PDMM expects 3 taps of shapes {self.tap_shapes}, got "
+                             f"{[tuple(t.shape[1:]) for t in taps]}")
         shallow, middle, deep = taps
         x = self.bottleneck(torch.cat([mask_embedding, self.deep(deep)], dim=1))
         x = self.decoder1(torch.cat([self.up1(x), self.middle(middle)], dim=1))

@@ -9,25 +9,19 @@ prompt and the transformer's updated image tokens are the mask embedding handed 
 from __future__ import annotations
 
 import torch
-from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 from torch import nn
 
-# SAM's decoder geometry, as in segment_anything's `_build_sam` (identical for every variant).
+from desam_pipeline.encoders import build_prompt_encoder
+
+# SAM's decoder geometry, as in segment_anything's `_build_sam` (identical for every variant; the
+# prompt encoder's frame and grid come from the encoder family, see `encoders`).
 EMBED_DIM = 256
-EMBEDDING_SIZE = 64
-INPUT_SIZE = 1024
-MASK_IN_CHANS = 16
 NUM_MULTIMASK_OUTPUTS = 3
 # MaskDecoder parts PRIM does not use; they are dropped and may be absent from a checkpoint.
 UNUSED_DECODER_PARTS = ("output_upscaling", "output_hypernetworks_mlps")
 
 Points = tuple[torch.Tensor, torch.Tensor]
-
-
-def build_prompt_encoder() -> PromptEncoder:
-    """SAM's prompt encoder with `_build_sam`'s arguments."""
-    return PromptEncoder(embed_dim=EMBED_DIM, image_embedding_size=(EMBEDDING_SIZE, EMBEDDING_SIZE),
-                         input_image_size=(INPUT_SIZE, INPUT_SIZE), mask_in_chans=MASK_IN_CHANS)
 
 
 def build_mask_decoder(drop: tuple[str, ...] = UNUSED_DECODER_PARTS) -> MaskDecoder:
@@ -45,12 +39,17 @@ def build_mask_decoder(drop: tuple[str, ...] = UNUSED_DECODER_PARTS) -> MaskDeco
 class PRIM(nn.Module):
     """Prompt encoder (frozen, always in eval mode) + SAM's decoder transformer, IoU token and IoU head."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_frame: int, embedding_grid: int) -> None:
         super().__init__()
-        self.prompt_encoder = build_prompt_encoder()
+        self.prompt_encoder = build_prompt_encoder(prompt_frame, embedding_grid)
         self.mask_decoder = build_mask_decoder()
         self.prompt_encoder.requires_grad_(False)
         self.prompt_encoder.eval()
+
+    @property
+    def frame(self) -> int:
+        """Side of the square frame prompts are given in (the prompt encoder's input_image_size)."""
+        return int(self.prompt_encoder.input_image_size[0])
 
     def train(self, mode: bool = True) -> "PRIM":
         """Train the decoder parts; the frozen prompt encoder stays in eval mode."""
@@ -79,11 +78,11 @@ class PRIM(nn.Module):
 
     def forward(self, neck: torch.Tensor, points: Points | None = None,
                 boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask embedding (B,256,64,64) and predicted IoU (B,1) for B images with one prompt set each.
+        """Mask embedding (B,256,h,w) and predicted IoU (B,1) for B images with one prompt set each.
 
-        neck: (B,256,64,64) SAM image embeddings; points: (coords (B,N,2) as (x, y), labels (B,N),
-        1 foreground / 0 background) and boxes (B,4) as (x0, y0, x1, y1), both in SAM's 1024x1024
-        input frame.
+        neck: (B,256,h,w) image embeddings; points: (coords (B,N,2) as (x, y), labels (B,N),
+        1 foreground / 0 background) and boxes (B,4) as (x0, y0, x1, y1), both in the prompt
+        frame (`self.frame` square).
         """
         hs, mask_embedding = self.run_transformer(neck, points, boxes)
         iou = self.mask_decoder.iou_prediction_head(hs[:, 0, :])[:, :1]
