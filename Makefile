@@ -19,7 +19,7 @@ test: install
 	$(PY) -m pytest -q --durations=10 tests
 
 demo: install
-	$(PY) -m desam_pipeline.demo
+	$(PY) -m evaluation.demo
 
 bench: install
 	$(PY) -m benchmarks.run_all

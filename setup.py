@@ -28,7 +28,7 @@ setup(
             "desam_convert_prostate_multisite=dataset_conversion.convert_prostate_multisite:main",
             "desam_convert_msd=dataset_conversion.convert_msd:main",
             "desam_verify_dataset=desam_pipeline.dataset_checks:main",
-            "desam_plan_and_embed=desam_pipeline.plan_and_embed:main",
+            "desam_plan_and_embed=plans.plan_and_embed:main",
             "desam_train=desam_pipeline.train:main",
             "desam_predict=desam_pipeline.predict:main",
             "desam_evaluate_folder=evaluation.evaluate_folder:main",

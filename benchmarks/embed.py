@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from desam_pipeline.embedding import preprocess_volume
     from desam_pipeline.nifti_io import read_volume
     from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
-    from plans.planner import DEFAULT_CHOICES
+    from desam_pipeline.plan_io import DEFAULT_CHOICES
 
     args.batch_size = args.batch_size or DEFAULT_CHOICES["batch_size"]["cpu"]
     args.precision = args.precision or encoders.family(args.encoder).cpu_precision
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             bare.append(timed(bare_command))
             preprocessed = scratch / f"preprocessed{repeat}"
-            pipeline.append(timed([sys.executable, "-m", "desam_pipeline.plan_and_embed", "-d", DATASET, *common,
+            pipeline.append(timed([sys.executable, "-m", "plans.plan_and_embed", "-d", DATASET, *common,
                                    "--checkpoint", str(checkpoint), "--slices", "all", "--device", "cpu",
                                    "--raw", str(scratch / "raw"), "--preprocessed", str(preprocessed)]))
             print(f"repeat {repeat + 1}: (a) bare forward {bare[-1][0]:.1f} s ({bare[-1][1]:.1f} s CPU), "

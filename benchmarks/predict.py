@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bare", nargs=2, metavar=("CHECKPOINT", "SLICES_NPZ"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.batch_size is None:
-        from plans.planner import DEFAULT_CHOICES
+        from desam_pipeline.plan_io import DEFAULT_CHOICES
 
         args.batch_size = DEFAULT_CHOICES["batch_size"][args.device]
     if args.precision is None:

@@ -58,7 +58,8 @@ def write_dataset(root: Path, plan: dict, slices: int) -> Path:
     """Preprocessed dataset folder with dataset.json, the plan and `slices` cached slices of random features."""
     from desam_pipeline import cache
     from desam_pipeline.atomic import write_json
-    from plans.planner import plan_hash, save_plan
+    from desam_pipeline.plan_io import plan_hash
+    from plans.planner import save_plan
     folder = root / DATASET
     folder.mkdir(parents=True)
     save_plan(plan, folder)

@@ -35,7 +35,7 @@ from desam_pipeline.postprocessing import postprocess
 from desam_pipeline.preprocessing import resize_probabilities_back
 from desam_pipeline.results_layout import CHECKPOINT_FINAL, CHECKPOINT_NAMES, Checkpoint, model_folders
 from desam_pipeline.runtime import resolve_precision
-from plans.planner import REQUIRED_KEYS, plan_hash
+from desam_pipeline.plan_io import REQUIRED_KEYS, plan_hash
 
 CHECKPOINT_FILE = CHECKPOINT_FINAL
 QUALITY_FILE = "quality.csv"

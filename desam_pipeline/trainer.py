@@ -47,8 +47,8 @@ from desam_pipeline.progress_plot import plot_progress
 from desam_pipeline.raw_dataset import domains
 from desam_pipeline.results_layout import CHECKPOINT_FINAL, CHECKPOINTS, Checkpoint, model_folder_name
 from desam_pipeline.runtime import autocast, resolve_precision, select_device
-from evaluation.metrics import METRICS, compute_metrics
-from plans.planner import load_plan, plan_hash
+from desam_pipeline.metrics import METRICS, compute_metrics
+from desam_pipeline.plan_io import load_plan, plan_hash
 
 MODES = slice_data.MODES
 POLY_EXPONENT = 0.9

@@ -42,7 +42,7 @@ from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folder_name
 from desam_pipeline.runtime import select_device, tune_malloc
 from desam_pipeline.train import find_plans_name
 from evaluation.evaluate_folder import evaluate_pair, foreground
-from evaluation.metrics import METRICS, check_same_geometry
+from desam_pipeline.metrics import METRICS, check_same_geometry
 from evaluation.paper_protocol import (BORDER, paper_metrics, paper_volumes, reference_label_grid, slice_grid_spacing,
                                        to_slice_grid, zero_border)
 from evaluation.plots import overlay_png, site_boxplot_png

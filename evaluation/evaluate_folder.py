@@ -20,7 +20,7 @@ from tqdm import tqdm
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.raw_dataset import domains, field_problems, file_ending, read_dataset_json
-from evaluation.metrics import METRICS, check_same_geometry, compute_metrics
+from desam_pipeline.metrics import METRICS, check_same_geometry, compute_metrics
 from evaluation.tables import summarise, to_markdown, write_csv
 
 DEFAULT_OUTPUT = "evaluation.csv"

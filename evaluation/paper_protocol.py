@@ -27,7 +27,7 @@ import numpy as np
 from skimage.transform import resize
 
 from desam_pipeline.preprocessing import SLICE_AXIS, SLICE_SIZE, resize_label_slices, slices_first
-from evaluation.metrics import METRICS, compute_metrics
+from desam_pipeline.metrics import METRICS, compute_metrics
 
 BORDER = 50  # pixels of each 256x256 predicted slice set to background by the reference code
 

@@ -21,7 +21,7 @@ from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.external_predictions import is_external, read_record
 from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folders
-from evaluation.metrics import METRICS
+from desam_pipeline.metrics import METRICS
 from evaluation.plots import heatmap_png
 from evaluation.tables import (MEAN_UNSEEN, METRIC_LABELS, POOLED_UNSEEN, PROTOCOLS, cross_domain_cells,
                                cross_domain_matrix, label_protocol, matrix_markdown, protocol_caption, to_markdown,

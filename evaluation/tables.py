@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from desam_pipeline.atomic import atomic_path
-from evaluation.metrics import METRICS
+from desam_pipeline.metrics import METRICS
 
 METRIC_LABELS = {"dice": "Dice", "hd95": "HD95 (mm)", "assd": "ASSD (mm)", "nsd": "NSD"}
 PROTOCOLS = {

@@ -1,61 +1,32 @@
 """The plan: every choice of the embedding cache, written once as `<preprocessed>/<Dataset>/<plans_name>.json`.
 
-Later stages read their choices from the plan and re-derive nothing. The encoder family, the
+Later stages read their choices from the plan (through desam_pipeline.plan_io, the plan's schema) and
+re-derive nothing. The encoder family, the
 tapped blocks and the shapes of the cached features come from the built encoder, so every
 encoder gets its own.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
 from torch import nn
 
 from desam_pipeline import encoders
-from desam_pipeline.atomic import read_json, write_json
+from desam_pipeline.atomic import write_json
 from desam_pipeline.embedding import SLICE_MODES
 from desam_pipeline.errors import DesamError
-from desam_pipeline.orientation import DEFAULT_ORIENTATION, ORIENTATIONS
-from desam_pipeline.preprocessing import SLICE_AXIS, SLICE_SIZE
+from desam_pipeline.orientation import ORIENTATIONS
+from desam_pipeline.plan_io import DEFAULT_CHOICES, load_plan, plan_path
 
 OFFICIAL_CHECKPOINTS = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth",
                         "vit_b": "sam_vit_b_01ec64.pth"}
-DEFAULT_CHOICES = {
-    "slice_axis": SLICE_AXIS,
-    "slice_orientation": DEFAULT_ORIENTATION,
-    "slice_size": SLICE_SIZE,
-    "intensity": {"low_percentile": 0.5, "high_percentile": 99.5},
-    "slices": "foreground_margin",
-    "slice_margin": 2,
-    "cache_dtype": "float16",
-    # On CPU a batch of 2 is no faster and doubles the attention buffers (vit_b: 5M page faults per 4 slices).
-    "batch_size": {"cpu": 1, "cuda": 4},
-    # cpu: the encoder family's (see encoders.FAMILIES), set by default_choices
-    "precision": {"cpu": "bf16", "cuda": "bf16"},
-}
-# Plans written before `slice_orientation` existed lack it and keep the orientation they were embedded
-# with (see orientation.plan_orientation); re-planning writes it and re-embeds.
-REQUIRED_KEYS = ("plans_name", "encoder", "family", "checkpoint", "checkpoint_sha256", "tap_blocks", "tap_shapes",
-                 "neck_shape", *(key for key in DEFAULT_CHOICES if key != "slice_orientation"))
-# Keys that do not change the cached values: renaming, moving the checkpoint or changing the
-# batch size leaves every cached case valid.
-NOT_HASHED = ("plans_name", "checkpoint", "batch_size")
-
-
-def default_plans_name(encoder: str) -> str:
-    return f"DeSAMPlans_{encoder}"
 
 
 def default_choices(encoder: str) -> dict:
     """DEFAULT_CHOICES with the CPU precision of the encoder's family."""
     return {**DEFAULT_CHOICES,
             "precision": {**DEFAULT_CHOICES["precision"], "cpu": encoders.family(encoder).cpu_precision}}
-
-
-def plan_path(preprocessed_dataset_dir: str | os.PathLike, plans_name: str) -> Path:
-    return Path(preprocessed_dataset_dir) / f"{plans_name}.json"
 
 
 def make_plan(plans_name: str, encoder: str, checkpoint: str | os.PathLike, checkpoint_sha256: str,
@@ -88,27 +59,6 @@ def make_plan(plans_name: str, encoder: str, checkpoint: str | os.PathLike, chec
         "neck_shape": list(shapes["neck"]),
         **picked,
     }
-
-
-def plan_hash(plan: dict) -> str:
-    """sha256 of the choices that determine the cached values (see NOT_HASHED), canonical JSON."""
-    content = {key: value for key, value in plan.items() if key not in NOT_HASHED}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def load_plan(preprocessed_dataset_dir: str | os.PathLike, plans_name: str) -> dict:
-    """Read a plan, with one-line errors for a missing, unreadable or incomplete file."""
-    path = plan_path(preprocessed_dataset_dir, plans_name)
-    if not path.is_file():
-        raise DesamError(f"{path}: plan not found; run desam_plan_and_embed first (or pass the right plans name)")
-    try:
-        plan = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DesamError(f"{path}: invalid JSON ({exc})") from exc
-    missing = [key for key in REQUIRED_KEYS if key not in plan]
-    if missing:
-        raise DesamError(f"{path}: plan lacks keys {', '.join(missing)}")
-    return plan
 
 
 def plan_differences(old: dict, new: dict) -> list[str]:

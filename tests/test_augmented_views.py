@@ -12,8 +12,8 @@ from toy_data import toy_volume, write_toy_dataset
 from desam_pipeline import cache, slice_data, train
 from desam_pipeline.augmented_views import make_views, views_for
 from desam_pipeline.embedding import preprocess_label, preprocess_volume
-from desam_pipeline.plan_and_embed import plan_and_embed
-from plans.planner import DEFAULT_CHOICES
+from plans.plan_and_embed import plan_and_embed
+from desam_pipeline.plan_io import DEFAULT_CHOICES
 
 DATASET = "Dataset900_Toy"
 PLANS = "DeSAMPlans_tiny"

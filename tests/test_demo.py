@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from desam_pipeline import demo
+from evaluation import demo
 
 
 def fake_model(root: Path, dice: dict[str, list[float]], hd95: list[float | None]) -> Path:

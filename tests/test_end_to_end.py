@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 from dataset_conversion import convert_prostate_multisite, make_phantom
-from desam_pipeline import dataset_checks, plan_and_embed, train
+from desam_pipeline import dataset_checks, train
+from plans import plan_and_embed
 from evaluation import evaluate, report
 
 SLICES = 8

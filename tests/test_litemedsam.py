@@ -17,8 +17,8 @@ from desam_pipeline.embedding import encode_slices
 from desam_pipeline.errors import DesamError
 from desam_pipeline.network import DeSAM
 from desam_pipeline.nifti_io import file_sha256
-from desam_pipeline.plan_and_embed import main, plan_and_embed
-from plans.planner import load_plan
+from plans.plan_and_embed import main, plan_and_embed
+from desam_pipeline.plan_io import load_plan
 
 PACKAGED_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 SHAPE = (64, 64, 5)  # one foreground slice (z 2) plus the margin: three slices to encode

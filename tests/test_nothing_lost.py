@@ -16,8 +16,8 @@ from toy_data import write_toy_dataset
 
 from desam_pipeline import atomic, trainer
 from desam_pipeline.nifti_io import file_sha256
-from desam_pipeline.plan_and_embed import TINY_CHECKPOINT_NAME
-from plans.planner import load_plan
+from plans.plan_and_embed import TINY_CHECKPOINT_NAME
+from desam_pipeline.plan_io import load_plan
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "Dataset900_Toy"
@@ -61,7 +61,7 @@ def test_tiny_checkpoint_bytes_do_not_depend_on_the_process(tmp_path):
 
 def test_two_concurrent_first_runs_of_plan_and_embed_both_succeed(tmp_path):
     write_toy_dataset(tmp_path / "raw", cases_per_site=1, shape=(40, 36, 6))
-    args = ["-m", "desam_pipeline.plan_and_embed", "-d", "900", "--encoder", "tiny", "--slices", "foreground",
+    args = ["-m", "plans.plan_and_embed", "-d", "900", "--encoder", "tiny", "--slices", "foreground",
             "--device", "cpu", "--raw", str(tmp_path / "raw"), "--preprocessed", str(tmp_path / "pre")]
     runs = [python(*args) for _ in range(2)]
     outputs = [run.communicate(timeout=300) for run in runs]
@@ -249,7 +249,8 @@ def test_predict_on_a_full_disk_stops_in_one_line_and_continues(env, tmp_path, c
 
 # ---------------------------------------------------------------- embed on a full disk
 def test_embedding_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path, tiny_checkpoint, capsys, monkeypatch):
-    from desam_pipeline import cache, plan_and_embed
+    from desam_pipeline import cache
+    from plans import plan_and_embed
 
     write_toy_dataset(tmp_path / "raw", cases_per_site=1, shape=(40, 36, 6))
     argv = ["-d", "900", "--encoder", "tiny", "--checkpoint", str(tiny_checkpoint), "--slices", "foreground",
@@ -286,7 +287,7 @@ def test_embedding_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path, tiny_c
 
 
 def test_unknown_domain_writes_nothing(tmp_path, capsys):
-    from desam_pipeline import plan_and_embed
+    from plans import plan_and_embed
 
     write_toy_dataset(tmp_path / "raw", cases_per_site=1, shape=(40, 36, 6))
     with pytest.raises(SystemExit) as stop:

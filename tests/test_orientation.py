@@ -12,7 +12,8 @@ from desam_pipeline.nifti_io import read_volume
 from desam_pipeline.orientation import from_slices, in_plane_shape, plan_orientation, to_slices
 from desam_pipeline.preprocessing import intensity_to_uint8, resize_image_slices, resize_label_slices
 from desam_pipeline.sam_models import build_sam
-from plans.planner import DEFAULT_CHOICES, make_plan, plan_hash
+from desam_pipeline.plan_io import DEFAULT_CHOICES, plan_hash
+from plans.planner import make_plan
 
 
 @pytest.fixture()

@@ -23,9 +23,9 @@ from desam_pipeline.atomic import read_json
 from desam_pipeline.embedding import preprocess_label, preprocess_volume, select_slices
 from desam_pipeline.errors import DesamError
 from desam_pipeline.nifti_io import file_sha256
-from desam_pipeline.plan_and_embed import main, plan_and_embed
+from plans.plan_and_embed import main, plan_and_embed
 from plans.fingerprint import PERCENTILES, compute_fingerprint, domain_table
-from plans.planner import load_plan, plan_hash
+from desam_pipeline.plan_io import load_plan, plan_hash
 
 DATASET = "Dataset900_Toy"
 REPO = Path(__file__).resolve().parents[1]
@@ -311,7 +311,7 @@ def test_two_parts_equal_one_part(toy_root, tiny_checkpoint, site_b_whole, tmp_p
 
 def torchrun_embed(toy_root: Path, preprocessed: Path, *flags: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "desam_pipeline.plan_and_embed", "-d", "900", "--raw", str(toy_root / "raw"),
+               "-m", "plans.plan_and_embed", "-d", "900", "--raw", str(toy_root / "raw"),
                "--preprocessed", str(preprocessed), "--device", "cpu", *flags]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=280, env=environment, cwd=REPO)
@@ -357,7 +357,7 @@ def test_kill_9_mid_case_leaves_no_half_case(toy_root, tiny_checkpoint, tmp_path
     argv = ["-d", "900", "--encoder", "tiny", "--checkpoint", str(tiny_checkpoint), "--domains", "SiteA",
             "--slices", "all", "--batch-size", "1", "--raw", str(toy_root / "raw"), "--preprocessed", str(pre)]
     folder = pre / DATASET / "DeSAMPlans_tiny"
-    proc = subprocess.Popen([sys.executable, "-m", "desam_pipeline.plan_and_embed", *argv], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "plans.plan_and_embed", *argv], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180

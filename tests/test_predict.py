@@ -20,7 +20,7 @@ from desam_pipeline.atomic import read_json
 from desam_pipeline.embedding import preprocess_volume
 from desam_pipeline.network import DeSAM
 from desam_pipeline.orientation import from_slices, in_plane_shape, plan_orientation
-from desam_pipeline.plan_and_embed import plan_and_embed
+from plans.plan_and_embed import plan_and_embed
 from desam_pipeline.preprocessing import resize_probabilities_back
 from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
 

@@ -14,7 +14,7 @@ from toy_data import write_toy_dataset
 
 from desam_pipeline import cache, predict, predictor, train
 from desam_pipeline.network import CoupledSAM
-from desam_pipeline.plan_and_embed import plan_and_embed
+from plans.plan_and_embed import plan_and_embed
 from desam_pipeline.preprocessing import resize_probabilities_back
 from desam_pipeline.results_layout import Checkpoint, model_folder_name, parse_model_folder_name
 from desam_pipeline.sam_models import build_sam, read_state_dict

@@ -20,7 +20,7 @@ from desam_pipeline import cache, inference, train
 from desam_pipeline.errors import DesamError
 from desam_pipeline.network import DeSAM
 from desam_pipeline.orientation import from_slices, plan_orientation
-from desam_pipeline.plan_and_embed import plan_and_embed
+from plans.plan_and_embed import plan_and_embed
 from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
 from desam_pipeline.trainer import DeSAMTrainer
 

@@ -18,7 +18,8 @@ from typing import Callable
 import pandas as pd
 
 from dataset_conversion import convert_prostate_multisite, make_phantom
-from desam_pipeline import dataset_checks, plan_and_embed, train
+from desam_pipeline import dataset_checks, train
+from plans import plan_and_embed
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.paths import ROOT_VARIABLES, dataset_name
 from desam_pipeline.encoders import PACKAGED, detect_encoder

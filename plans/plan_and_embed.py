@@ -25,11 +25,11 @@ from desam_pipeline.encoders import ENCODERS, load_image_encoder
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.nifti_io import file_sha256, read_volume, voxel_spacing
 from desam_pipeline.paths import Trees, add_root_arguments
+from desam_pipeline.plan_io import default_plans_name, load_plan, plan_hash, plan_path
 from desam_pipeline.runtime import PRECISIONS, resolve_precision, select_device, shard, shard_spec, tune_malloc
 from desam_pipeline.sam_models import ensure_tiny_checkpoint
 from plans.fingerprint import write_fingerprint
-from plans.planner import (OFFICIAL_CHECKPOINTS, default_choices, default_plans_name, load_plan, make_plan,
-                           plan_hash, plan_path, save_plan)
+from plans.planner import OFFICIAL_CHECKPOINTS, default_choices, make_plan, save_plan
 
 TINY_CHECKPOINT_NAME = "sam_tiny.pth"
 
