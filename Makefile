@@ -4,7 +4,7 @@ PY := .venv/bin/python
 # and an unpinned torch would download a different multi-GB build.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo bench clean-demo
+.PHONY: install test test-fast demo bench clean-demo
 
 .venv/.installed: setup.py Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -17,6 +17,10 @@ install: .venv/.installed
 
 test: install
 	$(PY) -m pytest -q --durations=10 tests
+
+# The inner loop: everything but the tests marked slow or torchrun (pytest.ini), under a minute.
+test-fast: install
+	$(PY) -m pytest -q --durations=5 -m "not slow and not torchrun" tests
 
 demo: install
 	$(PY) -m evaluation.demo

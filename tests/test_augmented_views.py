@@ -15,6 +15,8 @@ from desam_pipeline.embedding import preprocess_label, preprocess_volume
 from plans.plan_and_embed import plan_and_embed
 from desam_pipeline.plan_io import DEFAULT_CHOICES
 
+pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
+
 DATASET = "Dataset900_Toy"
 PLANS = "DeSAMPlans_tiny"
 VIEWS = 2

@@ -20,6 +20,8 @@ from desam_pipeline import dataset_checks, train
 from plans import plan_and_embed
 from evaluation import evaluate, report
 
+pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
+
 SLICES = 8
 
 

@@ -25,6 +25,8 @@ from evaluation.paper_protocol import BORDER, paper_metrics, paper_volumes, refe
 from evaluation.report import main as report_main
 from evaluation.tables import PROTOCOLS
 
+pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
+
 DATASET = "Dataset900_Toy"
 MODEL = "DeSAMTrainer__DeSAMPlans_tiny__box__src-SiteA"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -70,6 +70,7 @@ def test_checkpoint_variant_mismatch_is_one_line(tiny_checkpoint, tmp_path):
     assert sam_models.detect_encoder(sam_models.read_state_dict(tiny_checkpoint)) == "tiny"
 
 
+@pytest.mark.slow
 def test_sam_input_equals_sam_predictor(tiny_checkpoint):
     sam = sam_models.build_sam("tiny")
     sam.load_state_dict(torch.load(tiny_checkpoint, weights_only=True))

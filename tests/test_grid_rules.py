@@ -70,6 +70,7 @@ def net(tiny_checkpoint):
     return DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny", TINY_TAPS).eval()
 
 
+@pytest.mark.slow
 def test_reference_rule_through_predict_slices(net):
     generator = torch.Generator().manual_seed(1)
     neck = torch.randn(2, 256, 64, 64, generator=generator)

@@ -10,6 +10,8 @@ from desam_pipeline.network import DeSAM
 from desam_pipeline.prompts import grid_points, whole_box
 from toy_data import TINY_FRAME, TINY_TAPS
 
+pytestmark = pytest.mark.slow  # tiny SAM over grids of prompts
+
 SLICES = 2
 GRID = 2
 

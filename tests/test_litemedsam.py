@@ -20,6 +20,8 @@ from desam_pipeline.nifti_io import file_sha256
 from plans.plan_and_embed import main, plan_and_embed
 from desam_pipeline.plan_io import load_plan
 
+pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
+
 PACKAGED_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 SHAPE = (64, 64, 5)  # one foreground slice (z 2) plus the margin: three slices to encode
 

@@ -146,6 +146,7 @@ def test_parameter_counts():
     assert counts["trainable"] == 3_425_156 + counts["pdmm"]  # the prompt encoder is frozen
 
 
+@pytest.mark.slow
 def test_gradients_reach_prim_and_pdmm_but_not_the_prompt_encoder(tiny_net):
     net = DeSAM.from_inference_state(tiny_net.inference_state_dict(), tiny_net.config).train()
     assert not net.prim.prompt_encoder.training and net.prim.mask_decoder.training

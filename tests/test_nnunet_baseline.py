@@ -22,6 +22,8 @@ from desam_pipeline.external_predictions import RECORD_FILE, read_record
 from evaluation.evaluate import evaluate_model
 from evaluation.report import main as report_main
 
+pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
+
 pytest.importorskip("nnunetv2")
 DATASET = "Dataset900_Toy"
 FOLDER = "nnUNetTrainer_1epoch__nnUNetPlans__2d__src-SiteA"

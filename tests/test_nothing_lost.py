@@ -173,6 +173,8 @@ from test_predict import env, run_cli as predict_cli, write_volume  # noqa: E402
 
 from desam_pipeline import nifti_io  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
+
 
 def test_predict_never_overwrites_an_input(env, tmp_path, capsys):  # noqa: F811
     folder = tmp_path / "in"

@@ -18,6 +18,8 @@ from desam_pipeline.dataset_checks import verify_dataset
 from desam_pipeline.errors import DesamError
 from desam_pipeline.preprocessing import intensity_to_uint8
 
+pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
+
 CASES_PER_SITE = 2
 ENDORECTAL = {"BMC", "BIDMC", "HK"}
 

@@ -27,6 +27,8 @@ from plans.plan_and_embed import main, plan_and_embed
 from plans.fingerprint import PERCENTILES, compute_fingerprint, domain_table
 from desam_pipeline.plan_io import load_plan, plan_hash
 
+pytestmark = pytest.mark.slow  # embeds toy volumes with tiny SAM, some in subprocesses
+
 DATASET = "Dataset900_Toy"
 REPO = Path(__file__).resolve().parents[1]
 # Six slices keep the encoder work small: foreground at z 2..3, so a margin of 2 reaches both ends.
@@ -317,6 +319,7 @@ def torchrun_embed(toy_root: Path, preprocessed: Path, *flags: str) -> subproces
     return subprocess.run(command, capture_output=True, text=True, timeout=280, env=environment, cwd=REPO)
 
 
+@pytest.mark.torchrun
 @pytest.mark.timeout(300)
 def test_torchrun_two_ranks_equal_one_process(toy_root, tiny_checkpoint, site_b_whole, tmp_path):
     proc = torchrun_embed(toy_root, tmp_path, "--encoder", "tiny", "--checkpoint", str(tiny_checkpoint),
@@ -331,6 +334,7 @@ def test_torchrun_two_ranks_equal_one_process(toy_root, tiny_checkpoint, site_b_
     assert not [p for p in two.iterdir() if p.name.startswith(".tmp")]
 
 
+@pytest.mark.torchrun
 @pytest.mark.timeout(300)
 def test_torchrun_rank_zero_error_stops_every_rank(toy_root, tmp_path):
     proc = torchrun_embed(toy_root, tmp_path, "--encoder", "tiny", "--domains", "Nowhere")

@@ -24,6 +24,8 @@ from plans.plan_and_embed import plan_and_embed
 from desam_pipeline.preprocessing import resize_probabilities_back
 from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
 
+pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
+
 DATASET = "Dataset900_Toy"
 CPU = torch.device("cpu")
 
@@ -273,6 +275,7 @@ def test_two_parts_write_every_case_once(env, tmp_path, monkeypatch):
     assert quality(out).groupby("case").size().to_dict() == {c: 2 for c in cases}
 
 
+@pytest.mark.torchrun
 @pytest.mark.timeout(300)
 def test_torchrun_two_ranks_write_every_case_once(env, tmp_path):
     inputs, out = tmp_path / "in", tmp_path / "out"

@@ -23,6 +23,8 @@ from desam_pipeline.trainer_registry import trainer_class, trainer_classes
 from evaluation.evaluate import main as evaluate_main
 from evaluation.report import main as report_main
 
+pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
+
 DATASET = "Dataset900_Toy"
 PLANS = "DeSAMPlans_tiny"
 

@@ -24,6 +24,8 @@ from plans.plan_and_embed import plan_and_embed
 from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
 from desam_pipeline.trainer import DeSAMTrainer
 
+pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
+
 DATASET = "Dataset900_Toy"
 PLANS = "DeSAMPlans_tiny"
 MODEL = f"DeSAMTrainer__{PLANS}__box__src-SiteA"
@@ -253,6 +255,7 @@ def assert_same_training(single: dict, ddp: dict) -> None:
     assert difference.abs().max() <= 2 * sum(single["history"]["lr"])
 
 
+@pytest.mark.torchrun
 @pytest.mark.timeout(400)
 def test_ddp_on_two_cpu_processes_matches_one_process(trained, cached, tiny_checkpoint):
     """torchrun, gloo, global batch 2 = 1 per rank: same losses and weights as one process."""
@@ -269,6 +272,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(trained, cached, tiny_chec
     assert (update.abs() > 1e-6).float().mean() > 0.5  # most weights moved: the comparison is not vacuous
 
 
+@pytest.mark.torchrun
 @pytest.mark.timeout(400)
 def test_ddp_resumes_a_single_process_run(trained, cached, interrupted):
     """-c under torchrun: epoch 2 of the interrupted run on 2 ranks ends where one process ends."""
