@@ -20,6 +20,7 @@ setup(
         "pandas>=2.0",
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        "filelock>=3.0",  # atomic.file_lock, on Unix and Windows (installed with torch)
     ],
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "medpy==0.5.2"], "baseline": ["nnunetv2>=2.5"]},
     entry_points={

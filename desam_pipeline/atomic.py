@@ -6,12 +6,13 @@ the writer's process id so that only temporaries of dead processes are ever clea
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
+
+from filelock import FileLock
 
 from desam_pipeline.errors import naming
 
@@ -43,13 +44,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def file_lock(lock_file: str | os.PathLike) -> Iterator[None]:
-    """An exclusive flock on `lock_file` for the block, so separate processes take turns (freed if one dies)."""
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """An exclusive lock on `lock_file` for the block, so separate processes take turns (freed if one dies).
+
+    filelock takes an flock on Unix and a msvcrt lock on Windows; the lock file stays for the next run."""
+    with FileLock(os.fspath(lock_file)):
+        yield
 
 
 def write_bytes(data: bytes, target: str | os.PathLike) -> None:
