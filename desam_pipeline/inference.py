@@ -18,10 +18,8 @@ from desam_pipeline.grid_rules import GRID_RULES, reference_slice
 from desam_pipeline.network import DeSAM
 from desam_pipeline.network.grid_iou import prompt_ious
 from desam_pipeline.preprocessing import SLICE_SIZE
-from desam_pipeline.prompts import grid_points, whole_box
+from desam_pipeline.prompts import MODES, grid_points, whole_box
 from desam_pipeline.runtime import autocast
-
-MODES = ("grid", "box")
 
 
 def _chunk(array, start: int, stop: int, device: torch.device) -> torch.Tensor:

@@ -32,7 +32,7 @@ from desam_pipeline.atomic import read_json, write_json
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.external_predictions import PREDICTIONS, RECORD_FILE, prediction_file, write_record
 from desam_pipeline.paths import DATASET_PATTERN, Trees, add_root_arguments
-from desam_pipeline.raw_dataset import domains, file_ending, label_path, list_cases, load_dataset_json
+from desam_pipeline.raw_dataset import check_sites, domains, file_ending, label_path, list_cases, load_dataset_json
 
 INSTALL_HINT = "nnunetv2 is not installed; install the baseline extra: pip install -e .[baseline]"
 NNUNET_FOLDER = "nnunet"
@@ -144,12 +144,8 @@ def run_baseline(dataset: str | int, sources: Sequence[str], folds: Sequence[str
     if not raw_dir.is_dir():
         raise DesamError(f"{raw_dir}: raw dataset not found; convert it first")
     dataset_json = load_dataset_json(raw_dir)
+    check_sites(dataset_json, sources, raw_dir.name, kind="source site")
     case_sites = domains(dataset_json)
-    known = sorted(set(case_sites.values()))
-    unknown = [s for s in sources if s not in known]
-    if not case_sites or unknown:
-        raise DesamError(f"{raw_dir / 'dataset.json'}: source site(s) {', '.join(unknown or sources)} not among its "
-                         f"'domains' ({', '.join(known) or 'none'})")
     cases = [c for c in list_cases(raw_dir, dataset_json) if c in case_sites]
     source_cases = [c for c in cases if case_sites[c] in sources]
     key = splits.source_key(sources)

@@ -401,10 +401,11 @@ def feature_batches(slices: np.ndarray, encoder: SliceEncoder, cached: dict, row
 
 def decode(model: Model, neck: torch.Tensor, taps: list[torch.Tensor],
            settings: Settings) -> tuple[np.ndarray, np.ndarray]:
-    """Fold-averaged foreground probabilities (B,256,256) and predicted IoU (B,) of a batch of slices."""
+    """Fold-averaged foreground probabilities (B, size, size) at the plan's slice size and predicted IoU (B,)."""
     neck = neck.to(settings.device)
     taps = [t.to(settings.device) for t in taps]
-    probabilities = np.zeros((neck.shape[0], 256, 256), np.float32)
+    size = int(model.plan["slice_size"])
+    probabilities = np.zeros((neck.shape[0], size, size), np.float32)
     iou = np.zeros(neck.shape[0], np.float32)
     for net in model.networks:
         p, q = inference.predict_slices(net, neck, taps, model.mode, grid=settings.grid,
@@ -426,7 +427,8 @@ def predict_volume(model: Model, volume: np.ndarray, encoder: SliceEncoder, sett
     """
     axis = int(model.plan["slice_axis"])
     slices = preprocess_volume(volume, model.plan) if slices is None else slices
-    probabilities = np.zeros((len(slices), 256, 256), np.float32)
+    size = int(model.plan["slice_size"])
+    probabilities = np.zeros((len(slices), size, size), np.float32)
     iou = np.zeros(len(slices), np.float32)
     for index, neck, taps in feature_batches(slices, encoder, cached or {}, rows or {}, settings.batch_size, case):
         probabilities[index], iou[index] = decode(model, neck, taps, settings)

@@ -14,6 +14,9 @@ import numpy as np
 
 from desam_pipeline.preprocessing import SLICE_SIZE
 
+# How a slice is prompted, in training and prediction: a grid of points, or one box over the whole slice.
+MODES = ("grid", "box")
+
 
 def pixel_to_frame(rows: np.ndarray, cols: np.ndarray, frame: int, size: int = SLICE_SIZE) -> np.ndarray:
     """(N,2) float32 (x, y) = (cols, rows) * frame / size in the `frame` square, as the reference's training

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 from desam_pipeline.errors import DesamError
 
@@ -89,9 +90,15 @@ def cases_of_sites(dataset_json: dict, sites: list[str] | None, cases: list[str]
     """Cases belonging to the given sites (all cases when `sites` is None); unknown sites are an error."""
     if not sites:
         return list(cases)
+    check_sites(dataset_json, sites)
     case_sites = domains(dataset_json)
-    known = sorted(set(case_sites.values()))
+    return [c for c in cases if case_sites.get(c) in sites]
+
+
+def check_sites(dataset_json: dict, sites: Sequence[str], dataset: str = "this dataset", kind: str = "site") -> None:
+    """Every named site is one of the dataset's sites ("domains"), else a one-line error listing them."""
+    known = sorted(set(domains(dataset_json).values()))
     unknown = [s for s in sites if s not in known]
     if unknown:
-        raise DesamError(f"unknown site(s) {', '.join(unknown)}; this dataset has {', '.join(known)}")
-    return [c for c in cases if case_sites.get(c) in sites]
+        raise DesamError(f"unknown {kind}(s) {', '.join(unknown)}; {dataset} has "
+                         f"{', '.join(known) or 'no sites (no domains in its dataset.json)'}")

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from desam_pipeline import cache, prompts
 from desam_pipeline.atomic import read_json
 from desam_pipeline.errors import DesamError
+from desam_pipeline.prompts import MODES
 
-MODES = ("grid", "box")
 FEATURES = ("neck", "tap0", "tap1", "tap2")
 TRAIN_STREAM, VAL_STREAM = 0, 1
 DEFAULT_LOADER_TIMEOUT_S = 300.0

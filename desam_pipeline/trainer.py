@@ -39,18 +39,17 @@ from desam_pipeline import cache, distributed, encoders, inference, slice_data, 
 from desam_pipeline.atomic import atomic_path, read_json, remove_stale_temporaries, write_json
 from desam_pipeline.errors import DesamError
 from desam_pipeline.losses import LOSS_WEIGHTS, LOSSES, desam_loss
+from desam_pipeline.metrics import METRICS, compute_metrics
 from desam_pipeline.network import DeSAM
 from desam_pipeline.nifti_io import file_sha256
 from desam_pipeline.orientation import from_slices, plan_orientation
-from desam_pipeline.preprocessing import SLICE_SIZE
+from desam_pipeline.plan_io import load_plan, plan_hash
 from desam_pipeline.progress_plot import plot_progress
+from desam_pipeline.prompts import MODES
 from desam_pipeline.raw_dataset import domains
 from desam_pipeline.results_layout import CHECKPOINT_FINAL, CHECKPOINTS, Checkpoint, model_folder_name
 from desam_pipeline.runtime import autocast, resolve_precision, select_device
-from desam_pipeline.metrics import METRICS, compute_metrics
-from desam_pipeline.plan_io import load_plan, plan_hash
 
-MODES = slice_data.MODES
 POLY_EXPONENT = 0.9
 EMA_MOMENTUM = 0.9
 COPIED_FILES = ("dataset.json", "dataset_fingerprint.json")
@@ -567,8 +566,9 @@ class DeSAMTrainer:
             values = [v[name] for v in cases.values() if v[name] is not None]
             mean[name] = float(np.mean(values)) if values else None
             mean[f"{name}_cases_excluded"] = len(cases) - len(values)
-        summary = {"fold": self.fold, "mode": self.mode, "checkpoint": "checkpoint_final.pth",
-                   "grid": "cached 256x256 slices; in-plane spacing scaled by original size / 256",
+        size = int(self.plan["slice_size"])
+        summary = {"fold": self.fold, "mode": self.mode, "checkpoint": CHECKPOINT_FINAL,
+                   "grid": f"cached {size}x{size} slices; in-plane spacing scaled by original size / {size}",
                    "postprocessing": "none", "cases": cases, "mean": mean}
         write_json(summary, out_dir / "summary.json")
         self.print(f"validation of fold {self.fold}: mean Dice {mean['dice'] if mean['dice'] is not None else 'n/a'}"
@@ -583,26 +583,29 @@ class DeSAMTrainer:
         probabilities, _ = inference.predict_slices(
             self.network, arrays["neck"], [arrays[f"tap{i}"] for i in range(3)], self.mode,
             batch_size=self.local_batch_size, device=self.device, precision=self.precision)
-        width, height, depth = (int(s) for s in meta["shape"])
-        z = np.asarray(meta["z"], dtype=int)
-        prediction = np.zeros((SLICE_SIZE, SLICE_SIZE, depth), bool)
+        axis, size = int(self.plan["slice_axis"]), int(self.plan["slice_size"])
+        shape = [int(s) for s in meta["shape"]]
+        grid_shape = [shape[a] if a == axis else size for a in range(len(shape))]
+        at = tuple(np.asarray(meta["z"], dtype=int) if a == axis else slice(None) for a in range(len(shape)))
+        prediction = np.zeros(grid_shape, bool)
         reference = np.zeros_like(prediction)
         orientation = plan_orientation(self.plan)
-        prediction[:, :, z] = from_slices(probabilities > 0.5, 2, orientation)
-        reference[:, :, z] = from_slices(np.asarray(arrays["label"]) > 0, 2, orientation)
-        spacing = (meta["spacing"][0] * width / SLICE_SIZE, meta["spacing"][1] * height / SLICE_SIZE,
-                   meta["spacing"][2])
+        prediction[at] = from_slices(probabilities > 0.5, axis, orientation)
+        reference[at] = from_slices(np.asarray(arrays["label"]) > 0, axis, orientation)
+        spacing = tuple(float(meta["spacing"][a]) * (1 if a == axis else shape[a] / size) for a in range(len(shape)))
         metrics = compute_metrics(reference, prediction, spacing)
-        self._save_mask(prediction, meta, out_dir / f"{case}.nii.gz")
+        self._save_mask(prediction, meta, out_dir / f"{case}.nii.gz", axis, size)
         return {"domain": meta.get("domain", self.case_domains.get(case)),
                 **{k: _nan_to_none(float(v)) for k, v in metrics.items()}}
 
     @staticmethod
-    def _save_mask(mask: np.ndarray, meta: dict, target: Path) -> None:
-        """NIfTI on the 256x256 grid: axes 0 and 1 rescaled so voxel centres line up with the original."""
+    def _save_mask(mask: np.ndarray, meta: dict, target: Path, slice_axis: int, slice_size: int) -> None:
+        """NIfTI on the plan's slice grid: the in-plane axes rescaled so voxel centres line up with the original."""
         affine = np.asarray(meta["affine"], dtype=np.float64).copy()
-        for axis, size in enumerate(meta["shape"][:2]):
-            factor = size / SLICE_SIZE
+        for axis, size in enumerate(meta["shape"]):
+            if axis == slice_axis:
+                continue
+            factor = size / slice_size
             affine[:3, 3] += affine[:3, axis] * (factor - 1) / 2
             affine[:3, axis] *= factor
         with atomic_path(target) as tmp:

@@ -37,14 +37,15 @@ from desam_pipeline.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.orientation import LEGACY_ORIENTATION, from_slices, plan_orientation, to_slices
 from desam_pipeline.postprocessing import POSTPROCESSING
-from desam_pipeline.raw_dataset import domains, file_ending, image_path, label_path, list_cases, load_dataset_json
+from desam_pipeline.raw_dataset import (check_sites, domains, file_ending, image_path, label_path, list_cases,
+                                         load_dataset_json)
 from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folder_name
 from desam_pipeline.runtime import select_device, tune_malloc
 from desam_pipeline.train import find_plans_name
 from evaluation.evaluate_folder import evaluate_pair, foreground
 from desam_pipeline.metrics import METRICS, check_same_geometry
-from evaluation.paper_protocol import (BORDER, paper_metrics, paper_volumes, reference_label_grid, slice_grid_spacing,
-                                       to_slice_grid, zero_border)
+from evaluation.paper_protocol import (BORDER, SLICE_SIZE, paper_metrics, paper_volumes, reference_label_grid,
+                                       slice_grid_spacing, to_slice_grid, zero_border)
 from evaluation.plots import overlay_png, site_boxplot_png
 from evaluation.tables import OVERALL, PROTOCOLS, label_protocol, markdown_section, summarise, write_csv
 
@@ -133,10 +134,7 @@ def check_sources(raw_dir: Path, dataset_json: dict, sources: Sequence[str]) -> 
     case_sites = domains(dataset_json)
     if not case_sites:
         raise DesamError(f"{raw_dir / 'dataset.json'}: no 'domains' (case -> site); the evaluation needs sites")
-    known = sorted(set(case_sites.values()))
-    unknown = [s for s in sources if s not in known]
-    if unknown:
-        raise DesamError(f"unknown source site(s) {', '.join(unknown)}; {raw_dir.name} has {', '.join(known)}")
+    check_sites(dataset_json, sources, raw_dir.name, kind="source site")
 
 
 def evaluation_cases(raw_dir: Path, dataset_json: dict, preprocessed_dir: Path, folder: Path,
@@ -315,7 +313,7 @@ def summary_document(per_case: pd.DataFrame, per_site: pd.DataFrame, context: di
                       "under the paper protocol every metric of a case without foreground); 'excluded' counts them",
     }
     if protocol == "paper":
-        document["paper_protocol"] = {"slice_size": 256, "border_zeroed_px": BORDER,
+        document["paper_protocol"] = {"slice_size": SLICE_SIZE, "border_zeroed_px": BORDER,
                                       "slices": "first foreground slice up to, not including, the last one; of "
                                                 "those, the ones whose resized ground truth has foreground",
                                       "ground_truth": "resized to 256x256 as the reference does (skimage order 0, "
