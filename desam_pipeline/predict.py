@@ -18,18 +18,18 @@ from pathlib import Path
 
 from desam_pipeline import distributed, predictor
 from desam_pipeline.atomic import remove_stale_temporaries
+from desam_pipeline.cli_args import prediction_parser
 from desam_pipeline.errors import DesamError, cli_entry
-from desam_pipeline.grid_rules import GRID_RULES
 from desam_pipeline.inference import MODES
 from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.prediction_record import write_record
-from desam_pipeline.postprocessing import POSTPROCESSING
 from desam_pipeline.runtime import select_device, shard, shard_spec, tune_malloc
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="desam_predict", description="Segment NIfTI volumes with a trained DeSAM model folder.")
+        prog="desam_predict", description="Segment NIfTI volumes with a trained DeSAM model folder.",
+        parents=[prediction_parser()])
     parser.add_argument("-i", "--input", required=True,
                         help="folder of <case>_0000.nii.gz (nnU-Net naming) or plain .nii.gz files, or one file")
     parser.add_argument("-o", "--output", required=True, help="output folder: <case>.nii.gz, quality.csv")
@@ -45,23 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with -d: the trainer class that trained the model (default: any)")
     parser.add_argument("-f", "--folds", nargs="+", default=None,
                         help="folds to average (default: every numbered fold with the chosen checkpoint, else 'all')")
-    parser.add_argument("--checkpoint-name", choices=tuple(predictor.CHECKPOINT_NAMES), default="final",
-                        help="each fold's checkpoint: final (default) or best (best moving-average validation "
-                             "Dice); recorded in <output>/prediction.json")
-    parser.add_argument("--checkpoint", default=None,
-                        help="SAM checkpoint for the frozen encoder (default: the plan's; its sha256 must match)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--batch-size", type=int, default=None, help="slices per encoder batch (default: the plan's)")
-    parser.add_argument("--iou-threshold", type=float, default=0.5,
-                        help="grid mode: a slice is empty unless its best point's predicted IoU exceeds this")
-    parser.add_argument("--grid", type=int, default=9, help="grid mode: K x K points per slice")
-    parser.add_argument("--grid-rule", choices=GRID_RULES, default="top1",
-                        help="grid mode: top1 = PDMM on the best point's embedding (default); reference = every "
-                             "point over the threshold through the network, NMS, clean-up, first mask, as the "
-                             "reference code; recorded in <output>/prediction.json")
-    parser.add_argument("--postprocess", choices=POSTPROCESSING, default="none",
-                        help="paper: per slice fill holes and drop islands under 1000 px at 256x256; "
-                             "largest: keep the largest 3D connected component")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write <case>.npz with the fold-averaged probabilities")
     parser.add_argument("--continue", dest="skip_existing", action="store_true",

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from desam_pipeline.atomic import read_json
+from desam_pipeline.cli_args import device_parser
 from desam_pipeline.distributed import process_group
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.losses import LOSS_WEIGHTS, LOSSES
@@ -24,7 +25,8 @@ from desam_pipeline.trainer_registry import trainer_class, trainer_classes
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="desam_train", description="Train DeSAM (PRIM + PDMM) on cached SAM features for one fold.")
+        prog="desam_train", description="Train DeSAM (PRIM + PDMM) on cached SAM features for one fold.",
+        parents=[device_parser()])
     parser.add_argument("dataset", help="dataset number or DatasetNNN_Name")
     parser.add_argument("fold", help="fold 0-4, or 'all' (train on every source case, no validation)")
     parser.add_argument("--source", nargs="+", metavar="SITE", default=None,
@@ -47,7 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"loss weights (default: the --loss setting's, {LOSS_WEIGHTS['paper']} for paper; "
                              "IoU unused in box mode)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="autocast precision (default auto: fp16 with loss scaling on CUDA, bf16 on CPU)")
     restart = parser.add_mutually_exclusive_group()

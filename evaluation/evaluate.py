@@ -28,11 +28,12 @@ from tqdm import tqdm
 
 from desam_pipeline import predictor, splits
 from desam_pipeline.atomic import read_json, write_json
+from desam_pipeline.cli_args import prediction_parser
 from desam_pipeline.embedding import preprocess_volume
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.external_predictions import check_predictions, locate
-from desam_pipeline.grid_rules import GRID_RULES
 from desam_pipeline.inference import MODES
+from desam_pipeline.metrics import METRICS, check_same_geometry
 from desam_pipeline.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.orientation import LEGACY_ORIENTATION, from_slices, plan_orientation, to_slices
@@ -43,7 +44,6 @@ from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folder_name
 from desam_pipeline.runtime import select_device, tune_malloc
 from desam_pipeline.train import find_plans_name
 from evaluation.evaluate_folder import evaluate_pair, foreground
-from desam_pipeline.metrics import METRICS, check_same_geometry
 from evaluation.paper_protocol import (BORDER, SLICE_SIZE, paper_metrics, paper_volumes, reference_label_grid,
                                        slice_grid_spacing, to_slice_grid, zero_border)
 from evaluation.plots import overlay_png, site_boxplot_png
@@ -457,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="desam_evaluate",
         description="Predict every unseen-site case and the held-out source cases of a trained DeSAM model, "
-                    "then score them per case and per site (Dice, HD95, ASSD, NSD).")
+                    "then score them per case and per site (Dice, HD95, ASSD, NSD).",
+        parents=[prediction_parser()])
     parser.add_argument("-d", "--dataset", required=True, help="dataset number or DatasetNNN_Name")
     parser.add_argument("--source", nargs="+", required=True, metavar="SITE",
                         help="the source site(s) the model was trained on")
@@ -474,22 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(foreground slices only, 256x256, 50-px border zeroed); both may be given")
     parser.add_argument("-f", "--folds", nargs="+", default=None,
                         help="folds to use (default: every numbered fold with the chosen checkpoint, else 'all')")
-    parser.add_argument("--checkpoint-name", choices=tuple(predictor.CHECKPOINT_NAMES), default="final",
-                        help="each fold's checkpoint: final (default) or best (best moving-average validation "
-                             "Dice); recorded in summary.json")
-    parser.add_argument("--checkpoint", default=None,
-                        help="SAM checkpoint for the frozen encoder (default: the plan's; its sha256 must match)")
     parser.add_argument("--plans-name", default=None, help="the model's plan (default: the dataset's only plan)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: the plan's)")
-    parser.add_argument("--postprocess", choices=POSTPROCESSING, default="none",
-                        help="post-processing of the predictions (paper: fill holes, drop small islands per slice)")
-    parser.add_argument("--grid", type=int, default=9, help="grid mode: K x K points per slice")
-    parser.add_argument("--grid-rule", choices=GRID_RULES, default="top1",
-                        help="grid mode: top1 = PDMM on the best point's embedding (default); reference = the "
-                             "reference code's rule (every point over the threshold, NMS, clean-up, first mask)")
-    parser.add_argument("--iou-threshold", type=float, default=0.5,
-                        help="grid mode: a slice is empty unless its best point's predicted IoU exceeds this")
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
                         help="tolerance of the normalised surface Dice in mm (default: 1)")
     add_root_arguments(parser, "raw", "preprocessed", "results")
@@ -503,10 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode is None and args.model_folder is None:
         parser.error("--mode is required (or --model-folder for external predictions)")
     tune_malloc()
-    evaluate_model(args.dataset, args.source, args.mode, args.protocol, args.folds, args.checkpoint, args.plans_name,
-                   args.device, args.postprocess, args.batch_size, args.grid, args.iou_threshold, args.nsd_tolerance,
-                   args.raw, args.preprocessed, args.results, trainer=args.trainer, model_folder=args.model_folder,
-                   checkpoint_name=args.checkpoint_name, grid_rule=args.grid_rule)
+    evaluate_model(args.dataset, args.source, args.mode, protocols=args.protocol, folds=args.folds,
+                   checkpoint=args.checkpoint, plans_name=args.plans_name, device=args.device,
+                   postprocess=args.postprocess, batch_size=args.batch_size, grid=args.grid,
+                   iou_threshold=args.iou_threshold, nsd_tolerance=args.nsd_tolerance, raw=args.raw,
+                   preprocessed=args.preprocessed, results=args.results, trainer=args.trainer,
+                   model_folder=args.model_folder, checkpoint_name=args.checkpoint_name, grid_rule=args.grid_rule)
     return 0
 
 

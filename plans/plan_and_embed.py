@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from desam_pipeline import augmented_views, cache, distributed, encoders, raw_dataset
 from desam_pipeline.atomic import remove_stale_temporaries, write_json
+from desam_pipeline.cli_args import device_parser
 from desam_pipeline.dataset_checks import require_valid_dataset
 from desam_pipeline.embedding import (SLICE_MODES, encode_slices, features_for_cache, foreground_slices,
                                       preprocess_label, preprocess_volume, select_slices)
@@ -259,7 +260,8 @@ def embed_part(raw_dir: Path, out_dir: Path, planned: dict, image_encoder: nn.Mo
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Verify and fingerprint a raw dataset, write its plan and cache frozen SAM features per slice.")
+        description="Verify and fingerprint a raw dataset, write its plan and cache frozen SAM features per slice.",
+        parents=[device_parser()])
     parser.add_argument("-d", "--dataset", required=True, help="dataset number or DatasetNNN_Name")
     parser.add_argument("--encoder", choices=ENCODERS, default="vit_h",
                         help="image encoder: a SAM variant (default vit_h) or litemedsam (weights from the installed "
@@ -273,7 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="encoder precision on this device (new plan default: bf16, litemedsam fp32 on CPU)")
     parser.add_argument("--batch-size", type=int, help="slices per encoder batch on this device")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--num-parts", type=int, help="split the cases into this many parts (default: torchrun's)")
     parser.add_argument("--part-id", type=int, help="the part this process embeds, 0-based")
     parser.add_argument("--augmented-views", type=int, metavar="K",

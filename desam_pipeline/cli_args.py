@@ -1,0 +1,42 @@
+"""Flags that several commands share, defined once as argparse parent parsers.
+
+`desam_predict` and `desam_evaluate` predict with the same settings; `desam_train` and
+`desam_plan_and_embed` pick the device the same way. A command adds them with
+`argparse.ArgumentParser(parents=[...])`.
+"""
+from __future__ import annotations
+
+import argparse
+
+from desam_pipeline.grid_rules import GRID_RULES
+from desam_pipeline.postprocessing import POSTPROCESSING
+from desam_pipeline.results_layout import CHECKPOINT_NAMES
+
+
+def device_parser() -> argparse.ArgumentParser:
+    """--device: auto (CUDA when available, else CPU), cpu or cuda."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return parser
+
+
+def prediction_parser() -> argparse.ArgumentParser:
+    """The prediction settings: model checkpoint, frozen encoder, batch size, grid and post-processing."""
+    parser = argparse.ArgumentParser(add_help=False, parents=[device_parser()])
+    parser.add_argument("--checkpoint-name", choices=tuple(CHECKPOINT_NAMES), default="final",
+                        help="each fold's checkpoint: final (default) or best (best moving-average validation "
+                             "Dice); recorded beside the results")
+    parser.add_argument("--checkpoint", default=None,
+                        help="SAM checkpoint for the frozen encoder (default: the plan's; its sha256 must match)")
+    parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: the plan's)")
+    parser.add_argument("--iou-threshold", type=float, default=0.5,
+                        help="grid mode: a slice is empty unless its best point's predicted IoU exceeds this")
+    parser.add_argument("--grid", type=int, default=9, help="grid mode: K x K points per slice")
+    parser.add_argument("--grid-rule", choices=GRID_RULES, default="top1",
+                        help="grid mode: top1 = PDMM on the best point's embedding (default); reference = every "
+                             "point over the threshold through the network, NMS, clean-up, first mask, as the "
+                             "reference code; recorded beside the results")
+    parser.add_argument("--postprocess", choices=POSTPROCESSING, default="none",
+                        help="paper: per slice fill holes and drop islands under 1000 px at 256x256; "
+                             "largest: keep the largest 3D connected component")
+    return parser
