@@ -10,127 +10,42 @@ the input's affine and header), `quality/<case>.csv` (PRIM's predicted IoU per s
 from __future__ import annotations
 
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import nibabel as nib
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
-from desam_pipeline import cache, encoders, inference, splits
-from desam_pipeline.atomic import atomic_path, file_lock, read_json
-from desam_pipeline.embedding import encode_slices, features_for_cache, preprocess_volume
+from desam_pipeline import inference, splits
+from desam_pipeline.atomic import read_json
+from desam_pipeline.embedding import preprocess_volume
 from desam_pipeline.errors import DesamError
 from desam_pipeline.grid_rules import GRID_RULES
 from desam_pipeline.network import CoupledSAM, DeSAM
-from desam_pipeline.nifti_io import file_sha256, read_volume, save_like
+from desam_pipeline.nifti_io import save_like
 from desam_pipeline.orientation import from_slices, in_plane_shape, plan_orientation
-from desam_pipeline.paths import DATASET_PATTERN, get_root
+from desam_pipeline.plan_io import REQUIRED_KEYS
 from desam_pipeline.postprocessing import postprocess
+from desam_pipeline.prediction_features import CacheIndex, SliceEncoder, cache_folder_of, resolve_sam_checkpoint
+from desam_pipeline.prediction_inputs import CaseInput, discover_inputs, read_case_volume
+from desam_pipeline.prediction_outputs import (QUALITY_COLUMNS, QUALITY_DIR, merge_quality, output_path,
+                                               quality_path, save_probabilities, write_case_quality)
 from desam_pipeline.preprocessing import resize_probabilities_back
 from desam_pipeline.results_layout import CHECKPOINT_FINAL, CHECKPOINT_NAMES, Checkpoint, model_folders
 from desam_pipeline.runtime import resolve_precision
-from desam_pipeline.plan_io import REQUIRED_KEYS, plan_hash
+
+# The prediction's inputs, features and outputs live in prediction_inputs / prediction_features /
+# prediction_outputs; their public names stay reachable here for callers of the predictor.
+__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_NAMES", "QUALITY_COLUMNS", "QUALITY_DIR", "CacheIndex", "CaseInput",
+           "CaseResult", "Model", "Predictor", "Settings", "SliceEncoder", "available_folds", "build_predictor",
+           "cache_folder_of", "checkpoint_file", "decode", "default_folds", "discover_inputs", "feature_batches",
+           "find_model_folder", "load_fold_network", "load_model", "make_settings", "merge_quality", "output_path",
+           "predict_volume", "quality_path", "read_case_volume", "resolve_sam_checkpoint"]
 
 CHECKPOINT_FILE = CHECKPOINT_FINAL
-QUALITY_FILE = "quality.csv"
-QUALITY_DIR = "quality"
-QUALITY_COLUMNS = ["case", "slice", "predicted_iou", "case_mean_iou"]
-NIFTI_ENDINGS = (".nii.gz", ".nii")
-CHANNEL_NAME = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-_QUALITY_LOCK = ".quality.lock"
-
-
-# ---------------------------------------------------------------- inputs
-@dataclass(frozen=True)
-class CaseInput:
-    """One case to predict: its id, its channel files (channel 0 first) and a problem found before reading."""
-    case: str
-    files: tuple[Path, ...]
-    problem: str | None = None
-
-
-def _stem(name: str) -> str | None:
-    """File name without its NIfTI ending, None for other files."""
-    for ending in NIFTI_ENDINGS:
-        if name.endswith(ending) and len(name) > len(ending):
-            return name[: -len(ending)]
-    return None
-
-
-def _channel_problem(files: dict[int, Path], num_channels: int) -> str | None:
-    if sorted(files) == list(range(num_channels)):
-        return None
-    expected = ", ".join(f"_{c:04d}" for c in range(num_channels))
-    found = ", ".join(p.name for _, p in sorted(files.items()))
-    return f"{found}: the model takes {num_channels} channel file(s) ({expected}) per case"
-
-
-def discover_inputs(source: str | os.PathLike, num_channels: int = 1) -> list[CaseInput]:
-    """Cases of an input folder or file, sorted by case id.
-
-    A folder holding any `*_0000.nii.gz` uses nnU-Net naming (`<case>_XXXX.nii.gz`, one file per
-    channel); otherwise every `.nii.gz`/`.nii` file is one case named after the file. A case with
-    the wrong channel files, or a file that breaks the folder's naming, comes back with a problem.
-    """
-    source = Path(source)
-    if source.is_file():
-        stem = _stem(source.name)
-        if stem is None:
-            raise DesamError(f"{source}: not a NIfTI file (.nii.gz or .nii)")
-        match = CHANNEL_NAME.match(stem)
-        case = match["case"] if match and match["channel"] == "0000" else stem
-        problem = _channel_problem({0: source}, num_channels)
-        return [CaseInput(case, (source,), problem)]
-    if not source.is_dir():
-        raise DesamError(f"{source}: input not found (a folder of .nii.gz files or one file)")
-    stems = {p: _stem(p.name) for p in sorted(source.iterdir()) if not p.name.startswith(".") and p.is_file()}
-    stems = {p: s for p, s in stems.items() if s is not None}
-    if not stems:
-        raise DesamError(f"{source}: no .nii.gz or .nii files")
-    if not any(s.endswith("_0000") for s in stems.values()):
-        return _flag_duplicates([CaseInput(s, (p,), _channel_problem({0: p}, num_channels)) for p, s in stems.items()])
-    groups: dict[str, dict[int, Path]] = {}
-    cases = []
-    for path, stem in stems.items():
-        match = CHANNEL_NAME.match(stem)
-        if match:
-            groups.setdefault(match["case"], {})[int(match["channel"])] = path
-        else:
-            cases.append(CaseInput(stem, (path,), f"{path.name}: not named <case>_XXXX like the other "
-                                                  f"files of {source} (nnU-Net naming)"))
-    for case, files in groups.items():
-        cases.append(CaseInput(case, tuple(files[c] for c in sorted(files)), _channel_problem(files, num_channels)))
-    return _flag_duplicates(cases)
-
-
-def _flag_duplicates(cases: list[CaseInput]) -> list[CaseInput]:
-    """Sorted by case id; a second file mapping to an already taken case id (a.nii next to a.nii.gz) is a problem."""
-    seen: set[str] = set()
-    flagged = []
-    for case in sorted(cases, key=lambda c: (c.case, c.files)):
-        if case.case in seen:
-            case = CaseInput(case.case, case.files, f"{case.files[0].name}: another input file is also case {case.case}")
-        seen.add(case.case)
-        flagged.append(case)
-    return flagged
-
-
-def read_case_volume(case: CaseInput) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Channel 0 of a case as a finite 3D float32 volume; every problem is a DesamError naming the file."""
-    if case.problem:
-        raise DesamError(case.problem)
-    volume, image = read_volume(case.files[0])
-    if not np.isfinite(volume).all():
-        raise DesamError(f"{case.files[0]}: {int((~np.isfinite(volume)).sum())} NaN or infinite voxels")
-    if min(volume.shape) == 0:
-        raise DesamError(f"{case.files[0]}: empty volume of shape {volume.shape}")
-    return volume, image
 
 
 # ---------------------------------------------------------------- model folder
@@ -260,95 +175,6 @@ def load_model(model_folder: str | os.PathLike, folds: list[str] | None = None,
     return Model(folder, plan, dataset_json, modes.pop(), folds, networks, checkpoint_name)
 
 
-# ---------------------------------------------------------------- features: encoder and cache
-def resolve_sam_checkpoint(plan: dict, checkpoint: str | os.PathLike | None = None) -> Path:
-    """The SAM checkpoint given (else the plan's), which must be the file the plan was made with."""
-    if checkpoint is None:
-        path = Path(plan["checkpoint"])
-        if not path.is_file():
-            raise DesamError(f"{path}: the plan's SAM checkpoint is not there; pass --checkpoint "
-                             f"(the {plan['encoder']} file with sha256 {plan['checkpoint_sha256'][:12]}...)")
-    else:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise DesamError(f"{path}: SAM checkpoint not found")
-    digest = file_sha256(path)
-    if digest != plan["checkpoint_sha256"]:
-        raise DesamError(f"{path}: sha256 {digest[:12]}... is not the plan's checkpoint_sha256 "
-                         f"{plan['checkpoint_sha256'][:12]}... (the model was trained on another SAM's features)")
-    return path
-
-
-class SliceEncoder:
-    """The frozen image encoder of a plan, built on first use, returning cache-dtype features.
-
-    Features are rounded to the plan's cache dtype (float16) like the cache the decoder was trained
-    on, so a slice predicted from the cache and one encoded here give the same mask.
-    """
-
-    def __init__(self, plan: dict, checkpoint: Path, device: torch.device, precision: str):
-        self.plan, self.checkpoint, self.device, self.precision = plan, checkpoint, device, precision
-        self._module = None
-        self.slices_encoded = 0
-
-    def __call__(self, slices_uint8: np.ndarray, case: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if self._module is None:
-            self._module = encoders.load_image_encoder(self.plan["encoder"], self.checkpoint).to(self.device)
-        neck, taps = encode_slices(self._module, slices_uint8, self.device, self.precision)
-        arrays = features_for_cache(neck, taps, np.dtype(self.plan["cache_dtype"]), case)
-        self.slices_encoded += len(slices_uint8)
-        return torch.from_numpy(arrays["neck"]), [torch.from_numpy(arrays[f"tap{k}"]) for k in range(3)]
-
-
-class CacheIndex:
-    """The embedding cache of a plan, searched by volume content.
-
-    The cache's input hash covers image and label, so a volume without its label cannot be found
-    by hash. Instead: complete cases of the same plan hash with the same shape and affine are
-    candidates (same case id first), and a cached slice is used only where its preprocessed
-    uint8 slice equals the volume's, which with the same plan means the same features.
-    """
-
-    def __init__(self, cache_folder: Path | None, plan: dict):
-        self.folder = cache_folder
-        self.metas: dict[str, dict] = {}
-        if cache_folder is not None:
-            for case in cache.complete_cases(cache_folder, plan_hash(plan)):
-                self.metas[case] = read_json(cache_folder / case / cache.META)
-
-    def __len__(self) -> int:
-        return len(self.metas)
-
-    def lookup(self, case: str, shape: tuple[int, ...], affine: np.ndarray,
-               slices: np.ndarray) -> tuple[dict, dict[int, int]]:
-        """(opened cache case, {slice index: cache row}) for the usable cached slices; ({}, {}) if none."""
-        shape, affine = [int(s) for s in shape], np.asarray(affine, dtype=float)
-        order = sorted(self.metas, key=lambda c: c != case)
-        for name in order:
-            meta = self.metas[name]
-            if meta["shape"] != shape or not np.array_equal(np.asarray(meta["affine"], dtype=float), affine):
-                continue
-            opened = cache.open_case(self.folder / name)
-            rows = {int(z): row for row, z in enumerate(meta["z"])
-                    if int(z) < len(slices) and np.array_equal(opened["image"][row], slices[int(z)])}
-            if rows:
-                return opened, rows
-        return {}, {}
-
-
-def cache_folder_of(model: Model, preprocessed_root: str | os.PathLike | None = None) -> Path | None:
-    """`<preprocessed>/<Dataset>/<plans_name>` for the model's dataset, None when it cannot be located."""
-    dataset = model.folder.parent.name
-    if not DATASET_PATTERN.match(dataset):
-        return None
-    try:
-        root = get_root("preprocessed", preprocessed_root)
-    except DesamError:
-        return None
-    folder = cache.cache_dir(root / dataset, model.plan["plans_name"])
-    return folder if folder.is_dir() else None
-
-
 # ---------------------------------------------------------------- prediction
 @dataclass
 class Settings:
@@ -437,50 +263,6 @@ def predict_volume(model: Model, volume: np.ndarray, encoder: SliceEncoder, sett
     orientation = plan_orientation(model.plan)
     back = resize_probabilities_back(probabilities, in_plane_shape(volume.shape, axis, orientation))
     return np.ascontiguousarray(from_slices(back, axis, orientation)), iou
-
-
-# ---------------------------------------------------------------- outputs
-def output_path(out_dir: Path, case: str) -> Path:
-    return Path(out_dir) / f"{case}.nii.gz"
-
-
-def quality_path(out_dir: Path, case: str) -> Path:
-    return Path(out_dir) / QUALITY_DIR / f"{case}.csv"
-
-
-def write_case_quality(out_dir: Path, case: str, iou: np.ndarray) -> None:
-    """Per-slice predicted IoU of one case, written atomically to `quality/<case>.csv`."""
-    table = pd.DataFrame({"case": case, "slice": np.arange(len(iou)), "predicted_iou": iou.astype(float)})
-    with atomic_path(quality_path(out_dir, case)) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6f")
-
-
-def merge_quality(out_dir: str | os.PathLike) -> pd.DataFrame:
-    """Rewrite OUT/quality.csv from every finished case's `quality/<case>.csv` (all parts, all runs).
-
-    Columns: case, slice, predicted_iou, case_mean_iou (the mean over the case's slices).
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(out_dir / _QUALITY_LOCK):  # parts of a sharded run merge in turn
-        parts = [pd.read_csv(path, dtype={"case": str}) for path in sorted((out_dir / QUALITY_DIR).glob("*.csv"))
-                 if output_path(out_dir, path.stem).is_file()]
-        if parts:
-            table = pd.concat(parts, ignore_index=True)
-            table["case_mean_iou"] = table.groupby("case")["predicted_iou"].transform("mean")
-            table = table.sort_values(["case", "slice"], kind="stable")[QUALITY_COLUMNS]
-        else:
-            table = pd.DataFrame(columns=QUALITY_COLUMNS)
-        with atomic_path(out_dir / QUALITY_FILE) as tmp:
-            table.to_csv(tmp, index=False, float_format="%.6f")
-    return table
-
-
-def save_probabilities(probabilities: np.ndarray, target: Path) -> None:
-    """Fold-averaged probabilities (the volume's shape, float32) as a compressed .npz, atomically."""
-    with atomic_path(target) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, probabilities=probabilities.astype(np.float32))
 
 
 # ---------------------------------------------------------------- cases

@@ -19,7 +19,8 @@ from plans.plan_and_embed import plan_and_embed
 from desam_pipeline.preprocessing import resize_label_slices
 from desam_pipeline.splits import SPLITS_FILE
 from desam_pipeline.train import main as train_main
-from evaluation.evaluate import evaluate_model, main, pick_overlay_cases, prediction_settings
+from evaluation.evaluate import evaluate_model, main, prediction_settings
+from evaluation.evaluation_outputs import pick_overlay_cases
 from desam_pipeline.metrics import compute_metrics
 from evaluation.paper_protocol import BORDER, paper_metrics, paper_volumes, reference_label_grid, slice_grid_spacing
 from evaluation.report import main as report_main
