@@ -13,13 +13,16 @@ every hyper-parameter is a constructor argument. Outputs follow nnU-Net's layout
 
 Under torchrun the trainer runs DistributedDataParallel: each rank takes batch_size / world_size
 slices of every global batch, losses and metrics are all-reduced, and only rank 0 writes.
+
+Why over 500 lines: the training loop, its exact resume (checkpoint, RNG and history round trip) and
+the DDP reductions share the trainer's state on every line; split across modules they would pass
+that state back and forth. Helpers without that state live elsewhere (reproducibility, slice_data,
+losses, results_layout, progress_plot); subclasses change it through the build_* override points.
 """
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import math
-import platform
 import random
 import shutil
 import sys
@@ -47,6 +50,7 @@ from desam_pipeline.plan_io import load_plan, plan_hash
 from desam_pipeline.progress_plot import plot_progress
 from desam_pipeline.prompts import MODES
 from desam_pipeline.raw_dataset import domains
+from desam_pipeline.reproducibility import rng_state, set_rng_state, versions
 from desam_pipeline.results_layout import CHECKPOINT_FINAL, CHECKPOINTS, Checkpoint, model_folder_name
 from desam_pipeline.runtime import autocast, resolve_precision, select_device
 
@@ -67,35 +71,6 @@ def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = POLY_E
 
 def _nan_to_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
-
-
-def _versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for package in ("segment-anything", "desam"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
-
-
-def rng_state() -> dict:
-    """Python, numpy and torch global RNG states, as plain lists and tensors (weights_only-loadable)."""
-    numpy_state = np.random.get_state(legacy=False)
-    return {"python": random.getstate(),
-            "numpy": {"key": numpy_state["state"]["key"].tolist(), "pos": numpy_state["state"]["pos"],
-                      "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]},
-            "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": np.asarray(numpy_state["key"], np.uint32), "pos": numpy_state["pos"]},
-                         "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
-    torch.set_rng_state(state["torch"])
 
 
 def training_precision(precision: str, device: torch.device) -> str:
@@ -488,7 +463,7 @@ class DeSAMTrainer:
                 "train_cases": self.train_cases, "val_cases": self.val_cases,
                 "train_slices": len(self.train_data), "val_slices": len(self.val_data),
                 "network": self.network.config, "parameter_counts": self.network.parameter_counts(),
-                "versions": _versions(), "command": sys.argv}
+                "versions": versions(), "command": sys.argv}
 
     def network_config(self) -> dict:
         """What rebuilding the network needs besides its weights."""
