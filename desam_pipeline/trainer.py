@@ -40,6 +40,7 @@ from desam_pipeline.atomic import atomic_path, read_json, remove_stale_temporari
 from desam_pipeline.errors import DesamError
 from desam_pipeline.losses import LOSS_WEIGHTS, LOSSES, desam_loss
 from desam_pipeline.network import DeSAM
+from desam_pipeline.network.pdmm import check_layout
 from desam_pipeline.nifti_io import file_sha256
 from desam_pipeline.orientation import from_slices, plan_orientation
 from desam_pipeline.preprocessing import SLICE_SIZE
@@ -57,8 +58,9 @@ COPIED_FILES = ("dataset.json", "dataset_fingerprint.json")
 HISTORY_KEYS = ("train_loss", "val_loss", "val_dice", "val_dice_ema", "iou_accuracy", "lr",
                 "epoch_time", "data_wait")
 # Hyper-parameters that must match for `-c` to continue the same run exactly.
-RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources")
-RESUME_DEFAULTS = {"loss": "paper"}  # checkpoints written before the key existed
+RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources",
+               "pdmm")
+RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam"}  # checkpoints written before the keys existed
 
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = POLY_EXPONENT) -> float:
@@ -119,7 +121,8 @@ class DeSAMTrainer:
                  sources: list[str] | None = None, mode: str = "grid", epochs: int = 50, batch_size: int = 8,
                  lr: float = 1e-4, loss_weights: tuple[float, float, float] | None = None, seed: int = 0,
                  device: str = "auto", precision: str = "auto", num_workers: int = 2,
-                 loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S, loss: str = "paper"):
+                 loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S, loss: str = "paper",
+                 pdmm: str = "desam"):
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if loss not in LOSSES:
@@ -135,6 +138,7 @@ class DeSAMTrainer:
         self.sources = sorted(set(sources)) if sources else None
         self.mode, self.epochs, self.batch_size, self.lr = mode, int(epochs), int(batch_size), float(lr)
         self.loss = loss
+        self.pdmm = check_layout(pdmm)
         weights = LOSS_WEIGHTS[loss] if loss_weights is None else tuple(map(float, loss_weights))
         self.loss_weights = weights if mode == "grid" else (weights[0], weights[1], 0.0)
         self.seed, self.num_workers, self.loader_timeout_s = int(seed), int(num_workers), loader_timeout_s
@@ -167,7 +171,8 @@ class DeSAMTrainer:
                 "sources": self.sources, "mode": self.mode, "epochs": self.epochs,
                 "batch_size": self.batch_size, "local_batch_size": self.local_batch_size,
                 "world_size": self.world_size, "lr": self.lr, "lr_schedule": f"poly {POLY_EXPONENT} per epoch",
-                "optimizer": "Adam", "loss": self.loss, "loss_weights": list(self.loss_weights), "seed": self.seed,
+                "optimizer": "Adam", "loss": self.loss, "loss_weights": list(self.loss_weights), "pdmm": self.pdmm,
+                "seed": self.seed,
                 "device": str(self.device), "precision": self.precision, "num_workers": self.num_workers,
                 "loader_timeout_s": self.loader_timeout_s, "dice_ema_momentum": EMA_MOMENTUM,
                 "split_seed": splits.SPLIT_SEED}
@@ -219,7 +224,8 @@ class DeSAMTrainer:
         """DeSAM with PRIM from the plan's SAM checkpoint (on CPU). A network takes (neck, taps, points=
         or boxes=) and gives (mask logits, IoU), has `prim`/`pdmm` for `inference`, a `config` dict
         and `inference_state_dict()`; the predictor rebuilds it from the checkpoint's network_config."""
-        return DeSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"], self.plan["tap_shapes"])
+        return DeSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"], self.plan["tap_shapes"],
+                                         pdmm=self.pdmm)
 
     def build_loss(self) -> Callable[..., tuple[torch.Tensor, dict]]:
         """(logits, target, iou_pred=None, iou_target=None) -> (total, detached parts): the `loss` setting's
