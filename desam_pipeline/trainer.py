@@ -112,6 +112,17 @@ def training_precision(precision: str, device: torch.device) -> str:
     return resolve_precision(precision, device)
 
 
+def copy_plan_files(preprocessed_dir: Path, plans_name: str, model_dir: Path) -> None:
+    """plans.json, dataset.json, dataset_fingerprint.json into the model folder: it stands alone."""
+    sources = {"plans.json": preprocessed_dir / f"{plans_name}.json"}
+    sources.update({name: preprocessed_dir / name for name in COPIED_FILES})
+    for name, source in sources.items():
+        if not source.is_file():
+            raise DesamError(f"{source}: not found; run desam_plan_and_embed for this dataset first")
+        with atomic_path(model_dir / name) as tmp:
+            shutil.copyfile(source, tmp)
+
+
 class DeSAMTrainer:
     """Train and validate DeSAM for one fold of one source selection from a plan's embedding cache."""
 
@@ -479,14 +490,7 @@ class DeSAMTrainer:
 
     # ---------------------------------------------------------------- files
     def _copy_plan_files(self) -> None:
-        """plans.json, dataset.json, dataset_fingerprint.json one level up: the model folder stands alone."""
-        sources = {"plans.json": self.preprocessed_dir / f"{self.plans_name}.json"}
-        sources.update({name: self.preprocessed_dir / name for name in COPIED_FILES})
-        for name, source in sources.items():
-            if not source.is_file():
-                raise DesamError(f"{source}: not found; run desam_plan_and_embed for this dataset first")
-            with atomic_path(self.model_dir / name) as tmp:
-                shutil.copyfile(source, tmp)
+        copy_plan_files(self.preprocessed_dir, self.plans_name, self.model_dir)
 
     def debug_info(self) -> dict:
         return {**self.config(), "dataset": self.preprocessed_dir.name, "plan_sha256": self.plan_sha256,
