@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", nargs="+", metavar="SITE", required=True,
                         help="the site(s) the model was trained on (names the model folder)")
     parser.add_argument("--plans-name", default=None, help="the plan (default: the dataset's only plan)")
-    parser.add_argument("--fold", default="0", help="the fold folder to write, 0-4 or 'all' (default 0)")
+    parser.add_argument("--fold", default="all",
+                        help="the fold folder to write, 0-4 or 'all' (default all: the reference split its cases "
+                             "its own way, so no desam fold's held-out cases are known to be unseen by the model)")
     parser.add_argument("-tr", "--trainer", default=DEFAULT_TRAINER_NAME, metavar="NAME",
                         help=f"the trainer part of the model folder name (default {DEFAULT_TRAINER_NAME}; pass it "
                              "as -tr to desam_predict, desam_evaluate and desam_report)")

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from reference_layout import ReferenceSam
@@ -18,6 +19,7 @@ from desam_pipeline.nifti_io import file_sha256
 from desam_pipeline.plan_and_embed import plan_and_embed
 from desam_pipeline.results_layout import IMPORT_RECORD, Checkpoint
 from desam_pipeline.sam_models import build_sam
+from evaluation import evaluate, report
 
 DATASET = "Dataset900_Toy"
 FOLDER = "DeSAMOfficial__DeSAMPlans_tiny__{mode}__src-SiteA"
@@ -59,8 +61,9 @@ def run_import(env, checkpoint: Path, *args) -> int:
 def test_imported_model_computes_the_reference_forward(env, capsys):
     assert run_import(env, env.saved, "--mode", "grid") == 0
     folder = env.res / DATASET / FOLDER.format(mode="grid")
+    assert [p.name for p in folder.glob("fold_*")] == ["fold_all"]
     assert {"plans.json", "dataset.json", "dataset_fingerprint.json"} <= {p.name for p in folder.iterdir()}
-    record = read_json(folder / "fold_0" / IMPORT_RECORD)
+    record = read_json(folder / "fold_all" / IMPORT_RECORD)
     assert record["sha256"] == file_sha256(env.saved) and record["image_encoder_checked"] is True
     assert record["imported_from"] == str(env.saved.resolve()) and record["pdmm"] == "reference"
     # Explained, not used: the image encoder, SAM's two mask heads, the deep-supervision head and the
@@ -69,11 +72,11 @@ def test_imported_model_computes_the_reference_forward(env, capsys):
     assert sum(v for k, v in unused.items() if "image encoder" in k) == sum(k.startswith("image_encoder.") for k in env.state)
     assert unused["the first up-block's head, returned only with deep supervision (off in the scripts)"] == 1
     assert sum(v for k, v in unused.items() if "residual" in k) == 3
-    checkpoint = Checkpoint.load(folder / "fold_0" / "checkpoint_final.pth")
+    checkpoint = Checkpoint.load(folder / "fold_all" / "checkpoint_final.pth")
     assert checkpoint.network_config["pdmm"] == "reference" and checkpoint.network_config["mode"] == "grid"
     assert not checkpoint.has_training_state and checkpoint.config["imported"]["sha256"] == record["sha256"]
 
-    model = predictor.load_model(folder, ["0"], "cpu")
+    model = predictor.load_model(folder, ["all"], "cpu")
     net = model.networks[0]
     assert model.mode == "grid" and net.config["pdmm"] == "reference"
     torch.manual_seed(3)
@@ -90,7 +93,7 @@ def test_imported_model_computes_the_reference_forward(env, capsys):
 
 
 def test_desam_predict_runs_on_the_imported_folder(env, tmp_path):
-    assert run_import(env, env.saved, "--mode", "box", "--fold", "all") == 0
+    assert run_import(env, env.saved, "--mode", "box") == 0
     folder = env.res / DATASET / FOLDER.format(mode="box")
     image = sorted((env.raw / "imagesTr").glob("*_0000.nii.gz"))[0]
     out = tmp_path / "out"
@@ -103,6 +106,15 @@ def test_desam_predict_runs_on_the_imported_folder(env, tmp_path):
     probabilities = np.load(out / f"{case}.npz")["probabilities"]
     assert probabilities.std() > 0  # the imported weights, not a constant
     assert read_json(out / "prediction.json")["folds"] == ["all"]
+    for main, argv in ((evaluate.main, ["-d", "900", "--source", "SiteA", "--mode", "box", "-tr", "DeSAMOfficial",
+                                        "--raw", str(env.raw.parent), *env.roots]),
+                       (report.main, ["-d", "900", "--mode", "box", "-tr", "DeSAMOfficial", "--results", str(env.res)])):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 0
+    per_case = pd.read_csv(folder / "evaluation" / "full" / "per_case.csv")
+    assert "SiteB" in set(per_case["site"]) and per_case["dice"].notna().any()
+    assert (env.res / DATASET / "report" / "DeSAMOfficial__box__full" / "report.md").is_file()
 
 
 def _saved(env, state: dict, name: str) -> Path:
