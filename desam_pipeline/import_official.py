@@ -40,7 +40,8 @@ BLOCK_NAMES = {"conv1.weight": "conv1.conv.weight", "conv2.weight": "conv2.conv.
 UNUSED_REASONS = {
     "image_encoder.": "the frozen image encoder (desam uses the plan's encoder features; compared with the "
                       "plan's SAM checkpoint)",
-    **{f"mask_decoder.{part}.": "SAM's mask head, not in the reference's forward pass" for part in UNUSED_DECODER_PARTS},
+    **{f"mask_decoder.{part}.": "SAM's mask head, not in the reference's forward pass"
+       for part in UNUSED_DECODER_PARTS},
     PIMM + "seg_outputs.0.": "the first up-block's head, returned only with deep supervision (off in the scripts)",
 }
 
