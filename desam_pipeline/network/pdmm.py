@@ -15,7 +15,8 @@ Two layouts (`layout`), identical except for biases:
 - "desam" (the default until the accuracy benchmark decides): the same blocks with biases in both SE
   Linear layers and in the head. After the non-affine InstanceNorm the gate is then
   sigmoid(W2 relu(b1) + b2), a trained per-channel scale that does not depend on the input.
-With norm="batch" (or an affine norm) the gate sees real channel means in both layouts.
+With norm="batch" the gate sees real channel means in both layouts; after an affine InstanceNorm its input
+is the norm's bias, a trained per-channel constant.
 """
 from __future__ import annotations
 
