@@ -57,8 +57,9 @@ COPIED_FILES = ("dataset.json", "dataset_fingerprint.json")
 HISTORY_KEYS = ("train_loss", "val_loss", "val_dice", "val_dice_ema", "iou_accuracy", "lr",
                 "epoch_time", "data_wait")
 # Hyper-parameters that must match for `-c` to continue the same run exactly.
-RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources")
-RESUME_DEFAULTS = {"loss": "paper"}  # checkpoints written before the key existed
+RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources",
+               "augmented_views")
+RESUME_DEFAULTS = {"loss": "paper", "augmented_views": True}  # checkpoints written before the key existed
 
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = POLY_EXPONENT) -> float:
@@ -119,7 +120,8 @@ class DeSAMTrainer:
                  sources: list[str] | None = None, mode: str = "grid", epochs: int = 50, batch_size: int = 8,
                  lr: float = 1e-4, loss_weights: tuple[float, float, float] | None = None, seed: int = 0,
                  device: str = "auto", precision: str = "auto", num_workers: int = 2,
-                 loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S, loss: str = "paper"):
+                 loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S, loss: str = "paper",
+                 augmented_views: bool = True):
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if loss not in LOSSES:
@@ -135,6 +137,7 @@ class DeSAMTrainer:
         self.sources = sorted(set(sources)) if sources else None
         self.mode, self.epochs, self.batch_size, self.lr = mode, int(epochs), int(batch_size), float(lr)
         self.loss = loss
+        self.augmented_views = bool(augmented_views)  # False: train on the original slices of a cache with views
         weights = LOSS_WEIGHTS[loss] if loss_weights is None else tuple(map(float, loss_weights))
         self.loss_weights = weights if mode == "grid" else (weights[0], weights[1], 0.0)
         self.seed, self.num_workers, self.loader_timeout_s = int(seed), int(num_workers), loader_timeout_s
@@ -168,6 +171,7 @@ class DeSAMTrainer:
                 "batch_size": self.batch_size, "local_batch_size": self.local_batch_size,
                 "world_size": self.world_size, "lr": self.lr, "lr_schedule": f"poly {POLY_EXPONENT} per epoch",
                 "optimizer": "Adam", "loss": self.loss, "loss_weights": list(self.loss_weights), "seed": self.seed,
+                "augmented_views": self.augmented_views,
                 "device": str(self.device), "precision": self.precision, "num_workers": self.num_workers,
                 "loader_timeout_s": self.loader_timeout_s, "dice_ema_momentum": EMA_MOMENTUM,
                 "split_seed": splits.SPLIT_SEED}
@@ -201,7 +205,7 @@ class DeSAMTrainer:
     def build_data_loaders(self) -> None:
         """Set train_data, val_data, train_sampler, train_loader and val_loader (None without held-out cases)."""
         self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
-                                                  self.seed, slice_data.TRAIN_STREAM)
+                                                  self.seed, slice_data.TRAIN_STREAM, self.augmented_views)
         self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode,
                                                 self.seed, slice_data.VAL_STREAM)
         if len(self.train_data) == 0:
