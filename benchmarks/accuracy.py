@@ -21,14 +21,17 @@ foreground slices only).
 Resumable: phantom, conversion and embedding reuse their output; an arm with OUT/results/<arm>/done.json
 (its wall time) is skipped; an interrupted arm resumes its training (-c) and reuses saved predictions.
 
-Sizing (the issue's budget: 90 min on 2 cores with litemedsam). Costs on 2 quiet cores, litemedsam: 1.3 s
-per encoded slice; a DeSAM training step at batch 4 about 4 s and a predicted DeSAM slice about 0.7 s
-(both PDMM's 256x256 decoder; estimates for the lead to measure); nnU-Net's 1-epoch schedule about 8 min
-with its start-ups. The phantom has 18-40 slices per case (about 24). Defaults: 3 cases per site (18 cases,
-~440 slices, ~60 of them RUNMC), 2 views (RUNMC encoded 3 times): ~12 min embedding; 6 epochs of ~10
-steps for 6 trained DeSAM arms plus 2 cheaper coupled ones: ~27 min; 9 DeSAM-predicted arms x ~400 slices:
-~40 min at 0.7 s (less with the 5 x 5 grid, which is why --grid defaults to 5); scoring ~5 min. The run
-prints its own estimate from the real slice counts before it starts.
+Sizing (the issue's budget: 90 min on 2 cores with litemedsam). Costs on 2 quiet cores: litemedsam encodes
+a slice in 1.3 s (measured); a DeSAM training step at batch 4 takes about 4 s (the tiny encoder's figure on
+these cores; PDMM's 256x256 decoder dominates it whatever the encoder) and a slice predicted through PDMM about
+0.7 s (measured with vit_b; both for the lead to measure with litemedsam); SAM's own decoder (coupled,
+zero-shot) about a third of that; nnU-Net's 1-epoch schedule about 8 min with its start-ups. Phantom cases
+have 18-40 slices (about 24). Defaults: 3 cases per site (~440 slices, ~60 of them RUNMC) and 2 views (RUNMC
+encoded 3 times): ~12 min embedding; 5 epochs of ~10 steps plus validation for 6 trained DeSAM arms and 2
+coupled ones: ~25 min; 8 PDMM-predicted arms x ~400 slices: ~40 min (the 5 x 5 grid, not 9 x 9, keeps grid
+scoring small); nnU-Net ~8 min: ~85 min plus scoring. The run prints this estimate from the real slice
+counts before embedding; if the measured costs are higher, --epochs 4 or --cases-per-site 2 is the lever
+(fold 0 then trains on one RUNMC case).
 """
 from __future__ import annotations
 
@@ -58,14 +61,14 @@ from desam_pipeline.sam_models import ENCODERS
 DATASET_ID = 1
 DATASET = dataset_name(DATASET_ID, convert_prostate_multisite.DEFAULT_NAME)
 DEFAULTS = {"out": "bench_accuracy", "encoder": "litemedsam", "sites": list(make_phantom.SITE_ORDER),
-            "cases_per_site": 3, "phantom_seed": 0, "epochs": 6, "batch_size": 4, "lr": "1e-3", "grid": 5,
+            "cases_per_site": 3, "phantom_seed": 0, "epochs": 5, "batch_size": 4, "lr": "1e-3", "grid": 5,
             "seeds": 3, "views": 2, "nnunet_trainer": "nnUNetTrainer_1epoch"}
 MINIATURE = {"out": "bench_accuracy_miniature", "encoder": "tiny", "sites": [SOURCE, "BMC"], "cases_per_site": 2,
              "epochs": 1, "grid": 3, "seeds": 2, "views": 1}
 # Seconds on 2 quiet cores: per encoded slice, per DeSAM training step at batch 4, per slice predicted by a
 # DeSAM decoder (SAM's own decoder, coupled or zero-shot: about a fifth), the nnU-Net arm as a whole.
 COSTS = {"litemedsam": {"encode": 1.3, "step": 4.0, "decode": 0.7},
-         "tiny": {"encode": 0.12, "step": 1.0, "decode": 0.25}}
+         "tiny": {"encode": 0.12, "step": 4.0, "decode": 0.4}}
 NNUNET_S = 480
 SETTINGS = ("encoder", "sites", "cases_per_site", "phantom_seed", "epochs", "batch_size", "lr", "grid", "views",
             "nnunet_trainer", "sam_checkpoint")
@@ -169,7 +172,8 @@ def estimate(arms: list[Arm], counts: dict[str, int], settings: dict) -> str:
     embed = (total + settings["views"] * source) * cost["encode"]
     trained = [a for a in arms if a.trainer not in (None, "ZeroShotSAMTrainer") and a.base is None]
     weight = {True: 0.3, False: 1.0}  # SAM's own decoder trains and predicts at a fraction of PDMM's cost
-    train_s = sum(weight[a.trainer == "CoupledSAMTrainer"] for a in trained) * settings["epochs"] * steps * cost["step"]
+    per_epoch = steps * cost["step"] + source / folds * cost["decode"]  # training steps + validation
+    train_s = sum(weight[a.trainer == "CoupledSAMTrainer"] for a in trained) * settings["epochs"] * per_epoch
     predict_s = sum(weight[a.trainer in ("CoupledSAMTrainer", "ZeroShotSAMTrainer")]
                     for a in arms if a.trainer) * predicted * cost["decode"]
     nnunet_s = NNUNET_S if any(a.trainer is None for a in arms) else 0

@@ -1,7 +1,8 @@
 """Stand-ins for nnU-Net's slow subprocess steps, shared by the baseline's tests and the accuracy miniature.
 
 `fake_nnunet` replaces `desam_pipeline.nnunet_baseline.run_nnunet`: nnU-Net's planning and preprocessing run for
-real when nnunetv2 is installed (else a stand-in writes the plans file the baseline checks for); training writes
+real when nnunetv2 is installed and `plan_for_real` (else a stand-in writes the plans file the baseline checks
+for); training writes
 the debug.json and checkpoint_final.pth nnU-Net writes (1 epoch x 250 iterations); prediction writes each case's
 ground truth, or an empty mask for `empty_case`, as nnU-Net would name it.
 """
@@ -19,7 +20,7 @@ from desam_pipeline.atomic import write_json
 NNUNET_INSTALLED = importlib.util.find_spec("nnunetv2") is not None
 
 
-def fake_nnunet(raw_dir: Path, calls: list, dataset: str, empty_case: str | None = None):
+def fake_nnunet(raw_dir: Path, calls: list, dataset: str, empty_case: str | None = None, plan_for_real: bool = True):
     """A run_nnunet that records each call and stands in for nnU-Net's training and prediction."""
     real = nnunet_baseline.run_nnunet
 
@@ -27,7 +28,7 @@ def fake_nnunet(raw_dir: Path, calls: list, dataset: str, empty_case: str | None
         arguments = [str(a) for a in arguments]
         calls.append((name, arguments, environment))
         if name == "nnUNetv2_plan_and_preprocess":
-            if NNUNET_INSTALLED:
+            if NNUNET_INSTALLED and plan_for_real:
                 return real(name, arguments, environment)
             target = Path(environment["nnUNet_preprocessed"]) / dataset
             target.mkdir(parents=True, exist_ok=True)

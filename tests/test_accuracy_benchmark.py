@@ -1,10 +1,12 @@
 """The accuracy benchmark's miniature (`python -m benchmarks.accuracy --miniature`): every arm yields a scored,
 complete table row under both protocols, the CSV/Markdown/figure are written, and a rerun skips finished arms.
 
-Tiny random SAM, phantom of RUNMC + BMC x 2 cases, 1 epoch, 3 x 3 grid, 2 DeSAM-P seeds, 1 augmented view:
-its figures say nothing about accuracy (that is the benchmark's job). nnU-Net's real training (250 iterations
-per epoch) and prediction are replaced by the stand-ins of nnunet_stand_in (each case's prediction is its
-ground truth); its planning runs for real when nnunetv2 is installed.
+The `--miniature` preset (tiny random SAM, 1 epoch, 3 x 3 grid, 2 DeSAM-P seeds, 1 augmented view), with the
+phantom replaced by the toy raw dataset of the other tests (sites RUNMC and BMC, 2 cases each, 40x36x6 volumes):
+the phantom's 18-40 slices per case cost PDMM's 256x256 decoder minutes per arm, the toy volumes' 6 fit the
+suite. Its figures say nothing about accuracy (that is the benchmark's job). nnU-Net's real training (250
+iterations per epoch), prediction and planning are replaced by the stand-ins of nnunet_stand_in (each case's
+prediction is its ground truth; test_nnunet_baseline runs nnU-Net's planning for real).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import math
 import pandas as pd
 import pytest
 from nnunet_stand_in import fake_nnunet
+from toy_data import write_toy_dataset
 
 from benchmarks import accuracy
 from benchmarks.accuracy_arms import arm_table
@@ -21,6 +24,12 @@ from desam_pipeline import nnunet_baseline
 from desam_pipeline.errors import DesamError
 
 SITES = ("BMC",)
+
+
+def write_toy_raw(ctx, settings) -> None:
+    """The miniature's raw dataset, written once (as prepare_raw reuses the converted phantom)."""
+    if not (ctx.raw / accuracy.DATASET / "dataset.json").is_file():
+        write_toy_dataset(ctx.raw, accuracy.DATASET, sites=("RUNMC", "BMC"), cases_per_site=2, shape=(40, 36, 6))
 
 
 def run_miniature(out, capsys) -> str:
@@ -35,9 +44,9 @@ def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, m
     out = tmp_path / "bench"
     calls = []
     monkeypatch.setattr(nnunet_baseline, "run_nnunet", fake_nnunet(out / "raw" / accuracy.DATASET, calls,
-                                                                    accuracy.DATASET))
-    if not __import__("nnunet_stand_in").NNUNET_INSTALLED:
-        monkeypatch.setattr(nnunet_baseline, "nnunet_version", lambda: "stand-in")
+                                                                    accuracy.DATASET, plan_for_real=False))
+    monkeypatch.setattr(nnunet_baseline, "nnunet_version", lambda: "stand-in")
+    monkeypatch.setattr(accuracy, "prepare_raw", write_toy_raw)
     printed = run_miniature(out, capsys)
 
     arms = [a for a in arm_table(accuracy.MINIATURE["seeds"]) if a.enabled]
