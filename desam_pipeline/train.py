@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "accuracy benchmark decides) or reference (no biases, as the reference code: every SE "
                              "gate is a fixed 0.5); recorded in the checkpoints")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-augmented-views", dest="augmented_views", action="store_false",
+                        help="train on the original slices only, ignoring augmented views in the cache (one cache "
+                             "with views then serves runs with and without them)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="autocast precision (default auto: fp16 with loss scaling on CUDA, bf16 on CPU)")
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
         preprocessed, trees.results, find_plans_name(preprocessed, args.plans_name), args.fold,
         sources=args.source, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         loss_weights=args.loss_weights, seed=args.seed, device=args.device, precision=args.precision,
-        num_workers=args.num_workers, loss=args.loss, pdmm=args.pdmm)
+        num_workers=args.num_workers, loss=args.loss, pdmm=args.pdmm, augmented_views=args.augmented_views)
     if args.val_only:
         trainer.run_validation_only()
     else:

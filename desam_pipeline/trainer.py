@@ -59,8 +59,8 @@ HISTORY_KEYS = ("train_loss", "val_loss", "val_dice", "val_dice_ema", "iou_accur
                 "epoch_time", "data_wait")
 # Hyper-parameters that must match for `-c` to continue the same run exactly.
 RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources",
-               "pdmm")
-RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam"}  # checkpoints written before the keys existed
+               "pdmm", "augmented_views")
+RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True}  # checkpoints before the keys existed
 
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = POLY_EXPONENT) -> float:
@@ -133,7 +133,7 @@ class DeSAMTrainer:
                  lr: float = 1e-4, loss_weights: tuple[float, float, float] | None = None, seed: int = 0,
                  device: str = "auto", precision: str = "auto", num_workers: int = 2,
                  loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S, loss: str = "paper",
-                 pdmm: str = "desam"):
+                 pdmm: str = "desam", augmented_views: bool = True):
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if loss not in LOSSES:
@@ -150,6 +150,7 @@ class DeSAMTrainer:
         self.mode, self.epochs, self.batch_size, self.lr = mode, int(epochs), int(batch_size), float(lr)
         self.loss = loss
         self.pdmm = check_layout(pdmm)
+        self.augmented_views = bool(augmented_views)  # False: train on the original slices of a cache with views
         weights = LOSS_WEIGHTS[loss] if loss_weights is None else tuple(map(float, loss_weights))
         self.loss_weights = weights if mode == "grid" else (weights[0], weights[1], 0.0)
         self.seed, self.num_workers, self.loader_timeout_s = int(seed), int(num_workers), loader_timeout_s
@@ -183,7 +184,7 @@ class DeSAMTrainer:
                 "batch_size": self.batch_size, "local_batch_size": self.local_batch_size,
                 "world_size": self.world_size, "lr": self.lr, "lr_schedule": f"poly {POLY_EXPONENT} per epoch",
                 "optimizer": "Adam", "loss": self.loss, "loss_weights": list(self.loss_weights), "pdmm": self.pdmm,
-                "seed": self.seed,
+                "seed": self.seed, "augmented_views": self.augmented_views,
                 "device": str(self.device), "precision": self.precision, "num_workers": self.num_workers,
                 "loader_timeout_s": self.loader_timeout_s, "dice_ema_momentum": EMA_MOMENTUM,
                 "split_seed": splits.SPLIT_SEED}
@@ -218,7 +219,8 @@ class DeSAMTrainer:
         """Set train_data, val_data, train_sampler, train_loader and val_loader (None without held-out cases)."""
         frame = encoders.family(self.plan["encoder"]).prompt_frame
         self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
-                                                  self.seed, slice_data.TRAIN_STREAM, frame=frame)
+                                                  self.seed, slice_data.TRAIN_STREAM, frame=frame,
+                                                  use_views=self.augmented_views)
         self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode,
                                                 self.seed, slice_data.VAL_STREAM, frame=frame)
         if len(self.train_data) == 0:

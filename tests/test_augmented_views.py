@@ -101,3 +101,26 @@ def test_training_runs_with_and_without_views(cached, source):
     assert stop.value.code == 0
     model = cached / f"results_{source}" / DATASET / f"DeSAMTrainer__{PLANS}__box__src-{source}"
     assert (model / "fold_all" / "checkpoint_final.pth").is_file()
+
+
+def test_no_augmented_views_trains_on_the_originals_of_a_cache_with_views(cached):
+    source = case_dir(cached, "SiteA_Case00")
+    ignoring = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.TRAIN_STREAM, use_views=False)
+    for epoch in range(8):
+        for index in range(len(ignoring)):
+            sample = ignoring[(epoch, index)]
+            assert int(sample["view"]) == 0
+            np.testing.assert_array_equal(sample["neck"], np.load(source / "neck.npy")[ignoring.entries[index][1]])
+    with pytest.raises(SystemExit) as stop:
+        train.main(["900", "all", "--source", "SiteA", "--mode", "box", "--epochs", "1", "--batch-size", "2",
+                    "--device", "cpu", "--num-workers", "0", "--plans-name", PLANS, "--no-augmented-views",
+                    "--preprocessed", str(cached / "pre"), "--results", str(cached / "results_no_views")])
+    assert stop.value.code == 0
+    fold = cached / "results_no_views" / DATASET / f"DeSAMTrainer__{PLANS}__box__src-SiteA" / "fold_all"
+    assert json.loads((fold / "debug.json").read_text())["augmented_views"] is False
+    # resuming with views would be another run: refused, not mixed
+    with pytest.raises(SystemExit) as stop:
+        train.main(["900", "all", "--source", "SiteA", "--mode", "box", "--epochs", "1", "--batch-size", "2",
+                    "--device", "cpu", "--num-workers", "0", "--plans-name", PLANS, "-c",
+                    "--preprocessed", str(cached / "pre"), "--results", str(cached / "results_no_views")])
+    assert stop.value.code == 1
