@@ -8,7 +8,7 @@ both protocols (full, paper) -> one table (OUT/accuracy.csv, .md, .png), printed
 written from the numbers. Arms (benchmarks/accuracy_arms.py): zero-shot SAM box/grid, coupled fine-tuning
 box/grid, DeSAM-B, DeSAM-P x --seeds, --loss reference, --checkpoint-name best and --grid-rule reference
 (prediction only, on DeSAM-P seed 0's model), augmented views, nnU-Net v2 (shortened schedule, stated in the
-table), and a disabled placeholder for the reference PDMM variant.
+table), and the reference PDMM layout (`desam_train --pdmm reference`).
 
 One cache serves every arm. The plan caches every slice (`--slices all`), so predicting any slice of an
 unseen volume reads the cache (the predictor's CacheIndex finds a case by shape, affine and identical
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, help="DeSAM-P seeds (default 3; the spread needs at least 2)")
     parser.add_argument("--views", type=int, help="augmented views of the RUNMC slices (default 2)")
     parser.add_argument("--nnunet-trainer", help="nnU-Net trainer class (default nnUNetTrainer_1epoch)")
-    parser.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms (default: every enabled arm)")
+    parser.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms (default: every arm)")
     parser.add_argument("--miniature", action="store_true",
                         help="tiny encoder, RUNMC + BMC x 2 cases, 1 epoch, 3 x 3 grid, 2 seeds, 1 view (CI)")
     return parser
@@ -189,11 +189,9 @@ def select_arms(settings: dict, names: list[str] | None) -> tuple[list[Arm], dic
     table = arm_table(settings["seeds"])
     by_name = {arm.name: arm for arm in table}
     unknown = [n for n in names or [] if n not in by_name]
-    disabled = [n for n in names or [] if n in by_name and not by_name[n].enabled]
-    if unknown or disabled:
-        raise DesamError(f"arm(s) {', '.join(unknown + disabled)} unknown or not enabled yet; "
-                         f"arms: {', '.join(a.name for a in table if a.enabled)}")
-    chosen = [a for a in table if a.enabled and (not names or a.name in names)]
+    if unknown:
+        raise DesamError(f"unknown arm(s) {', '.join(unknown)}; arms: {', '.join(by_name)}")
+    chosen = [a for a in table if not names or a.name in names]
     return chosen, by_name
 
 

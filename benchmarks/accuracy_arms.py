@@ -33,11 +33,10 @@ class Arm:
     seed: int = 0
     loss: str = "paper"
     views: bool = False            # train on the cached augmented views (the others pass --no-augmented-views)
-    train_flags: tuple[str, ...] = ()  # further desam_train flags (a PDMM variant's, once it exists)
+    train_flags: tuple[str, ...] = ()  # further desam_train flags (the PDMM layout)
     base: str | None = None        # prediction-only: reuse this arm's trained model
     checkpoint_name: str = "final"
     grid_rule: str = "top1"
-    enabled: bool = True
     note: str = ""
 
 
@@ -56,10 +55,8 @@ def arm_table(seeds: int) -> list[Arm]:
         Arm("grid_rule_reference", "DeSAM-P seed 0, --grid-rule reference", "ablation", base="desam_p_s0",
             grid_rule="reference", note="prediction only"),
         Arm("views", "DeSAM-P + augmented views", "ablation", views=True),
-        # The reference PDMM variant: set train_flags to the desam_train flag that selects it once it exists
-        # (for example ("--pdmm", "reference")) and enable the arm; nothing else changes.
-        Arm("pdmm_reference", "DeSAM-P, reference PDMM", "ablation", train_flags=(), enabled=False,
-            note="placeholder: enabled once desam_train offers the reference PDMM"),
+        Arm("pdmm_reference", "DeSAM-P, reference PDMM", "ablation", train_flags=("--pdmm", "reference"),
+            note="SE gates and 1x1 head without biases"),
         Arm("nnunet", "nnU-Net v2 2d", "nnunet", trainer=None, mode=None),
     ]
 

@@ -93,12 +93,12 @@ def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, m
     assert pd.read_csv(out / "accuracy.csv").equals(table)
 
 
-def test_the_pdmm_placeholder_is_listed_but_not_run_and_other_settings_are_refused(tmp_path, capsys):
-    placeholder = [a for a in arm_table(3) if a.name == "pdmm_reference"]
-    assert placeholder and not placeholder[0].enabled
+def test_the_pdmm_arm_trains_the_reference_layout_and_other_settings_are_refused(tmp_path, capsys):
+    pdmm = [a for a in arm_table(3) if a.name == "pdmm_reference"]
+    assert pdmm and pdmm[0].train_flags == ("--pdmm", "reference")
     with pytest.raises(SystemExit) as stop:
-        accuracy.main(["--miniature", "--out", str(tmp_path), "--arms", "pdmm_reference"])
-    assert stop.value.code == 1 and "not enabled yet" in capsys.readouterr().err
+        accuracy.main(["--miniature", "--out", str(tmp_path), "--arms", "pdmm_nothing"])
+    assert stop.value.code == 1 and "unknown arm(s) pdmm_nothing" in capsys.readouterr().err
     settings = accuracy.resolve_settings(accuracy.build_parser().parse_args(["--miniature", "--epochs", "2"]))
     accuracy.check_same_settings(tmp_path / "b", settings)
     with pytest.raises(DesamError, match="epochs: 2 -> 3"):
