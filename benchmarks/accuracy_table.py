@@ -126,7 +126,7 @@ def comparison(table: pd.DataFrame, spread: dict, protocol: str) -> str:
         parts.append(f"In box mode DeSAM-B {'beats' if diff > 0 else 'does not beat'} coupled fine-tuning "
                      f"({diff:+.3f}).")
     tied = frame[frame["tied"] == "tied"]["arm"].tolist()
-    parts.append(f"Tied with DeSAM-P: {', '.join(tied)}." if tied else "No other arm is tied with DeSAM-P.")
+    parts.append(f"Tied with DeSAM-P: {'; '.join(tied)}." if tied else "No other arm is tied with DeSAM-P.")
     return " ".join(parts)
 
 
