@@ -114,18 +114,19 @@ def comparison(table: pd.DataFrame, spread: dict, protocol: str) -> str:
         if other is None:
             continue
         value, diff = float(other[MEAN_DICE]), mean - float(other[MEAN_DICE])
-        verdict = ("tied with it (within the seed spread)" if math.isfinite(width) and abs(diff) < width
+        verdict = ("is tied with it (within the seed spread)" if math.isfinite(width) and abs(diff) < width
                    else "beats it" if diff > 0 else "loses to it")
         losing = [c[len("Dice "):] for c in sites if seeds[c].astype(float).mean() < float(other[c])]
         where = f"; DeSAM-P is below it at {', '.join(losing)}" if losing else "; DeSAM-P is at least as good at every unseen site"
-        parts.append(f"Against the best {name} arm ({other['arm']}, {value:.3f}) DeSAM-P {verdict} by {diff:+.3f}{where}.")
+        parts.append(f"Against the best {name} arm ({other['arm']}, {value:.3f}) DeSAM-P {verdict}, difference "
+                     f"{diff:+.3f}{where}.")
     box, coupled_box = frame[frame["family"] == "desam-b"], frame[frame["key"] == "coupled_box"]
     if not box.empty and not coupled_box.empty:
         diff = float(box[MEAN_DICE].iloc[0]) - float(coupled_box[MEAN_DICE].iloc[0])
         parts.append(f"In box mode DeSAM-B {'beats' if diff > 0 else 'does not beat'} coupled fine-tuning "
                      f"({diff:+.3f}).")
     tied = frame[frame["tied"] == "tied"]["arm"].tolist()
-    parts.append(f"Tied with DeSAM-P: {', '.join(tied)}." if tied else "No other arm is tied with DeSAM-P.")
+    parts.append(f"Tied with DeSAM-P: {'; '.join(tied)}." if tied else "No other arm is tied with DeSAM-P.")
     return " ".join(parts)
 
 

@@ -39,7 +39,7 @@ def run_miniature(out, capsys) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.timeout(1800)  # about 16 min on the 2 shared cores at load 9 (PDMM's 256x256 decoder); see the README
+@pytest.mark.timeout(1800)  # 7.6 min on the 2 shared cores at load 9-12 (one run took over 10 min)
 def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench"
     calls = []
