@@ -4,7 +4,7 @@ PY := .venv/bin/python
 # and an unpinned torch would download a different multi-GB build.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast demo bench clean-demo
+.PHONY: install test test-fast demo bench bench-accuracy clean-demo
 
 .venv/.installed: setup.py Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -27,6 +27,15 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks.run_all
+
+# nnU-Net v2 (the baseline extra) is installed for the accuracy benchmark only.
+.venv/.baseline: .venv/.installed
+	$(PY) -m pip install -q -e .[baseline] $(TORCH_PAIR)
+	touch $@
+
+# The single-source accuracy benchmark (about 90 min on 2 cores); ARGS passes flags, e.g. ARGS=--miniature.
+bench-accuracy: .venv/.baseline
+	$(PY) -m benchmarks.accuracy $(ARGS)
 
 clean-demo:
 	rm -rf desam_data

@@ -31,6 +31,7 @@ setup(
             "desam_verify_dataset=desam_pipeline.dataset_checks:main",
             "desam_plan_and_embed=plans.plan_and_embed:main",
             "desam_train=desam_pipeline.train:main",
+            "desam_import_official=desam_pipeline.import_official:main",
             "desam_predict=desam_pipeline.predict:main",
             "desam_evaluate_folder=evaluation.evaluate_folder:main",
             "desam_evaluate=evaluation.evaluate:main",

@@ -164,7 +164,7 @@ def encoder_input(image_encoder: nn.Module, slices_uint8: np.ndarray,
     """
     if is_vit(image_encoder):
         return preprocessing.sam_input(slices_uint8, device, image_encoder.img_size)
-    x = torch.as_tensor(np.asarray(slices_uint8), device=device).float()[:, None]
+    x = torch.from_numpy(np.array(slices_uint8, dtype=np.float32))[:, None].to(device)  # a copy: cache rows are read-only
     size = image_encoder.img_size
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)

@@ -28,6 +28,8 @@ CHECKPOINT_BEST = "checkpoint_best.pth"
 CHECKPOINTS = (CHECKPOINT_FINAL, CHECKPOINT_LATEST, CHECKPOINT_BEST)
 # Which checkpoint of a fold predicts: the final one (default) or the best moving-average validation Dice.
 CHECKPOINT_NAMES = {"final": CHECKPOINT_FINAL, "best": CHECKPOINT_BEST}
+# A fold converted from a model trained by the reference code (desam_import_official): the source file and hash.
+IMPORT_RECORD = "imported_from.json"
 _FOLDER = re.compile(r"^(?P<trainer>[A-Za-z_][A-Za-z0-9_]*?)__(?P<plans>.+)__(?P<mode>[A-Za-z0-9]+)"
                      r"__(?P<source>src-.+)$")
 

@@ -7,12 +7,18 @@ or whole box) is predicted, evaluated and reported like any trained model.
 """
 from __future__ import annotations
 
+from desam_pipeline.errors import DesamError
 from desam_pipeline.network import CoupledSAM
 from desam_pipeline.trainer import DeSAMTrainer
 
 
 class CoupledSAMTrainer(DeSAMTrainer):
-    """DeSAMTrainer on `CoupledSAM`: prompt encoder frozen, the whole mask decoder trained."""
+    """DeSAMTrainer on `CoupledSAM`: prompt encoder frozen, the whole mask decoder trained. It has no PDMM."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("pdmm", "desam") != "desam":
+            raise DesamError(f"{type(self).__name__} has no PDMM; --pdmm applies to DeSAM trainers only")
+        super().__init__(*args, **kwargs)
 
     def build_network(self) -> CoupledSAM:
         return CoupledSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"])

@@ -10,7 +10,8 @@ depend only on which slice is drawn in which epoch, not on the worker, batch or 
 reads it. That makes runs seeded and resumable, and lets DDP ranks draw the same prompts as one
 process would. Samplers yield `(epoch, index)` pairs so that persistent workers see the epoch.
 A training slice of a case cached with augmented views is read from one of its views (the original or
-one of the K), drawn the same way from a generator of its own, so caches without views draw as before.
+one of the K), drawn the same way from a generator of its own, so caches without views draw as before;
+`use_views=False` reads the originals only, so one cache with views also serves runs without them.
 """
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ class SliceDataset(Dataset):
     """Every cached slice of the given case folders; item (epoch, index) -> features, label, prompt."""
 
     def __init__(self, case_dirs: Sequence[Path], mode: str, seed: int, stream: int = TRAIN_STREAM, *,
-                 frame: int):
-        """`frame`: side of the prompt frame the points and boxes are drawn in (the network's `prim.frame`)."""
+                 frame: int, use_views: bool = True):
+        """`frame`: side of the prompt frame the points and boxes are drawn in (the network's `prim.frame`);
+        `use_views`: draw among a case's cached augmented views (training stream only)."""
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         self.case_dirs = [Path(d) for d in case_dirs]
@@ -56,7 +58,7 @@ class SliceDataset(Dataset):
         for c, case_dir in enumerate(self.case_dirs):
             meta = read_json(case_dir / "meta.json")
             self.entries.extend((c, s) for s in range(len(meta["z"])))
-            self.views.append(int(meta.get("views", 0)) if self.stream == TRAIN_STREAM else 0)
+            self.views.append(int(meta.get("views", 0)) if self.stream == TRAIN_STREAM and use_views else 0)
 
     def __len__(self) -> int:
         return len(self.entries)

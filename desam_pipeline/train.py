@@ -16,6 +16,7 @@ from desam_pipeline.cli_args import device_parser
 from desam_pipeline.distributed import process_group
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.losses import LOSS_WEIGHTS, LOSSES
+from desam_pipeline.network.pdmm import LAYOUTS
 from desam_pipeline.paths import Trees, add_root_arguments
 from desam_pipeline.runtime import PRECISIONS, select_device
 from desam_pipeline.results_layout import DEFAULT_TRAINER
@@ -48,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss-weights", type=float, nargs=3, metavar=("DICE", "BCE", "IOU"), default=None,
                         help=f"loss weights (default: the --loss setting's, {LOSS_WEIGHTS['paper']} for paper; "
                              "IoU unused in box mode)")
+    parser.add_argument("--pdmm", choices=LAYOUTS, default="desam",
+                        help="PDMM layout: desam (biases in the SE gates and the 1x1 head; default until the "
+                             "accuracy benchmark decides) or reference (no biases, as the reference code: every SE "
+                             "gate is a fixed 0.5); recorded in the checkpoints")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-augmented-views", dest="augmented_views", action="store_false",
+                        help="train on the original slices only, ignoring augmented views in the cache (one cache "
+                             "with views then serves runs with and without them)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="autocast precision (default auto: fp16 with loss scaling on CUDA, bf16 on CPU)")
     restart = parser.add_mutually_exclusive_group()
@@ -103,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
         preprocessed, trees.results, find_plans_name(preprocessed, args.plans_name), args.fold,
         sources=args.source, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         loss_weights=args.loss_weights, seed=args.seed, device=args.device, precision=args.precision,
-        num_workers=args.num_workers, loss=args.loss)
+        num_workers=args.num_workers, loss=args.loss, pdmm=args.pdmm, augmented_views=args.augmented_views)
     if args.val_only:
         trainer.run_validation_only()
     else:

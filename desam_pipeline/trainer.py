@@ -44,6 +44,7 @@ from desam_pipeline.errors import DesamError
 from desam_pipeline.losses import LOSS_WEIGHTS, LOSSES, desam_loss
 from desam_pipeline.metrics import METRICS, compute_metrics
 from desam_pipeline.network import DeSAM
+from desam_pipeline.network.pdmm import check_layout
 from desam_pipeline.nifti_io import file_sha256
 from desam_pipeline.orientation import from_slices, plan_orientation
 from desam_pipeline.plan_io import load_plan, plan_hash
@@ -60,8 +61,9 @@ COPIED_FILES = ("dataset.json", "dataset_fingerprint.json")
 HISTORY_KEYS = ("train_loss", "val_loss", "val_dice", "val_dice_ema", "iou_accuracy", "lr",
                 "epoch_time", "data_wait")
 # Hyper-parameters that must match for `-c` to continue the same run exactly.
-RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources")
-RESUME_DEFAULTS = {"loss": "paper"}  # checkpoints written before the key existed
+RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources",
+               "pdmm", "augmented_views")
+RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True}  # checkpoints before the keys existed
 
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = POLY_EXPONENT) -> float:
@@ -84,6 +86,17 @@ def training_precision(precision: str, device: torch.device) -> str:
     return resolve_precision(precision, device)
 
 
+def copy_plan_files(preprocessed_dir: Path, plans_name: str, model_dir: Path) -> None:
+    """plans.json, dataset.json, dataset_fingerprint.json into the model folder: it stands alone."""
+    sources = {"plans.json": preprocessed_dir / f"{plans_name}.json"}
+    sources.update({name: preprocessed_dir / name for name in COPIED_FILES})
+    for name, source in sources.items():
+        if not source.is_file():
+            raise DesamError(f"{source}: not found; run desam_plan_and_embed for this dataset first")
+        with atomic_path(model_dir / name) as tmp:
+            shutil.copyfile(source, tmp)
+
+
 class DeSAMTrainer:
     """Train and validate DeSAM for one fold of one source selection from a plan's embedding cache."""
 
@@ -93,7 +106,8 @@ class DeSAMTrainer:
                  sources: list[str] | None = None, mode: str = "grid", epochs: int = 50, batch_size: int = 8,
                  lr: float = 1e-4, loss_weights: tuple[float, float, float] | None = None, seed: int = 0,
                  device: str = "auto", precision: str = "auto", num_workers: int = 2,
-                 loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S, loss: str = "paper"):
+                 loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S, loss: str = "paper",
+                 pdmm: str = "desam", augmented_views: bool = True):
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if loss not in LOSSES:
@@ -109,6 +123,8 @@ class DeSAMTrainer:
         self.sources = sorted(set(sources)) if sources else None
         self.mode, self.epochs, self.batch_size, self.lr = mode, int(epochs), int(batch_size), float(lr)
         self.loss = loss
+        self.pdmm = check_layout(pdmm)
+        self.augmented_views = bool(augmented_views)  # False: train on the original slices of a cache with views
         weights = LOSS_WEIGHTS[loss] if loss_weights is None else tuple(map(float, loss_weights))
         self.loss_weights = weights if mode == "grid" else (weights[0], weights[1], 0.0)
         self.seed, self.num_workers, self.loader_timeout_s = int(seed), int(num_workers), loader_timeout_s
@@ -141,7 +157,8 @@ class DeSAMTrainer:
                 "sources": self.sources, "mode": self.mode, "epochs": self.epochs,
                 "batch_size": self.batch_size, "local_batch_size": self.local_batch_size,
                 "world_size": self.world_size, "lr": self.lr, "lr_schedule": f"poly {POLY_EXPONENT} per epoch",
-                "optimizer": "Adam", "loss": self.loss, "loss_weights": list(self.loss_weights), "seed": self.seed,
+                "optimizer": "Adam", "loss": self.loss, "loss_weights": list(self.loss_weights), "pdmm": self.pdmm,
+                "seed": self.seed, "augmented_views": self.augmented_views,
                 "device": str(self.device), "precision": self.precision, "num_workers": self.num_workers,
                 "loader_timeout_s": self.loader_timeout_s, "dice_ema_momentum": EMA_MOMENTUM,
                 "split_seed": splits.SPLIT_SEED}
@@ -176,7 +193,8 @@ class DeSAMTrainer:
         """Set train_data, val_data, train_sampler, train_loader and val_loader (None without held-out cases)."""
         frame = encoders.family(self.plan["encoder"]).prompt_frame
         self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
-                                                  self.seed, slice_data.TRAIN_STREAM, frame=frame)
+                                                  self.seed, slice_data.TRAIN_STREAM, frame=frame,
+                                                  use_views=self.augmented_views)
         self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode,
                                                 self.seed, slice_data.VAL_STREAM, frame=frame)
         if len(self.train_data) == 0:
@@ -193,7 +211,8 @@ class DeSAMTrainer:
         """DeSAM with PRIM from the plan's SAM checkpoint (on CPU). A network takes (neck, taps, points=
         or boxes=) and gives (mask logits, IoU), has `prim`/`pdmm` for `inference`, a `config` dict
         and `inference_state_dict()`; the predictor rebuilds it from the checkpoint's network_config."""
-        return DeSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"], self.plan["tap_shapes"])
+        return DeSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"], self.plan["tap_shapes"],
+                                         pdmm=self.pdmm)
 
     def build_loss(self) -> Callable[..., tuple[torch.Tensor, dict]]:
         """(logits, target, iou_pred=None, iou_target=None) -> (total, detached parts): the `loss` setting's
@@ -447,14 +466,7 @@ class DeSAMTrainer:
 
     # ---------------------------------------------------------------- files
     def _copy_plan_files(self) -> None:
-        """plans.json, dataset.json, dataset_fingerprint.json one level up: the model folder stands alone."""
-        sources = {"plans.json": self.preprocessed_dir / f"{self.plans_name}.json"}
-        sources.update({name: self.preprocessed_dir / name for name in COPIED_FILES})
-        for name, source in sources.items():
-            if not source.is_file():
-                raise DesamError(f"{source}: not found; run desam_plan_and_embed for this dataset first")
-            with atomic_path(self.model_dir / name) as tmp:
-                shutil.copyfile(source, tmp)
+        copy_plan_files(self.preprocessed_dir, self.plans_name, self.model_dir)
 
     def debug_info(self) -> dict:
         return {**self.config(), "dataset": self.preprocessed_dir.name, "plan_sha256": self.plan_sha256,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from toy_data import toy_volume, write_toy_dataset
+from toy_data import TINY_FRAME, toy_volume, write_toy_dataset
 
 from desam_pipeline import cache, slice_data, train
 from desam_pipeline.augmented_views import make_views, views_for
@@ -78,7 +78,7 @@ def test_views_are_cached_for_the_source_cases_only(cached):
 
 def test_the_training_stream_draws_views_and_validation_does_not(cached):
     source = case_dir(cached, "SiteA_Case00")
-    train_data = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.TRAIN_STREAM)
+    train_data = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.TRAIN_STREAM, frame=TINY_FRAME)
     drawn = []
     for epoch in range(12):
         for index in range(len(train_data)):
@@ -88,9 +88,9 @@ def test_the_training_stream_draws_views_and_validation_does_not(cached):
             drawn.append(view)
     assert set(drawn) == set(range(VIEWS + 1))
     assert [int(train_data[(3, 1)]["view"]) for _ in range(3)] == [drawn[3 * len(train_data) + 1]] * 3
-    val_data = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.VAL_STREAM)
+    val_data = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.VAL_STREAM, frame=TINY_FRAME)
     assert {int(val_data[(e, i)]["view"]) for e in range(5) for i in range(len(val_data))} == {0}
-    plain = slice_data.SliceDataset([case_dir(cached, "SiteB_Case00")], "box", seed=0)
+    plain = slice_data.SliceDataset([case_dir(cached, "SiteB_Case00")], "box", seed=0, frame=TINY_FRAME)
     assert {int(plain[(e, 0)]["view"]) for e in range(10)} == {0}
 
 
@@ -103,3 +103,27 @@ def test_training_runs_with_and_without_views(cached, source):
     assert stop.value.code == 0
     model = cached / f"results_{source}" / DATASET / f"DeSAMTrainer__{PLANS}__box__src-{source}"
     assert (model / "fold_all" / "checkpoint_final.pth").is_file()
+
+
+def test_no_augmented_views_trains_on_the_originals_of_a_cache_with_views(cached):
+    source = case_dir(cached, "SiteA_Case00")
+    ignoring = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.TRAIN_STREAM, frame=TINY_FRAME,
+                                     use_views=False)
+    for epoch in range(8):
+        for index in range(len(ignoring)):
+            sample = ignoring[(epoch, index)]
+            assert int(sample["view"]) == 0
+            np.testing.assert_array_equal(sample["neck"], np.load(source / "neck.npy")[ignoring.entries[index][1]])
+    with pytest.raises(SystemExit) as stop:
+        train.main(["900", "all", "--source", "SiteA", "--mode", "box", "--epochs", "1", "--batch-size", "2",
+                    "--device", "cpu", "--num-workers", "0", "--plans-name", PLANS, "--no-augmented-views",
+                    "--preprocessed", str(cached / "pre"), "--results", str(cached / "results_no_views")])
+    assert stop.value.code == 0
+    fold = cached / "results_no_views" / DATASET / f"DeSAMTrainer__{PLANS}__box__src-SiteA" / "fold_all"
+    assert json.loads((fold / "debug.json").read_text())["augmented_views"] is False
+    # resuming with views would be another run: refused, not mixed
+    with pytest.raises(SystemExit) as stop:
+        train.main(["900", "all", "--source", "SiteA", "--mode", "box", "--epochs", "1", "--batch-size", "2",
+                    "--device", "cpu", "--num-workers", "0", "--plans-name", PLANS, "-c",
+                    "--preprocessed", str(cached / "pre"), "--results", str(cached / "results_no_views")])
+    assert stop.value.code == 1

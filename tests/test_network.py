@@ -7,6 +7,8 @@ import torch
 from desam_pipeline import sam_models
 from desam_pipeline.errors import DesamError
 from desam_pipeline.network import DeSAM
+from desam_pipeline.network.pdmm import PDMM, SqueezeExcitation
+from reference_layout import PIMMDecoder
 
 WIDTHS = [sam_models.encoder_width(e) for e in sam_models.ENCODERS]
 
@@ -159,8 +161,8 @@ def test_gradients_reach_prim_and_pdmm_but_not_the_prompt_encoder(tiny_net):
         for pname, param in module.named_parameters():
             assert param.grad is not None, f"{name}.{pname} is not in the graph"
             # The squeeze of an SE block after a non-affine InstanceNorm is the channel mean of a
-            # normalised map, i.e. 0, so the gate is the constant sigmoid(W2 relu(b1) + b2): only its
-            # output bias is sure to learn (the reference design; see pdmm.py).
+            # normalised map, i.e. 0, so the desam layout's gate is the constant sigmoid(W2 relu(b1) + b2):
+            # only its output bias is sure to learn (see pdmm.py).
             if ".se.gate." not in pname or pname.endswith("se.gate.2.bias"):
                 assert param.grad.abs().sum() > 0, f"{name}.{pname} got no gradient"
     for param in net.prim.prompt_encoder.parameters():
@@ -194,3 +196,76 @@ def test_norm_is_configurable():
     assert default and not any(m.affine for m in default)
     with pytest.raises(DesamError, match="unknown PDMM norm 'layer'"):
         DeSAM.for_encoder("tiny", vit_taps(32), norm="layer")
+
+
+REFERENCE_PDMM_PARAMETERS = {"vit_h": 9_732_160, "vit_b": 7_438_400}
+
+
+@pytest.mark.parametrize("encoder", sorted(REFERENCE_PDMM_PARAMETERS))
+def test_reference_pdmm_has_the_reference_parameter_count(encoder):
+    """The reference's "used" PDMM parameters are those its forward path trains: a backward pass through the
+    reference layout (test builder, reference names) reaches all but the 1x1 residual convolutions of the
+    blocks whose channels do not change and the first up-block's head, which deep supervision alone returns."""
+    width = sam_models.encoder_width(encoder)
+    pdmm = DeSAM.for_encoder(encoder, vit_taps(width), pdmm="reference").pdmm
+    built = sum(p.numel() for p in pdmm.parameters())
+    reference = PIMMDecoder(width)
+    grid = 4  # the same parameters at any grid; the real 64 costs seconds per pass on CPU
+    taps = [torch.randn(1, width, grid, grid) for _ in range(3)]
+    reference(torch.randn(1, 256, grid, grid), taps).sum().backward()
+    used = {name: p.numel() for name, p in reference.named_parameters() if p.grad is not None}
+    unused = {name for name, p in reference.named_parameters() if p.grad is None}
+    assert unused == {"seg_outputs.0.weight"} | {
+        f"{prefix}.conv3.conv.weight" for prefix in
+        ("conv_blocks_context.1.residual_block.0.1", "conv_blocks_context.2.residual_block.0.1",
+         "conv_blocks_context.2.residual_block.1.1")}
+    assert built == sum(used.values()) == REFERENCE_PDMM_PARAMETERS[encoder]
+    desam_layout = sum(p.numel() for p in DeSAM.for_encoder(encoder, vit_taps(width)).pdmm.parameters())
+    se_biases = sum(m.gate[0].out_features + m.gate[2].out_features
+                    for m in pdmm.modules() if isinstance(m, SqueezeExcitation))
+    assert desam_layout == built + se_biases + 1  # + the head's bias
+
+
+def _gates(pdmm: PDMM, taps, embedding) -> list[torch.Tensor]:
+    gates = []
+    hooks = [m.gate.register_forward_hook(lambda _m, _i, out: gates.append(out.detach()))
+             for m in pdmm.modules() if isinstance(m, SqueezeExcitation)]
+    with torch.no_grad():
+        pdmm(taps, embedding)
+    for hook in hooks:
+        hook.remove()
+    return gates
+
+
+def test_reference_se_gate_is_exactly_one_half_after_a_non_affine_instance_norm():
+    torch.manual_seed(0)
+    shapes = [[32, 16, 16]] * 3
+    taps = [torch.randn(2, *shape) * 5 + 3 for shape in shapes]
+    embedding = torch.randn(2, 256, 16, 16)
+    reference = PDMM(shapes, 16, layout="reference")
+    gates = _gates(reference, taps, embedding)
+    assert len(gates) == 9 and all(torch.equal(g, torch.full_like(g, 0.5)) for g in gates)
+    # The gate's weights get only rounding noise as gradient: its input is the mean of a normalised map.
+    reference(taps, embedding).sum().backward()
+    se = [p.grad.abs().max() for n, p in reference.named_parameters() if ".se.gate." in n]
+    conv = [p.grad.abs().max() for n, p in reference.named_parameters() if "conv2" in n]
+    assert max(se) < 1e-5 * min(conv)
+    # The desam layout's biases make it a per-channel constant other than 0.5, the same for every input.
+    torch.manual_seed(0)
+    desam = PDMM(shapes, 16, layout="desam")
+    gates = _gates(desam, taps, embedding)
+    assert not all(torch.equal(g, torch.full_like(g, 0.5)) for g in gates)
+    assert all(torch.allclose(g[0], g[1], atol=1e-6) for g in gates)
+    with pytest.raises(DesamError, match="unknown PDMM layout 'unet'"):
+        PDMM(shapes, 16, layout="unet")
+
+
+def test_pdmm_layout_is_recorded_and_rebuilt(tiny_checkpoint):
+    net = DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny", vit_taps(32), pdmm="reference")
+    assert net.config["pdmm"] == "reference" and net.pdmm.head.bias is None
+    state = net.inference_state_dict()
+    assert not any(k.startswith("pdmm.") and ".se.gate." in k and k.endswith("bias") for k in state)
+    assert DeSAM.from_inference_state(state, net.config).config["pdmm"] == "reference"
+    old_config = {k: v for k, v in net.config.items() if k != "pdmm"}  # written before the option: desam
+    with pytest.raises(DesamError, match="'desam' PDMM layout .* missing"):
+        DeSAM.from_inference_state(state, old_config)

@@ -2,21 +2,20 @@
 desam_evaluate / desam_report scoring the external predictions.
 
 nnU-Net's own planning and preprocessing run for real on the exported dataset (about 30 s); its training and
-prediction (minutes on CPU even for nnUNetTrainer_1epoch) are replaced by stand-ins that write what nnU-Net
-writes, the prediction of each case being its ground truth or, for one case, an empty mask.
+prediction (minutes on CPU even for nnUNetTrainer_1epoch) are replaced by the stand-ins of nnunet_stand_in, which
+write what nnU-Net writes, the prediction of each case being its ground truth or, for one case, an empty mask.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pandas as pd
 import pytest
+from nnunet_stand_in import fake_nnunet
 
 from desam_pipeline import nnunet_baseline, splits
-from desam_pipeline.atomic import read_json, write_json
+from desam_pipeline.atomic import read_json
 from desam_pipeline.errors import DesamError
 from desam_pipeline.external_predictions import RECORD_FILE, read_record
 from evaluation.evaluate import evaluate_model
@@ -37,36 +36,9 @@ def dataset(trees):
     return write_toy_dataset(trees["raw"], sites=("SiteA", "SiteB", "SiteC"), cases_per_site=3)
 
 
-def fake_nnunet(raw_dir: Path, calls: list):
-    """Run nnU-Net's planning for real; stand in for its training and prediction."""
-    real = nnunet_baseline.run_nnunet
-
-    def run(name, arguments, environment):
-        arguments = [str(a) for a in arguments]
-        calls.append((name, arguments, environment))
-        if name == "nnUNetv2_plan_and_preprocess":
-            return real(name, arguments, environment)
-        results = Path(environment["nnUNet_results"]) / DATASET
-        if name == "nnUNetv2_train":
-            fold_dir = results / f"{arguments[arguments.index('-tr') + 1]}__nnUNetPlans__2d" / f"fold_{arguments[2]}"
-            fold_dir.mkdir(parents=True)
-            write_json({"num_epochs": "1", "num_iterations_per_epoch": "250", "num_val_iterations_per_epoch": "50",
-                        "batch_size": "2"}, fold_dir / "debug.json")
-            (fold_dir / "checkpoint_final.pth").write_bytes(b"weights")
-        elif name == "nnUNetv2_predict":
-            inputs, outputs = Path(arguments[arguments.index("-i") + 1]), Path(arguments[arguments.index("-o") + 1])
-            outputs.mkdir(parents=True)
-            for image in inputs.glob("*_0000.nii.gz"):
-                case = image.name[:-len("_0000.nii.gz")]
-                label = nib.load(raw_dir / "labelsTr" / f"{case}.nii.gz")
-                data = np.zeros(label.shape, np.uint8) if case == EMPTY_CASE else np.asarray(label.dataobj)
-                nib.save(nib.Nifti1Image(data, label.affine), str(outputs / f"{case}.nii.gz"))
-    return run
-
-
 def test_baseline_places_predictions_that_evaluate_and_report_score(dataset, trees, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(nnunet_baseline, "run_nnunet", fake_nnunet(dataset, calls))
+    monkeypatch.setattr(nnunet_baseline, "run_nnunet", fake_nnunet(dataset, calls, DATASET, EMPTY_CASE))
     folder = nnunet_baseline.run_baseline(DATASET, ["SiteA"], ["0"], trainer="nnUNetTrainer_1epoch")
     assert folder == trees["results"] / DATASET / FOLDER
 
@@ -131,7 +103,7 @@ def test_baseline_places_predictions_that_evaluate_and_report_score(dataset, tre
 
 
 def test_missing_external_prediction_is_an_error(dataset, trees, monkeypatch):
-    monkeypatch.setattr(nnunet_baseline, "run_nnunet", fake_nnunet(dataset, []))
+    monkeypatch.setattr(nnunet_baseline, "run_nnunet", fake_nnunet(dataset, [], DATASET, EMPTY_CASE))
     monkeypatch.setattr(nnunet_baseline, "export_dataset", lambda *a: False)
     (trees["results"] / DATASET / "nnunet" / "src-SiteA" / "nnUNet_preprocessed" / DATASET).mkdir(parents=True)
     (trees["results"] / DATASET / "nnunet" / "src-SiteA" / "nnUNet_preprocessed" / DATASET /

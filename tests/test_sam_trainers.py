@@ -14,6 +14,7 @@ from toy_data import write_toy_dataset
 
 from desam_pipeline import cache, predict, predictor, train
 from desam_pipeline.network import CoupledSAM
+from desam_pipeline.orientation import from_slices, in_plane_shape, plan_orientation
 from plans.plan_and_embed import plan_and_embed
 from desam_pipeline.preprocessing import resize_probabilities_back
 from desam_pipeline.results_layout import Checkpoint, model_folder_name, parse_model_folder_name
@@ -160,7 +161,9 @@ def test_coupled_trains_one_epoch_and_predicts_a_volume(env, tmp_path):
                                              multimask_output=False)[0] for s in range(len(neck))])
     expected = np.zeros((image.shape[2], 256, 256), np.float32)
     expected[np.asarray(arrays["meta"]["z"])] = torch.sigmoid(logits)[:, 0].numpy()
-    expected = np.moveaxis(resize_probabilities_back(expected, image.shape[:2]), 0, 2)
+    orientation = plan_orientation(json.loads((folder / "plans.json").read_text()))
+    expected = resize_probabilities_back(expected, in_plane_shape(image.shape, 2, orientation))
+    expected = from_slices(expected, 2, orientation)  # the cache holds slices as the plan orients them
     assert expected.std() > 0.01
     np.testing.assert_allclose(probabilities, expected, atol=0.03)   # the predictor runs bf16 on CPU
     assert ((probabilities > 0.5) == (expected > 0.5)).mean() > 0.98

@@ -23,6 +23,7 @@ from desam_pipeline.orientation import from_slices, plan_orientation
 from plans.plan_and_embed import plan_and_embed
 from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
 from desam_pipeline.trainer import DeSAMTrainer
+from desam_pipeline.trainer_registry import trainer_class
 
 pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
@@ -316,3 +317,13 @@ def test_loss_setting_is_recorded_in_the_config(tmp_path):
     assert paper.config()["loss"] == "paper" and paper.config()["loss_weights"] == [1.0, 1.0, 10.0]
     with pytest.raises(DesamError, match="unknown loss"):
         DeSAMTrainer(tmp_path, tmp_path, "P", 0, loss="monai", device="cpu")
+
+
+def test_pdmm_layout_is_recorded_in_the_config(tmp_path):
+    assert DeSAMTrainer(tmp_path, tmp_path, "P", 0, device="cpu").config()["pdmm"] == "desam"
+    assert DeSAMTrainer(tmp_path, tmp_path, "P", 0, pdmm="reference", device="cpu").config()["pdmm"] == "reference"
+    with pytest.raises(DesamError, match="unknown PDMM layout 'unet'"):
+        DeSAMTrainer(tmp_path, tmp_path, "P", 0, pdmm="unet", device="cpu")
+    with pytest.raises(DesamError, match="CoupledSAMTrainer has no PDMM"):
+        trainer_class("CoupledSAMTrainer")(tmp_path, tmp_path, "P", 0, pdmm="reference", device="cpu")
+    assert train.build_parser().parse_args(["1", "0", "--pdmm", "reference"]).pdmm == "reference"

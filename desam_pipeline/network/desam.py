@@ -17,34 +17,38 @@ from desam_pipeline.network.prim import PRIM, UNUSED_DECODER_PARTS, Points
 
 
 class DeSAM(nn.Module):
-    """Decoupled SAM: `prim` scores the prompt and gives the mask embedding, `pdmm` makes the mask."""
+    """Decoupled SAM: `prim` scores the prompt and gives the mask embedding, `pdmm` makes the mask.
+
+    `pdmm`: the PDMM layout, "desam" or "reference" (see `network.pdmm`); recorded in `config`.
+    """
 
     def __init__(self, tap_shapes: Sequence[Sequence[int]], prompt_frame: int, embedding_grid: int,
-                 norm: str = "instance", norm_affine: bool = False) -> None:
+                 norm: str = "instance", norm_affine: bool = False, pdmm: str = "desam") -> None:
         super().__init__()
         self.config = dict(tap_shapes=[[int(v) for v in shape] for shape in tap_shapes],
                            prompt_frame=int(prompt_frame), embedding_grid=int(embedding_grid),
-                           norm=norm, norm_affine=bool(norm_affine))
+                           norm=norm, norm_affine=bool(norm_affine), pdmm=pdmm)
         self.prim = PRIM(prompt_frame, embedding_grid)
-        self.pdmm = PDMM(tap_shapes, embedding_grid, norm=norm, norm_affine=norm_affine)
+        self.pdmm = PDMM(tap_shapes, embedding_grid, norm=norm, norm_affine=norm_affine, layout=pdmm)
 
     @classmethod
     def for_encoder(cls, encoder: str, tap_shapes: Sequence[Sequence[int]], norm: str = "instance",
-                    norm_affine: bool = False) -> "DeSAM":
+                    norm_affine: bool = False, pdmm: str = "desam") -> "DeSAM":
         """A randomly initialised DeSAM for `encoder`'s family (prompt frame, grid) and these taps."""
         geometry = encoders.family(encoder)
-        return cls(tap_shapes, geometry.prompt_frame, geometry.embedding_grid, norm=norm, norm_affine=norm_affine)
+        return cls(tap_shapes, geometry.prompt_frame, geometry.embedding_grid, norm=norm, norm_affine=norm_affine,
+                   pdmm=pdmm)
 
     @classmethod
     def from_sam_checkpoint(cls, path: str | os.PathLike, encoder: str, tap_shapes: Sequence[Sequence[int]],
-                            norm: str = "instance", norm_affine: bool = False) -> "DeSAM":
+                            norm: str = "instance", norm_affine: bool = False, pdmm: str = "desam") -> "DeSAM":
         """DeSAM for `encoder` and its taps with PRIM loaded strictly from a SAM or LiteMedSAM .pth file.
 
         `prompt_encoder.*` and `mask_decoder.*` must match exactly, except SAM's mask upscaling and
         hypernetwork heads, which PRIM does not use. PDMM starts from random weights.
         """
         state = encoders.read_encoder_state(path, encoder)
-        net = cls.for_encoder(encoder, tap_shapes, norm=norm, norm_affine=norm_affine)
+        net = cls.for_encoder(encoder, tap_shapes, norm=norm, norm_affine=norm_affine, pdmm=pdmm)
         sam_models.load_submodule(net.prim.prompt_encoder, state, "prompt_encoder", path, encoder)
         sam_models.load_submodule(net.prim.mask_decoder, state, "mask_decoder", path, encoder,
                                   optional=UNUSED_DECODER_PARTS)
@@ -54,16 +58,18 @@ class DeSAM(nn.Module):
     def from_inference_state(cls, state: Mapping[str, torch.Tensor], config: Mapping,
                              source: str | os.PathLike = "checkpoint") -> "DeSAM":
         """Rebuild a trained DeSAM from `inference_state_dict()` and its `config`; a mismatch is a one-line
-        error naming `source`."""
+        error naming `source`. A config without `pdmm` (written before the option) is the "desam" layout."""
         net = cls(config["tap_shapes"], config["prompt_frame"], config["embedding_grid"],
-                  norm=config.get("norm", "instance"), norm_affine=bool(config.get("norm_affine", False)))
+                  norm=config.get("norm", "instance"), norm_affine=bool(config.get("norm_affine", False)),
+                  pdmm=config.get("pdmm", "desam"))
         own = net.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
         if missing or unexpected or wrong:
             first = (wrong or missing or unexpected)[0]
-            raise DesamError(f"{source}: not a DeSAM state for taps {net.config['tap_shapes']} "
+            raise DesamError(f"{source}: not a DeSAM state for taps {net.config['tap_shapes']} and the "
+                             f"{net.config['pdmm']!r} PDMM layout "
                              f"({len(wrong)} mis-shaped, {len(missing)} missing, "
                              f"{len(unexpected)} unexpected keys; first: {first})")
         net.load_state_dict(state)

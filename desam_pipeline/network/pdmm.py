@@ -5,7 +5,18 @@ grid (256, 128 and 64 px for a 64 grid); PRIM's mask embedding meets the deepest
 bottleneck (the only place the prompt reaches the mask); two decoder stages with skips and a 1x1
 head give mask logits at 4x the grid. Each branch has as many x2 up-samplings as its tap's
 (C, H, W) needs, so one class serves SAM's ViT taps (all at the grid) and TinyViT's (the shallow
-one already at 2x). Layer-by-layer as in the DeSAM paper's reference code.
+one already at 2x).
+
+Two layouts (`layout`), identical except for biases:
+- "reference": as the DeSAM reference code builds it: the SE gate's two Linear layers and the 1x1 head
+  have no bias. After a non-affine InstanceNorm every channel of the SE input averages to 0, so the gate
+  is sigmoid(W2 relu(W1 0)) = sigmoid(0) = 0.5 for every channel and input, and its weights get only
+  rounding noise as gradient: each SE block scales by a fixed 0.5 and its gate never learns.
+- "desam" (the default until the accuracy benchmark decides): the same blocks with biases in both SE
+  Linear layers and in the head. After the non-affine InstanceNorm the gate is then
+  sigmoid(W2 relu(b1) + b2), a trained per-channel scale that does not depend on the input.
+With norm="batch" the gate sees real channel means in both layouts; after an affine InstanceNorm its input
+is the norm's bias, a trained per-channel constant.
 """
 from __future__ import annotations
 
@@ -18,8 +29,16 @@ from torch import nn
 from desam_pipeline.errors import DesamError
 
 NORMS = ("instance", "batch")
+LAYOUTS = ("desam", "reference")
 SE_REDUCTION = 16
 LEAKY_SLOPE = 0.01
+
+
+def check_layout(layout: str) -> str:
+    """`layout` if it is one of LAYOUTS, else a one-line error."""
+    if layout not in LAYOUTS:
+        raise DesamError(f"unknown PDMM layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    return layout
 
 
 def make_norm(norm: str, channels: int, affine: bool) -> nn.Module:
@@ -39,16 +58,15 @@ def upsample(in_channels: int, out_channels: int) -> nn.ConvTranspose2d:
 class SqueezeExcitation(nn.Module):
     """Channel gate: global average pool, Linear C->C/16, ReLU, Linear C/16->C, Sigmoid, rescale.
 
-    As in the reference, the gate follows an InstanceNorm: the pooled input is then the per-channel
-    mean of a normalised map (0, or the norm's bias when affine), so the gate is a learned
-    per-channel constant rather than an input-dependent one. With norm="batch" it sees real means.
+    The gate follows an InstanceNorm, so with a non-affine norm its input is 0: without `bias` (the
+    reference) the gate is exactly 0.5, with `bias` a trained per-channel constant (see the module text).
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, bias: bool = True) -> None:
         super().__init__()
         hidden = max(channels // SE_REDUCTION, 1)
-        self.gate = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True),
-                                  nn.Linear(hidden, channels), nn.Sigmoid())
+        self.gate = nn.Sequential(nn.Linear(channels, hidden, bias=bias), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, channels, bias=bias), nn.Sigmoid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.gate(x.mean(dim=(2, 3)))
@@ -58,13 +76,13 @@ class SqueezeExcitation(nn.Module):
 class SEResBlock(nn.Module):
     """conv3x3-norm-LeakyReLU-conv3x3-norm-SE, plus the residual (1x1 conv + norm if channels change), LeakyReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str, affine: bool) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: str, affine: bool, se_bias: bool = True) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.norm1 = make_norm(norm, out_channels, affine)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.norm2 = make_norm(norm, out_channels, affine)
-        self.se = SqueezeExcitation(out_channels)
+        self.se = SqueezeExcitation(out_channels, bias=se_bias)
         self.act = nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
         self.residual = nn.Identity() if in_channels == out_channels else nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 1, bias=False), make_norm(norm, out_channels, affine))
@@ -86,18 +104,21 @@ def upsamplings(size: int, target: int) -> int:
 class PDMM(nn.Module):
     """Mask logits (B,1,4g,4g) from three tapped feature maps (shallow -> deep) and a (B,256,g,g) mask embedding.
 
-    `tap_shapes`: the taps' (C, H, W); `embedding_grid`: g, the side of the mask embedding.
+    `tap_shapes`: the taps' (C, H, W); `embedding_grid`: g, the side of the mask embedding; `layout`:
+    "desam" (biases in the SE gates and the head) or "reference" (none, as the reference code).
     """
 
     def __init__(self, tap_shapes: Sequence[Sequence[int]], embedding_grid: int, norm: str = "instance",
-                 norm_affine: bool = False) -> None:
+                 norm_affine: bool = False, layout: str = "desam") -> None:
         super().__init__()
+        self.layout = check_layout(layout)
+        bias = layout == "desam"
         self.tap_shapes = [tuple(int(v) for v in shape) for shape in tap_shapes]
         if len(self.tap_shapes) != 3 or any(len(shape) != 3 or shape[1] != shape[2] for shape in self.tap_shapes):
             raise DesamError(f"PDMM needs three square taps (C, H, W), got {self.tap_shapes}")
 
         def srb(cin: int, cout: int) -> SEResBlock:
-            return SEResBlock(cin, cout, norm, norm_affine)
+            return SEResBlock(cin, cout, norm, norm_affine, se_bias=bias)
 
         def branch(shape: tuple[int, int, int], width: int, target: int) -> nn.Module:
             layers = [srb(shape[0], width)]
@@ -114,7 +135,7 @@ class PDMM(nn.Module):
         self.decoder1 = srb(256, 128)
         self.up2 = upsample(128, 64)
         self.decoder2 = srb(128, 64)
-        self.head = nn.Conv2d(64, 1, kernel_size=1)
+        self.head = nn.Conv2d(64, 1, kernel_size=1, bias=bias)
 
     def forward(self, taps: Sequence[torch.Tensor], mask_embedding: torch.Tensor) -> torch.Tensor:
         """taps: the three cached feature maps, shallow to deep; mask_embedding: PRIM's (B,256,g,g)."""
