@@ -51,7 +51,7 @@ def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, m
     monkeypatch.setattr(accuracy, "prepare_raw", write_toy_raw)
     printed = run_miniature(out, capsys)
 
-    arms = [a for a in arm_table(accuracy.MINIATURE["seeds"]) if a.enabled]
+    arms = arm_table(accuracy.MINIATURE["seeds"])
     table = pd.read_csv(out / "accuracy.csv")
     assert sorted(table["key"]) == sorted(a.name for a in arms for _ in ("full", "paper"))
     assert set(table.groupby("key")["protocol"].apply(frozenset)) == {frozenset({"full", "paper"})}
