@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from desam_pipeline import encoders, sam_models
-from desam_pipeline.errors import DesamError
+from desam_pipeline.network import weights
 from desam_pipeline.network.prim import PRIM, Points, build_mask_decoder
 
 
@@ -75,28 +75,17 @@ class CoupledSAM(nn.Module):
         """Rebuild a trained CoupledSAM from `inference_state_dict()` and its `config`; a mismatch is one line
         naming `source`."""
         net = cls(config["prompt_frame"], config["embedding_grid"])
-        own = net.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or wrong:
-            first = (wrong or missing or unexpected)[0]
-            raise DesamError(f"{source}: not a CoupledSAM state ({len(wrong)} mis-shaped, {len(missing)} missing, "
-                             f"{len(unexpected)} unexpected keys; first: {first})")
-        net.load_state_dict(state)
+        weights.load_inference_state(net, state, source, "CoupledSAM state")
         return net
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """Prompt encoder and mask decoder weights on CPU: all prediction needs besides SAM's encoder."""
-        return {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        return weights.inference_state_dict(self)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per module (for the debug output), plus trainable and total."""
-        modules = {"prim.prompt_encoder": self.prim.prompt_encoder, "prim.mask_decoder": self.prim.mask_decoder}
-        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
-        counts["trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        counts["total"] = sum(p.numel() for p in self.parameters())
-        return counts
+        return weights.parameter_counts(self, {"prim.prompt_encoder": self.prim.prompt_encoder,
+                                               "prim.mask_decoder": self.prim.mask_decoder})
 
     def forward(self, neck: torch.Tensor, taps: Sequence[torch.Tensor] | None = None, points: Points | None = None,
                 boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from desam_pipeline import encoders, sam_models
-from desam_pipeline.errors import DesamError
+from desam_pipeline.network import weights
 from desam_pipeline.network.pdmm import PDMM
 from desam_pipeline.network.prim import PRIM, UNUSED_DECODER_PARTS, Points
 
@@ -62,31 +62,18 @@ class DeSAM(nn.Module):
         net = cls(config["tap_shapes"], config["prompt_frame"], config["embedding_grid"],
                   norm=config.get("norm", "instance"), norm_affine=bool(config.get("norm_affine", False)),
                   pdmm=config.get("pdmm", "desam"))
-        own = net.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or wrong:
-            first = (wrong or missing or unexpected)[0]
-            raise DesamError(f"{source}: not a DeSAM state for taps {net.config['tap_shapes']} and the "
-                             f"{net.config['pdmm']!r} PDMM layout "
-                             f"({len(wrong)} mis-shaped, {len(missing)} missing, "
-                             f"{len(unexpected)} unexpected keys; first: {first})")
-        net.load_state_dict(state)
+        weights.load_inference_state(net, state, source, f"DeSAM state for taps {net.config['tap_shapes']} and "
+                                                         f"the {net.config['pdmm']!r} PDMM layout")
         return net
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """PRIM (prompt encoder included) and PDMM weights on CPU: all prediction needs besides SAM's encoder."""
-        return {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        return weights.inference_state_dict(self)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per module (for the debug output), plus trainable and total."""
-        modules = {"prim.prompt_encoder": self.prim.prompt_encoder,
-                   "prim.mask_decoder": self.prim.mask_decoder, "pdmm": self.pdmm}
-        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
-        counts["trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        counts["total"] = sum(p.numel() for p in self.parameters())
-        return counts
+        return weights.parameter_counts(self, {"prim.prompt_encoder": self.prim.prompt_encoder,
+                                               "prim.mask_decoder": self.prim.mask_decoder, "pdmm": self.pdmm})
 
     def forward(self, neck: torch.Tensor, taps: Sequence[torch.Tensor], points: Points | None = None,
                 boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
