@@ -54,6 +54,7 @@ from desam_pipeline.atomic import read_json, write_json
 from evaluation.demo import run as run_stage
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.external_predictions import read_record
+from desam_pipeline.embedding import SLICE_MODES
 from desam_pipeline.paths import dataset_name
 from desam_pipeline.raw_dataset import domains, image_path, list_cases, load_dataset_json
 from desam_pipeline.sam_models import ENCODERS
@@ -62,7 +63,7 @@ DATASET_ID = 1
 DATASET = dataset_name(DATASET_ID, convert_prostate_multisite.DEFAULT_NAME)
 DEFAULTS = {"out": "bench_accuracy", "encoder": "litemedsam", "sites": list(make_phantom.SITE_ORDER),
             "cases_per_site": 3, "phantom_seed": 0, "epochs": 5, "batch_size": 4, "lr": "1e-3", "grid": 5,
-            "seeds": 3, "views": 2, "nnunet_trainer": "nnUNetTrainer_1epoch"}
+            "seeds": 3, "views": 2, "nnunet_trainer": "nnUNetTrainer_1epoch", "train_slices": "all"}
 MINIATURE = {"out": "bench_accuracy_miniature", "encoder": "tiny", "sites": [SOURCE, "BMC"], "cases_per_site": 2,
              "epochs": 1, "grid": 3, "seeds": 2, "views": 1}
 # Seconds on 2 quiet cores: per encoded slice, per DeSAM training step at batch 4, per slice predicted by a
@@ -71,7 +72,7 @@ COSTS = {"litemedsam": {"encode": 1.3, "step": 4.0, "decode": 0.7},
          "tiny": {"encode": 0.12, "step": 4.0, "decode": 0.4}}
 NNUNET_S = 480
 SETTINGS = ("encoder", "sites", "cases_per_site", "phantom_seed", "epochs", "batch_size", "lr", "grid", "views",
-            "nnunet_trainer", "sam_checkpoint")
+            "nnunet_trainer", "sam_checkpoint", "train_slices")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, help="DeSAM-P seeds (default 3; the spread needs at least 2)")
     parser.add_argument("--views", type=int, help="augmented views of the RUNMC slices (default 2)")
     parser.add_argument("--nnunet-trainer", help="nnU-Net trainer class (default nnUNetTrainer_1epoch)")
+    parser.add_argument("--train-slices", choices=SLICE_MODES,
+                        help="desam_train --train-slices for every trained arm (default all: every cached slice, "
+                             "empty ones included; foreground_margin: the slices a default plan caches)")
     parser.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms (default: every arm)")
     parser.add_argument("--miniature", action="store_true",
                         help="tiny encoder, RUNMC + BMC x 2 cases, 1 epoch, 3 x 3 grid, 2 seeds, 1 view (CI)")
@@ -113,7 +117,9 @@ def check_same_settings(out: Path, settings: dict) -> None:
     record = out / "benchmark.json"
     if record.is_file():
         saved = read_json(record)
-        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in wanted.items() if saved.get(k) != v]
+        # a setting added after the record was written counts as its default
+        changed = [f"{k}: {saved.get(k, DEFAULTS.get(k))!r} -> {v!r}" for k, v in wanted.items()
+                   if saved.get(k, DEFAULTS.get(k)) != v]
         if changed:
             raise DesamError(f"{record}: {out} was run with other settings ({'; '.join(changed)}); "
                              f"use another --out")
@@ -236,7 +242,8 @@ def header(settings: dict, embed_s: float, counts: dict[str, int]) -> list[str]:
             f"{', '.join(settings['sites'])}, {settings['cases_per_site']} cases per site, slices per site "
             f"{counts}; source {SOURCE}, fold 0",
             f"- desam schedule: {settings['epochs']} epoch(s), batch {settings['batch_size']}, lr {settings['lr']}; "
-            f"grid {settings['grid']} x {settings['grid']}; {settings['views']} augmented view(s) for the views arm",
+            f"grid {settings['grid']} x {settings['grid']}; {settings['views']} augmented view(s) for the views arm; "
+            f"training slices: {settings['train_slices']} (desam_train --train-slices)",
             f"- nnU-Net: {settings['nnunet_trainer']} (shortened schedule; see its note)",
             f"- shared embedding (--slices all): {embed_s:.0f} s, not in the arms' wall times; a prediction-only "
             f"arm's wall time excludes its base arm's training"]
@@ -250,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(out=out, dataset=DATASET, plans_name=f"BenchPlans_{settings['encoder']}", epochs=settings["epochs"],
                   batch_size=settings["batch_size"], lr=str(settings["lr"]), grid=settings["grid"],
                   nnunet_trainer=settings["nnunet_trainer"], sam_checkpoint=settings["sam_checkpoint"],
+                  train_slices=settings["train_slices"],
                   run_stage=run_stage)
     arms, by_name = select_arms(settings, settings.get("arms"))
     start = time.perf_counter()

@@ -73,6 +73,7 @@ class Context:
     grid: int
     nnunet_trainer: str
     sam_checkpoint: str | None
+    train_slices: str
     run_stage: Callable[[Callable, str, list[str]], None]
 
     @property
@@ -105,7 +106,8 @@ def train_argv(arm: Arm, ctx: Context) -> list[str]:
     """desam_train's flags for the arm (always -c: a finished fold is left alone, an interrupted one resumes)."""
     return [ctx.dataset, FOLD, "--source", SOURCE, "--mode", arm.mode, "-tr", arm.trainer,
             "--plans-name", ctx.plans_name, "--epochs", str(ctx.epochs), "--batch-size", str(ctx.batch_size),
-            "--lr", ctx.lr, "--seed", str(arm.seed), "--loss", arm.loss, "--num-workers", "0", "-c",
+            "--lr", ctx.lr, "--seed", str(arm.seed), "--loss", arm.loss, "--train-slices", ctx.train_slices,
+            "--num-workers", "0", "-c",
             *([] if arm.views else ["--no-augmented-views"]), *arm.train_flags, "--preprocessed",
             str(ctx.preprocessed), "--results", str(ctx.results(arm))]
 
@@ -162,5 +164,5 @@ def describe(arm: Arm, ctx: Context) -> str:
     if arm.base:
         return f"the trained model of {arm.base}; {scored}"
     flags = [f"-tr {arm.trainer}", f"--mode {arm.mode}", f"--seed {arm.seed}", f"--loss {arm.loss}",
-             *([] if arm.views else ["--no-augmented-views"]), *arm.train_flags]
+             f"--train-slices {ctx.train_slices}", *([] if arm.views else ["--no-augmented-views"]), *arm.train_flags]
     return f"desam_train {' '.join(flags)}; {scored}"

@@ -12,6 +12,8 @@ process would. Samplers yield `(epoch, index)` pairs so that persistent workers 
 A training slice of a case cached with augmented views is read from one of its views (the original or
 one of the K), drawn the same way from a generator of its own, so caches without views draw as before;
 `use_views=False` reads the originals only, so one cache with views also serves runs without them.
+`slices` narrows the cached slices with the embedding's own rules (`embedding.select_slices`), so a cache of
+every slice (`--slices all`) can train on exactly the slices a default plan would have cached.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from desam_pipeline import cache, prompts
+from desam_pipeline.embedding import SLICE_MODES, select_slices
 from desam_pipeline.atomic import read_json
 from desam_pipeline.errors import DesamError
 from desam_pipeline.prompts import MODES
@@ -42,22 +45,36 @@ def read_slice(path: Path, index: int) -> np.ndarray:
         del array
 
 
+def cached_positions(case_dir: Path, z: Sequence[int], slices: str) -> list[int]:
+    """Positions in the case's cache of the slices `select_slices(..., slices)` picks among the cached ones
+    (their foreground read from the cached labels)."""
+    if slices == "all":
+        return list(range(len(z)))
+    labels = np.load(case_dir / "label.npy", mmap_mode="r")
+    foreground_z = [int(z[s]) for s in range(len(z)) if np.any(labels[s])]
+    chosen = set(select_slices(foreground_z, max(z) + 1, slices)) if len(z) else set()
+    return [s for s in range(len(z)) if int(z[s]) in chosen]
+
+
 class SliceDataset(Dataset):
     """Every cached slice of the given case folders; item (epoch, index) -> features, label, prompt."""
 
     def __init__(self, case_dirs: Sequence[Path], mode: str, seed: int, stream: int = TRAIN_STREAM, *,
-                 frame: int, use_views: bool = True):
+                 frame: int, use_views: bool = True, slices: str = "all"):
         """`frame`: side of the prompt frame the points and boxes are drawn in (the network's `prim.frame`);
-        `use_views`: draw among a case's cached augmented views (training stream only)."""
+        `use_views`: draw among a case's cached augmented views (training stream only); `slices`: which of
+        the cached slices to use, by the embedding's rule (`all`: every cached slice)."""
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if slices not in SLICE_MODES:
+            raise DesamError(f"unknown slice selection {slices!r}; choose one of {', '.join(SLICE_MODES)}")
         self.case_dirs = [Path(d) for d in case_dirs]
         self.mode, self.seed, self.stream, self.frame = mode, int(seed), int(stream), int(frame)
         self.entries: list[tuple[int, int]] = []
         self.views: list[int] = []  # augmented views per case, drawn from in the training stream only
         for c, case_dir in enumerate(self.case_dirs):
             meta = read_json(case_dir / "meta.json")
-            self.entries.extend((c, s) for s in range(len(meta["z"])))
+            self.entries.extend((c, s) for s in cached_positions(case_dir, meta["z"], slices))
             self.views.append(int(meta.get("views", 0)) if self.stream == TRAIN_STREAM and use_views else 0)
 
     def __len__(self) -> int:

@@ -14,6 +14,7 @@ import torch
 from desam_pipeline.atomic import read_json
 from desam_pipeline.cli_args import device_parser
 from desam_pipeline.distributed import process_group
+from desam_pipeline.embedding import SLICE_MODES
 from desam_pipeline.errors import DesamError, cli_entry
 from desam_pipeline.losses import LOSS_WEIGHTS, LOSSES
 from desam_pipeline.network.pdmm import LAYOUTS
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-augmented-views", dest="augmented_views", action="store_false",
                         help="train on the original slices only, ignoring augmented views in the cache (one cache "
                              "with views then serves runs with and without them)")
+    parser.add_argument("--train-slices", choices=SLICE_MODES, default="all",
+                        help="which cached slices train (and validate per epoch), by the embedding's rules: all "
+                             "(default: every cached slice), foreground_margin or foreground; a cache of every "
+                             "slice can so train on the slices a default plan would cache; recorded in the "
+                             "checkpoints")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="autocast precision (default auto: fp16 with loss scaling on CUDA, bf16 on CPU)")
     restart = parser.add_mutually_exclusive_group()
@@ -111,7 +117,8 @@ def run(args: argparse.Namespace) -> None:
         preprocessed, trees.results, find_plans_name(preprocessed, args.plans_name), args.fold,
         sources=args.source, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         loss_weights=args.loss_weights, seed=args.seed, device=args.device, precision=args.precision,
-        num_workers=args.num_workers, loss=args.loss, pdmm=args.pdmm, augmented_views=args.augmented_views)
+        num_workers=args.num_workers, loss=args.loss, pdmm=args.pdmm, augmented_views=args.augmented_views,
+        train_slices=args.train_slices)
     if args.val_only:
         trainer.run_validation_only()
     else:

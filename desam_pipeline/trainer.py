@@ -62,8 +62,8 @@ HISTORY_KEYS = ("train_loss", "val_loss", "val_dice", "val_dice_ema", "iou_accur
                 "epoch_time", "data_wait")
 # Hyper-parameters that must match for `-c` to continue the same run exactly.
 RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources",
-               "pdmm", "augmented_views")
-RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True}  # checkpoints before the keys existed
+               "pdmm", "augmented_views", "train_slices")
+RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True, "train_slices": "all"}  # checkpoints before the keys existed
 
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = POLY_EXPONENT) -> float:
@@ -107,7 +107,7 @@ class DeSAMTrainer:
                  lr: float = 1e-4, loss_weights: tuple[float, float, float] | None = None, seed: int = 0,
                  device: str = "auto", precision: str = "auto", num_workers: int = 2,
                  loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S, loss: str = "paper",
-                 pdmm: str = "desam", augmented_views: bool = True):
+                 pdmm: str = "desam", augmented_views: bool = True, train_slices: str = "all"):
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if loss not in LOSSES:
@@ -125,6 +125,7 @@ class DeSAMTrainer:
         self.loss = loss
         self.pdmm = check_layout(pdmm)
         self.augmented_views = bool(augmented_views)  # False: train on the original slices of a cache with views
+        self.train_slices = train_slices  # which cached slices train and validate (slice_data.cached_positions)
         weights = LOSS_WEIGHTS[loss] if loss_weights is None else tuple(map(float, loss_weights))
         self.loss_weights = weights if mode == "grid" else (weights[0], weights[1], 0.0)
         self.seed, self.num_workers, self.loader_timeout_s = int(seed), int(num_workers), loader_timeout_s
@@ -159,6 +160,7 @@ class DeSAMTrainer:
                 "world_size": self.world_size, "lr": self.lr, "lr_schedule": f"poly {POLY_EXPONENT} per epoch",
                 "optimizer": "Adam", "loss": self.loss, "loss_weights": list(self.loss_weights), "pdmm": self.pdmm,
                 "seed": self.seed, "augmented_views": self.augmented_views,
+                "train_slices": self.train_slices,
                 "device": str(self.device), "precision": self.precision, "num_workers": self.num_workers,
                 "loader_timeout_s": self.loader_timeout_s, "dice_ema_momentum": EMA_MOMENTUM,
                 "split_seed": splits.SPLIT_SEED}
@@ -194,9 +196,10 @@ class DeSAMTrainer:
         frame = encoders.family(self.plan["encoder"]).prompt_frame
         self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
                                                   self.seed, slice_data.TRAIN_STREAM, frame=frame,
-                                                  use_views=self.augmented_views)
+                                                  use_views=self.augmented_views, slices=self.train_slices)
         self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode,
-                                                self.seed, slice_data.VAL_STREAM, frame=frame)
+                                                self.seed, slice_data.VAL_STREAM, frame=frame,
+                                                slices=self.train_slices)
         if len(self.train_data) == 0:
             raise DesamError(f"{self.cache_dir}: the training cases of fold {self.fold} have no cached slices")
         pin = self.device.type == "cuda"

@@ -165,3 +165,29 @@ def test_a_dead_or_stalled_worker_is_an_error_not_a_hang(synthetic_cache, kind, 
     with pytest.raises(DesamError, match=f"data loader failed: .*{message}.*--num-workers 0"):
         batches(loader, 0)
     assert time.perf_counter() - start < 60
+
+
+def test_train_slices_picks_the_cached_slices_a_default_plan_would_cache(tmp_path):
+    """A cache of every slice (z 0..11, foreground on 5..7) trains on foreground_margin = z 3..9 and
+    foreground = z 5..7, by the embedding's own rule; `all` keeps every cached slice; an unknown rule fails."""
+    depth, rng = 12, np.random.default_rng(1)
+    label = np.zeros((depth, 256, 256), np.uint8)
+    label[5:8, 100:140, 100:140] = 1
+    arrays = {"image": label * 200, "label": label,
+              "neck": rng.standard_normal((depth, 256, 64, 64)).astype(np.float16),
+              **{f"tap{i}": rng.standard_normal((depth, WIDTH, 64, 64)).astype(np.float16) for i in range(3)}}
+    z = list(range(100, 100 + depth))  # cache positions differ from slice indices
+    with cache.CaseWriter(tmp_path, "C_00", {k: (v.shape, v.dtype) for k, v in arrays.items()}) as writer:
+        writer.append(arrays)
+        writer.commit({"case": "C_00", "domain": "C", "z": z, "shape": [256, 256, 200], "spacing": [1.0] * 3,
+                       "affine": np.eye(4).tolist(), "input_sha256": "", "plan_sha256": ""})
+    chosen = {rule: slice_data.SliceDataset([tmp_path / "C_00"], "grid", 0, frame=TINY_FRAME, slices=rule)
+              for rule in ("all", "foreground_margin", "foreground")}
+    assert [s for _, s in chosen["all"].entries] == list(range(depth))
+    assert [s for _, s in chosen["foreground_margin"].entries] == list(range(3, 10))
+    assert [s for _, s in chosen["foreground"].entries] == [5, 6, 7]
+    item = chosen["foreground"][(0, 0)]  # the first foreground slice, read from cache position 5
+    np.testing.assert_array_equal(item["neck"], arrays["neck"][5])
+    assert item["label"].any()
+    with pytest.raises(DesamError, match="unknown slice selection"):
+        slice_data.SliceDataset([tmp_path / "C_00"], "grid", 0, frame=TINY_FRAME, slices="middle")
