@@ -15,23 +15,20 @@ unseen volume reads the cache (the predictor's CacheIndex finds a case by shape,
 preprocessed slices) instead of running the encoder again per arm. It also caches --views augmented views of
 the RUNMC slices: views change the plan's hash, so a second plan for the views arm would need every unseen
 site embedded again; instead every other arm trains with `desam_train --no-augmented-views` (the originals
-only). Note that with `--slices all` training also sees the empty slices of RUNMC (the reference trains on
-foreground slices only).
+only). With `--slices all` training also sees every empty slice of RUNMC unless
+`--train-slices foreground_margin` narrows it to the slices a default plan caches (`desam_train --train-slices`).
 
 Resumable: phantom, conversion and embedding reuse their output; an arm with OUT/results/<arm>/done.json
 (its wall time) is skipped; an interrupted arm resumes its training (-c) and reuses saved predictions.
 
-Sizing (the issue's budget: 90 min on 2 cores with litemedsam). Costs on 2 quiet cores: litemedsam encodes
-a slice in 1.3 s (measured); a DeSAM training step at batch 4 takes about 4 s (the tiny encoder's figure on
-these cores; PDMM's 256x256 decoder dominates it whatever the encoder) and a slice predicted through PDMM about
-0.7 s (measured with vit_b; both for the lead to measure with litemedsam); SAM's own decoder (coupled,
-zero-shot) about a third of that; nnU-Net's 1-epoch schedule about 8 min with its start-ups. Phantom cases
-have 18-40 slices (about 24). Defaults: 3 cases per site (~440 slices, ~60 of them RUNMC) and 2 views (RUNMC
-encoded 3 times): ~12 min embedding; 5 epochs of ~10 steps plus validation for 6 trained DeSAM arms and 2
-coupled ones: ~25 min; 8 PDMM-predicted arms x ~400 slices: ~40 min (the 5 x 5 grid, not 9 x 9, keeps grid
-scoring small); nnU-Net ~8 min: ~85 min plus scoring. The run prints this estimate from the real slice
-counts before embedding; if the measured costs are higher, --epochs 4 or --cases-per-site 2 is the lever
-(fold 0 then trains on one RUNMC case).
+Sizing (budget: 90 min on 2 cores with litemedsam). Measured on 2 quiet cores (2026-11-30, the defaults):
+litemedsam encodes 0.62 s per slice (433 slices plus 2 views of RUNMC's 57: 340 s); a DeSAM training epoch
+of 10 steps at batch 4 plus its validation takes about 25 s; a DeSAM arm predicts and scores its ~395 slices
+in about 220 s (0.55 s per slice, both protocols), SAM's own decoder (coupled, zero-shot) in about a third
+of that, the reference grid rule (PDMM per accepted point) in 560 s; nnU-Net's 1-epoch schedule took 370 s
+with its start-ups. The whole default run took 63 min. The run prints an estimate from the real slice counts
+before embedding; if the machine is slower, --epochs 4 or --cases-per-site 2 is the lever (fold 0 then
+trains on one RUNMC case).
 """
 from __future__ import annotations
 
@@ -68,9 +65,9 @@ MINIATURE = {"out": "bench_accuracy_miniature", "encoder": "tiny", "sites": [SOU
              "epochs": 1, "grid": 3, "seeds": 2, "views": 1}
 # Seconds on 2 quiet cores: per encoded slice, per DeSAM training step at batch 4, per slice predicted by a
 # DeSAM decoder (SAM's own decoder, coupled or zero-shot: about a fifth), the nnU-Net arm as a whole.
-COSTS = {"litemedsam": {"encode": 1.3, "step": 4.0, "decode": 0.7},
+COSTS = {"litemedsam": {"encode": 0.62, "step": 2.0, "decode": 0.55},
          "tiny": {"encode": 0.12, "step": 4.0, "decode": 0.4}}
-NNUNET_S = 480
+NNUNET_S = 370
 SETTINGS = ("encoder", "sites", "cases_per_site", "phantom_seed", "epochs", "batch_size", "lr", "grid", "views",
             "nnunet_trainer", "sam_checkpoint", "train_slices")
 
