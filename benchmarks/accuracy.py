@@ -15,8 +15,9 @@ unseen volume reads the cache (the predictor's CacheIndex finds a case by shape,
 preprocessed slices) instead of running the encoder again per arm. It also caches --views augmented views of
 the RUNMC slices: views change the plan's hash, so a second plan for the views arm would need every unseen
 site embedded again; instead every other arm trains with `desam_train --no-augmented-views` (the originals
-only). With `--slices all` training also sees every empty slice of RUNMC unless
-`--train-slices foreground_margin` narrows it to the slices a default plan caches (`desam_train --train-slices`).
+only). Training is narrowed to the slices a default plan caches (`desam_train --train-slices
+foreground_margin`, the benchmark's --train-slices default): with every slice, most IoU targets are 0 and the
+first run (2026-11-30) lost the IoU gate of 2 of 4 DeSAM-P models and the coupled grid decoder.
 
 Resumable: phantom, conversion and embedding reuse their output; an arm with OUT/results/<arm>/done.json
 (its wall time) is skipped; an interrupted arm resumes its training (-c) and reuses saved predictions.
@@ -60,7 +61,7 @@ DATASET_ID = 1
 DATASET = dataset_name(DATASET_ID, convert_prostate_multisite.DEFAULT_NAME)
 DEFAULTS = {"out": "bench_accuracy", "encoder": "litemedsam", "sites": list(make_phantom.SITE_ORDER),
             "cases_per_site": 3, "phantom_seed": 0, "epochs": 5, "batch_size": 4, "lr": "1e-3", "grid": 5,
-            "seeds": 3, "views": 2, "nnunet_trainer": "nnUNetTrainer_1epoch", "train_slices": "all"}
+            "seeds": 3, "views": 2, "nnunet_trainer": "nnUNetTrainer_1epoch", "train_slices": "foreground_margin"}
 MINIATURE = {"out": "bench_accuracy_miniature", "encoder": "tiny", "sites": [SOURCE, "BMC"], "cases_per_site": 2,
              "epochs": 1, "grid": 3, "seeds": 2, "views": 1}
 # Seconds on 2 quiet cores: per encoded slice, per DeSAM training step at batch 4, per slice predicted by a
@@ -68,6 +69,8 @@ MINIATURE = {"out": "bench_accuracy_miniature", "encoder": "tiny", "sites": [SOU
 COSTS = {"litemedsam": {"encode": 0.62, "step": 2.0, "decode": 0.55},
          "tiny": {"encode": 0.12, "step": 4.0, "decode": 0.4}}
 NNUNET_S = 370
+# What a benchmark.json written before a setting existed ran with.
+LEGACY_SETTINGS = {"train_slices": "all"}
 SETTINGS = ("encoder", "sites", "cases_per_site", "phantom_seed", "epochs", "batch_size", "lr", "grid", "views",
             "nnunet_trainer", "sam_checkpoint", "train_slices")
 
@@ -88,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--views", type=int, help="augmented views of the RUNMC slices (default 2)")
     parser.add_argument("--nnunet-trainer", help="nnU-Net trainer class (default nnUNetTrainer_1epoch)")
     parser.add_argument("--train-slices", choices=SLICE_MODES,
-                        help="desam_train --train-slices for every trained arm (default all: every cached slice, "
-                             "empty ones included; foreground_margin: the slices a default plan caches)")
+                        help="desam_train --train-slices for every trained arm (default foreground_margin: the slices a "
+                             "default plan caches; all: every slice, which collapses the IoU head, see README)")
     parser.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms (default: every arm)")
     parser.add_argument("--miniature", action="store_true",
                         help="tiny encoder, RUNMC + BMC x 2 cases, 1 epoch, 3 x 3 grid, 2 seeds, 1 view (CI)")
@@ -114,9 +117,8 @@ def check_same_settings(out: Path, settings: dict) -> None:
     record = out / "benchmark.json"
     if record.is_file():
         saved = read_json(record)
-        # a setting added after the record was written counts as its default
-        changed = [f"{k}: {saved.get(k, DEFAULTS.get(k))!r} -> {v!r}" for k, v in wanted.items()
-                   if saved.get(k, DEFAULTS.get(k)) != v]
+        changed = [f"{k}: {saved.get(k, LEGACY_SETTINGS.get(k))!r} -> {v!r}" for k, v in wanted.items()
+                   if saved.get(k, LEGACY_SETTINGS.get(k)) != v]
         if changed:
             raise DesamError(f"{record}: {out} was run with other settings ({'; '.join(changed)}); "
                              f"use another --out")

@@ -85,7 +85,7 @@ def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, m
              for arm in ("desam_p_s0", "desam_p_s1", "views")}
     assert [debug[a]["augmented_views"] for a in debug] == [False, False, True]
     assert [debug[a]["seed"] for a in debug] == [0, 1, 0]
-    assert {debug[a]["train_slices"] for a in debug} == {"all"}  # every cached slice unless --train-slices
+    assert {debug[a]["train_slices"] for a in debug} == {"foreground_margin"}  # the benchmark's default
 
     # a rerun skips every finished arm and trains nothing
     done = {p: p.stat().st_mtime_ns for p in results.glob("*/done.json")}
@@ -106,11 +106,12 @@ def test_the_pdmm_arm_trains_the_reference_layout_and_other_settings_are_refused
     accuracy.check_same_settings(tmp_path / "b", settings)
     with pytest.raises(DesamError, match="epochs: 2 -> 3"):
         accuracy.check_same_settings(tmp_path / "b", {**settings, "epochs": 3})
-    # a record written before --train-slices existed counts as its default (all), and only that
+    # a record written before --train-slices existed ran on every slice: it matches `all`, not the default
+    assert settings["train_slices"] == "foreground_margin"
     record = tmp_path / "b" / "benchmark.json"
     saved = json.loads(record.read_text())
     del saved["train_slices"]
     record.write_text(json.dumps(saved))
-    accuracy.check_same_settings(tmp_path / "b", settings)
+    accuracy.check_same_settings(tmp_path / "b", {**settings, "train_slices": "all"})
     with pytest.raises(DesamError, match="train_slices: 'all' -> 'foreground_margin'"):
-        accuracy.check_same_settings(tmp_path / "b", {**settings, "train_slices": "foreground_margin"})
+        accuracy.check_same_settings(tmp_path / "b", settings)

@@ -166,7 +166,7 @@ def test_grid_mode_threshold_and_box_mode_by_dataset(env, tmp_path):
     for threshold in ("-1", "2"):
         outs[threshold] = tmp_path / f"grid{threshold}"
         assert run_cli("-i", path, "-o", outs[threshold], "-d", "900", "--mode", "grid", "--grid", "2",
-                       "--iou-threshold", threshold, "--save-probabilities", *env.roots) == 0
+                       "--grid-rule", "top1", "--iou-threshold", threshold, "--save-probabilities", *env.roots) == 0
     accepted = np.load(outs["-1"] / "g.npz")["probabilities"]
     rejected = np.load(outs["2"] / "g.npz")["probabilities"]
     assert (accepted > 0).all() and not rejected.any()
@@ -175,8 +175,8 @@ def test_grid_mode_threshold_and_box_mode_by_dataset(env, tmp_path):
     for out in outs.values():
         assert np.allclose(quality(out)["predicted_iou"], iou, atol=2e-6)
     reference = tmp_path / "reference"
-    assert run_cli("-i", path, "-o", reference, "-d", "900", "--mode", "grid", "--grid", "2", "--grid-rule",
-                   "reference", "--iou-threshold", "-1", "--save-probabilities", *env.roots) == 0
+    assert run_cli("-i", path, "-o", reference, "-d", "900", "--mode", "grid", "--grid", "2",
+                   "--iou-threshold", "-1", "--save-probabilities", *env.roots) == 0  # the default rule
     record = read_json(reference / "prediction.json")
     assert record["grid_rule"] == "reference" and record["grid"] == 2 and record["iou_threshold"] == -1
     assert read_json(outs["-1"] / "prediction.json")["grid_rule"] == "top1"
