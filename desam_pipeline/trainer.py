@@ -476,7 +476,7 @@ class DeSAMTrainer:
                 "encoder": self.plan["encoder"], "tap_shapes": self.plan["tap_shapes"],
                 "sam_checkpoint": self.plan["checkpoint"], "cache_dir": str(self.cache_dir),
                 "train_cases": self.train_cases, "val_cases": self.val_cases,
-                "train_slices": len(self.train_data), "val_slices": len(self.val_data),
+                "train_slice_count": len(self.train_data), "val_slice_count": len(self.val_data),
                 "network": self.network.config, "parameter_counts": self.network.parameter_counts(),
                 "versions": versions(), "command": sys.argv}
 
