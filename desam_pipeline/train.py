@@ -51,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"loss weights (default: the --loss setting's, {LOSS_WEIGHTS['paper']} for paper; "
                              "IoU unused in box mode)")
     parser.add_argument("--pdmm", choices=LAYOUTS, default="desam",
-                        help="PDMM layout: desam (biases in the SE gates and the 1x1 head, so they can learn; the "
-                             "default, tied with reference in the accuracy benchmark) or reference (no biases, as the reference code: every SE "
-                             "gate is a fixed 0.5); recorded in the checkpoints")
+                        help="PDMM layout: desam (biases in the SE gates and the 1x1 head, so they can learn; "
+                             "the default, tied with reference in the accuracy benchmark) or reference (no "
+                             "biases, as the reference code: every SE gate is a fixed 0.5); recorded in the "
+                             "checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-augmented-views", dest="augmented_views", action="store_false",
                         help="train on the original slices only, ignoring augmented views in the cache (one cache "

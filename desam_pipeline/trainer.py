@@ -63,7 +63,8 @@ HISTORY_KEYS = ("train_loss", "val_loss", "val_dice", "val_dice_ema", "iou_accur
 # Hyper-parameters that must match for `-c` to continue the same run exactly.
 RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources",
                "pdmm", "augmented_views", "train_slices")
-RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True, "train_slices": "all"}  # checkpoints before the keys existed
+# What checkpoints written before a key existed ran with.
+RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True, "train_slices": "all"}
 
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = POLY_EXPONENT) -> float:

@@ -13,8 +13,8 @@ Two layouts (`layout`), identical except for biases:
   is sigmoid(W2 relu(W1 0)) = sigmoid(0) = 0.5 for every channel and input, and its weights get only
   rounding noise as gradient: each SE block scales by a fixed 0.5 and its gate never learns.
 - "desam" (the default: tied with "reference" in the accuracy benchmark, and only its gates can learn): the
-  same blocks with biases in both SE Linear layers and in the head. After the non-affine InstanceNorm the gate is then
-  sigmoid(W2 relu(b1) + b2), a trained per-channel scale that does not depend on the input.
+  same blocks with biases in both SE Linear layers and in the head. After the non-affine InstanceNorm the
+  gate is then sigmoid(W2 relu(b1) + b2), a trained per-channel scale that does not depend on the input.
 With norm="batch" the gate sees real channel means in both layouts; after an affine InstanceNorm its input
 is the norm's bias, a trained per-channel constant.
 """
