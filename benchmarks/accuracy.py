@@ -47,15 +47,15 @@ import nibabel as nib
 from benchmarks import accuracy_table
 from benchmarks.accuracy_arms import SOURCE, Arm, Context, arm_table, describe, model_folder, run_arm
 from dataset_conversion import convert_prostate_multisite, make_phantom
-from plans import plan_and_embed
-from desam_pipeline.atomic import read_json, write_json
+from desam_pipeline.baselines.external_predictions import read_record
+from desam_pipeline.data.raw_dataset import domains, image_path, list_cases, load_dataset_json
+from desam_pipeline.data.slice_selection import SLICE_MODES
+from desam_pipeline.io.atomic import read_json, write_json
+from desam_pipeline.network.sam_models import ENCODERS
+from desam_pipeline.utilities.errors import DesamError, cli_entry
+from desam_pipeline.utilities.paths import dataset_name
 from evaluation.demo import run as run_stage
-from desam_pipeline.errors import DesamError, cli_entry
-from desam_pipeline.external_predictions import read_record
-from desam_pipeline.embedding import SLICE_MODES
-from desam_pipeline.paths import dataset_name
-from desam_pipeline.raw_dataset import domains, image_path, list_cases, load_dataset_json
-from desam_pipeline.sam_models import ENCODERS
+from plans import plan_and_embed
 
 DATASET_ID = 1
 DATASET = dataset_name(DATASET_ID, convert_prostate_multisite.DEFAULT_NAME)

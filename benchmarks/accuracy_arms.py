@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from desam_pipeline import nnunet_baseline, train
-from desam_pipeline.results_layout import CHECKPOINT_FINAL, model_folder_name
+from desam_pipeline.baselines import nnunet_baseline
+from desam_pipeline.io.results_layout import CHECKPOINT_FINAL, model_folder_name
+from desam_pipeline.training import train
 from evaluation import evaluate
 
 SOURCE = "RUNMC"

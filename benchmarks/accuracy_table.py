@@ -18,10 +18,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from benchmarks.accuracy_arms import SOURCE, Arm  # noqa: E402
-from desam_pipeline.atomic import atomic_path  # noqa: E402
+from desam_pipeline.io.atomic import atomic_path  # noqa: E402
 from evaluation.evaluate import EVALUATION  # noqa: E402
-from evaluation.tables import (MEAN_UNSEEN, POOLED_UNSEEN, PROTOCOLS, cross_domain_cells,  # noqa: E402
-                               cross_domain_matrix, markdown_section, write_csv)
+from evaluation.tables import (  # noqa: E402
+    MEAN_UNSEEN,
+    POOLED_UNSEEN,
+    PROTOCOLS,
+    cross_domain_cells,
+    cross_domain_matrix,
+    markdown_section,
+    write_csv,
+)
 
 METRICS = {"dice": "Dice", "hd95": "HD95 mm"}
 IN_DOMAIN = "in-domain"

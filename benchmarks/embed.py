@@ -53,8 +53,8 @@ def bare_forward(encoder: str, checkpoint: str, slices_file: str, precision: str
     """Process (a): load the encoder and run its forward over the slices, nothing else."""
     import torch
 
-    from desam_pipeline.encoders import encoder_input, load_image_encoder
-    from desam_pipeline.runtime import autocast, tune_malloc
+    from desam_pipeline.network.encoders import encoder_input, load_image_encoder
+    from desam_pipeline.utilities.runtime import autocast, tune_malloc
 
     tune_malloc()
     image_encoder = load_image_encoder(encoder, checkpoint)
@@ -70,8 +70,8 @@ def compare_precision(encoder: str, checkpoint: str, slices: np.ndarray) -> dict
     the neck's relative L2 error and cosine of bf16 against fp32 over the slices."""
     import torch
 
-    from desam_pipeline.encoders import encoder_input, load_image_encoder
-    from desam_pipeline.runtime import autocast, tune_malloc
+    from desam_pipeline.network.encoders import encoder_input, load_image_encoder
+    from desam_pipeline.utilities.runtime import autocast, tune_malloc
 
     tune_malloc()
     image_encoder = load_image_encoder(encoder, checkpoint)
@@ -126,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         bare_forward(args.encoder, args.bare[0], args.bare[1], args.precision, args.batch_size)
         return 0
 
-    from desam_pipeline import encoders
-    from desam_pipeline.embedding import preprocess_volume
-    from desam_pipeline.nifti_io import read_volume
-    from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
-    from desam_pipeline.plan_io import DEFAULT_CHOICES
+    from desam_pipeline.data.plan_io import DEFAULT_CHOICES
+    from desam_pipeline.data.preprocessing import preprocess_volume
+    from desam_pipeline.io.nifti_io import read_volume
+    from desam_pipeline.network import encoders
+    from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
 
     args.batch_size = args.batch_size or DEFAULT_CHOICES["batch_size"]["cpu"]
     args.precision = args.precision or encoders.family(args.encoder).cpu_precision

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 
-from desam_pipeline import sam_models
-from desam_pipeline.inference import predict_slices
-from desam_pipeline.network import DeSAM
+from desam_pipeline.data.prompts import grid_points
+from desam_pipeline.inference.slice_prediction import predict_slices
+from desam_pipeline.network import DeSAM, sam_models
 from desam_pipeline.network.grid_iou import prompt_ious
-from desam_pipeline.prompts import grid_points
-from desam_pipeline.runtime import tune_malloc
+from desam_pipeline.utilities.runtime import tune_malloc
 
 
 def timed(function) -> tuple[float, float, object]:

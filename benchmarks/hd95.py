@@ -17,7 +17,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from desam_pipeline.metrics import compute_metrics, hd95  # noqa: E402
+from desam_pipeline.utilities.metrics import compute_metrics, hd95  # noqa: E402
 
 SHAPE = (512, 512, 60)
 SPACING = (0.5, 0.5, 3.0)

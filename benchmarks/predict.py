@@ -49,11 +49,11 @@ def write_model_folders(results: Path, encoder: str, checkpoint: Path, precision
     """Untrained grid and box model folders in the trainer's layout, with a plan for this encoder."""
     import torch
 
-    from desam_pipeline.atomic import write_json
-    from desam_pipeline.encoders import load_image_encoder
+    from desam_pipeline.io.atomic import write_json
+    from desam_pipeline.io.nifti_io import file_sha256
+    from desam_pipeline.io.results_layout import DEFAULT_TRAINER, model_folder_name
     from desam_pipeline.network import DeSAM
-    from desam_pipeline.nifti_io import file_sha256
-    from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folder_name
+    from desam_pipeline.network.encoders import load_image_encoder
     from plans.planner import make_plan
 
     plan = make_plan(f"DeSAMPlans_{encoder}", encoder, checkpoint, file_sha256(checkpoint),
@@ -82,8 +82,8 @@ def bare_forward(encoder: str, checkpoint: str, slices_file: str, precision: str
     """Process (a): load the encoder and run its forward over the slices, nothing else."""
     import torch
 
-    from desam_pipeline.encoders import encoder_input, load_image_encoder
-    from desam_pipeline.runtime import autocast, select_device, tune_malloc
+    from desam_pipeline.network.encoders import encoder_input, load_image_encoder
+    from desam_pipeline.utilities.runtime import autocast, select_device, tune_malloc
 
     tune_malloc()
     device = select_device(device_name)
@@ -112,21 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bare", nargs=2, metavar=("CHECKPOINT", "SLICES_NPZ"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.batch_size is None:
-        from desam_pipeline.plan_io import DEFAULT_CHOICES
+        from desam_pipeline.data.plan_io import DEFAULT_CHOICES
 
         args.batch_size = DEFAULT_CHOICES["batch_size"][args.device]
     if args.precision is None:
-        from desam_pipeline.encoders import family
+        from desam_pipeline.network.encoders import family
 
         args.precision = family(args.encoder).cpu_precision if args.device == "cpu" else "bf16"
     if args.bare:
         bare_forward(args.encoder, args.bare[0], args.bare[1], args.precision, args.batch_size, args.device)
         return 0
 
-    from desam_pipeline.embedding import preprocess_volume
-    from desam_pipeline.encoders import default_checkpoint
-    from desam_pipeline.nifti_io import read_volume
-    from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
+    from desam_pipeline.data.preprocessing import preprocess_volume
+    from desam_pipeline.io.nifti_io import read_volume
+    from desam_pipeline.network.encoders import default_checkpoint
+    from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="desam-bench-predict-") as scratch:
         scratch = Path(scratch)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in ("box", "grid"):
                 out = scratch / f"out-{mode}"
                 shutil.rmtree(out, ignore_errors=True)
-                runs[mode].append(timed([sys.executable, "-m", "desam_pipeline.predict", "-i", str(scratch / "in"),
+                runs[mode].append(timed([sys.executable, "-m", "desam_pipeline.inference.predict", "-i", str(scratch / "in"),
                                          "-o", str(out), "-m", str(models[mode]), "--device", args.device,
                                          "--grid", str(args.grid), "--iou-threshold", "-1",
                                          "--preprocessed", str(scratch / "no-cache")]))

@@ -46,8 +46,8 @@ def slice_bytes(width: int) -> int:
 
 def make_plan(encoder: str, folder: Path) -> dict:
     """A random SAM of the real size saved as the plan's checkpoint (training maps only its decoder)."""
-    from desam_pipeline.nifti_io import file_sha256
-    from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
+    from desam_pipeline.io.nifti_io import file_sha256
+    from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
     from plans.planner import make_plan as planner_make_plan
     sam = build_sam(encoder, seed=0)
     checkpoint = save_sam_checkpoint(sam, folder / f"sam_{encoder}_random.pth")
@@ -56,9 +56,9 @@ def make_plan(encoder: str, folder: Path) -> dict:
 
 def write_dataset(root: Path, plan: dict, slices: int) -> Path:
     """Preprocessed dataset folder with dataset.json, the plan and `slices` cached slices of random features."""
-    from desam_pipeline import cache
-    from desam_pipeline.atomic import write_json
-    from desam_pipeline.plan_io import plan_hash
+    from desam_pipeline.data import cache
+    from desam_pipeline.data.plan_io import plan_hash
+    from desam_pipeline.io.atomic import write_json
     from plans.planner import save_plan
     folder = root / DATASET
     folder.mkdir(parents=True)
@@ -90,8 +90,8 @@ def child(config: dict) -> dict:
     """Run in a fresh process: `steps` real training steps, then optionally sweep the rest of the epoch."""
     import torch
 
-    from desam_pipeline.slice_data import loader_batches
-    from desam_pipeline.trainer import DeSAMTrainer
+    from desam_pipeline.data.slice_data import loader_batches
+    from desam_pipeline.training.trainer import DeSAMTrainer
     trainer = DeSAMTrainer(Path(config["preprocessed"]), Path(config["results"]), config["plans_name"], "all",
                            mode="grid", epochs=1, batch_size=8, seed=0, device="cpu",
                            precision=config["precision"], num_workers=config["num_workers"])

@@ -17,9 +17,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from dataset_conversion.raw_writer import (SourceCase, converter_parser, dataset_folder_name, nifti_stem,
-                                          run_converter, write_raw_dataset)
-from desam_pipeline.errors import DesamError, cli_entry
+from dataset_conversion.raw_writer import (
+    SourceCase,
+    converter_parser,
+    dataset_folder_name,
+    nifti_stem,
+    run_converter,
+    write_raw_dataset,
+)
+from desam_pipeline.utilities.errors import DesamError, cli_entry
 
 DEFAULT_NAME = "ProstateMultiSite"
 SAML_SITES = ("BIDMC", "BMC", "HK", "I2CVB", "RUNMC", "UCL")

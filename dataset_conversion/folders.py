@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from desam_pipeline.atomic import remove_stale_temporaries, temporary_sibling
-from desam_pipeline.errors import DesamError, naming
+from desam_pipeline.io.atomic import remove_stale_temporaries, temporary_sibling
+from desam_pipeline.utilities.errors import DesamError, naming
 
 
 def _publish(tmp: Path, target: Path) -> None:

@@ -19,10 +19,18 @@ from tqdm import tqdm
 
 from dataset_conversion.folders import building_folder
 from dataset_conversion.phantom_anatomy import gland_extent, prostate_zones, render_signal, sample_anatomy
-from dataset_conversion.phantom_sites import (NOISE_SIGMA, SITES, Protocol, Site, case_numbers,
-                                              receive_sensitivity, rician, store)
-from desam_pipeline.atomic import write_json
-from desam_pipeline.errors import DesamError, cli_entry
+from dataset_conversion.phantom_sites import (
+    NOISE_SIGMA,
+    SITES,
+    Protocol,
+    Site,
+    case_numbers,
+    receive_sensitivity,
+    rician,
+    store,
+)
+from desam_pipeline.io.atomic import write_json
+from desam_pipeline.utilities.errors import DesamError, cli_entry
 
 SITE_ORDER = tuple(SITES)
 DEFAULT_CASES_PER_SITE = 4

@@ -20,12 +20,12 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset_conversion.folders import building_folder
-from desam_pipeline.atomic import atomic_path, write_json
-from desam_pipeline.dataset_checks import AFFINE_TOLERANCE, verify_dataset
-from desam_pipeline.errors import DesamError
-from desam_pipeline.nifti_io import load_nifti, save_like
-from desam_pipeline.paths import DATASET_PATTERN, add_root_arguments, dataset_name, get_root
-from desam_pipeline.raw_dataset import CHANNEL_SUFFIX, domains, load_dataset_json
+from desam_pipeline.data.dataset_checks import AFFINE_TOLERANCE, verify_dataset
+from desam_pipeline.data.raw_dataset import CHANNEL_SUFFIX, domains, load_dataset_json
+from desam_pipeline.io.atomic import atomic_path, write_json
+from desam_pipeline.io.nifti_io import load_nifti, save_like
+from desam_pipeline.utilities.errors import DesamError
+from desam_pipeline.utilities.paths import DATASET_PATTERN, add_root_arguments, dataset_name, get_root
 
 FILE_ENDING = ".nii.gz"
 NIFTI_ENDINGS = (".nii.gz", ".nii")

@@ -19,14 +19,15 @@ from typing import Callable
 import pandas as pd
 
 from dataset_conversion import convert_prostate_multisite, make_phantom
-from desam_pipeline import dataset_checks, train
-from plans import plan_and_embed
-from desam_pipeline.errors import DesamError, cli_entry
-from desam_pipeline.paths import ROOT_VARIABLES, dataset_name
-from desam_pipeline.encoders import PACKAGED, detect_encoder
-from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folder_name
-from desam_pipeline.sam_models import read_state_dict
+from desam_pipeline.data import dataset_checks
+from desam_pipeline.io.results_layout import DEFAULT_TRAINER, model_folder_name
+from desam_pipeline.network.encoders import PACKAGED, detect_encoder
+from desam_pipeline.network.sam_models import read_state_dict
+from desam_pipeline.training import train
+from desam_pipeline.utilities.errors import DesamError, cli_entry
+from desam_pipeline.utilities.paths import ROOT_VARIABLES, dataset_name
 from evaluation import evaluate, report
+from plans import plan_and_embed
 
 DATA_DIR = Path("desam_data")
 DATASET_ID = 1

@@ -4,7 +4,7 @@ The test cases of a model trained on the source site(s) are every case of every 
 (unseen domains) and the source cases held out by the chosen folds in `splits_final.json`
 (in-domain). Unseen cases are predicted by the average of the chosen folds, each held-out source
 case by the one fold that did not train on it. Predictions go through the predictor
-(`desam_pipeline.predictor`) into `<model folder>/predictions/<site>/<case>.nii.gz`; a prediction
+(`desam_pipeline.inference.predictor`) into `<model folder>/predictions/<site>/<case>.nii.gz`; a prediction
 is reused when its file exists and `predictions/prediction_settings.json` says it was made with
 the same folds (same checkpoint files) and the same post-processing, grid and IoU threshold.
 
@@ -25,23 +25,31 @@ from typing import Iterable, Sequence
 import pandas as pd
 from tqdm import tqdm
 
-from desam_pipeline import predictor
-from desam_pipeline.atomic import read_json, write_json
-from desam_pipeline.cli_args import prediction_parser
-from desam_pipeline.errors import DesamError, cli_entry
-from desam_pipeline.external_predictions import check_predictions, locate
-from desam_pipeline.inference import MODES
-from desam_pipeline.metrics import check_same_geometry
-from desam_pipeline.nifti_io import read_volume, voxel_spacing
-from desam_pipeline.paths import Trees, add_root_arguments
-from desam_pipeline.postprocessing import POSTPROCESSING
-from desam_pipeline.raw_dataset import file_ending, label_path, load_dataset_json
-from desam_pipeline.results_layout import DEFAULT_TRAINER
-from desam_pipeline.runtime import select_device, tune_malloc
+from desam_pipeline.baselines.external_predictions import check_predictions, locate
+from desam_pipeline.data.raw_dataset import file_ending, label_path, load_dataset_json
+from desam_pipeline.inference import predictor
+from desam_pipeline.inference.cli_args import prediction_parser
+from desam_pipeline.inference.postprocessing import POSTPROCESSING
+from desam_pipeline.inference.slice_prediction import MODES
+from desam_pipeline.io.atomic import read_json, write_json
+from desam_pipeline.io.nifti_io import read_volume, voxel_spacing
+from desam_pipeline.io.results_layout import DEFAULT_TRAINER
+from desam_pipeline.utilities.errors import DesamError, cli_entry
+from desam_pipeline.utilities.metrics import check_same_geometry
+from desam_pipeline.utilities.paths import Trees, add_root_arguments
+from desam_pipeline.utilities.runtime import select_device, tune_malloc
 from evaluation.evaluate_folder import evaluate_pair, foreground
-from evaluation.evaluation_cases import (PREDICTIONS, EvalCase, check_sources, choose_folds,
-                                         evaluation_cases, foreground_labels, locate_model, prediction_path,
-                                         train_command)
+from evaluation.evaluation_cases import (
+    PREDICTIONS,
+    EvalCase,
+    check_sources,
+    choose_folds,
+    evaluation_cases,
+    foreground_labels,
+    locate_model,
+    prediction_path,
+    train_command,
+)
 from evaluation.evaluation_outputs import EVALUATION, write_evaluation
 from evaluation.paper_protocol import paper_metrics
 from evaluation.tables import PROTOCOLS, markdown_section

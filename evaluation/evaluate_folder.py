@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from desam_pipeline.errors import DesamError, cli_entry
-from desam_pipeline.nifti_io import read_volume, voxel_spacing
-from desam_pipeline.raw_dataset import domains, field_problems, file_ending, read_dataset_json
-from desam_pipeline.metrics import METRICS, check_same_geometry, compute_metrics
+from desam_pipeline.data.raw_dataset import domains, field_problems, file_ending, read_dataset_json
+from desam_pipeline.io.nifti_io import read_volume, voxel_spacing
+from desam_pipeline.utilities.errors import DesamError, cli_entry
+from desam_pipeline.utilities.metrics import METRICS, check_same_geometry, compute_metrics
 from evaluation.tables import summarise, to_markdown, write_csv
 
 DEFAULT_OUTPUT = "evaluation.csv"

@@ -6,13 +6,14 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-from desam_pipeline import predictor, splits
-from desam_pipeline.atomic import read_json
-from desam_pipeline.errors import DesamError
-from desam_pipeline.paths import Trees
-from desam_pipeline.raw_dataset import check_sites, domains, label_path, list_cases
-from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folder_name
-from desam_pipeline.train import find_plans_name
+from desam_pipeline.data import splits
+from desam_pipeline.data.raw_dataset import check_sites, domains, label_path, list_cases
+from desam_pipeline.inference import predictor
+from desam_pipeline.io.atomic import read_json
+from desam_pipeline.io.results_layout import DEFAULT_TRAINER, model_folder_name, source_key
+from desam_pipeline.training.train import find_plans_name
+from desam_pipeline.utilities.errors import DesamError
+from desam_pipeline.utilities.paths import Trees
 
 PREDICTIONS = "predictions"
 
@@ -70,7 +71,7 @@ def held_out_cases(preprocessed_dir: Path, folder: Path, sources: Sequence[str],
     A fold's debug.json records the cases it validated on; a split edited since is an error, as the
     fold would then be scored on cases it trained on.
     """
-    key = splits.source_key(list(sources))
+    key = source_key(list(sources))
     split = splits.load_or_create_splits(preprocessed_dir, key, source_cases, write=False)
     held: dict[str, str] = {}
     for fold in folds:

@@ -8,17 +8,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from desam_pipeline import predictor
-from desam_pipeline.atomic import write_json
-from desam_pipeline.embedding import preprocess_volume
-from desam_pipeline.metrics import METRICS
-from desam_pipeline.nifti_io import read_volume, voxel_spacing
-from desam_pipeline.orientation import LEGACY_ORIENTATION, from_slices, plan_orientation, to_slices
-from desam_pipeline.raw_dataset import image_path, label_path
+from desam_pipeline.data.orientation import LEGACY_ORIENTATION, from_slices, plan_orientation, to_slices
+from desam_pipeline.data.preprocessing import preprocess_volume
+from desam_pipeline.data.raw_dataset import image_path, label_path
+from desam_pipeline.inference import predictor
+from desam_pipeline.io.atomic import write_json
+from desam_pipeline.io.nifti_io import read_volume, voxel_spacing
+from desam_pipeline.utilities.metrics import METRICS
 from evaluation.evaluate_folder import foreground
 from evaluation.evaluation_cases import PREDICTIONS, foreground_labels
-from evaluation.paper_protocol import (BORDER, SLICE_SIZE, paper_volumes, reference_label_grid, slice_grid_spacing,
-                                       to_slice_grid, zero_border)
+from evaluation.paper_protocol import (
+    BORDER,
+    SLICE_SIZE,
+    paper_volumes,
+    reference_label_grid,
+    slice_grid_spacing,
+    to_slice_grid,
+    zero_border,
+)
 from evaluation.plots import overlay_png, site_boxplot_png
 from evaluation.tables import OVERALL, PROTOCOLS, label_protocol, summarise, write_csv
 

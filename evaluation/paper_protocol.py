@@ -23,11 +23,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-
 from skimage.transform import resize
 
-from desam_pipeline.preprocessing import SLICE_AXIS, SLICE_SIZE, resize_label_slices, slices_first
-from desam_pipeline.metrics import METRICS, compute_metrics
+from desam_pipeline.data.preprocessing import SLICE_AXIS, SLICE_SIZE, resize_label_slices, slices_first
+from desam_pipeline.utilities.metrics import METRICS, compute_metrics
 
 BORDER = 50  # pixels of each 256x256 predicted slice set to background by the reference code
 

@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from desam_pipeline.atomic import atomic_path  # noqa: E402
+from desam_pipeline.io.atomic import atomic_path  # noqa: E402
 from evaluation.tables import MEAN_UNSEEN  # noqa: E402
 
 AXIS_LABELS = {"dice": "Dice (0-1, higher is better)", "hd95": "HD95 (mm, lower is better)",

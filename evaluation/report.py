@@ -5,7 +5,7 @@ Reads `<results>/<Dataset>/<Trainer>__<plans>__<mode>__src-<SITES>/evaluation/<p
 and writes, per mode, under `<results>/<Dataset>/report/<mode>__<protocol>/` (DeSAMTrainer) or
 `report/<Trainer>__<mode>__<protocol>/` (any other trainer): cells.csv (one row per source and target site),
 dice_matrix.csv, hd95_matrix.csv, report.md and dice_heatmap.png, hd95_heatmap.png.
-Folders of external predictions (desam_pipeline.external_predictions, e.g. the nnU-Net baseline, whose
+Folders of external predictions (desam_pipeline.baselines.external_predictions, e.g. the nnU-Net baseline, whose
 configuration is its mode) are tabulated the same way; report.md states how they were made (trainer, schedule).
 """
 from __future__ import annotations
@@ -16,16 +16,26 @@ from pathlib import Path
 
 import pandas as pd
 
-from desam_pipeline.atomic import atomic_path
-from desam_pipeline.errors import DesamError, cli_entry
-from desam_pipeline.external_predictions import is_external, read_record
-from desam_pipeline.paths import Trees, add_root_arguments
-from desam_pipeline.results_layout import DEFAULT_TRAINER, model_folders
-from desam_pipeline.metrics import METRICS
+from desam_pipeline.baselines.external_predictions import is_external, read_record
+from desam_pipeline.io.atomic import atomic_path
+from desam_pipeline.io.results_layout import DEFAULT_TRAINER, model_folders
+from desam_pipeline.utilities.errors import DesamError, cli_entry
+from desam_pipeline.utilities.metrics import METRICS
+from desam_pipeline.utilities.paths import Trees, add_root_arguments
 from evaluation.plots import heatmap_png
-from evaluation.tables import (MEAN_UNSEEN, METRIC_LABELS, POOLED_UNSEEN, PROTOCOLS, cross_domain_cells,
-                               cross_domain_matrix, label_protocol, matrix_markdown, protocol_caption, to_markdown,
-                               write_csv)
+from evaluation.tables import (
+    MEAN_UNSEEN,
+    METRIC_LABELS,
+    POOLED_UNSEEN,
+    PROTOCOLS,
+    cross_domain_cells,
+    cross_domain_matrix,
+    label_protocol,
+    matrix_markdown,
+    protocol_caption,
+    to_markdown,
+    write_csv,
+)
 
 REQUIRED_COLUMNS = ("case", "site", *METRICS, "in_domain")
 REPORT_METRICS = {"dice": True, "hd95": False}  # metric -> higher is better

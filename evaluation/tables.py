@@ -8,8 +8,8 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from desam_pipeline.atomic import atomic_path
-from desam_pipeline.metrics import METRICS
+from desam_pipeline.io.atomic import atomic_path
+from desam_pipeline.utilities.metrics import METRICS
 
 METRIC_LABELS = {"dice": "Dice", "hd95": "HD95 (mm)", "assd": "ASSD (mm)", "nsd": "NSD"}
 PROTOCOLS = {

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from desam_pipeline import raw_dataset
-from desam_pipeline.atomic import write_json
-from desam_pipeline.embedding import foreground_slices
-from desam_pipeline.nifti_io import read_volume, voxel_spacing
-from desam_pipeline.preprocessing import SLICE_AXIS
+from desam_pipeline.data import raw_dataset
+from desam_pipeline.data.preprocessing import SLICE_AXIS
+from desam_pipeline.data.slice_selection import foreground_slices
+from desam_pipeline.io.atomic import write_json
+from desam_pipeline.io.nifti_io import read_volume, voxel_spacing
 
 FINGERPRINT_FILE = "dataset_fingerprint.json"
 PERCENTILES = (0.5, 50.0, 99.5)

@@ -16,19 +16,29 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from desam_pipeline import augmented_views, cache, distributed, encoders, raw_dataset
-from desam_pipeline.atomic import remove_stale_temporaries, write_json
-from desam_pipeline.cli_args import device_parser
-from desam_pipeline.dataset_checks import require_valid_dataset
-from desam_pipeline.embedding import (SLICE_MODES, encode_slices, features_for_cache, foreground_slices,
-                                      preprocess_label, preprocess_volume, select_slices)
-from desam_pipeline.encoders import ENCODERS, load_image_encoder
-from desam_pipeline.errors import DesamError, cli_entry
-from desam_pipeline.nifti_io import file_sha256, read_volume, voxel_spacing
-from desam_pipeline.paths import Trees, add_root_arguments
-from desam_pipeline.plan_io import default_plans_name, load_plan, plan_hash, plan_path
-from desam_pipeline.runtime import PRECISIONS, resolve_precision, select_device, shard, shard_spec, tune_malloc
-from desam_pipeline.sam_models import ensure_tiny_checkpoint
+from desam_pipeline.data import augmented_views, cache, raw_dataset
+from desam_pipeline.data.dataset_checks import require_valid_dataset
+from desam_pipeline.data.plan_io import default_plans_name, load_plan, plan_hash, plan_path
+from desam_pipeline.data.preprocessing import preprocess_label, preprocess_volume
+from desam_pipeline.data.slice_selection import SLICE_MODES, foreground_slices, select_slices
+from desam_pipeline.io.atomic import remove_stale_temporaries, write_json
+from desam_pipeline.io.nifti_io import file_sha256, read_volume, voxel_spacing
+from desam_pipeline.network import encoders
+from desam_pipeline.network.embedding import encode_slices, features_for_cache
+from desam_pipeline.network.encoders import ENCODERS, load_image_encoder
+from desam_pipeline.network.sam_models import ensure_tiny_checkpoint
+from desam_pipeline.utilities import distributed
+from desam_pipeline.utilities.errors import DesamError, cli_entry
+from desam_pipeline.utilities.paths import Trees, add_root_arguments
+from desam_pipeline.utilities.runtime import (
+    PRECISIONS,
+    device_parser,
+    resolve_precision,
+    select_device,
+    shard,
+    shard_spec,
+    tune_malloc,
+)
 from plans.fingerprint import write_fingerprint
 from plans.planner import OFFICIAL_CHECKPOINTS, default_choices, make_plan, save_plan
 

@@ -1,6 +1,6 @@
 """The plan: every choice of the embedding cache, written once as `<preprocessed>/<Dataset>/<plans_name>.json`.
 
-Later stages read their choices from the plan (through desam_pipeline.plan_io, the plan's schema) and
+Later stages read their choices from the plan (through desam_pipeline.data.plan_io, the plan's schema) and
 re-derive nothing. The encoder family, the
 tapped blocks and the shapes of the cached features come from the built encoder, so every
 encoder gets its own.
@@ -12,12 +12,12 @@ from pathlib import Path
 
 from torch import nn
 
-from desam_pipeline import encoders
-from desam_pipeline.atomic import write_json
-from desam_pipeline.embedding import SLICE_MODES
-from desam_pipeline.errors import DesamError
-from desam_pipeline.orientation import ORIENTATIONS
-from desam_pipeline.plan_io import DEFAULT_CHOICES, load_plan, plan_path
+from desam_pipeline.data.orientation import ORIENTATIONS
+from desam_pipeline.data.plan_io import DEFAULT_CHOICES, load_plan, plan_path
+from desam_pipeline.data.slice_selection import SLICE_MODES
+from desam_pipeline.io.atomic import write_json
+from desam_pipeline.network import encoders
+from desam_pipeline.utilities.errors import DesamError
 
 OFFICIAL_CHECKPOINTS = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth",
                         "vit_b": "sam_vit_b_01ec64.pth"}

@@ -8,9 +8,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from toy_data import write_toy_dataset  # noqa: E402
+from desam_pipeline.network.sam_models import ensure_tiny_checkpoint  # noqa: E402
 
-from desam_pipeline.sam_models import ensure_tiny_checkpoint  # noqa: E402
+from toy_data import write_toy_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")

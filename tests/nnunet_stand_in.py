@@ -1,6 +1,6 @@
 """Stand-ins for nnU-Net's slow subprocess steps, shared by the baseline's tests and the accuracy miniature.
 
-`fake_nnunet` replaces `desam_pipeline.nnunet_baseline.run_nnunet`: nnU-Net's planning and preprocessing run for
+`fake_nnunet` replaces `desam_pipeline.baselines.nnunet_baseline.run_nnunet`: nnU-Net's planning and preprocessing run for
 real when nnunetv2 is installed and `plan_for_real` (else a stand-in writes the plans file the baseline checks
 for); training writes
 the debug.json and checkpoint_final.pth nnU-Net writes (1 epoch x 250 iterations); prediction writes each case's
@@ -14,8 +14,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from desam_pipeline import nnunet_baseline
-from desam_pipeline.atomic import write_json
+from desam_pipeline.baselines import nnunet_baseline
+from desam_pipeline.io.atomic import write_json
 
 NNUNET_INSTALLED = importlib.util.find_spec("nnunetv2") is not None
 

@@ -15,13 +15,14 @@ import math
 
 import pandas as pd
 import pytest
-from nnunet_stand_in import fake_nnunet
-from toy_data import write_toy_dataset
 
 from benchmarks import accuracy
 from benchmarks.accuracy_arms import arm_table
-from desam_pipeline import nnunet_baseline
-from desam_pipeline.errors import DesamError
+from desam_pipeline.baselines import nnunet_baseline
+from desam_pipeline.utilities.errors import DesamError
+
+from nnunet_stand_in import fake_nnunet
+from toy_data import write_toy_dataset
 
 pytestmark = pytest.mark.slow  # trains, embeds or predicts through the whole pipeline
 

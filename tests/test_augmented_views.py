@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from toy_data import TINY_FRAME, toy_volume, write_toy_dataset
 
-from desam_pipeline import cache, slice_data, train
-from desam_pipeline.augmented_views import make_views, views_for
-from desam_pipeline.embedding import preprocess_label, preprocess_volume
+from desam_pipeline.data import cache, slice_data
+from desam_pipeline.data.augmented_views import make_views, views_for
+from desam_pipeline.data.plan_io import DEFAULT_CHOICES
+from desam_pipeline.data.preprocessing import preprocess_label, preprocess_volume
+from desam_pipeline.training import train
 from plans.plan_and_embed import plan_and_embed
-from desam_pipeline.plan_io import DEFAULT_CHOICES
+
+from toy_data import TINY_FRAME, toy_volume, write_toy_dataset
 
 pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 

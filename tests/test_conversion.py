@@ -11,9 +11,9 @@ import pytest
 from dataset_conversion import convert_msd, convert_prostate_multisite
 from dataset_conversion.convert_msd import convert_msd as run_msd
 from dataset_conversion.convert_prostate_multisite import convert_prostate_multisite as run_multisite
-from desam_pipeline.dataset_checks import verify_dataset
-from desam_pipeline.errors import DesamError
-from desam_pipeline.nifti_io import read_volume
+from desam_pipeline.data.dataset_checks import verify_dataset
+from desam_pipeline.io.nifti_io import read_volume
+from desam_pipeline.utilities.errors import DesamError
 
 SHAPE = (12, 10, 5)
 NNUNET_V2_KEYS = {"channel_names", "labels", "numTraining", "file_ending"}

@@ -16,9 +16,10 @@ import pandas as pd
 import pytest
 
 from dataset_conversion import convert_prostate_multisite, make_phantom
-from desam_pipeline import dataset_checks, train
-from plans import plan_and_embed
+from desam_pipeline.data import dataset_checks
+from desam_pipeline.training import train
 from evaluation import evaluate, report
+from plans import plan_and_embed
 
 pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 

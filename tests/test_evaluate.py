@@ -12,19 +12,20 @@ import numpy as np
 import pandas as pd
 import pytest
 from skimage.transform import resize
-from toy_data import write_toy_dataset
 
-from desam_pipeline.errors import DesamError
-from plans.plan_and_embed import plan_and_embed
-from desam_pipeline.preprocessing import resize_label_slices
-from desam_pipeline.splits import SPLITS_FILE
-from desam_pipeline.train import main as train_main
+from desam_pipeline.data.preprocessing import resize_label_slices
+from desam_pipeline.data.splits import SPLITS_FILE
+from desam_pipeline.training.train import main as train_main
+from desam_pipeline.utilities.errors import DesamError
+from desam_pipeline.utilities.metrics import compute_metrics
 from evaluation.evaluate import evaluate_model, main, prediction_settings
 from evaluation.evaluation_outputs import pick_overlay_cases
-from desam_pipeline.metrics import compute_metrics
 from evaluation.paper_protocol import BORDER, paper_metrics, paper_volumes, reference_label_grid, slice_grid_spacing
 from evaluation.report import main as report_main
 from evaluation.tables import PROTOCOLS
+from plans.plan_and_embed import plan_and_embed
+
+from toy_data import write_toy_dataset
 
 pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 

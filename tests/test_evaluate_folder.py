@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from medpy.metric import binary as medpy_binary
 
-from desam_pipeline.errors import DesamError
+from desam_pipeline.utilities.errors import DesamError
 from evaluation.evaluate_folder import evaluate_folder, main
 from evaluation.plots import heatmap_png, largest_foreground_slice, overlay_png, site_boxplot_png
 from evaluation.tables import label_protocol, markdown_section, summarise, to_markdown

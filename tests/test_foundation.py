@@ -7,10 +7,11 @@ import torch
 from segment_anything import SamPredictor
 from segment_anything.build_sam import sam_model_registry
 
-from desam_pipeline import dataset_checks, encoders, preprocessing, sam_models
-from desam_pipeline.atomic import atomic_path
-from desam_pipeline.errors import DesamError
-from desam_pipeline.paths import Trees, get_root, resolve_dataset
+from desam_pipeline.data import dataset_checks, preprocessing
+from desam_pipeline.io.atomic import atomic_path
+from desam_pipeline.network import encoders, sam_models
+from desam_pipeline.utilities.errors import DesamError
+from desam_pipeline.utilities.paths import Trees, get_root, resolve_dataset
 
 
 def test_missing_root_variable_is_named(monkeypatch):
@@ -77,7 +78,7 @@ def test_sam_input_equals_sam_predictor(tiny_checkpoint):
     rng = np.random.default_rng(1)
     slices = rng.integers(0, 256, size=(2, 256, 256), dtype=np.uint8)
     with torch.no_grad():
-        ours = sam.image_encoder(preprocessing.sam_input(slices, "cpu", sam.image_encoder.img_size))
+        ours = sam.image_encoder(encoders.sam_input(slices, "cpu", sam.image_encoder.img_size))
     for i, img in enumerate(slices):
         predictor = SamPredictor(sam)
         predictor.set_image(np.repeat(img[..., None], 3, axis=-1))

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from desam_pipeline.network import DeSAM
-from desam_pipeline.network import grid_iou
+from desam_pipeline.data.prompts import grid_points
+from desam_pipeline.network import DeSAM, grid_iou
 from desam_pipeline.network.grid_iou import iou_token_outputs, prompt_ious
-from desam_pipeline.prompts import grid_points
+
 from toy_data import TINY_FRAME, TINY_TAPS
 
 

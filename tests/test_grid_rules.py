@@ -1,5 +1,5 @@
 """The reference grid rule, step by step against segment_anything's own code: SAM's logit resampling and
-the automatic mask generator's clean-up and re-ranking; then through inference.predict_slices."""
+the automatic mask generator's clean-up and re-ranking; then through slice_prediction.predict_slices."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,11 +9,12 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.utils.amg import MaskData, batched_mask_to_box, mask_to_rle_pytorch, rle_to_mask
 from torchvision.ops import batched_nms
 
-from desam_pipeline import inference
-from desam_pipeline.grid_rules import first_mask, reference_slice, resample_like_sam
+from desam_pipeline.data.prompts import grid_points
+from desam_pipeline.inference import slice_prediction
+from desam_pipeline.inference.grid_rules import first_mask, reference_slice, resample_like_sam
 from desam_pipeline.network import DeSAM
-from desam_pipeline.prompts import grid_points
-from desam_pipeline.sam_models import build_sam
+from desam_pipeline.network.sam_models import build_sam
+
 from toy_data import TINY_FRAME, TINY_TAPS
 
 
@@ -75,7 +76,7 @@ def test_reference_rule_through_predict_slices(net):
     generator = torch.Generator().manual_seed(1)
     neck = torch.randn(2, 256, 64, 64, generator=generator)
     taps = [torch.randn(2, 32, 64, 64, generator=generator) for _ in range(3)]
-    probabilities, best = inference.predict_slices(net, neck, taps, "grid", grid=3, iou_threshold=-1.0,
+    probabilities, best = slice_prediction.predict_slices(net, neck, taps, "grid", grid=3, iou_threshold=-1.0,
                                                    grid_rule="reference")
     points = torch.as_tensor(grid_points(3, TINY_FRAME))[:, None, :]
     labels = torch.ones(9, 1, dtype=torch.int64)
@@ -90,10 +91,10 @@ def test_reference_rule_through_predict_slices(net):
             assert np.array_equal(probabilities[s] > 0.5, expected)
             assert set(np.unique(probabilities[s])) <= {0.0, 1.0}
             assert best[s] == pytest.approx(float(iou.max()), abs=1e-4)
-    empty, _ = inference.predict_slices(net, neck, taps, "grid", grid=3, iou_threshold=2.0, grid_rule="reference")
+    empty, _ = slice_prediction.predict_slices(net, neck, taps, "grid", grid=3, iou_threshold=2.0, grid_rule="reference")
     assert not empty.any()
     with pytest.raises(ValueError, match="unknown grid rule"):
-        inference.predict_slices(net, neck, taps, "grid", grid_rule="vote")
+        slice_prediction.predict_slices(net, neck, taps, "grid", grid_rule="vote")
     with torch.no_grad():
         direct = reference_slice(net, neck[:1], [t[:1] for t in taps], (points, labels),
                                  torch.full((9,), 0.0), -1.0, 4, 256)

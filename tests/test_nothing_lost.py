@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 from test_trainer import cached, final_state, fold_dir, run_cli, trained  # noqa: F401 (fixtures)
-from toy_data import write_toy_dataset
 
-from desam_pipeline import atomic, trainer
-from desam_pipeline.nifti_io import file_sha256
+from desam_pipeline.data.plan_io import load_plan
+from desam_pipeline.io import atomic
+from desam_pipeline.io.nifti_io import file_sha256
+from desam_pipeline.training import trainer
 from plans.plan_and_embed import TINY_CHECKPOINT_NAME
-from desam_pipeline.plan_io import load_plan
+
+from toy_data import write_toy_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "Dataset900_Toy"
@@ -53,7 +55,7 @@ def folder_state(folder: Path) -> dict[str, str]:
 
 # ---------------------------------------------------------------- item 2: the tiny checkpoint's bytes
 def test_tiny_checkpoint_bytes_do_not_depend_on_the_process(tmp_path):
-    script = "import sys; from desam_pipeline.sam_models import ensure_tiny_checkpoint as e; e(sys.argv[1])"
+    script = "import sys; from desam_pipeline.network.sam_models import ensure_tiny_checkpoint as e; e(sys.argv[1])"
     runs = [python("-c", script, str(tmp_path / name)) for name in ("a.pth", "b.pth")]
     assert [run.wait(timeout=120) for run in runs] == [0, 0], [run.stderr.read() for run in runs]
     assert file_sha256(tmp_path / "a.pth") == file_sha256(tmp_path / "b.pth")
@@ -169,9 +171,10 @@ def test_remove_stale_temporaries_spares_live_writers(tmp_path, live_pid):
 
 
 # ---------------------------------------------------------------- predict: items 1, 4, 6, 8, 9
-from test_predict import env, run_cli as predict_cli, write_volume  # noqa: E402,F401 (fixture)
+from test_predict import env, write_volume  # noqa: E402,F401 (fixture)
+from test_predict import run_cli as predict_cli
 
-from desam_pipeline import nifti_io  # noqa: E402
+from desam_pipeline.io import nifti_io  # noqa: E402
 
 pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
@@ -252,7 +255,7 @@ def test_predict_on_a_full_disk_stops_in_one_line_and_continues(env, tmp_path, c
 
 # ---------------------------------------------------------------- embed on a full disk
 def test_embedding_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path, tiny_checkpoint, capsys, monkeypatch):
-    from desam_pipeline import cache
+    from desam_pipeline.data import cache
     from plans import plan_and_embed
 
     write_toy_dataset(tmp_path / "raw", cases_per_site=1, shape=(40, 36, 6))
@@ -303,8 +306,8 @@ def test_unknown_domain_writes_nothing(tmp_path, capsys):
 
 # ---------------------------------------------------------------- item 9: a validation case with no cached slice
 def test_a_validation_case_without_cached_slices_is_not_scored(cached, tmp_path):  # noqa: F811
-    from desam_pipeline import cache
-    from desam_pipeline.trainer import DeSAMTrainer
+    from desam_pipeline.data import cache
+    from desam_pipeline.training.trainer import DeSAMTrainer
 
     run = DeSAMTrainer(cached / "pre" / DATASET, tmp_path, "DeSAMPlans_tiny", 0, sources=["SiteA"], mode="box",
                        epochs=1, batch_size=2, device="cpu", precision="fp32", num_workers=0)
@@ -335,7 +338,7 @@ def write_dataset(tmp_path: Path, **changes) -> Path:
     ("domains", {"SiteA_Case00": 1, "SiteB_Case00": 2}), ("file_ending", 5), ("channel_names", {}),
     ("channel_names", "T2"), ("numTraining", "2")])
 def test_verify_names_a_wrong_typed_field(tmp_path, capsys, field, value):
-    from desam_pipeline import dataset_checks
+    from desam_pipeline.data import dataset_checks
 
     write_dataset(tmp_path, **{field: value})
     with pytest.raises(SystemExit) as stop:
@@ -346,7 +349,7 @@ def test_verify_names_a_wrong_typed_field(tmp_path, capsys, field, value):
 
 
 def test_verify_rejects_rgb_and_complex_images_per_case(tmp_path):
-    from desam_pipeline import dataset_checks
+    from desam_pipeline.data import dataset_checks
 
     folder = write_dataset(tmp_path)
     affine = np.diag([0.8, 0.8, 3.0, 1.0])
@@ -418,15 +421,15 @@ def test_evaluate_folder_names_a_wrong_typed_dataset_json_field(ref_pred, tmp_pa
 
 # ---------------------------------------------------------------- kill -9 mid-save, every atomic writer
 WRITERS = {
-    "write_json": "from desam_pipeline.atomic import write_json as w; w({'a': 1}, TARGET)",
-    "write_bytes": "from desam_pipeline.atomic import write_bytes as w; w(b'x' * 1000, TARGET)",
-    "sam_checkpoint": "from desam_pipeline.sam_models import build_sam, save_sam_checkpoint as w; "
+    "write_json": "from desam_pipeline.io.atomic import write_json as w; w({'a': 1}, TARGET)",
+    "write_bytes": "from desam_pipeline.io.atomic import write_bytes as w; w(b'x' * 1000, TARGET)",
+    "sam_checkpoint": "from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint as w; "
                       "w(build_sam('tiny', seed=0), TARGET)",
-    "nifti": "import nibabel as nib, numpy as np; from desam_pipeline.nifti_io import save_like as w; "
+    "nifti": "import nibabel as nib, numpy as np; from desam_pipeline.io.nifti_io import save_like as w; "
              "w(np.ones((4, 4, 2)), nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4)), TARGET)",
     "csv": "import pandas as pd; from evaluation.tables import write_csv as w; w(pd.DataFrame({'a': [1]}), TARGET)",
-    "progress_plot": "from desam_pipeline.progress_plot import plot_progress as w; "
-                     "from desam_pipeline.trainer import HISTORY_KEYS; w({k: [1.0, 0.5] for k in HISTORY_KEYS}, TARGET)",
+    "progress_plot": "from desam_pipeline.training.progress_plot import plot_progress as w; "
+                     "from desam_pipeline.training.trainer import HISTORY_KEYS; w({k: [1.0, 0.5] for k in HISTORY_KEYS}, TARGET)",
 }
 HANG_BEFORE_RENAME = ("import os, sys, time; real = os.replace\n"
                       "def hang(src, dst):\n"

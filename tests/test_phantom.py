@@ -13,10 +13,10 @@ from dataset_conversion import make_phantom as phantom_cli
 from dataset_conversion.convert_prostate_multisite import convert_prostate_multisite
 from dataset_conversion.make_phantom import SITE_ORDER, generate_case, make_phantom
 from dataset_conversion.phantom_sites import SITES
-from desam_pipeline import raw_dataset
-from desam_pipeline.dataset_checks import verify_dataset
-from desam_pipeline.errors import DesamError
-from desam_pipeline.preprocessing import intensity_to_uint8
+from desam_pipeline.data import raw_dataset
+from desam_pipeline.data.dataset_checks import verify_dataset
+from desam_pipeline.data.preprocessing import intensity_to_uint8
+from desam_pipeline.utilities.errors import DesamError
 
 pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 

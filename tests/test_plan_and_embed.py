@@ -16,16 +16,19 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
-from toy_data import write_toy_dataset
 
-from desam_pipeline import cache, encoders, preprocessing, sam_models
-from desam_pipeline.atomic import read_json
-from desam_pipeline.embedding import preprocess_label, preprocess_volume, select_slices
-from desam_pipeline.errors import DesamError
-from desam_pipeline.nifti_io import file_sha256
-from plans.plan_and_embed import main, plan_and_embed
+from desam_pipeline.data import cache
+from desam_pipeline.data.plan_io import load_plan, plan_hash
+from desam_pipeline.data.preprocessing import preprocess_label, preprocess_volume
+from desam_pipeline.data.slice_selection import select_slices
+from desam_pipeline.io.atomic import read_json
+from desam_pipeline.io.nifti_io import file_sha256
+from desam_pipeline.network import encoders, sam_models
+from desam_pipeline.utilities.errors import DesamError
 from plans.fingerprint import PERCENTILES, compute_fingerprint, domain_table
-from desam_pipeline.plan_io import load_plan, plan_hash
+from plans.plan_and_embed import main, plan_and_embed
+
+from toy_data import write_toy_dataset
 
 pytestmark = pytest.mark.slow  # embeds toy volumes with tiny SAM, some in subprocesses
 
@@ -172,7 +175,7 @@ def test_neck_equals_sam_predictor_and_taps_equal_global_blocks(fp32_cache, tiny
     encoder = sam.image_encoder
     global_blocks = [i for i, block in enumerate(encoder.blocks) if block.window_size == 0]
     with torch.no_grad():
-        x = encoder.patch_embed(preprocessing.sam_input(np.asarray(case["image"][picked]), "cpu", encoder.img_size)) + encoder.pos_embed
+        x = encoder.patch_embed(encoders.sam_input(np.asarray(case["image"][picked]), "cpu", encoder.img_size)) + encoder.pos_embed
         outputs = []
         for block in encoder.blocks:
             x = block(x)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from segment_anything.utils.amg import remove_small_regions
 
-from desam_pipeline.postprocessing import paper_min_area, postprocess
+from desam_pipeline.inference.postprocessing import paper_min_area, postprocess
 
 
 def test_none_only_binarises():

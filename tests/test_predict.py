@@ -13,16 +13,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from toy_data import TINY_TAPS, toy_volume, write_toy_dataset
 
-from desam_pipeline import inference, predict, predictor
-from desam_pipeline.atomic import read_json
-from desam_pipeline.embedding import preprocess_volume
+from desam_pipeline.data.orientation import from_slices, in_plane_shape, plan_orientation
+from desam_pipeline.data.preprocessing import preprocess_volume, resize_probabilities_back
+from desam_pipeline.inference import predict, predictor, slice_prediction
+from desam_pipeline.io.atomic import read_json
 from desam_pipeline.network import DeSAM
-from desam_pipeline.orientation import from_slices, in_plane_shape, plan_orientation
+from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
 from plans.plan_and_embed import plan_and_embed
-from desam_pipeline.preprocessing import resize_probabilities_back
-from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
+
+from toy_data import TINY_TAPS, toy_volume, write_toy_dataset
 
 pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
@@ -94,13 +94,13 @@ def quality(out: Path) -> pd.DataFrame:
 
 
 def manual_prediction(env, folder: Path, folds: list[str], path: Path, mode_kwargs=None):
-    """Per-fold probabilities by hand (same encoder features, inference.predict_slices), and their average."""
+    """Per-fold probabilities by hand (same encoder features, slice_prediction.predict_slices), and their average."""
     model = predictor.load_model(folder, folds, CPU)
     settings = predictor.make_settings(model.plan, CPU)
     volume, _ = predictor.read_case_volume(predictor.CaseInput("x", (path,)))
     encoder = predictor.SliceEncoder(model.plan, env.checkpoint, CPU, settings.precision)
     neck, taps = encoder(preprocess_volume(volume, model.plan), "x")
-    per_fold = [inference.predict_slices(net, neck, taps, model.mode, device=CPU,
+    per_fold = [slice_prediction.predict_slices(net, neck, taps, model.mode, device=CPU,
                                          precision=settings.precision, **(mode_kwargs or {}))
                 for net in model.networks]
     return volume, per_fold
@@ -281,7 +281,7 @@ def test_torchrun_two_ranks_write_every_case_once(env, tmp_path):
     inputs, out = tmp_path / "in", tmp_path / "out"
     cases = _three_cases(inputs)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "desam_pipeline.predict", "-i", str(inputs), "-o", str(out), "-m", str(env.box),
+               "-m", "desam_pipeline.inference.predict", "-i", str(inputs), "-o", str(out), "-m", str(env.box),
                "-f", "0", "--device", "cpu", *env.roots]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=280, env=environment)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from segment_anything.utils.amg import build_point_grid
 
-from desam_pipeline.losses import LOSS_WEIGHTS, desam_loss, soft_dice_loss, squared_dice_loss
-from desam_pipeline.prompts import grid_points, pixel_to_frame, sample_training_points, whole_box
+from desam_pipeline.data.prompts import grid_points, pixel_to_frame, sample_training_points, whole_box
+from desam_pipeline.training.losses import LOSS_WEIGHTS, desam_loss, soft_dice_loss, squared_dice_loss
 
 
 def _to_pixels(coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

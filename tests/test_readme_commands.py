@@ -88,6 +88,6 @@ def test_the_extraction_catches_a_wrong_flag():
     scripts = console_scripts()
     text = "```\nfor f in 0 1; do desam_train 1 $f --sources RUNMC; done\n```\n"
     [(line, module, argv)] = commands(text, scripts)
-    assert module == "desam_pipeline.train" and argv == ["1", "0", "--sources", "RUNMC"]
+    assert module == "desam_pipeline.training.train" and argv == ["1", "0", "--sources", "RUNMC"]
     with pytest.raises(SystemExit):
         importlib.import_module(module).build_parser().parse_args(argv)

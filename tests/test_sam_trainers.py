@@ -10,19 +10,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from toy_data import write_toy_dataset
 
-from desam_pipeline import cache, predict, predictor, train
+from desam_pipeline.data import cache
+from desam_pipeline.data.orientation import from_slices, in_plane_shape, plan_orientation
+from desam_pipeline.data.preprocessing import resize_probabilities_back
+from desam_pipeline.inference import predict, predictor
+from desam_pipeline.io.results_layout import Checkpoint, model_folder_name, parse_model_folder_name
 from desam_pipeline.network import CoupledSAM
-from desam_pipeline.orientation import from_slices, in_plane_shape, plan_orientation
-from plans.plan_and_embed import plan_and_embed
-from desam_pipeline.preprocessing import resize_probabilities_back
-from desam_pipeline.results_layout import Checkpoint, model_folder_name, parse_model_folder_name
-from desam_pipeline.sam_models import build_sam, read_state_dict
-from desam_pipeline.sam_trainers import CoupledSAMTrainer
-from desam_pipeline.trainer_registry import trainer_class, trainer_classes
+from desam_pipeline.network.sam_models import build_sam, read_state_dict
+from desam_pipeline.training import train
+from desam_pipeline.training.registry import trainer_class, trainer_classes
+from desam_pipeline.training.sam_trainers import CoupledSAMTrainer
 from evaluation.evaluate import main as evaluate_main
 from evaluation.report import main as report_main
+from plans.plan_and_embed import plan_and_embed
+
+from toy_data import write_toy_dataset
 
 pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from desam_pipeline import cache, slice_data
-from desam_pipeline.errors import DesamError
-from desam_pipeline.prompts import whole_box
+from desam_pipeline.data import cache, slice_data
+from desam_pipeline.data.prompts import whole_box
+from desam_pipeline.utilities.errors import DesamError
+
 from toy_data import TINY_FRAME
 
 SCALE = TINY_FRAME / 256

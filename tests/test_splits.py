@@ -5,16 +5,17 @@ import json
 
 import pytest
 
-from desam_pipeline import splits
-from desam_pipeline.errors import DesamError
+from desam_pipeline.data import splits
+from desam_pipeline.io.results_layout import source_key
+from desam_pipeline.utilities.errors import DesamError
 
 CASES = [f"SiteA_Case{i:02d}" for i in range(7)] + [f"SiteB_Case{i:02d}" for i in range(5)]
 
 
 def test_source_key_is_canonical():
-    assert splits.source_key(None) == "src-ALL"
-    assert splits.source_key([]) == "src-ALL"
-    assert splits.source_key(["RUNMC", "BMC", "RUNMC"]) == "src-BMC+RUNMC"
+    assert source_key(None) == "src-ALL"
+    assert source_key([]) == "src-ALL"
+    assert source_key(["RUNMC", "BMC", "RUNMC"]) == "src-BMC+RUNMC"
 
 
 def test_parse_fold():

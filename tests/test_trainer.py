@@ -14,16 +14,19 @@ import numpy as np
 import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT
-from toy_data import TINY_TAPS, write_toy_dataset
 
-from desam_pipeline import cache, inference, train
-from desam_pipeline.errors import DesamError
+from desam_pipeline.data import cache
+from desam_pipeline.data.orientation import from_slices, plan_orientation
+from desam_pipeline.inference import slice_prediction
 from desam_pipeline.network import DeSAM
-from desam_pipeline.orientation import from_slices, plan_orientation
+from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
+from desam_pipeline.training import train
+from desam_pipeline.training.registry import trainer_class
+from desam_pipeline.training.trainer import DeSAMTrainer
+from desam_pipeline.utilities.errors import DesamError
 from plans.plan_and_embed import plan_and_embed
-from desam_pipeline.sam_models import build_sam, save_sam_checkpoint
-from desam_pipeline.trainer import DeSAMTrainer
-from desam_pipeline.trainer_registry import trainer_class
+
+from toy_data import TINY_TAPS, write_toy_dataset
 
 pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
@@ -224,7 +227,7 @@ def test_model_folder_alone_rebuilds_the_network(trained, cached, tmp_path):
     net = DeSAM.from_inference_state(checkpoint["network"], config)
     (val_case,) = json.loads((trained / "debug.json").read_text())["val_cases"]
     arrays = cache.open_case(cache.cache_dir(cached / "pre" / DATASET, plan["plans_name"]) / val_case)
-    probabilities, _ = inference.predict_slices(net, arrays["neck"], [arrays[f"tap{i}"] for i in range(3)],
+    probabilities, _ = slice_prediction.predict_slices(net, arrays["neck"], [arrays[f"tap{i}"] for i in range(3)],
                                                 config["mode"])
     written = np.asarray(nib.load(str(trained / "validation" / f"{val_case}.nii.gz")).dataobj)
     # the cached slices are in SAM's orientation; the written mask is back in the volume's (x, y) order
@@ -237,7 +240,7 @@ def run_torchrun(cached: Path, results: str, *extra: str) -> None:
     """desam_train under torchrun with 2 CPU processes (gloo), one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "desam_pipeline.train", *COMMON, "--num-workers", "0", *extra,
+               "-m", "desam_pipeline.training.train", *COMMON, "--num-workers", "0", *extra,
                "--preprocessed", str(cached / "pre"), "--results", str(cached / results)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=380, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -16,8 +16,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from desam_pipeline import encoders, sam_models
-from desam_pipeline.network import weights
+from desam_pipeline.network import encoders, sam_models, weights
 from desam_pipeline.network.prim import PRIM, Points, build_mask_decoder
 
 

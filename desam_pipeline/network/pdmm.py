@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from desam_pipeline.errors import DesamError
+from desam_pipeline.utilities.errors import DesamError
 
 NORMS = ("instance", "batch")
 LAYOUTS = ("desam", "reference")

@@ -9,15 +9,12 @@ prompt and the transformer's updated image tokens are the mask embedding handed 
 from __future__ import annotations
 
 import torch
-from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+from segment_anything.modeling import MaskDecoder
 from torch import nn
 
-from desam_pipeline.encoders import build_prompt_encoder
+from desam_pipeline.network import sam_models
+from desam_pipeline.network.sam_models import build_prompt_encoder
 
-# SAM's decoder geometry, as in segment_anything's `_build_sam` (identical for every variant; the
-# prompt encoder's frame and grid come from the encoder family, see `encoders`).
-EMBED_DIM = 256
-NUM_MULTIMASK_OUTPUTS = 3
 # MaskDecoder parts PRIM does not use; they are dropped and may be absent from a checkpoint.
 UNUSED_DECODER_PARTS = ("output_upscaling", "output_hypernetworks_mlps")
 
@@ -25,15 +22,9 @@ Points = tuple[torch.Tensor, torch.Tensor]
 
 
 def build_mask_decoder(drop: tuple[str, ...] = UNUSED_DECODER_PARTS) -> MaskDecoder:
-    """SAM's mask decoder with `_build_sam`'s arguments, minus the parts in `drop` (by default the mask
-    upscaling and hypernetwork heads, which PRIM does not use)."""
-    decoder = MaskDecoder(
-        num_multimask_outputs=NUM_MULTIMASK_OUTPUTS,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8),
-        transformer_dim=EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256)
-    for name in drop:
-        delattr(decoder, name)
-    return decoder
+    """SAM's mask decoder without the parts in `drop` (by default the mask upscaling and hypernetwork heads,
+    which PRIM does not use)."""
+    return sam_models.build_mask_decoder(drop)
 
 
 class PRIM(nn.Module):

@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from desam_pipeline.errors import DesamError
+from desam_pipeline.utilities.errors import DesamError
 
 
 def inference_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""On-disk conventions and safe writing: atomic files, NIfTI reading and writing, the results tree layout."""

@@ -1,0 +1,124 @@
+"""The results tree's conventions, in one place: model folder names and the fold checkpoint schema.
+
+    <results>/<Dataset>/<TrainerClass>__<plans>__<mode>__src-<SITES|ALL>/fold_<k>/checkpoint_*.pth
+
+The trainer writes both, the predictor, `desam_evaluate` and `desam_report` read them; nothing
+else builds or parses a model folder name or a checkpoint's keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from desam_pipeline.io.atomic import save_torch
+from desam_pipeline.utilities.errors import DesamError
+
+DEFAULT_TRAINER = "DeSAMTrainer"
+CHECKPOINT_FINAL = "checkpoint_final.pth"
+CHECKPOINT_LATEST = "checkpoint_latest.pth"
+CHECKPOINT_BEST = "checkpoint_best.pth"
+# nnU-Net's order for `-c`: final, else latest, else best.
+CHECKPOINTS = (CHECKPOINT_FINAL, CHECKPOINT_LATEST, CHECKPOINT_BEST)
+# Which checkpoint of a fold predicts: the final one (default) or the best moving-average validation Dice.
+CHECKPOINT_NAMES = {"final": CHECKPOINT_FINAL, "best": CHECKPOINT_BEST}
+# A fold converted from a model trained by the reference code (desam_import_official): the source file and hash.
+IMPORT_RECORD = "imported_from.json"
+_FOLDER = re.compile(r"^(?P<trainer>[A-Za-z_][A-Za-z0-9_]*?)__(?P<plans>.+)__(?P<mode>[A-Za-z0-9]+)"
+                     r"__(?P<source>src-.+)$")
+
+
+def source_key(sources: list[str] | None) -> str:
+    """`src-ALL` when no sources are selected, else `src-` + the sorted site names joined by '+'."""
+    if not sources:
+        return "src-ALL"
+    return "src-" + "+".join(sorted(set(sources)))
+
+
+@dataclass(frozen=True)
+class ModelFolderName:
+    """The four parts of a model folder name; `source` is the splits' key (`src-<SITES>` or `src-ALL`)."""
+    trainer: str
+    plans: str
+    mode: str
+    source: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.trainer}__{self.plans}__{self.mode}__{self.source}"
+
+    @property
+    def sites(self) -> str:
+        """The source part without its `src-` prefix (`RUNMC`, `SiteA+SiteB`, `ALL`)."""
+        return self.source[len("src-"):]
+
+
+def model_folder_name(trainer: str, plans_name: str, mode: str, sources: list[str] | None) -> str:
+    """`<trainer>__<plans>__<mode>__src-<SITES|ALL>`: the folder desam_train writes for these settings."""
+    return ModelFolderName(trainer, plans_name, mode, source_key(sources)).name
+
+
+def parse_model_folder_name(name: str) -> ModelFolderName | None:
+    """The parts of a model folder name, None for any other folder name."""
+    match = _FOLDER.match(name)
+    return ModelFolderName(**match.groupdict()) if match else None
+
+
+def model_folders(results_dataset_dir: str | os.PathLike) -> list[tuple[Path, ModelFolderName]]:
+    """Every model folder of a results dataset folder (any trainer), sorted by name."""
+    folder = Path(results_dataset_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in sorted(folder.iterdir()):
+        parsed = parse_model_folder_name(child.name)
+        if parsed is not None and child.is_dir():
+            found.append((child, parsed))
+    return found
+
+
+@dataclass
+class Checkpoint:
+    """One fold checkpoint: what prediction needs (`network`, `network_config`) and the training state.
+
+    `network_config` records the network class (`network`, absent in checkpoints of DeSAM written
+    before there were others), its constructor settings, the encoder and the mode. The training
+    state (optimizer and onward) is None in a checkpoint written for prediction only.
+    """
+    network: dict[str, torch.Tensor]
+    network_config: dict
+    config: dict = field(default_factory=dict)
+    plan_sha256: str | None = None
+    epoch: int = 0
+    history: dict[str, list[float]] = field(default_factory=dict)
+    best_ema: float = -math.inf
+    optimizer: dict | None = None
+    scaler: dict | None = None
+    rng: list[dict] | None = None
+    sampler: dict | None = None
+
+    @property
+    def has_training_state(self) -> bool:
+        return None not in (self.optimizer, self.scaler, self.rng)
+
+    def save(self, target: str | os.PathLike) -> None:
+        """Write atomically as a plain dict of tensors and builtins (loadable with weights_only=True); a full
+        disk is a plain OSError naming the file, not a zip error."""
+        save_torch({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, target)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Checkpoint":
+        """Read a checkpoint on CPU; an unreadable file or one without network weights is a one-line error."""
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DesamError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(content, dict) or not {"network", "network_config"} <= set(content):
+            raise DesamError(f"{path}: not a desam checkpoint (no network weights and network_config)")
+        return cls(**{k: v for k, v in content.items() if k in known})

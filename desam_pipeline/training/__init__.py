@@ -1,0 +1,1 @@
+"""Training: the trainer and its final validation, losses, trainer classes and `desam_train`."""

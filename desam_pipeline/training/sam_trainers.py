@@ -1,0 +1,33 @@
+"""The SAM baselines as trainers: DeSAM's data, prompts, schedule and losses on SAM's own decoder.
+
+`CoupledSAMTrainer` fine-tunes SAM's complete mask decoder (the coupled design DeSAM decouples),
+predicting through the decoder's mask head. `ZeroShotSAMTrainer` trains zero epochs: its fold holds
+the pretrained decoder as checkpoint_final.pth and its validation, so SAM in automatic mode (grid
+or whole box) is predicted, evaluated and reported like any trained model.
+"""
+from __future__ import annotations
+
+from desam_pipeline.network import CoupledSAM
+from desam_pipeline.training.trainer import DeSAMTrainer
+from desam_pipeline.utilities.errors import DesamError
+
+
+class CoupledSAMTrainer(DeSAMTrainer):
+    """DeSAMTrainer on `CoupledSAM`: prompt encoder frozen, the whole mask decoder trained. It has no PDMM."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("pdmm", "desam") != "desam":
+            raise DesamError(f"{type(self).__name__} has no PDMM; --pdmm applies to DeSAM trainers only")
+        super().__init__(*args, **kwargs)
+
+    def build_network(self) -> CoupledSAM:
+        return CoupledSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"])
+
+
+class ZeroShotSAMTrainer(CoupledSAMTrainer):
+    """The pretrained SAM decoder, untrained: zero epochs whatever `epochs` says, then the final validation."""
+
+    MIN_EPOCHS = 0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "epochs": 0})

@@ -1,0 +1,1 @@
+"""Foundations every layer may use: errors, tree roots, devices and precision, processes, metrics."""
