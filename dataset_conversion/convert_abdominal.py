@@ -179,8 +179,8 @@ def convert_abdominal(sources: str | Path | Sequence[str | Path], raw_root: str 
 
 def build_parser() -> argparse.ArgumentParser:
     return converter_parser(
-        "Convert abdominal CT and MR organ data (liver, kidneys, spleen) into one desam raw dataset with domains "
-        f"CT and MR. {UNDERSTOOD}.",
+        "Convert abdominal CT and MR organ data into one desam raw dataset: classes 1 liver, 2 right kidney, "
+        f"3 left kidney, 4 spleen; domains CT and MR; case ids CT_NNNN and MR_NNNN; {UNDERSTOOD}.",
         "folder(s) holding the data, searched 3 levels down; give one folder with BTCV/ and CHAOS/ inside, or "
         "several folders", DEFAULT_DATASET, nargs="+")
 

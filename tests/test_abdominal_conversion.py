@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from dataset_conversion import convert_abdominal as abdominal_cli
 from dataset_conversion.chaos_dicom import GREY_LEVELS
 from dataset_conversion.convert_abdominal import BTCV_CLASSES, convert_abdominal
+from dataset_conversion.make_abdominal_phantom import AbdominalCase, generate_case, make_abdominal_phantom
 from dataset_conversion.raw_writer import SourceCase, write_raw_dataset
 from desam_pipeline.dataset_checks import verify_dataset
 from desam_pipeline.errors import DesamError
@@ -336,4 +337,105 @@ def test_btcv_and_chaos_together_in_one_folder_or_as_two_sources(tmp_path, monke
     assert "Dataset007_AbdominalCTMR: 2 cases (CT 1, MR 1)" in capsys.readouterr().out
     folder = tmp_path / "raw2" / "Dataset007_AbdominalCTMR"
     assert dataset_meta(folder)["domains"] == meta["domains"]
+    assert verify_dataset(folder) == []
+
+
+# ---- the abdominal phantom: processed layout, deterministic, the two modalities differ ----
+
+ORGAN_NAMES = ("liver", "right_kidney", "left_kidney", "spleen")
+
+
+@pytest.fixture(scope="module")
+def phantom_cases() -> dict[str, AbdominalCase]:
+    return {domain: generate_case(domain, 1, seed=0) for domain in ("CT", "MR")}
+
+
+def world_centroid(case: AbdominalCase, value: int) -> np.ndarray:
+    """RAS centroid (mm) of a class: +x towards the patient's right, +y anterior, +z superior."""
+    index = np.argwhere(case.label == value).mean(axis=0)
+    return case.affine[:3, :3] @ index + case.affine[:3, 3]
+
+
+def test_phantom_organs_at_plausible_places_with_organ_free_end_slices(phantom_cases):
+    for domain, case in phantom_cases.items():
+        assert case.image.shape == case.label.shape and case.label.dtype == np.uint8
+        assert set(np.unique(case.label)) == set(ORGANS.values()), domain
+        centre = {name: world_centroid(case, ORGANS[name]) for name in ORGAN_NAMES}
+        # liver and right kidney on the patient's right (larger RAS x) of spleen and left kidney
+        assert centre["liver"][0] > centre["spleen"][0] + 60
+        assert centre["right_kidney"][0] > centre["left_kidney"][0] + 60
+        for kidney in ("right_kidney", "left_kidney"):
+            assert centre[kidney][1] < centre["liver"][1] and centre[kidney][1] < centre["spleen"][1]  # posterior
+        assert centre["right_kidney"][2] < centre["liver"][2]
+        volumes = {name: int((case.label == ORGANS[name]).sum()) for name in ORGAN_NAMES}
+        assert max(volumes, key=volumes.get) == "liver"
+        occupied = np.nonzero(case.label.any(axis=(0, 1)))[0]
+        assert occupied[0] >= 2 and occupied[-1] <= case.label.shape[2] - 3, (domain, occupied)
+
+
+def organ_medians(case: AbdominalCase) -> dict[str, float]:
+    return {name: float(np.median(case.image[case.label == ORGANS[name]])) for name in ORGAN_NAMES}
+
+
+def test_phantom_contrasts_and_geometry_differ_between_ct_and_mr(phantom_cases):
+    ct, mr = phantom_cases["CT"], phantom_cases["MR"]
+    assert ct.image.dtype == np.int16 and mr.image.dtype == np.uint16
+    ct_levels, mr_levels = organ_medians(ct), organ_medians(mr)
+    assert ct_levels["liver"] > ct_levels["spleen"] and mr_levels["spleen"] > mr_levels["liver"]
+    assert sorted(ORGAN_NAMES, key=ct_levels.get) != sorted(ORGAN_NAMES, key=mr_levels.get)
+    assert 40 < ct_levels["spleen"] < ct_levels["liver"] < 80 < 140 < ct_levels["right_kidney"]  # Hounsfield units
+    assert np.median(ct.image[:, :, 0][:20, :20]) < -900   # air in a corner of the field of view
+    assert ct.info["levels"]["fat"] < 0 < ct.info["levels"]["liver"]
+    assert mr.info["levels"]["fat"] > mr.info["levels"]["liver"]
+    ct_spacing, mr_spacing = ct.info["spacing"], mr.info["spacing"]
+    assert ct_spacing[0] < mr_spacing[0] and ct_spacing[2] < mr_spacing[2]
+    assert np.allclose(np.abs(np.diag(ct.affine)[:3]), ct_spacing, atol=1e-4)
+
+
+def test_phantom_organs_stand_out_from_their_surroundings(phantom_cases):
+    """Each organ's median differs from that of a 3-voxel ring around it by several noise sigmas."""
+    from scipy.ndimage import binary_dilation
+    for domain, case in phantom_cases.items():
+        noise = case.info["noise_sigma"] * case.info["storage_scale"]
+        for name in ORGAN_NAMES:
+            organ = case.label == ORGANS[name]
+            ring = binary_dilation(organ, iterations=3, structure=np.ones((3, 3, 1), bool)) & (case.label == 0)
+            contrast = abs(np.median(case.image[organ]) - np.median(case.image[ring])) / noise
+            assert contrast > 3.0, (domain, name, contrast)
+
+
+def test_phantom_case_is_a_function_of_seed_modality_and_number():
+    first, again = generate_case("MR", 2, seed=4), generate_case("MR", 2, seed=4)
+    assert first.image.tobytes() == again.image.tobytes() and first.label.tobytes() == again.label.tobytes()
+    assert np.array_equal(first.affine, again.affine) and first.info == again.info
+    for other in (generate_case("MR", 2, seed=5), generate_case("MR", 3, seed=4)):
+        assert other.image.shape != first.image.shape or not np.array_equal(other.image, first.image)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"cases_per_site": 0}, "at least 1"),
+                                             ({"domains": ["PET"]}, "unknown phantom modality")])
+def test_phantom_bad_arguments(tmp_path, kwargs, message):
+    with pytest.raises(DesamError, match=message):
+        make_abdominal_phantom(tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_phantom_writes_the_processed_layout_that_converts_and_verifies(tmp_path):
+    out = make_abdominal_phantom(tmp_path / "phantom", cases_per_site=2, seed=0)
+    description = json.loads((out / "phantom.json").read_text())
+    assert description["labels"] == ORGANS and set(description["modalities"]) == {"CT", "MR"}
+    assert set(description["cases"]) == {"CT_0001", "CT_0002", "MR_0001", "MR_0002"}
+    written = nib.load(str(out / "SABSCT" / "processed" / "image_2.nii.gz"))
+    expected = generate_case("CT", 2, seed=0)
+    assert np.array_equal(np.asanyarray(written.dataobj), expected.image)
+    assert np.array_equal(written.affine, expected.affine)
+    assert np.array_equal(stored(out / "SABSCT" / "processed" / "label_2.nii.gz"), expected.label)
+    assert description["cases"]["CT_0002"]["shape"] == list(expected.image.shape)
+
+    folder = convert_abdominal(out, tmp_path / "raw", dataset=5)
+    meta = dataset_meta(folder)
+    assert meta["domains"] == {"CT_0001": "CT", "CT_0002": "CT", "MR_0001": "MR", "MR_0002": "MR"}
+    assert meta["channel_names"] == {"0": "CT/MR"} and meta["labels"] == ORGANS
+    assert np.array_equal(stored(folder / "labelsTr" / "MR_0001.nii.gz"), generate_case("MR", 1, seed=0).label)
     assert verify_dataset(folder) == []
