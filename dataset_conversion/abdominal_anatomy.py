@@ -78,7 +78,8 @@ class Anatomy:
         return a - self.fat - self.wall, b - self.fat - self.wall
 
     def organ_z_range(self, step: float = 3.0) -> tuple[float, float]:
-        """Lowest and highest z of the organ blobs, measured on a `step` mm grid (plus one step)."""
+        """Lowest and highest z the organ blobs reach, measured on a `step` mm grid (plus one step); the painted
+        organs, clipped by the cavity and by each other, stay within."""
         lows, highs = [], []
         for tissue, blob in self.parts:
             if tissue in ORGANS:
@@ -93,6 +94,7 @@ class Anatomy:
 
 def random_blob(rng: np.random.Generator, center, radii, angle: float = 0.0,
                 amplitude: tuple[float, float] = (0.02, 0.06), n_modes: int = 4) -> Blob:
+    """A blob whose surface ripples with `n_modes` smooth random modes of relative amplitude within `amplitude`."""
     directions = rng.normal(size=(n_modes, 3))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     modes = np.column_stack([directions * rng.uniform(1.0, 2.5, (n_modes, 1)), rng.uniform(0, 2 * np.pi, n_modes),
@@ -126,7 +128,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     for side, z in ((-1.0, right_z), (1.0, left_z)):
         center = np.array([side * u(55, 68), spine_y + u(0, 10), z])
         radii = np.array([u(22, 28), u(20, 25), u(45, 55)])
-        parts.append(("kidney", random_blob(rng, center, radii, side * u(-0.3, 0.3), amplitude=(0.01, 0.03))))
+        parts.append(("kidney", random_blob(rng, center, radii, u(-0.3, 0.3), amplitude=(0.01, 0.03))))
         hilum = np.deg2rad(u(20, 40))
         sinus = center + 0.75 * radii[0] * np.array([-side * np.cos(hilum), np.sin(hilum), 0.0])
         parts.append(("fat", random_blob(rng, sinus, radii * [0.45, 0.4, 0.5], amplitude=(0.0, 0.02))))

@@ -55,7 +55,7 @@ def _sitk_message(exc: RuntimeError) -> str:
 
 
 def _header(reader: sitk.ImageFileReader, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Origin and direction matrix (columns: row, column and normal directions) of one DICOM file."""
+    """Origin and direction matrix (columns: along a row, down a column, slice normal) of one DICOM file."""
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()

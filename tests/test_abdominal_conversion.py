@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy.ndimage import binary_dilation
 
 from dataset_conversion import convert_abdominal as abdominal_cli
 from dataset_conversion.chaos_dicom import GREY_LEVELS
@@ -23,6 +25,7 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 def oblique_affine(seed: int) -> np.ndarray:
+    """A rotated, anisotropic, translated affine, so that kept geometry is proven."""
     angle = 0.25 + 0.1 * seed
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
     affine = np.eye(4)
@@ -41,7 +44,7 @@ def save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
 
 
 def class_volume(rng: np.random.Generator, values, shape=SHAPE) -> np.ndarray:
-    """A label volume holding every value of `values` in blocks, the rest random among them."""
+    """A random label volume of `values`, each of them present (in the first voxels)."""
     values = np.asarray(list(values))
     label = rng.choice(values, size=shape).astype(np.uint8)
     label.reshape(-1)[: values.size] = values
@@ -56,7 +59,7 @@ def dataset_meta(folder: Path) -> dict:
     return json.loads((folder / "dataset.json").read_text())
 
 
-def write_processed(root: Path, sites: dict[str, list[int]], seed: int = 0) -> dict[str, tuple]:
+def write_processed(root: Path, sites: dict[str, list[int]], seed: int = 0) -> dict[tuple[str, int], tuple]:
     """SLAug layout: <SITE>/processed/image_<id> (int16 / float32) + label_<id> with classes 0-4."""
     rng = np.random.default_rng(seed)
     written = {}
@@ -230,10 +233,11 @@ def write_chaos_patient(series: Path, seed: int, truth: np.ndarray, pixels: np.n
     for k in range(SLICES):
         stem = f"IMG-0002-{SLICES - k:05d}"
         image_slice = volume[:, :, k]
+        position = volume.TransformIndexToPhysicalPoint((0, 0, k))
         for tag, value in (("0008|0060", "MR"), ("0020|000e", f"1.2.826.0.1.3680043.2.1125.{seed}.7"),
                            ("0020|0013", str(SLICES - k)),
                            ("0020|0037", "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1]))),
-                           ("0020|0032", "\\".join(f"{v:.4f}" for v in volume.TransformIndexToPhysicalPoint((0, 0, k))))):
+                           ("0020|0032", "\\".join(f"{v:.4f}" for v in position))):
             image_slice.SetMetaData(tag, value)
         writer.SetFileName(str(series / "DICOM_anon" / f"{stem}.dcm"))
         writer.Execute(image_slice)
@@ -305,16 +309,35 @@ def test_chaos_stray_grey_level_is_a_one_line_error_naming_the_png(tmp_path, cap
     assert_nothing_published(tmp_path / "raw")
 
 
+def remove_one_png(series: Path) -> None:
+    (series / "Ground" / "IMG-0002-00003.png").unlink()
+
+
+def remove_ground(series: Path) -> None:
+    shutil.rmtree(series / "Ground")
+
+
+def transpose_one_png(series: Path) -> None:
+    transposed = sitk.GetImageFromArray(np.zeros((COLUMNS, ROWS), np.uint8))
+    sitk.WriteImage(transposed, str(series / "Ground" / "IMG-0002-00004.png"))
+
+
+def remove_one_slice(series: Path) -> None:
+    (series / "DICOM_anon" / "IMG-0002-00003.dcm").unlink()
+    (series / "Ground" / "IMG-0002-00003.png").unlink()
+
+
+def corrupt_one_dicom(series: Path) -> None:
+    (series / "DICOM_anon" / "IMG-0002-00001.dcm").write_bytes(b"not a DICOM file")
+
+
 @pytest.mark.parametrize("damage, message", [
-    (lambda s: (s / "Ground" / "IMG-0002-00003.png").unlink(), "4 PNG files for 5 DICOM slices"),
-    (lambda s: [p.unlink() for p in (s / "Ground").iterdir()] and (s / "Ground").rmdir(), "no Ground/ folder"),
-    (lambda s: sitk.WriteImage(sitk.GetImageFromArray(np.zeros((COLUMNS, ROWS), np.uint8)),
-                               str(s / "Ground" / "IMG-0002-00004.png")), "IMG-0002-00004.png: 13 rows x 10 columns"),
-    (lambda s: ((s / "DICOM_anon" / "IMG-0002-00003.dcm").unlink(), (s / "Ground" / "IMG-0002-00003.png").unlink()),
-     "missing or repeated slice"),
-    (lambda s: (s / "DICOM_anon" / "IMG-0002-00001.dcm").write_bytes(b"not a DICOM file"),
-     "IMG-0002-00001.dcm: cannot read DICOM header"),
-], ids=["png-missing", "no-ground", "png-size", "slice-missing", "corrupt-dicom"])
+    (remove_one_png, "Ground: 4 PNG files for 5 DICOM slices"),
+    (remove_ground, "T2SPIR: no Ground/ folder"),
+    (transpose_one_png, "IMG-0002-00004.png: 13 rows x 10 columns, but its DICOM slice IMG-0002-00004.dcm has 10 x 13"),
+    (remove_one_slice, "IMG-0002-00002.dcm: 13.000 mm from IMG-0002-00004.dcm where .*missing or repeated slice"),
+    (corrupt_one_dicom, "IMG-0002-00001.dcm: cannot read DICOM header"),
+], ids=["remove_one_png", "remove_ground", "transpose_one_png", "remove_one_slice", "corrupt_one_dicom"])
 def test_chaos_bad_series(tmp_path, damage, message):
     damage(chaos_series(tmp_path))
     with pytest.raises(DesamError, match=message):
@@ -394,7 +417,6 @@ def test_phantom_contrasts_and_geometry_differ_between_ct_and_mr(phantom_cases):
 
 def test_phantom_organs_stand_out_from_their_surroundings(phantom_cases):
     """Each organ's median differs from that of a 3-voxel ring around it by several noise sigmas."""
-    from scipy.ndimage import binary_dilation
     for domain, case in phantom_cases.items():
         noise = case.info["noise_sigma"] * case.info["storage_scale"]
         for name in ORGAN_NAMES:
