@@ -28,6 +28,8 @@ setup(
             "desam_make_phantom=dataset_conversion.make_phantom:main",
             "desam_convert_prostate_multisite=dataset_conversion.convert_prostate_multisite:main",
             "desam_convert_msd=dataset_conversion.convert_msd:main",
+            "desam_make_abdominal_phantom=dataset_conversion.make_abdominal_phantom:main",
+            "desam_convert_abdominal=dataset_conversion.convert_abdominal:main",
             "desam_verify_dataset=desam_pipeline.data.dataset_checks:main",
             "desam_plan_and_embed=plans.plan_and_embed:main",
             "desam_train=desam_pipeline.training.train:main",

@@ -17,14 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from dataset_conversion.raw_writer import (
-    SourceCase,
-    converter_parser,
-    dataset_folder_name,
-    nifti_stem,
-    run_converter,
-    write_raw_dataset,
-)
+from dataset_conversion.folders import children_by_name, entries
+from dataset_conversion.raw_writer import (SourceCase, converter_parser, dataset_folder_name, nifti_stem,
+                                          run_converter, write_raw_dataset)
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 
 DEFAULT_NAME = "ProstateMultiSite"
@@ -36,7 +31,6 @@ MAXSTYLE_SITES = {
 MAXSTYLE_IMAGE, MAXSTYLE_LABEL = "t2_img_clipped.nii.gz", "label_clipped.nii.gz"
 PATIENT_CSV = "prostate_patientid.csv"
 SEGMENTATION_SUFFIX = "_segmentation"
-IGNORED_ENTRIES = {"__MACOSX"}
 WRAPPER_DEPTH = 3
 UNDERSTOOD = (
     "understood layouts: (1) SAML/FedDG processed data: site folders "
@@ -46,18 +40,9 @@ UNDERSTOOD = (
 )
 
 
-def _entries(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in IGNORED_ENTRIES)
-
-
-def _children_by_name(folder: Path) -> dict[str, Path]:
-    """Sub-folders keyed by lower-cased name."""
-    return {p.name.lower(): p for p in _entries(folder) if p.is_dir()}
-
-
 def detect_layout(source: Path) -> str | None:
     """'saml', 'maxstyle', 'nnunet' or None."""
-    children = _children_by_name(source)
+    children = children_by_name(source)
     if any(site.lower() in children for site in SAML_SITES):
         return "saml"
     if any(folder.lower() in children for folder in MAXSTYLE_SITES):
@@ -76,27 +61,27 @@ def find_layout(source: Path) -> tuple[str, Path]:
         layout = detect_layout(folder)
         if layout:
             return layout, folder
-        entries = _entries(folder)
-        if len(entries) != 1 or not entries[0].is_dir():
+        listing = entries(folder)
+        if len(listing) != 1 or not listing[0].is_dir():
             break
-        folder = entries[0]
-    found = ", ".join(p.name + ("/" if p.is_dir() else "") for p in _entries(folder)[:12]) or "nothing"
+        folder = listing[0]
+    found = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries(folder)[:12]) or "nothing"
     hint = ""
-    if {"imagestr", "labelstr"} <= set(_children_by_name(folder)):
+    if {"imagestr", "labelstr"} <= set(children_by_name(folder)):
         hint = f" (imagesTr/labelsTr without {PATIENT_CSV}; for MSD Task05_Prostate use desam_convert_msd)"
     raise DesamError(f"{folder}: unrecognised layout{hint}; found: {found}; {UNDERSTOOD}")
 
 
 def saml_cases(root: Path) -> list[SourceCase]:
     """Pair CaseNN images with CaseNN_segmentation masks in every site folder."""
-    children = _children_by_name(root)
+    children = children_by_name(root)
     cases = []
     for site in SAML_SITES:
         folder = children.get(site.lower())
         if folder is None:
             continue
         images, masks = {}, {}
-        for path in _entries(folder):
+        for path in entries(folder):
             stem = nifti_stem(path)
             if stem is None or not path.is_file():
                 continue
@@ -117,13 +102,13 @@ def saml_cases(root: Path) -> list[SourceCase]:
 
 def maxstyle_cases(root: Path) -> list[SourceCase]:
     """patient_<n>/t2_img_clipped.nii.gz + label_clipped.nii.gz in every lettered site folder."""
-    children = _children_by_name(root)
+    children = children_by_name(root)
     cases = []
     for folder_name, site in MAXSTYLE_SITES.items():
         folder = children.get(folder_name.lower())
         if folder is None:
             continue
-        for patient in (p for p in _entries(folder) if p.is_dir()):
+        for patient in (p for p in entries(folder) if p.is_dir()):
             image, label = patient / MAXSTYLE_IMAGE, patient / MAXSTYLE_LABEL
             if not image.is_file():
                 raise DesamError(f"{patient}: no {MAXSTYLE_IMAGE}")
@@ -160,11 +145,11 @@ def read_patient_centers(csv_path: Path) -> dict[str, str]:
 
 def nnunet_cases(root: Path) -> list[SourceCase]:
     """imagesTr/<name>_0000 + labelsTr/<name>, the site of each name looked up in prostate_patientid.csv."""
-    children = _children_by_name(root)
+    children = children_by_name(root)
     centers = read_patient_centers(root / PATIENT_CSV)
-    labels = {nifti_stem(p): p for p in _entries(children["labelstr"]) if nifti_stem(p)}
+    labels = {nifti_stem(p): p for p in entries(children["labelstr"]) if nifti_stem(p)}
     cases = []
-    for image in _entries(children["imagestr"]):
+    for image in entries(children["imagestr"]):
         stem = nifti_stem(image)
         if stem is None or not stem.endswith("_0000"):
             continue

@@ -19,16 +19,8 @@ from tqdm import tqdm
 
 from dataset_conversion.folders import building_folder
 from dataset_conversion.phantom_anatomy import gland_extent, prostate_zones, render_signal, sample_anatomy
-from dataset_conversion.phantom_sites import (
-    NOISE_SIGMA,
-    SITES,
-    Protocol,
-    Site,
-    case_numbers,
-    receive_sensitivity,
-    rician,
-    store,
-)
+from dataset_conversion.phantom_sites import (NOISE_SIGMA, SITES, Protocol, Site, case_numbers, receive_sensitivity,
+                                              rician, store)
 from desam_pipeline.io.atomic import write_json
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 
@@ -58,19 +50,19 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_voxels)
     return field / max(float(field.std()), 1e-6)
 
 
-def _grid(protocol: Protocol, n_slices: int, center: tuple[float, float, float]):
-    """Voxel-centre coordinates (mm, prostate-centred) of the image grid whose centre is `center`."""
-    sx, sy, sz = protocol.spacing
-    index = np.arange(protocol.matrix, dtype=np.float32) - (protocol.matrix - 1) / 2
+def grid_axes(spacing: tuple[float, float, float], matrix: int, n_slices: int, center: tuple[float, float, float]):
+    """Voxel-centre coordinates (mm, anatomy-centred) of the `matrix`^2 x `n_slices` grid centred on `center`."""
+    sx, sy, sz = spacing
+    index = np.arange(matrix, dtype=np.float32) - (matrix - 1) / 2
     xs = center[0] + index * sx                   # i runs from the patient's right to left
     ys = center[1] - index * sy                   # j runs from anterior to posterior
     zs = center[2] + (np.arange(n_slices, dtype=np.float32) - (n_slices - 1) / 2) * sz  # k: inferior to superior
     return xs.astype(np.float32), ys.astype(np.float32), zs.astype(np.float32)
 
 
-def _affine(protocol: Protocol, xs, ys, zs, table: np.ndarray) -> np.ndarray:
+def grid_affine(spacing: tuple[float, float, float], xs, ys, zs, table: np.ndarray) -> np.ndarray:
     """RAS affine of the grid: voxel (0,0,0) at the right-anterior-inferior corner, plus a table offset."""
-    sx, sy, sz = protocol.spacing
+    sx, sy, sz = spacing
     affine = np.diag([-sx, -sy, sz, 1.0])
     affine[:3, 3] = np.array([-xs[0], ys[0], zs[0]]) + table
     return affine.astype(np.float32).astype(np.float64)  # exactly what the NIfTI header stores
@@ -103,7 +95,7 @@ def generate_case(site_name: str, number: int, seed: int = 0) -> PhantomCase:
     protocol = site.protocols[int(rng.integers(len(site.protocols)))]
     sx, sy, sz = protocol.spacing
     anatomy, n_slices, center = place_case(site, protocol, rng)
-    xs, ys, zs = _grid(protocol, n_slices, center)
+    xs, ys, zs = grid_axes(protocol.spacing, protocol.matrix, n_slices, center)
 
     sub = 2 if sz >= 2.5 else 1  # thick slices average two sub-slices (partial volume)
     zs_sub = (zs[:, None] + ((np.arange(sub) + 0.5) / sub - 0.5)[None, :] * sz).ravel().astype(np.float32)
@@ -121,7 +113,7 @@ def generate_case(site_name: str, number: int, seed: int = 0) -> PhantomCase:
 
     zones = prostate_zones(anatomy, xs, ys, zs)
     label = (zones if site.zone_labels else (zones > 0)).astype(site.label_dtype)
-    affine = _affine(protocol, xs, ys, zs, rng.uniform(-30, 30, 3))
+    affine = grid_affine(protocol.spacing, xs, ys, zs, rng.uniform(-30, 30, 3))
     volume_ml = float((zones > 0).sum()) * sx * sy * sz / 1000.0
     info = {
         "case": f"Case{number:02d}", "field_tesla": protocol.field_tesla, "spacing": list(protocol.spacing),
@@ -133,7 +125,8 @@ def generate_case(site_name: str, number: int, seed: int = 0) -> PhantomCase:
     return PhantomCase(site_name, number, image, label, affine, info)
 
 
-def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+def save_volume(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """A NIfTI with the affine as both qform and sform (code 1, scanner) and mm units."""
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm", "sec")
     image.set_qform(affine, 1)
@@ -169,8 +162,8 @@ def make_phantom(out_dir: str | Path, cases_per_site: int = DEFAULT_CASES_PER_SI
             case = generate_case(site_name, number, seed)
             folder = tmp / site_name
             folder.mkdir(exist_ok=True)
-            _save(case.image, case.affine, folder / f"Case{number:02d}.nii.gz")
-            _save(case.label, case.affine, folder / f"Case{number:02d}{SITES[site_name].mask_suffix}.nii.gz")
+            save_volume(case.image, case.affine, folder / f"Case{number:02d}.nii.gz")
+            save_volume(case.label, case.affine, folder / f"Case{number:02d}{SITES[site_name].mask_suffix}.nii.gz")
             cases[f"{site_name}_Case{number:02d}"] = {"site": site_name, **case.info}
         write_json({"generator": "desam_make_phantom", "seed": seed, "cases_per_site": cases_per_site,
                     "sites": {s: site_description(SITES[s]) for s in sites}, "cases": cases},

@@ -1,10 +1,11 @@
 """Write a raw dataset (nnU-Net v2 format plus "domains") from source image/mask pairs.
 
 Images are written exactly as read: same affine, same qform/sform, same stored dtype, same
-stored voxel values and scaling. Masks keep their own geometry and become uint8 {0, 1}
-(label > 0). The whole dataset folder is built under a temporary name, checked with
-`verify_dataset`, and only then renamed into place, so a failed conversion never leaves a
-folder that looks complete.
+stored voxel values and scaling. Masks keep their own geometry and become uint8: {0, 1}
+(label > 0) by default, or classes through the case's `label_map` (source value -> class; a
+value missing from the map is an error naming the file). The whole dataset folder is built
+under a temporary name, checked with `verify_dataset`, and only then renamed into place, so a
+failed conversion never leaves a folder that looks complete.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import nibabel as nib
 import numpy as np
@@ -31,17 +32,20 @@ FILE_ENDING = ".nii.gz"
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 LABELS = {"background": 0, "prostate": 1}
+CHANNEL_NAMES = {"0": "T2"}
 
 
 @dataclass(frozen=True)
 class SourceCase:
-    """One source image and its mask; `channel` picks one volume of a 4D image (MSD's T2)."""
+    """One source image and its mask; `channel` picks one volume of a 4D image (MSD's T2);
+    `label_map` (source value -> class) keeps classes instead of binarising."""
 
     case_id: str
     site: str
     image: Path
     label: Path
     channel: int | None = None
+    label_map: Mapping[int, int] | None = None
 
 
 def nifti_stem(path: Path) -> str | None:
@@ -103,8 +107,23 @@ def write_image(case: SourceCase, target: Path) -> tuple[tuple[int, ...], np.nda
     return stored.shape, source.affine
 
 
+def map_classes(label: np.ndarray, label_map: Mapping[int, int], path: Path) -> np.ndarray:
+    """uint8 classes of a mask through `label_map`; a value the map lacks is an error naming the file."""
+    values = np.unique(label).tolist()
+    unknown = [v for v in values if v not in label_map]
+    if unknown:
+        shown = ", ".join(f"{v:g}" for v in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+        raise DesamError(f"{path}: label value(s) {shown} not among the expected {sorted(label_map)}")
+    classes = np.zeros(label.shape, np.uint8)
+    for value in values:
+        if label_map[value]:
+            classes[label == value] = label_map[value]
+    return classes
+
+
 def write_label(case: SourceCase, image_shape: tuple[int, ...], image_affine: np.ndarray, target: Path) -> None:
-    """Binarise the mask (label > 0) to uint8 in its own geometry, after checking it matches the image."""
+    """The mask as uint8 in its own geometry (binarised, or classes through the case's label map), after
+    checking it matches the image."""
     source = load_nifti(case.label)
     label = _select_volume(_read_array(source, case.label, unscaled=False), None, case.label)
     if label.shape != tuple(image_shape):
@@ -113,7 +132,9 @@ def write_label(case: SourceCase, image_shape: tuple[int, ...], image_affine: np
     if not np.allclose(source.affine, image_affine, atol=AFFINE_TOLERANCE):
         raise DesamError(f"{case.label}: mask affine differs from the affine of {case.image.name} "
                          f"by more than {AFFINE_TOLERANCE}")
-    save_like(np.asarray(label) > 0, source, target, dtype=np.uint8)
+    label = np.asarray(label)
+    classes = label > 0 if case.label_map is None else map_classes(label, case.label_map, case.label)
+    save_like(classes, source, target, dtype=np.uint8)
 
 
 def check_cases(cases: list[SourceCase]) -> None:
@@ -130,22 +151,27 @@ def check_cases(cases: list[SourceCase]) -> None:
         seen[case.case_id] = case.image
 
 
-def dataset_json(cases: list[SourceCase], name: str, description: str) -> dict:
-    """nnU-Net v2 dataset.json keys plus DeSAM's case -> site "domains"."""
+def dataset_json(cases: list[SourceCase], name: str, description: str, labels: Mapping[str, int] = LABELS,
+                 channel_names: Mapping[str, str] = CHANNEL_NAMES, extra: Mapping | None = None) -> dict:
+    """nnU-Net v2 dataset.json keys plus DeSAM's case -> site "domains", then any `extra` keys."""
     return {
         "name": name,
         "description": description,
-        "channel_names": {"0": "T2"},
-        "labels": dict(LABELS),
+        "channel_names": dict(channel_names),
+        "labels": dict(labels),
         "numTraining": len(cases),
         "file_ending": FILE_ENDING,
         "domains": {c.case_id: c.site for c in sorted(cases, key=lambda c: c.case_id)},
+        **(extra or {}),
     }
 
 
 def write_raw_dataset(cases: list[SourceCase], raw_root: Path, name: str, description: str,
-                      overwrite: bool = False) -> Path:
-    """Convert all cases into `raw_root/name`, verify the result, and return the dataset folder."""
+                      overwrite: bool = False, labels: Mapping[str, int] = LABELS,
+                      channel_names: Mapping[str, str] = CHANNEL_NAMES, extra: Mapping | None = None) -> Path:
+    """Convert all cases into `raw_root/name`, verify the result, and return the dataset folder.
+
+    `labels`, `channel_names` and `extra` go into dataset.json (the prostate defaults when not given)."""
     check_cases(cases)
     target = Path(raw_root) / name
     with building_folder(target, overwrite) as tmp:
@@ -154,7 +180,7 @@ def write_raw_dataset(cases: list[SourceCase], raw_root: Path, name: str, descri
         for case in tqdm(cases, desc=f"converting {name}", unit="case"):
             shape, affine = write_image(case, tmp / "imagesTr" / f"{case.case_id}{CHANNEL_SUFFIX}{FILE_ENDING}")
             write_label(case, shape, affine, tmp / "labelsTr" / f"{case.case_id}{FILE_ENDING}")
-        write_json(dataset_json(cases, name, description), tmp / "dataset.json")
+        write_json(dataset_json(cases, name, description, labels, channel_names, extra), tmp / "dataset.json")
         problems = [p.replace(str(tmp), str(target)) for p in verify_dataset(tmp)]
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -169,10 +195,12 @@ def summary_line(folder: Path) -> str:
     return f"{folder}: {len(case_sites)} cases ({', '.join(f'{s} {n}' for s, n in sorted(counts.items()))})"
 
 
-def converter_parser(description: str, source_help: str, default_dataset: str) -> argparse.ArgumentParser:
-    """The arguments every converter takes: SRC, -d/--dataset, --overwrite and the raw root."""
+def converter_parser(description: str, source_help: str, default_dataset: str,
+                     nargs: str | None = None) -> argparse.ArgumentParser:
+    """The arguments every converter takes: SRC (`nargs="+"`: one or more), -d/--dataset, --overwrite and the
+    raw root."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("source", metavar="SRC", help=source_help)
+    parser.add_argument("source", metavar="SRC", nargs=nargs, help=source_help)
     parser.add_argument("-d", "--dataset", default=default_dataset,
                         help=f"dataset number or DatasetNNN_Name (default {default_dataset})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")

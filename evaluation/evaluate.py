@@ -39,17 +39,8 @@ from desam_pipeline.utilities.metrics import check_same_geometry
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
 from desam_pipeline.utilities.runtime import select_device, tune_malloc
 from evaluation.evaluate_folder import evaluate_pair, foreground
-from evaluation.evaluation_cases import (
-    PREDICTIONS,
-    EvalCase,
-    check_sources,
-    choose_folds,
-    evaluation_cases,
-    foreground_labels,
-    locate_model,
-    prediction_path,
-    train_command,
-)
+from evaluation.evaluation_cases import (PREDICTIONS, EvalCase, check_sources, choose_folds, evaluation_cases,
+                                         foreground_labels, locate_model, prediction_path, train_command)
 from evaluation.evaluation_outputs import EVALUATION, write_evaluation
 from evaluation.paper_protocol import paper_metrics
 from evaluation.tables import PROTOCOLS, markdown_section

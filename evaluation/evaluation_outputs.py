@@ -17,15 +17,8 @@ from desam_pipeline.io.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.utilities.metrics import METRICS
 from evaluation.evaluate_folder import foreground
 from evaluation.evaluation_cases import PREDICTIONS, foreground_labels
-from evaluation.paper_protocol import (
-    BORDER,
-    SLICE_SIZE,
-    paper_volumes,
-    reference_label_grid,
-    slice_grid_spacing,
-    to_slice_grid,
-    zero_border,
-)
+from evaluation.paper_protocol import (BORDER, SLICE_SIZE, paper_volumes, reference_label_grid, slice_grid_spacing,
+                                       to_slice_grid, zero_border)
 from evaluation.plots import overlay_png, site_boxplot_png
 from evaluation.tables import OVERALL, PROTOCOLS, label_protocol, summarise, write_csv
 

@@ -23,19 +23,9 @@ from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.metrics import METRICS
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
 from evaluation.plots import heatmap_png
-from evaluation.tables import (
-    MEAN_UNSEEN,
-    METRIC_LABELS,
-    POOLED_UNSEEN,
-    PROTOCOLS,
-    cross_domain_cells,
-    cross_domain_matrix,
-    label_protocol,
-    matrix_markdown,
-    protocol_caption,
-    to_markdown,
-    write_csv,
-)
+from evaluation.tables import (MEAN_UNSEEN, METRIC_LABELS, POOLED_UNSEEN, PROTOCOLS, cross_domain_cells,
+                               cross_domain_matrix, label_protocol, matrix_markdown, protocol_caption, to_markdown,
+                               write_csv)
 
 REQUIRED_COLUMNS = ("case", "site", *METRICS, "in_domain")
 REPORT_METRICS = {"dice": True, "hd95": False}  # metric -> higher is better

@@ -30,15 +30,8 @@ from desam_pipeline.network.sam_models import ensure_tiny_checkpoint
 from desam_pipeline.utilities import distributed
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
-from desam_pipeline.utilities.runtime import (
-    PRECISIONS,
-    device_parser,
-    resolve_precision,
-    select_device,
-    shard,
-    shard_spec,
-    tune_malloc,
-)
+from desam_pipeline.utilities.runtime import (PRECISIONS, device_parser, resolve_precision, select_device, shard,
+                                              shard_spec, tune_malloc)
 from plans.fingerprint import write_fingerprint
 from plans.planner import OFFICIAL_CHECKPOINTS, default_choices, make_plan, save_plan
 

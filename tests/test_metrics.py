@@ -11,15 +11,8 @@ from scipy.ndimage import generate_binary_structure
 from scipy.spatial import cKDTree
 
 from desam_pipeline.utilities.errors import DesamError
-from desam_pipeline.utilities.metrics import (
-    bounding_box,
-    check_same_geometry,
-    compute_metrics,
-    dice,
-    hd95,
-    surface,
-    surface_distances,
-)
+from desam_pipeline.utilities.metrics import (bounding_box, check_same_geometry, compute_metrics, dice, hd95, surface,
+                                              surface_distances)
 
 SPACINGS = [(0.5, 0.5, 3.0), (0.8, 1.3, 2.2), (1.0, 1.0, 1.0)]
 

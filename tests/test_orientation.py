@@ -9,13 +9,8 @@ import SimpleITK as sitk
 
 from desam_pipeline.data.orientation import from_slices, in_plane_shape, plan_orientation, to_slices
 from desam_pipeline.data.plan_io import DEFAULT_CHOICES, plan_hash
-from desam_pipeline.data.preprocessing import (
-    intensity_to_uint8,
-    preprocess_label,
-    preprocess_volume,
-    resize_image_slices,
-    resize_label_slices,
-)
+from desam_pipeline.data.preprocessing import (intensity_to_uint8, preprocess_label, preprocess_volume,
+                                               resize_image_slices, resize_label_slices)
 from desam_pipeline.io.nifti_io import read_volume
 from desam_pipeline.network.sam_models import build_sam
 from plans.planner import make_plan

@@ -19,11 +19,8 @@ from typing import Iterator
 
 import numpy as np
 from batchgenerators.transforms.abstract_transforms import Compose
-from batchgenerators.transforms.color_transforms import (
-    BrightnessMultiplicativeTransform,
-    ContrastAugmentationTransform,
-    GammaTransform,
-)
+from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
+                                                         ContrastAugmentationTransform, GammaTransform)
 from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
 from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
 

@@ -26,15 +26,8 @@ from desam_pipeline.inference import slice_prediction
 from desam_pipeline.inference.features import CacheIndex, SliceEncoder, cache_folder_of, resolve_sam_checkpoint
 from desam_pipeline.inference.grid_rules import GRID_RULES
 from desam_pipeline.inference.inputs import CaseInput, discover_inputs, read_case_volume
-from desam_pipeline.inference.outputs import (
-    QUALITY_COLUMNS,
-    QUALITY_DIR,
-    merge_quality,
-    output_path,
-    quality_path,
-    save_probabilities,
-    write_case_quality,
-)
+from desam_pipeline.inference.outputs import (QUALITY_COLUMNS, QUALITY_DIR, merge_quality, output_path, quality_path,
+                                              save_probabilities, write_case_quality)
 from desam_pipeline.inference.postprocessing import postprocess
 from desam_pipeline.io.atomic import read_json
 from desam_pipeline.io.nifti_io import save_like
