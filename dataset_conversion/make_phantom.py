@@ -209,3 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{out}: {args.cases_per_site} case(s) per site for {' '.join(args.sites or SITE_ORDER)}"
           + "".join(f", {s} {n}" for s, n in site_cases.items()) + f" (seed {args.seed})")
     return 0
+
+
+if __name__ == "__main__":
+    main()
