@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from desam_pipeline.data.slice_data import SAMPLINGS
 from desam_pipeline.data.slice_selection import SLICE_MODES
 from desam_pipeline.io.atomic import read_json
 from desam_pipeline.io.results_layout import DEFAULT_TRAINER
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: every cached slice), foreground_margin or foreground; a cache of every "
                              "slice can so train on the slices a default plan would cache; recorded in the "
                              "checkpoints")
+    parser.add_argument("--sampling", choices=SAMPLINGS, default="slices",
+                        help="grid mode: balanced = clicks on and off the object 1:1 whatever share of the slices "
+                             "is empty; slices = every slice once, its click on or off 1:1 (default)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="autocast precision (default auto: fp16 with loss scaling on CUDA, bf16 on CPU)")
     restart = parser.add_mutually_exclusive_group()
@@ -118,7 +122,7 @@ def run(args: argparse.Namespace) -> None:
         sources=args.source, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         loss_weights=args.loss_weights, seed=args.seed, device=args.device, precision=args.precision,
         num_workers=args.num_workers, loss=args.loss, pdmm=args.pdmm, augmented_views=args.augmented_views,
-        train_slices=args.train_slices)
+        train_slices=args.train_slices, sampling=args.sampling)
     if args.val_only:
         trainer.run_validation_only()
     else:

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from desam_pipeline.data import cache, slice_data, splits
 from desam_pipeline.data.orientation import from_slices, plan_orientation
+from desam_pipeline.data.preprocessing import grid_spacing
 from desam_pipeline.data.plan_io import load_plan, plan_hash
 from desam_pipeline.data.prompts import MODES
 from desam_pipeline.data.raw_dataset import domains
@@ -64,9 +65,10 @@ HISTORY_KEYS = ("train_loss", "val_loss", "val_dice", "val_dice_ema", "iou_accur
                 "epoch_time", "data_wait")
 # Hyper-parameters that must match for `-c` to continue the same run exactly.
 RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources",
-               "pdmm", "augmented_views", "train_slices")
+               "pdmm", "augmented_views", "train_slices", "sampling")
 # What checkpoints written before a key existed ran with.
-RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True, "train_slices": "all"}
+RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True, "train_slices": "all",
+                   "sampling": "slices"}
 
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = POLY_EXPONENT) -> float:
@@ -110,7 +112,8 @@ class DeSAMTrainer:
                  lr: float = 1e-4, loss_weights: tuple[float, float, float] | None = None, seed: int = 0,
                  device: str = "auto", precision: str = "auto", num_workers: int = 2,
                  loader_timeout_s: float = slice_data.DEFAULT_LOADER_TIMEOUT_S, loss: str = "paper",
-                 pdmm: str = "desam", augmented_views: bool = True, train_slices: str = "all"):
+                 pdmm: str = "desam", augmented_views: bool = True, train_slices: str = "all",
+                 sampling: str = "slices"):
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if loss not in LOSSES:
@@ -129,6 +132,7 @@ class DeSAMTrainer:
         self.pdmm = check_layout(pdmm)
         self.augmented_views = bool(augmented_views)  # False: train on the original slices of a cache with views
         self.train_slices = train_slices  # which cached slices train and validate (slice_data.cached_positions)
+        self.sampling = sampling  # how training samples are drawn (slice_data.SliceDataset)
         weights = LOSS_WEIGHTS[loss] if loss_weights is None else tuple(map(float, loss_weights))
         self.loss_weights = weights if mode == "grid" else (weights[0], weights[1], 0.0)
         self.seed, self.num_workers, self.loader_timeout_s = int(seed), int(num_workers), loader_timeout_s
@@ -163,7 +167,7 @@ class DeSAMTrainer:
                 "world_size": self.world_size, "lr": self.lr, "lr_schedule": f"poly {POLY_EXPONENT} per epoch",
                 "optimizer": "Adam", "loss": self.loss, "loss_weights": list(self.loss_weights), "pdmm": self.pdmm,
                 "seed": self.seed, "augmented_views": self.augmented_views,
-                "train_slices": self.train_slices,
+                "train_slices": self.train_slices, "sampling": self.sampling,
                 "device": str(self.device), "precision": self.precision, "num_workers": self.num_workers,
                 "loader_timeout_s": self.loader_timeout_s, "dice_ema_momentum": EMA_MOMENTUM,
                 "split_seed": splits.SPLIT_SEED}
@@ -199,7 +203,8 @@ class DeSAMTrainer:
         frame = encoders.family(self.plan["encoder"]).prompt_frame
         self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
                                                   self.seed, slice_data.TRAIN_STREAM, frame=frame,
-                                                  use_views=self.augmented_views, slices=self.train_slices)
+                                                  use_views=self.augmented_views, slices=self.train_slices,
+                                                  sampling=self.sampling)
         self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode,
                                                 self.seed, slice_data.VAL_STREAM, frame=frame,
                                                 slices=self.train_slices)
@@ -585,7 +590,7 @@ class DeSAMTrainer:
         orientation = plan_orientation(self.plan)
         prediction[at] = from_slices(probabilities > 0.5, axis, orientation)
         reference[at] = from_slices(np.asarray(arrays["label"]) > 0, axis, orientation)
-        spacing = tuple(float(meta["spacing"][a]) * (1 if a == axis else shape[a] / size) for a in range(len(shape)))
+        spacing = grid_spacing(shape, meta["spacing"], self.plan)
         metrics = compute_metrics(reference, prediction, spacing)
         self._save_mask(prediction, meta, out_dir / f"{case}.nii.gz", axis, size)
         return {"domain": meta.get("domain", self.case_domains.get(case)),
