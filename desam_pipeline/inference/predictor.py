@@ -74,10 +74,10 @@ def find_model_folder(results_dataset_dir: str | os.PathLike, sources: list[str]
     folder = Path(results_dataset_dir)
     if not folder.is_dir():
         raise DesamError(f"{folder}: no results for this dataset; train a model first (desam_train)")
-    source_key = source_key(sources) if sources else None
+    wanted_source = source_key(sources) if sources else None
     models = model_folders(folder)
     found = [child for child, name in models
-             if plans_name in (None, name.plans) and mode in (None, name.mode) and source_key in (None, name.source)
+             if plans_name in (None, name.plans) and mode in (None, name.mode) and wanted_source in (None, name.source)
              and trainer in (None, name.trainer)]
     if len(found) == 1:
         return found[0]
