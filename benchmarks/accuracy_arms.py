@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 from desam_pipeline.baselines import nnunet_baseline
+from desam_pipeline.baselines.nnunet_baseline import NNUNET_CONFIGURATION, NNUNET_PLANS
+from desam_pipeline.inference.prediction_cache import PREDICTIONS
 from desam_pipeline.io.results_layout import CHECKPOINT_FINAL, model_folder_name
 from desam_pipeline.training import train
 from evaluation import evaluate
 
 SOURCE = "RUNMC"
 FOLD = "0"
-NNUNET_CONFIGURATION, NNUNET_PLANS = "2d", "nnUNetPlans"
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Arm:
     train_flags: tuple[str, ...] = ()  # further desam_train flags (the PDMM layout)
     base: str | None = None        # prediction-only: reuse this arm's trained model
     checkpoint_name: str = "final"
-    grid_rule: str = "top1"
+    grid_rule: str = "top1"        # the published table's rule, passed explicitly (desam's default is reference)
     note: str = ""
 
 
@@ -140,7 +141,7 @@ def train_arm(arm: Arm, ctx: Context) -> None:
 def copy_trained_model(base: Arm, arm: Arm, ctx: Context) -> None:
     """The base arm's model folder without its predictions and evaluation, into the arm's own root."""
     shutil.copytree(model_folder(base, ctx), model_folder(arm, ctx), dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns(evaluate.PREDICTIONS, evaluate.EVALUATION))
+                    ignore=shutil.ignore_patterns(PREDICTIONS, evaluate.EVALUATION))
 
 
 def run_arm(arm: Arm, ctx: Context, arms: dict[str, Arm]) -> None:

@@ -91,10 +91,12 @@ def child(config: dict) -> dict:
     import torch
 
     from desam_pipeline.data.slice_data import loader_batches
+    from desam_pipeline.training.settings import TrainingSettings
     from desam_pipeline.training.trainer import DeSAMTrainer
+    settings = TrainingSettings(mode="grid", epochs=1, batch_size=8, seed=0, device="cpu",
+                                precision=config["precision"], num_workers=config["num_workers"])
     trainer = DeSAMTrainer(Path(config["preprocessed"]), Path(config["results"]), config["plans_name"], "all",
-                           mode="grid", epochs=1, batch_size=8, seed=0, device="cpu",
-                           precision=config["precision"], num_workers=config["num_workers"])
+                           settings=settings)
     trainer.initialize()
     trainer.on_epoch_start(0)
     waits, computes, swept = [], [], 0

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from desam_pipeline.data.raw_dataset import domains, field_problems, file_ending, read_dataset_json
 from desam_pipeline.io.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.utilities.errors import DesamError, cli_entry
-from desam_pipeline.utilities.metrics import METRICS, check_same_geometry, compute_metrics
+from desam_pipeline.utilities.metrics import DEFAULT_NSD_TOLERANCE_MM, METRICS, check_same_geometry, compute_metrics
 from evaluation.tables import summarise, to_markdown, write_csv
 
 DEFAULT_OUTPUT = "evaluation.csv"
@@ -46,7 +46,7 @@ def check_prediction_values(prediction: np.ndarray, reference: np.ndarray, label
 
 
 def evaluate_pair(reference_path: str | os.PathLike, prediction_path: str | os.PathLike,
-                  labels: Iterable[int] = (1,), nsd_tolerance: float = 1.0) -> dict[str, float]:
+                  labels: Iterable[int] = (1,), nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM) -> dict[str, float]:
     """Metrics of one prediction file against its reference file (same grid required), spacing from
     the reference header."""
     reference, reference_image = read_volume(reference_path)
@@ -77,7 +77,7 @@ def list_case_files(folder: Path, ending: str) -> dict[str, Path]:
 
 def evaluate_folder(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike,
                     dataset_json: str | os.PathLike | dict | None = None, labels: Iterable[int] = (1,),
-                    nsd_tolerance: float = 1.0, progress: bool = True) -> pd.DataFrame:
+                    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM, progress: bool = True) -> pd.DataFrame:
     """One row per reference case: case, [site], dice, hd95, assd, nsd, status (`ok` or `missing`).
 
     The site column appears when the dataset.json (path or dict) has "domains"; cases it does not
@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dataset.json giving file_ending and the 'domains' (case -> site) for a site column")
     parser.add_argument("--labels", type=int, nargs="+", default=[1],
                         help="label values counted as foreground (default: 1)")
-    parser.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
-                        help="tolerance of the normalised surface Dice in mm (default: 1)")
+    parser.add_argument("--nsd-tolerance", type=float, default=DEFAULT_NSD_TOLERANCE_MM, metavar="MM",
+                        help="tolerance of the normalised surface Dice in mm (default: %(default)s)")
     return parser
 
 

@@ -11,14 +11,14 @@ import pandas as pd
 from desam_pipeline.data.orientation import LEGACY_ORIENTATION, from_slices, plan_orientation, to_slices
 from desam_pipeline.data.preprocessing import preprocess_volume
 from desam_pipeline.data.raw_dataset import image_path, label_path
-from desam_pipeline.inference import predictor
+from desam_pipeline.data.slice_grid import slice_grid_spacing
+from desam_pipeline.inference.prediction_cache import prediction_file
 from desam_pipeline.io.atomic import write_json
 from desam_pipeline.io.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.utilities.metrics import METRICS
 from evaluation.evaluate_folder import foreground
-from evaluation.evaluation_cases import PREDICTIONS, foreground_labels
-from evaluation.paper_protocol import (BORDER, SLICE_SIZE, paper_volumes, reference_label_grid, slice_grid_spacing,
-                                       to_slice_grid, zero_border)
+from evaluation.evaluation_cases import foreground_labels
+from evaluation.paper_protocol import BORDER, SLICE_SIZE, paper_volumes, reference_label_grid, to_slice_grid, zero_border
 from evaluation.plots import overlay_png, site_boxplot_png
 from evaluation.tables import OVERALL, PROTOCOLS, label_protocol, summarise, write_csv
 
@@ -103,7 +103,7 @@ def write_overlays(per_case: pd.DataFrame, out_dir: Path, raw_dir: Path, dataset
     for site, tag, case, dice in pick_overlay_cases(per_case):
         image, image_nii = read_volume(image_path(raw_dir, case, dataset_json))
         reference = foreground(read_volume(label_path(raw_dir, case, dataset_json))[0], labels)
-        prediction = foreground(read_volume(predictor.output_path(folder / PREDICTIONS / site, case))[0], labels)
+        prediction = foreground(read_volume(prediction_file(folder, site, case))[0], labels)
         spacing = voxel_spacing(image_nii)
         target = out_dir / f"{site}_{tag}_{case}.png"
         if protocol == "paper":
@@ -114,7 +114,7 @@ def write_overlays(per_case: pd.DataFrame, out_dir: Path, raw_dir: Path, dataset
             _, _, kept = paper_volumes(reference, prediction, axis)
             pred256[np.setdiff1d(np.arange(len(pred256)), kept)] = False
             overlay_png(slices, ref256, pred256, target, case, site, dice,
-                        slice_grid_spacing(spacing, image.shape, axis), slice_axis=0)
+                        slice_grid_spacing(spacing, image.shape, axis, SLICE_SIZE), slice_axis=0)
         else:
             overlay_png(image, reference, prediction, target, case, site, dice, spacing, slice_axis=axis)
         written.append(target)

@@ -3,7 +3,7 @@ for one epoch by the real trainer (predictions through the predictor, reuse, tab
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -14,14 +14,18 @@ import pytest
 from skimage.transform import resize
 
 from desam_pipeline.data.preprocessing import resize_label_slices
+from desam_pipeline.data.slice_grid import slice_grid_spacing
 from desam_pipeline.data.splits import SPLITS_FILE
+from desam_pipeline.inference.prediction_cache import prediction_key
+from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.training.train import main as train_main
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.metrics import compute_metrics
-from evaluation.evaluate import evaluate_model, main, prediction_settings
+from evaluation.evaluate import evaluate_model, main
 from evaluation.evaluation_outputs import pick_overlay_cases
-from evaluation.paper_protocol import BORDER, paper_metrics, paper_volumes, reference_label_grid, slice_grid_spacing
+from evaluation.paper_protocol import BORDER, paper_metrics, paper_volumes, reference_label_grid
 from evaluation.report import main as report_main
+from evaluation.settings import EvaluationSettings
 from evaluation.tables import PROTOCOLS
 from plans.plan_and_embed import plan_and_embed
 
@@ -61,7 +65,7 @@ def test_paper_protocol_by_hand():
     assert paper["dice"] == pytest.approx(2 * 74 * 80 * 2 / (80 * 80 * 2 + 80 * 80 * 2))
     assert paper["dice"] > full
     # spacing of the stack: slice spacing first, in-plane spacing halved (128 -> 256)
-    assert slice_grid_spacing(spacing, shape) == (2.0, 0.5, 0.5)
+    assert slice_grid_spacing(spacing, shape, 2, 256) == (2.0, 0.5, 0.5)
     kept_ref = np.zeros((2, 256, 256), bool)
     kept_ref[:, 80:160, 80:160] = True
     kept_pred = np.zeros_like(kept_ref)
@@ -283,22 +287,54 @@ def test_report_on_the_evaluated_tree(trained, full_run):
     assert "SiteA" in (out / "report.md").read_text()
 
 
-def test_settings_follow_the_checkpoint(trained, full_run):
-    """A retrained fold (new checkpoint file) makes the saved predictions stale."""
+def test_the_prediction_key_follows_checkpoint_content_and_choices_not_mtime(trained, full_run):
+    """A retrained fold (other checkpoint bytes) or another choice makes a saved prediction stale; touching or
+    copying a checkpoint does not."""
     model = trained["model"]
-    before = prediction_settings(model, ["0"], "none", 9, 0.5)
+    image = trained["raw"] / "imagesTr" / "SiteB_Case00_0000.nii.gz"
+
+    def key(settings: PredictionSettings = PredictionSettings()) -> dict:
+        return prediction_key(model, ["0"], settings, [image])
+
+    before = key()
     checkpoint = model / "fold_0" / "checkpoint_final.pth"
-    stat = checkpoint.stat()
-    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    saved = checkpoint.read_bytes()
     try:
-        assert prediction_settings(model, ["0"], "none", 9, 0.5) != before
-        assert prediction_settings(model, ["0"], "paper", 9, 0.5) != before
+        checkpoint.write_bytes(saved)  # rewritten, same bytes: a new mtime only
+        assert key() == before
+        checkpoint.write_bytes(saved + b"retrained")
+        assert key() != before
     finally:
-        os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert prediction_settings(model, ["0"], "none", 9, 0.5) == before
+        checkpoint.write_bytes(saved)
+    assert key() == before
+    assert key(PredictionSettings(postprocess="paper")) != before
+    assert key(PredictionSettings(grid_rule="top1")) != before
+    assert key(PredictionSettings(device="cpu", batch_size=3)) == before  # how it runs is not what it predicts
     if (model / "fold_0" / "checkpoint_best.pth").is_file():
-        best = prediction_settings(model, ["0"], "none", 9, 0.5, "best")
+        best = key(PredictionSettings(checkpoint_name="best"))
         assert best != before and best["checkpoint_name"] == "best"
+
+
+def test_new_pixels_in_an_input_are_predicted_again(trained, full_run, tmp_path, capsys):
+    """Issue #24: the same shape and affine but other pixels must not reuse the old mask."""
+    root = tmp_path / "copy"
+    for kind, folder in trained["roots"].items():
+        shutil.copytree(folder, root / kind, symlinks=True)
+    flags = [f"--{kind}={root / kind}" for kind in trained["roots"]]
+    argv = ["-d", "900", "--source", "SiteA", "--mode", "box", "--device", "cpu", "--protocol", "full", *flags]
+    model = root / "results" / DATASET / MODEL
+    image = root / "raw" / DATASET / "imagesTr" / "SiteB_Case00_0000.nii.gz"
+    capsys.readouterr()
+    assert run(argv) == 0
+    assert "3 saved prediction(s) reused, 0 to predict" in capsys.readouterr().out
+    original = nib.load(str(image))
+    changed = np.asarray(original.dataobj)[::-1].copy()  # the same shape and affine, other pixels
+    nib.save(nib.Nifti1Image(changed, original.affine, original.header), str(image))
+    prediction = model / "predictions" / "SiteB" / "SiteB_Case00.nii.gz"
+    before = prediction.stat().st_mtime_ns
+    assert run(argv) == 0
+    assert "2 saved prediction(s) reused, 1 to predict" in capsys.readouterr().out
+    assert prediction.stat().st_mtime_ns != before
 
 
 def test_errors_name_the_next_command(trained, full_run):
@@ -307,7 +343,7 @@ def test_errors_name_the_next_command(trained, full_run):
                                          r"--mode grid --plans-name DeSAMPlans_tiny`"):
         evaluate_model("900", ["SiteA"], "grid", **roots)
     with pytest.raises(DesamError, match=r"fold\(s\) 1 have no checkpoint_final.pth .*desam_train Dataset900_Toy 1 "):
-        evaluate_model("900", ["SiteA"], "box", folds=["1"], **roots)
+        evaluate_model("900", ["SiteA"], "box", EvaluationSettings(folds=("1",)), **roots)
     with pytest.raises(DesamError, match=r"Dataset901_Gone: raw dataset not found; convert it first"):
         evaluate_model("Dataset901_Gone", ["SiteA"], "box", **roots)
     with pytest.raises(DesamError, match="unknown source site"):

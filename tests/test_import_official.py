@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from desam_pipeline.baselines import import_official
-from desam_pipeline.inference import predict, predictor
+from desam_pipeline.inference import predict
+from desam_pipeline.inference.model import load_model
 from desam_pipeline.io.atomic import read_json
 from desam_pipeline.io.nifti_io import file_sha256
 from desam_pipeline.io.results_layout import IMPORT_RECORD, Checkpoint
@@ -81,7 +82,7 @@ def test_imported_model_computes_the_reference_forward(env, capsys):
     assert checkpoint.network_config["pdmm"] == "reference" and checkpoint.network_config["mode"] == "grid"
     assert not checkpoint.has_training_state and checkpoint.config["imported"]["sha256"] == record["sha256"]
 
-    model = predictor.load_model(folder, ["all"], "cpu")
+    model = load_model(folder, ["all"], "cpu")
     net = model.networks[0]
     assert model.mode == "grid" and net.config["pdmm"] == "reference"
     torch.manual_seed(3)

@@ -19,6 +19,7 @@ from desam_pipeline.data import splits
 from desam_pipeline.io.atomic import read_json
 from desam_pipeline.utilities.errors import DesamError
 from evaluation.evaluate import evaluate_model
+from evaluation.settings import EvaluationSettings
 from evaluation.report import main as report_main
 
 from nnunet_stand_in import fake_nnunet
@@ -71,7 +72,8 @@ def test_baseline_places_predictions_that_evaluate_and_report_score(dataset, tre
     assert record["in_domain_fold_of_case"] == {c: "0" for c in held}
     assert "1 epoch(s) x 250 iterations" in record["description"]
 
-    written = evaluate_model(DATASET, ["SiteA"], None, ["full", "paper"], model_folder=FOLDER, progress=False)
+    written = evaluate_model(DATASET, ["SiteA"], None,
+                             EvaluationSettings(protocols=("full", "paper"), model_folder=FOLDER), progress=False)
     for protocol, out in written.items():
         per_case = pd.read_csv(out / "per_case.csv")
         assert sorted(per_case["case"]) == sorted(c.split("/")[1][:-7] for c in predicted)
@@ -113,10 +115,10 @@ def test_missing_external_prediction_is_an_error(dataset, trees, monkeypatch):
     folder = nnunet_baseline.run_baseline(DATASET, ["SiteA"], ["0"], trainer="nnUNetTrainer_1epoch")
     (folder / "predictions" / "SiteC" / "SiteC_Case02.nii.gz").unlink()
     with pytest.raises(DesamError, match="SiteC_Case02.nii.gz"):
-        evaluate_model(DATASET, ["SiteA"], None, model_folder=FOLDER, progress=False)
+        evaluate_model(DATASET, ["SiteA"], None, EvaluationSettings(model_folder=FOLDER), progress=False)
     (folder / RECORD_FILE).unlink()
     with pytest.raises(DesamError, match="not a folder of external predictions"):
-        evaluate_model(DATASET, ["SiteA"], None, model_folder=FOLDER, progress=False)
+        evaluate_model(DATASET, ["SiteA"], None, EvaluationSettings(model_folder=FOLDER), progress=False)
 
 
 def test_missing_nnunet_says_how_to_install(monkeypatch):

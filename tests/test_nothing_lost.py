@@ -429,7 +429,7 @@ WRITERS = {
              "w(np.ones((4, 4, 2)), nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4)), TARGET)",
     "csv": "import pandas as pd; from evaluation.tables import write_csv as w; w(pd.DataFrame({'a': [1]}), TARGET)",
     "progress_plot": "from desam_pipeline.training.progress_plot import plot_progress as w; "
-                     "from desam_pipeline.training.trainer import HISTORY_KEYS; w({k: [1.0, 0.5] for k in HISTORY_KEYS}, TARGET)",
+                     "from desam_pipeline.training.schedule import HISTORY_KEYS; w({k: [1.0, 0.5] for k in HISTORY_KEYS}, TARGET)",
 }
 HANG_BEFORE_RENAME = ("import os, sys, time; real = os.replace\n"
                       "def hang(src, dst):\n"

@@ -17,7 +17,14 @@ import torch
 from desam_pipeline.data.orientation import from_slices, in_plane_shape, plan_orientation
 from desam_pipeline.data.preprocessing import preprocess_volume, resize_probabilities_back
 from desam_pipeline.inference import predict, predictor, slice_prediction
+from desam_pipeline.inference.features import SliceEncoder
+from desam_pipeline.inference.inputs import CaseInput, discover_inputs, read_case_volume
+from desam_pipeline.inference.model import load_model
+from desam_pipeline.inference.outputs import QUALITY_COLUMNS
+from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.io.atomic import read_json
+from desam_pipeline.io.results_layout import CHECKPOINT_BEST, CHECKPOINT_FINAL
+from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.network import DeSAM
 from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
 from plans.plan_and_embed import plan_and_embed
@@ -43,7 +50,7 @@ def write_model_folder(results: Path, preprocessed: Path, checkpoint: Path, mode
         (folder / f"fold_{fold}").mkdir()
         torch.save({"network": net.inference_state_dict(),
                     "network_config": {**net.config, "encoder": "tiny", "mode": mode}},
-                   folder / f"fold_{fold}" / predictor.CHECKPOINT_FILE)
+                   folder / f"fold_{fold}" / CHECKPOINT_FINAL)
     return folder
 
 
@@ -93,16 +100,16 @@ def quality(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / "quality.csv", dtype={"case": str})
 
 
-def manual_prediction(env, folder: Path, folds: list[str], path: Path, mode_kwargs=None):
+def manual_prediction(env, folder: Path, folds: list[str], path: Path,
+                      settings: PredictionSettings = PredictionSettings()):
     """Per-fold probabilities by hand (same encoder features, slice_prediction.predict_slices), and their average."""
-    model = predictor.load_model(folder, folds, CPU)
-    settings = predictor.make_settings(model.plan, CPU)
-    volume, _ = predictor.read_case_volume(predictor.CaseInput("x", (path,)))
-    encoder = predictor.SliceEncoder(model.plan, env.checkpoint, CPU, settings.precision)
+    model = load_model(folder, folds, CPU)
+    run = predictor.resolve_run(model.plan, settings, CPU)
+    volume, _ = read_case_volume(CaseInput("x", (path,)))
+    encoder = SliceEncoder(model.plan, env.checkpoint, CPU, run.precision)
     neck, taps = encoder(preprocess_volume(volume, model.plan), "x")
-    per_fold = [slice_prediction.predict_slices(net, neck, taps, model.mode, device=CPU,
-                                         precision=settings.precision, **(mode_kwargs or {}))
-                for net in model.networks]
+    per_fold = [slice_prediction.predict_slices(net, neck, taps, model.mode, settings, device=CPU,
+                                                precision=run.precision) for net in model.networks]
     return volume, per_fold
 
 
@@ -145,7 +152,7 @@ def test_folds_are_averaged(env, tmp_path):
     (p0, q0), (p1, q1) = per_fold
     average = (p0 + p1) / 2
     assert not np.allclose(average, p0, atol=1e-3) and not np.allclose(average, p1, atol=1e-3)
-    orientation = plan_orientation(predictor.load_model(env.box, ["0"], CPU).plan)
+    orientation = plan_orientation(load_model(env.box, ["0"], CPU).plan)
     expected = from_slices(resize_probabilities_back(average, in_plane_shape(volume.shape, 2, orientation)), 2,
                            orientation)
     saved = np.load(out / "case.npz")["probabilities"]
@@ -153,7 +160,7 @@ def test_folds_are_averaged(env, tmp_path):
     mask = np.asanyarray(nib.load(str(out / "case.nii.gz")).dataobj)
     assert np.array_equal(mask, (expected > 0.5).astype(np.uint8))
     table = quality(out)
-    assert list(table.columns) == predictor.QUALITY_COLUMNS
+    assert list(table.columns) == QUALITY_COLUMNS
     assert table["slice"].tolist() == [0, 1, 2] and set(table["case"]) == {"case"}
     assert np.allclose(table["predicted_iou"], (q0 + q1) / 2, atol=2e-6)
     assert np.allclose(table["case_mean_iou"], np.mean((q0 + q1) / 2), atol=2e-6)
@@ -171,7 +178,8 @@ def test_grid_mode_threshold_and_box_mode_by_dataset(env, tmp_path):
     rejected = np.load(outs["2"] / "g.npz")["probabilities"]
     assert (accepted > 0).all() and not rejected.any()
     assert not np.asanyarray(nib.load(str(outs["2"] / "g.nii.gz")).dataobj).any()
-    _, [(_, iou)] = manual_prediction(env, env.grid, ["0"], path, {"grid": 2, "iou_threshold": -1})
+    _, [(_, iou)] = manual_prediction(env, env.grid, ["0"], path,
+                                      PredictionSettings(grid=2, iou_threshold=-1, grid_rule="top1"))
     for out in outs.values():
         assert np.allclose(quality(out)["predicted_iou"], iou, atol=2e-6)
     reference = tmp_path / "reference"
@@ -191,8 +199,8 @@ def test_checkpoint_name_chooses_and_records_the_checkpoint(env, tmp_path):
     fold 1's final checkpoint predicts, and prediction.json says which checkpoint was used."""
     path = tmp_path / "in" / "c_0000.nii.gz"
     write_volume(path, (40, 36, 2), np.diag([0.8, 0.8, 3.0, 1.0]), seed=4)
-    best = env.box / "fold_0" / predictor.CHECKPOINT_NAMES["best"]
-    shutil.copyfile(env.box / "fold_1" / predictor.CHECKPOINT_FILE, best)
+    best = env.box / "fold_0" / CHECKPOINT_BEST
+    shutil.copyfile(env.box / "fold_1" / CHECKPOINT_FINAL, best)
     try:
         outs = {name: tmp_path / name for name in ("final0", "best0", "final1")}
         for name, fold, checkpoint in (("final0", "0", "final"), ("best0", "0", "best"), ("final1", "1", "final")):
@@ -205,8 +213,8 @@ def test_checkpoint_name_chooses_and_records_the_checkpoint(env, tmp_path):
         assert records["best0"]["checkpoint_name"] == "best" and records["best0"]["folds"] == ["0"]
         assert records["best0"]["checkpoint_file"] == "checkpoint_best.pth"
         assert records["final0"]["checkpoint_name"] == "final"
-        with pytest.raises(predictor.DesamError, match="checkpoint_best.pth: not found"):
-            predictor.load_model(env.box, ["1"], CPU, "best")
+        with pytest.raises(DesamError, match="checkpoint_best.pth: not found"):
+            load_model(env.box, ["1"], CPU, "best")
     finally:
         best.unlink()
 
@@ -215,14 +223,14 @@ def test_cached_features_give_the_same_masks(env, tmp_path):
     image = env.raw / "imagesTr" / "SiteA_Case00_0000.nii.gz"
     cached_z = read_json(env.pre / DATASET / "DeSAMPlans_tiny" / "SiteA_Case00" / "meta.json")["z"]
     assert 0 < len(cached_z) < 6
-    model = predictor.load_model(env.box, ["0"], CPU)
-    settings = predictor.make_settings(model.plan, CPU, save_probabilities=True)
+    model = load_model(env.box, ["0"], CPU)
+    run = predictor.resolve_run(model.plan, PredictionSettings(save_probabilities=True), CPU)
     outputs = {}
     for use_cache in (True, False):
-        engine = predictor.build_predictor(model, settings, preprocessed_root=env.pre, use_cache=use_cache)
+        engine = predictor.build_predictor(model, run, preprocessed_root=env.pre, use_cache=use_cache)
         out = tmp_path / f"cache{use_cache}"
         # Another name, same content: the cache is found by content, not by file name.
-        result = engine.predict_case(predictor.CaseInput("renamed", (image,)), out)
+        result = engine.predict_case(CaseInput("renamed", (image,)), out)
         assert result.cached_slices == (len(cached_z) if use_cache else 0)
         assert engine.encoder.slices_encoded == 6 - result.cached_slices
         outputs[use_cache] = out
@@ -324,7 +332,7 @@ def test_wrong_sam_checkpoint_and_ambiguous_model_are_one_line_errors(env, tmp_p
     other = save_sam_checkpoint(build_sam("tiny", seed=1), tmp_path / "other_tiny.pth")
     assert run_cli("-i", path, "-o", tmp_path / "o", "-m", env.box, "--checkpoint", other, *env.roots) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is not the plan's checkpoint_sha256" in err[0] and "other_tiny.pth" in err[0]
+    assert len(err) == 1 and "differs from the plan's checkpoint_sha256" in err[0] and "other_tiny.pth" in err[0]
     assert run_cli("-i", path, "-o", tmp_path / "o", "-d", "900", *env.roots) == 1
     assert "several model folders match" in capsys.readouterr().err
     assert run_cli("-i", path, "-o", tmp_path / "o", "-m", env.box, "-f", "3", *env.roots) == 1
@@ -337,13 +345,13 @@ def test_input_discovery_naming(tmp_path):
     plain.mkdir()
     for name in ("b.nii.gz", "a.nii", "a.nii.gz", "notes.txt", ".tmp-1-c.nii.gz"):
         (plain / name).touch()
-    found = predictor.discover_inputs(plain)
+    found = discover_inputs(plain)
     assert [(c.case, c.problem is None) for c in found] == [("a", True), ("a", False), ("b", True)]
     nnunet = tmp_path / "nnunet"
     nnunet.mkdir()
     for name in ("x_0000.nii.gz", "y_0000.nii.gz", "y_0001.nii.gz", "z_0001.nii.gz"):
         (nnunet / name).touch()
-    found = {c.case: c for c in predictor.discover_inputs(nnunet, num_channels=1)}
+    found = {c.case: c for c in discover_inputs(nnunet, num_channels=1)}
     assert found["x"].problem is None and found["x"].files == (nnunet / "x_0000.nii.gz",)
     assert "y_0001.nii.gz" in found["y"].problem and "z_0001.nii.gz" in found["z"].problem
-    assert predictor.discover_inputs(nnunet / "x_0000.nii.gz")[0].case == "x"
+    assert discover_inputs(nnunet / "x_0000.nii.gz")[0].case == "x"

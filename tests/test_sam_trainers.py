@@ -14,13 +14,15 @@ import torch
 from desam_pipeline.data import cache
 from desam_pipeline.data.orientation import from_slices, in_plane_shape, plan_orientation
 from desam_pipeline.data.preprocessing import resize_probabilities_back
-from desam_pipeline.inference import predict, predictor
+from desam_pipeline.inference import predict
+from desam_pipeline.inference.model import load_model
 from desam_pipeline.io.results_layout import Checkpoint, model_folder_name, parse_model_folder_name
 from desam_pipeline.network import CoupledSAM
 from desam_pipeline.network.sam_models import build_sam, read_state_dict
 from desam_pipeline.training import train
 from desam_pipeline.training.registry import trainer_class, trainer_classes
 from desam_pipeline.training.sam_trainers import CoupledSAMTrainer
+from desam_pipeline.training.settings import TrainingSettings
 from evaluation.evaluate import main as evaluate_main
 from evaluation.report import main as report_main
 from plans.plan_and_embed import plan_and_embed
@@ -72,7 +74,8 @@ def test_registry_knows_the_built_in_trainers_and_subclasses():
         pass
 
     assert trainer_class("MyTrainer") is MyTrainer
-    trainer = MyTrainer(Path("pre"), Path("res"), PLANS, 0, sources=["SiteB", "SiteA"], mode="grid", device="cpu")
+    trainer = MyTrainer(Path("pre"), Path("res"), PLANS, 0, sources=["SiteB", "SiteA"],
+                        settings=TrainingSettings(mode="grid", device="cpu"))
     assert trainer.model_dir == Path("res") / f"MyTrainer__{PLANS}__grid__src-SiteA+SiteB"
     assert trainer.config()["trainer"] == "MyTrainer"
 
@@ -171,7 +174,7 @@ def test_coupled_trains_one_epoch_and_predicts_a_volume(env, tmp_path):
     np.testing.assert_allclose(probabilities, expected, atol=0.03)   # the predictor runs bf16 on CPU
     assert ((probabilities > 0.5) == (expected > 0.5)).mean() > 0.98
     assert np.array_equal(np.asarray(mask.dataobj) > 0, probabilities > 0.5)
-    assert isinstance(predictor.load_model(folder, device="cpu").networks[0], CoupledSAM)
+    assert isinstance(load_model(folder, device="cpu").networks[0], CoupledSAM)
 
 
 # ---------------------------------------------------------------- zero-shot SAM, evaluated like any model

@@ -22,6 +22,7 @@ from desam_pipeline.network import DeSAM
 from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
 from desam_pipeline.training import train
 from desam_pipeline.training.registry import trainer_class
+from desam_pipeline.training.settings import TrainingSettings, resume_differences
 from desam_pipeline.training.trainer import DeSAMTrainer
 from desam_pipeline.utilities.errors import DesamError
 from plans.plan_and_embed import plan_and_embed
@@ -104,6 +105,7 @@ def test_two_epoch_run_writes_every_output(trained, cached):
     (val_case,) = debug["val_cases"]
     summary = json.loads((trained / "validation" / "summary.json").read_text())
     assert set(summary["cases"]) == {val_case}
+    assert summary["prediction"] == {"grid": 9, "iou_threshold": 0.5, "grid_rule": "reference", "postprocess": "none"}
     assert {"dice", "hd95"} <= set(summary["cases"][val_case]) and "dice" in summary["mean"]
     mask = nib.load(str(trained / "validation" / f"{val_case}.nii.gz"))
     assert mask.shape == (256, 256, SHAPE[2])
@@ -168,8 +170,9 @@ def test_fold_all_learns_without_any_image_encoder(cached, monkeypatch):
         raise AssertionError("training built an image encoder")
 
     monkeypatch.setattr(ImageEncoderViT, "__init__", no_encoder)
-    trainer = DeSAMTrainer(cached / "pre" / DATASET, cached / "learn", PLANS, "all", sources=["SiteA"], mode="box",
-                           epochs=2, batch_size=2, lr=1e-3, seed=0, device="cpu", num_workers=0)
+    settings = TrainingSettings(mode="box", epochs=2, batch_size=2, lr=1e-3, seed=0, device="cpu", num_workers=0)
+    trainer = DeSAMTrainer(cached / "pre" / DATASET, cached / "learn", PLANS, "all", sources=["SiteA"],
+                           settings=settings)
     trainer.run_training()
     losses = trainer.history["train_loss"]
     assert losses[-1] < losses[0] * 0.9, losses
@@ -181,8 +184,8 @@ def test_fold_all_learns_without_any_image_encoder(cached, monkeypatch):
 
 
 def test_grid_mode_steps_score_the_iou_head(cached):
-    trainer = DeSAMTrainer(cached / "pre" / DATASET, cached / "grid", PLANS, 0, sources=["SiteA"], mode="grid",
-                           batch_size=2, seed=0, device="cpu", num_workers=0)
+    trainer = DeSAMTrainer(cached / "pre" / DATASET, cached / "grid", PLANS, 0, sources=["SiteA"],
+                           settings=TrainingSettings(mode="grid", batch_size=2, seed=0, device="cpu", num_workers=0))
     trainer.initialize()
     batch = next(iter(trainer.val_loader))
     assert set(batch["iou_target"].tolist()) <= {0.0, 1.0}
@@ -296,37 +299,62 @@ def test_a_different_sam_checkpoint_is_refused(cached, tmp_path):
     other = tmp_path / "other.pth"
     save_sam_checkpoint(build_sam("tiny", seed=1), other)
     plan_file.write_text(json.dumps({**plan, "checkpoint": str(other)}))
-    trainer = DeSAMTrainer(pre / DATASET, tmp_path / "res", PLANS, 0, sources=["SiteA"], device="cpu")
-    with pytest.raises(DesamError, match="sha256 differs from the plan's checkpoint_sha256"):
+    trainer = DeSAMTrainer(pre / DATASET, tmp_path / "res", PLANS, 0, sources=["SiteA"],
+                           settings=TrainingSettings(device="cpu"))
+    with pytest.raises(DesamError, match="differs from the plan's checkpoint_sha256"):
         trainer.initialize()
 
 
 def test_precision_defaults_to_bf16_on_cpu_and_refuses_fp16_there(cached, tmp_path):
     def trainer(precision: str) -> DeSAMTrainer:
-        return DeSAMTrainer(cached / "pre" / DATASET, tmp_path, PLANS, 0, sources=["SiteA"], device="cpu",
-                            precision=precision)
+        return DeSAMTrainer(cached / "pre" / DATASET, tmp_path, PLANS, 0, sources=["SiteA"],
+                            settings=TrainingSettings(device="cpu", precision=precision))
 
     assert trainer("auto").precision == "bf16" and trainer("fp32").precision == "fp32"
     with pytest.raises(DesamError, match="fp16 autocast is not supported on CPU"):
         trainer("fp16")
 
 
-def test_loss_setting_is_recorded_in_the_config(tmp_path):
-    grid = DeSAMTrainer(tmp_path, tmp_path, "P", 0, mode="grid", loss="reference", device="cpu")
+def on_cpu(tmp_path: Path, trainer: type[DeSAMTrainer] = DeSAMTrainer, **settings) -> DeSAMTrainer:
+    """A trainer of fold 0 of plan P on the CPU with these settings (nothing is read until it initialises)."""
+    return trainer(tmp_path, tmp_path, "P", 0, settings=TrainingSettings(device="cpu", **settings))
+
+
+def test_loss_setting_and_its_weights_are_recorded_in_the_config(tmp_path):
+    grid = on_cpu(tmp_path, mode="grid", loss="reference")
     assert grid.config()["loss"] == "reference" and grid.config()["loss_weights"] == [1.0, 0.0, 1.0]
-    box = DeSAMTrainer(tmp_path, tmp_path, "P", 0, mode="box", loss="reference", device="cpu")
+    box = on_cpu(tmp_path, mode="box", loss="reference")
     assert box.config()["loss_weights"] == [1.0, 0.0, 0.0]
-    paper = DeSAMTrainer(tmp_path, tmp_path, "P", 0, mode="grid", device="cpu")
+    paper = on_cpu(tmp_path, mode="grid")
     assert paper.config()["loss"] == "paper" and paper.config()["loss_weights"] == [1.0, 1.0, 10.0]
     with pytest.raises(DesamError, match="unknown loss"):
-        DeSAMTrainer(tmp_path, tmp_path, "P", 0, loss="monai", device="cpu")
+        on_cpu(tmp_path, loss="monai")
 
 
-def test_pdmm_layout_is_recorded_in_the_config(tmp_path):
-    assert DeSAMTrainer(tmp_path, tmp_path, "P", 0, device="cpu").config()["pdmm"] == "desam"
-    assert DeSAMTrainer(tmp_path, tmp_path, "P", 0, pdmm="reference", device="cpu").config()["pdmm"] == "reference"
+def test_pdmm_layout_is_recorded_and_an_unknown_one_refused(tmp_path):
+    assert on_cpu(tmp_path).config()["pdmm"] == "desam"
+    assert on_cpu(tmp_path, pdmm="reference").config()["pdmm"] == "reference"
     with pytest.raises(DesamError, match="unknown PDMM layout 'unet'"):
-        DeSAMTrainer(tmp_path, tmp_path, "P", 0, pdmm="unet", device="cpu")
+        on_cpu(tmp_path, pdmm="unet")
     with pytest.raises(DesamError, match="CoupledSAMTrainer has no PDMM"):
-        trainer_class("CoupledSAMTrainer")(tmp_path, tmp_path, "P", 0, pdmm="reference", device="cpu")
+        on_cpu(tmp_path, trainer_class("CoupledSAMTrainer"), pdmm="reference")
     assert train.build_parser().parse_args(["1", "0", "--pdmm", "reference"]).pdmm == "reference"
+
+
+def test_out_of_range_settings_are_one_line_errors(tmp_path):
+    for settings, message in (({"epochs": 0}, r"epochs \(0\) must be >= 1"), ({"num_workers": -1}, "--num-workers"),
+                              ({"loss_weights": (1.0, float("nan"), 1.0)}, "--loss-weights must be three finite"),
+                              ({"train_slices": "some"}, "unknown train slices 'some'")):
+        with pytest.raises(DesamError, match=message):
+            on_cpu(tmp_path, **settings)
+    assert on_cpu(tmp_path, trainer_class("ZeroShotSAMTrainer"), epochs=7).config()["epochs"] == 0
+
+
+def test_resume_compares_the_recorded_settings(tmp_path):
+    """Only RESUME_KEYS count; a checkpoint written before a key existed ran with its RESUME_DEFAULTS value."""
+    current = on_cpu(tmp_path, lr=1e-3).config()
+    saved = {**current, "lr": 1e-4, "num_workers": 5}
+    del saved["train_slices"]
+    assert resume_differences(saved, current) == ["lr 0.0001 -> 0.001"]
+    assert resume_differences({**saved, "lr": 1e-3, "train_slices": "foreground"}, current) == \
+        ["train_slices 'foreground' -> 'all'"]
