@@ -51,7 +51,7 @@ from desam_pipeline.baselines.external_predictions import read_record
 from desam_pipeline.data.raw_dataset import domains, image_path, list_cases, load_dataset_json
 from desam_pipeline.data.slice_selection import SLICE_MODES
 from desam_pipeline.io.atomic import read_json, write_json
-from desam_pipeline.network.sam_models import ENCODERS
+from desam_pipeline.network.encoders import ENCODERS
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.paths import dataset_name
 from evaluation.demo import run as run_stage
@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--views", type=int, help="augmented views of the RUNMC slices (default 2)")
     parser.add_argument("--nnunet-trainer", help="nnU-Net trainer class (default nnUNetTrainer_1epoch)")
     parser.add_argument("--train-slices", choices=SLICE_MODES,
-                        help="desam_train --train-slices for every trained arm (default foreground_margin: the slices a "
-                             "default plan caches; all: every slice, which collapses the IoU head, see README)")
+                        help="desam_train --train-slices for every trained arm (default foreground_margin: the slices "
+                             "a default plan caches; all: every slice, which collapses the IoU head, see "
+                             "benchmarks/README.md)")
     parser.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms (default: every arm)")
     parser.add_argument("--miniature", action="store_true",
                         help="tiny encoder, RUNMC + BMC x 2 cases, 1 epoch, 3 x 3 grid, 2 seeds, 1 view (CI)")

@@ -23,10 +23,10 @@ from desam_pipeline.inference.model import load_model
 from desam_pipeline.inference.outputs import QUALITY_COLUMNS
 from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.io.atomic import read_json
-from desam_pipeline.io.results_layout import CHECKPOINT_BEST, CHECKPOINT_FINAL
-from desam_pipeline.utilities.errors import DesamError
+from desam_pipeline.io.results_layout import CHECKPOINT_BEST, CHECKPOINT_FINAL, find_model_folder, model_folder_name
 from desam_pipeline.network import DeSAM
 from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
+from desam_pipeline.utilities.errors import DesamError
 from plans.plan_and_embed import plan_and_embed
 
 from toy_data import TINY_TAPS, toy_volume, write_toy_dataset
@@ -355,3 +355,12 @@ def test_input_discovery_naming(tmp_path):
     assert found["x"].problem is None and found["x"].files == (nnunet / "x_0000.nii.gz",)
     assert "y_0001.nii.gz" in found["y"].problem and "z_0001.nii.gz" in found["z"].problem
     assert discover_inputs(nnunet / "x_0000.nii.gz")[0].case == "x"
+
+
+def test_find_model_folder_picks_the_folder_of_the_given_source_site(tmp_path):
+    for source in ("RUNMC", "BMC"):
+        (tmp_path / model_folder_name("DeSAMTrainer", "DeSAMPlans_tiny", "grid", [source])).mkdir()
+    found = find_model_folder(tmp_path, ["BMC"], "grid")
+    assert found.name == model_folder_name("DeSAMTrainer", "DeSAMPlans_tiny", "grid", ["BMC"])
+    with pytest.raises(DesamError, match="several model folders"):
+        find_model_folder(tmp_path, None, "grid")

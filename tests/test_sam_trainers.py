@@ -16,14 +16,13 @@ from desam_pipeline.data.orientation import from_slices, in_plane_shape, plan_or
 from desam_pipeline.data.preprocessing import resize_probabilities_back
 from desam_pipeline.inference import predict
 from desam_pipeline.inference.model import load_model
-from desam_pipeline.io.results_layout import Checkpoint, find_model_folder, model_folder_name, parse_model_folder_name
+from desam_pipeline.io.results_layout import Checkpoint, model_folder_name, parse_model_folder_name
 from desam_pipeline.network import CoupledSAM
 from desam_pipeline.network.sam_models import build_sam, read_state_dict
 from desam_pipeline.training import train
 from desam_pipeline.training.registry import trainer_class, trainer_classes
 from desam_pipeline.training.sam_trainers import CoupledSAMTrainer
 from desam_pipeline.training.settings import TrainingSettings
-from desam_pipeline.utilities.errors import DesamError
 from evaluation.evaluate import main as evaluate_main
 from evaluation.report import main as report_main
 from plans.plan_and_embed import plan_and_embed
@@ -89,20 +88,6 @@ def test_folder_names_round_trip():
                                                                          "box", "BMC+RUNMC")
     assert parsed.name == name
     assert parse_model_folder_name("report") is None and parse_model_folder_name("DeSAMTrainer__p__grid") is None
-
-
-def test_model_folder_found_by_sources_mode_plan_and_trainer(tmp_path):
-    for trainer, mode, sources in (("DeSAMTrainer", "box", ["SiteA"]), ("DeSAMTrainer", "grid", ["SiteA"]),
-                                   ("CoupledSAMTrainer", "box", ["SiteB", "SiteA"])):
-        (tmp_path / model_folder_name(trainer, PLANS, mode, sources)).mkdir()
-    (tmp_path / "report").mkdir()
-    assert find_model_folder(tmp_path, ["SiteA"], "grid").name == f"DeSAMTrainer__{PLANS}__grid__src-SiteA"
-    assert find_model_folder(tmp_path, ["SiteA", "SiteB"]).name == f"CoupledSAMTrainer__{PLANS}__box__src-SiteA+SiteB"
-    assert find_model_folder(tmp_path, mode="box", trainer="DeSAMTrainer").name.endswith("__box__src-SiteA")
-    with pytest.raises(DesamError, match="several model folders match"):
-        find_model_folder(tmp_path, ["SiteA"])
-    with pytest.raises(DesamError, match=r"no model folder for source \['SiteC'\]"):
-        find_model_folder(tmp_path, ["SiteC"])
 
 
 def test_unknown_trainer_is_one_line_listing_the_known_ones(env, capsys):
