@@ -24,7 +24,6 @@ from desam_pipeline.utilities.errors import DesamError
 from nnunet_stand_in import fake_nnunet
 from toy_data import write_toy_dataset
 
-pytestmark = pytest.mark.slow  # trains, embeds or predicts through the whole pipeline
 
 SITES = ("BMC",)
 
@@ -42,6 +41,7 @@ def run_miniature(out, capsys) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # 7.6 min on the 2 shared cores at load 9-12 (one run took over 10 min)
 def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench"
@@ -97,6 +97,7 @@ def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, m
     assert pd.read_csv(out / "accuracy.csv").equals(table)
 
 
+@pytest.mark.slow
 def test_the_pdmm_arm_trains_the_reference_layout_and_other_settings_are_refused(tmp_path, capsys):
     pdmm = [a for a in arm_table(3) if a.name == "pdmm_reference"]
     assert pdmm and pdmm[0].train_flags == ("--pdmm", "reference")

@@ -17,7 +17,6 @@ from plans.plan_and_embed import plan_and_embed
 
 from toy_data import TINY_FRAME, toy_volume, write_toy_dataset
 
-pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
 DATASET = "Dataset900_Toy"
 PLANS = "DeSAMPlans_tiny"
@@ -59,6 +58,7 @@ def test_views_change_intensities_but_keep_the_structure_and_are_seeded():
     np.testing.assert_array_equal(np.random.get_state()[1], state)  # the global generator is left alone
 
 
+@pytest.mark.slow
 def test_views_are_cached_for_the_source_cases_only(cached):
     plan = json.loads((cached / "pre" / DATASET / f"{PLANS}.json").read_text())
     assert plan["augmented_views"]["count"] == VIEWS and plan["augmented_views"]["sites"] == ["SiteA"]
@@ -78,6 +78,7 @@ def test_views_are_cached_for_the_source_cases_only(cached):
                                       make_views(np.asarray(original["image"]), VIEWS, "SiteA_Case00")[v - 1])
 
 
+@pytest.mark.slow
 def test_the_training_stream_draws_views_and_validation_does_not(cached):
     source = case_dir(cached, "SiteA_Case00")
     train_data = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.TRAIN_STREAM, frame=TINY_FRAME)
@@ -96,6 +97,7 @@ def test_the_training_stream_draws_views_and_validation_does_not(cached):
     assert {int(plain[(e, 0)]["view"]) for e in range(10)} == {0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["SiteA", "SiteB"])  # with views, and a cache without views
 def test_training_runs_with_and_without_views(cached, source):
     with pytest.raises(SystemExit) as stop:
@@ -107,6 +109,7 @@ def test_training_runs_with_and_without_views(cached, source):
     assert (model / "fold_all" / "checkpoint_final.pth").is_file()
 
 
+@pytest.mark.slow
 def test_no_augmented_views_trains_on_the_originals_of_a_cache_with_views(cached):
     source = case_dir(cached, "SiteA_Case00")
     ignoring = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.TRAIN_STREAM, frame=TINY_FRAME,

@@ -21,7 +21,6 @@ from desam_pipeline.training import train
 from evaluation import evaluate, report
 from plans import plan_and_embed
 
-pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
 SLICES = 8
 
@@ -45,6 +44,7 @@ def cut_to_prostate(folder: Path) -> None:
             nib.save(nib.Nifti1Image(np.asarray(cut.dataobj), cut.affine, cut.header), path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_miniature_pipeline_end_to_end(trees, tmp_path):
     phantom = tmp_path / "phantom"

@@ -31,7 +31,6 @@ from plans.plan_and_embed import plan_and_embed
 
 from toy_data import write_toy_dataset
 
-pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
 DATASET = "Dataset900_Toy"
 MODEL = "DeSAMTrainer__DeSAMPlans_tiny__box__src-SiteA"
@@ -45,7 +44,7 @@ def block(shape, x, y, z) -> np.ndarray:
     return mask
 
 
-def test_paper_protocol_by_hand():
+def test_paper_protocol_scores_foreground_slices_without_the_border_at_256():
     """128x128 slices (each pixel becomes 2x2 at 256x256); GT in slices 1-3, of which the reference scores
     1-2 (its loop stops before the last foreground slice); the prediction is shifted by 3 px and adds a
     false positive in empty slice 0 and one in the 50-px border of slice 1."""
@@ -181,7 +180,8 @@ def assert_png(path: Path) -> None:
     assert picture.ndim == 3 and min(picture.shape[:2]) > 50
 
 
-def test_full_protocol_outputs(trained, full_run):
+@pytest.mark.slow
+def test_full_protocol_scores_every_test_case_and_writes_tables_summary_and_pngs(trained, full_run):
     model, raw = trained["model"], trained["raw"]
     expected = expected_cases(trained)
     out = model / "evaluation" / "full"
@@ -235,6 +235,7 @@ def test_full_protocol_outputs(trained, full_run):
         assert_png(out / "overlays" / name)
 
 
+@pytest.mark.slow
 def test_paper_protocol_reuses_predictions(trained, full_run, capsys):
     model, raw = trained["model"], trained["raw"]
     capsys.readouterr()
@@ -272,6 +273,7 @@ def test_paper_protocol_reuses_predictions(trained, full_run, capsys):
         assert_png(path)
 
 
+@pytest.mark.slow
 def test_report_on_the_evaluated_tree(trained, full_run):
     results = trained["roots"]["results"]
     assert run(["-d", "900", "--mode", "box", "--protocol", "full", f"--results={results}"], report_main) == 0
@@ -287,6 +289,7 @@ def test_report_on_the_evaluated_tree(trained, full_run):
     assert "SiteA" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_prediction_key_follows_checkpoint_content_and_choices_not_mtime(trained, full_run):
     """A retrained fold (other checkpoint bytes) or another choice makes a saved prediction stale; touching or
     copying a checkpoint does not."""
@@ -315,6 +318,7 @@ def test_the_prediction_key_follows_checkpoint_content_and_choices_not_mtime(tra
         assert best != before and best["checkpoint_name"] == "best"
 
 
+@pytest.mark.slow
 def test_new_pixels_in_an_input_are_predicted_again(trained, full_run, tmp_path, capsys):
     """Issue #24: the same shape and affine but other pixels must not reuse the old mask."""
     root = tmp_path / "copy"
@@ -337,6 +341,7 @@ def test_new_pixels_in_an_input_are_predicted_again(trained, full_run, tmp_path,
     assert prediction.stat().st_mtime_ns != before
 
 
+@pytest.mark.slow
 def test_errors_name_the_next_command(trained, full_run):
     roots = {k: str(v) for k, v in trained["roots"].items()}
     with pytest.raises(DesamError, match=r"no trained model; run `desam_train Dataset900_Toy FOLD --source SiteA "

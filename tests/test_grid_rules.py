@@ -73,7 +73,7 @@ def net(tiny_checkpoint):
 
 
 @pytest.mark.slow
-def test_reference_rule_through_predict_slices(net):
+def test_reference_rule_through_predict_slices_equals_the_generator_per_point(net):
     generator = torch.Generator().manual_seed(1)
     neck = torch.randn(2, 256, 64, 64, generator=generator)
     taps = [torch.randn(2, 32, 64, 64, generator=generator) for _ in range(3)]

@@ -12,7 +12,6 @@ from desam_pipeline.network import DeSAM
 
 from toy_data import TINY_FRAME, TINY_TAPS
 
-pytestmark = pytest.mark.slow  # tiny SAM over grids of prompts
 
 SLICES = 2
 GRID = 2
@@ -80,6 +79,7 @@ def dense_grid_ious(net, neck_slice):
     return embedding, iou[:, 0]
 
 
+@pytest.mark.slow
 def test_grid_runs_pdmm_once_per_slice_on_the_top_iou_prompt(net, features, grid_run):
     neck, taps = features
     spy, probs, best_iou = grid_run
@@ -104,6 +104,7 @@ def test_grid_runs_pdmm_once_per_slice_on_the_top_iou_prompt(net, features, grid
     np.testing.assert_allclose(probs, torch.sigmoid(logits[:, 0]).numpy(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_grid_leaves_slices_without_a_confident_prompt_empty(net, features, grid_run):
     neck, taps = features
     best_iou = grid_run[2]
@@ -119,6 +120,7 @@ def test_grid_leaves_slices_without_a_confident_prompt_empty(net, features, grid
     assert spy.pdmm_rows() == 0 and (probs == 0).all()
 
 
+@pytest.mark.slow
 def test_grid_average_over_accepted_prompts(net, features):
     neck, taps = features
     one = [neck[:1], [t[:1] for t in taps]]
@@ -136,6 +138,7 @@ def test_grid_average_over_accepted_prompts(net, features):
     np.testing.assert_allclose(probs[0], expected.numpy(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_box_mode_is_one_forward_pass_per_chunk(net, features):
     neck, taps = features
     with torch.no_grad():
@@ -151,6 +154,7 @@ def test_box_mode_is_one_forward_pass_per_chunk(net, features):
     np.testing.assert_allclose(probs16[0], probs[0], rtol=0, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_training_mode_is_restored_and_bad_arguments_fail(net, features):
     neck, taps = features
     net.train()

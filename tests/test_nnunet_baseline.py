@@ -24,7 +24,6 @@ from evaluation.report import main as report_main
 
 from nnunet_stand_in import fake_nnunet
 
-pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
 pytest.importorskip("nnunetv2")
 DATASET = "Dataset900_Toy"
@@ -39,6 +38,7 @@ def dataset(trees):
     return write_toy_dataset(trees["raw"], sites=("SiteA", "SiteB", "SiteC"), cases_per_site=3)
 
 
+@pytest.mark.slow
 def test_baseline_places_predictions_that_evaluate_and_report_score(dataset, trees, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(nnunet_baseline, "run_nnunet", fake_nnunet(dataset, calls, DATASET, EMPTY_CASE))
@@ -106,6 +106,7 @@ def test_baseline_places_predictions_that_evaluate_and_report_score(dataset, tre
     assert read_record(folder)["folds"] == ["0", "1"]
 
 
+@pytest.mark.slow
 def test_missing_external_prediction_is_an_error(dataset, trees, monkeypatch):
     monkeypatch.setattr(nnunet_baseline, "run_nnunet", fake_nnunet(dataset, [], DATASET, EMPTY_CASE))
     monkeypatch.setattr(nnunet_baseline, "export_dataset", lambda *a: False)

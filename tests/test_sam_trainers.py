@@ -29,7 +29,6 @@ from plans.plan_and_embed import plan_and_embed
 
 from toy_data import write_toy_dataset
 
-pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
 DATASET = "Dataset900_Toy"
 PLANS = "DeSAMPlans_tiny"
@@ -90,6 +89,7 @@ def test_folder_names_round_trip():
     assert parse_model_folder_name("report") is None and parse_model_folder_name("DeSAMTrainer__p__grid") is None
 
 
+@pytest.mark.slow
 def test_unknown_trainer_is_one_line_listing_the_known_ones(env, capsys):
     assert run(train.main, ["900", "0", "-tr", "NoSuchTrainer", *env["train"]]) == 1
     err = capsys.readouterr().err.strip()
@@ -100,6 +100,7 @@ def test_unknown_trainer_is_one_line_listing_the_known_ones(env, capsys):
 
 
 # ---------------------------------------------------------------- the coupled network is SAM's decoder
+@pytest.mark.slow
 def test_coupled_forward_equals_sam_mask_decoder(tiny_checkpoint):
     net = CoupledSAM.from_sam_checkpoint(tiny_checkpoint, "tiny").eval()
     sam_state = read_state_dict(tiny_checkpoint)
@@ -129,6 +130,7 @@ def test_coupled_forward_equals_sam_mask_decoder(tiny_checkpoint):
 
 
 # ---------------------------------------------------------------- coupled fine-tuning, end to end
+@pytest.mark.slow
 def test_coupled_trains_one_epoch_and_predicts_a_volume(env, tmp_path):
     common = ["--source", "SiteA", "--mode", "box", "--epochs", "1", "--batch-size", "2", "--num-workers", "0",
               "--device", "cpu", "--precision", "fp32", *env["train"]]
@@ -178,6 +180,7 @@ def test_coupled_trains_one_epoch_and_predicts_a_volume(env, tmp_path):
 
 
 # ---------------------------------------------------------------- zero-shot SAM, evaluated like any model
+@pytest.mark.slow
 def test_zero_shot_fold_is_evaluated_and_reported(env):
     assert run(train.main, ["900", "0", "-tr", "ZeroShotSAMTrainer", "--source", "SiteA", "--mode", "grid",
                             "--num-workers", "0", "--device", "cpu", *env["train"]]) == 0

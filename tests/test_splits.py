@@ -18,7 +18,7 @@ def test_source_key_is_canonical():
     assert source_key(["RUNMC", "BMC", "RUNMC"]) == "src-BMC+RUNMC"
 
 
-def test_parse_fold():
+def test_a_fold_is_0_to_4_or_all():
     assert splits.parse_fold("3") == 3
     assert splits.parse_fold("all") == "all"
     for bad in ("5", "-1", "x"):
@@ -39,7 +39,7 @@ def test_folds_partition_the_cases_by_patient():
     assert splits.make_folds(CASES, seed=1) != folds
 
 
-def test_few_cases_give_fewer_folds():
+def test_fewer_cases_than_folds_give_one_fold_per_case():
     assert len(splits.make_folds(CASES[:3])) == 3
     assert splits.make_folds(CASES[:1]) == []
     with pytest.raises(DesamError, match="only fold 'all'"):
