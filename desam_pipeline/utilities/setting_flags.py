@@ -34,7 +34,7 @@ def flag_fields(settings_class: type, names: Iterable[str] | None = None,
     return [fields[name] for name in chosen]
 
 
-def add_setting_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, settings_class: type,
+def add_setting_flags(parser: argparse.ArgumentParser, settings_class: type,
                       names: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> None:
     """Add the flags of `settings_class` (see `flag_fields`) to `parser`, each defaulting to its field's default."""
     for field in flag_fields(settings_class, names, exclude):
