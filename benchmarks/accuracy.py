@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     run_arms(arms, by_name, ctx)
     table, spread = accuracy_table.build_table(collect(list(by_name.values()), ctx))
     paths = accuracy_table.write_outputs(table, spread, header(settings, embed_s, counts), out)
-    print("\n" + paths["md"].read_text())
+    print("\n" + paths["md"].read_text(encoding="utf-8"))
     print(f"written: {', '.join(str(p) for p in paths.values())} ({time.perf_counter() - start:.0f} s)")
     return 0
 

@@ -124,7 +124,8 @@ def comparison(table: pd.DataFrame, spread: dict, protocol: str) -> str:
         verdict = ("is tied with it (within the seed spread)" if math.isfinite(width) and abs(diff) < width
                    else "beats it" if diff > 0 else "loses to it")
         losing = [c[len("Dice "):] for c in sites if seeds[c].astype(float).mean() < float(other[c])]
-        where = f"; DeSAM-P is below it at {', '.join(losing)}" if losing else "; DeSAM-P is at least as good at every unseen site"
+        where = (f"; DeSAM-P is below it at {', '.join(losing)}" if losing
+                 else "; DeSAM-P is at least as good at every unseen site")
         parts.append(f"Against the best {name} arm ({other['arm']}, {value:.3f}) DeSAM-P {verdict}, difference "
                      f"{diff:+.3f}{where}.")
     box, coupled_box = frame[frame["family"] == "desam-b"], frame[frame["key"] == "coupled_box"]
@@ -150,7 +151,7 @@ def write_markdown(table: pd.DataFrame, spread: dict, header: list[str], target:
         sections += ["", comparison(table, spread, protocol), ""]
     text = "\n".join(sections)
     with atomic_path(target) as tmp:
-        Path(tmp).write_text(text)
+        Path(tmp).write_text(text, encoding="utf-8")
     return text
 
 

@@ -126,7 +126,7 @@ def child(config: dict) -> dict:
 
 def run_child(config: dict) -> dict:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.train", "--child", json.dumps(config)],
-                          capture_output=True, text=True)
+                          capture_output=True, encoding="utf-8")
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -127,7 +127,7 @@ def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plan
     sections += ["## Cases per cell (NaN HD95 excluded from its mean)", "",
                  to_markdown(matrix, index=True, right_align=matrix.columns), ""]
     with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(sections))
+        tmp.write_text("\n".join(sections), encoding="utf-8")
     return out
 
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"--protocol {args.protocol}{flag}` first")
     for mode in modes:
         out = write_report(trees.dataset, results_dir, mode, args.protocol, args.plans, args.trainer)
-        print((out / "report.md").read_text())
+        print((out / "report.md").read_text(encoding="utf-8"))
         print(f"report written to {out}", file=sys.stderr)
     return 0
 

@@ -68,7 +68,7 @@ def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, m
     assert set(table.loc[table["family"] == "desam-p", "tied"]) == {"seed"}
     assert set(table["tied"].fillna("")) <= {"seed", "tied", ""}
 
-    markdown = (out / "accuracy.md").read_text()
+    markdown = (out / "accuracy.md").read_text(encoding="utf-8")
     assert "### protocol full" in markdown and "### protocol paper" in markdown
     assert "DeSAM-P seeds: mean unseen Dice" in markdown and "Against the best nnU-Net arm" in markdown
     assert (out / "accuracy.png").stat().st_size > 10_000
@@ -77,12 +77,12 @@ def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, m
     # prediction-only arms: the base arm's trained model in their own root, predicted with their option
     results = out / "results"
     for arm, option in (("checkpoint_best", ("checkpoint_name", "best")), ("grid_rule_reference", ("grid_rule", "reference"))):
-        summary = json.loads(next((results / arm).rglob("evaluation/full/summary.json")).read_text())
+        summary = json.loads(next((results / arm).rglob("evaluation/full/summary.json")).read_text(encoding="utf-8"))
         assert summary[option[0]] == option[1]
-    base = json.loads(next((results / "desam_p_s0").rglob("evaluation/full/summary.json")).read_text())
+    base = json.loads(next((results / "desam_p_s0").rglob("evaluation/full/summary.json")).read_text(encoding="utf-8"))
     assert (base["checkpoint_name"], base["grid_rule"]) == ("final", "top1")
     # one cache: only the views arm trains on the augmented views, and every seed has its own model folder
-    debug = {arm: json.loads(next((results / arm).rglob("fold_0/debug.json")).read_text())
+    debug = {arm: json.loads(next((results / arm).rglob("fold_0/debug.json")).read_text(encoding="utf-8"))
              for arm in ("desam_p_s0", "desam_p_s1", "views")}
     assert [debug[a]["augmented_views"] for a in debug] == [False, False, True]
     assert [debug[a]["seed"] for a in debug] == [0, 1, 0]
@@ -111,9 +111,9 @@ def test_the_pdmm_arm_trains_the_reference_layout_and_other_settings_are_refused
     # a record written before --train-slices existed ran on every slice: it matches `all`, not the default
     assert settings["train_slices"] == "foreground_margin"
     record = tmp_path / "b" / "benchmark.json"
-    saved = json.loads(record.read_text())
+    saved = json.loads(record.read_text(encoding="utf-8"))
     del saved["train_slices"]
-    record.write_text(json.dumps(saved))
+    record.write_text(json.dumps(saved), encoding="utf-8")
     accuracy.check_same_settings(tmp_path / "b", {**settings, "train_slices": "all"})
     with pytest.raises(DesamError, match="train_slices: 'all' -> 'foreground_margin'"):
         accuracy.check_same_settings(tmp_path / "b", settings)

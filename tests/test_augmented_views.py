@@ -60,12 +60,12 @@ def test_views_change_intensities_but_keep_the_structure_and_are_seeded():
 
 @pytest.mark.slow
 def test_views_are_cached_for_the_source_cases_only(cached):
-    plan = json.loads((cached / "pre" / DATASET / f"{PLANS}.json").read_text())
+    plan = json.loads((cached / "pre" / DATASET / f"{PLANS}.json").read_text(encoding="utf-8"))
     assert plan["augmented_views"]["count"] == VIEWS and plan["augmented_views"]["sites"] == ["SiteA"]
     assert views_for(plan, "SiteA") == VIEWS and views_for(plan, "SiteB") == 0
     source, unseen = case_dir(cached, "SiteA_Case00"), case_dir(cached, "SiteB_Case00")
-    assert json.loads((source / "meta.json").read_text())["views"] == VIEWS
-    assert "views" not in json.loads((unseen / "meta.json").read_text())
+    assert json.loads((source / "meta.json").read_text(encoding="utf-8"))["views"] == VIEWS
+    assert "views" not in json.loads((unseen / "meta.json").read_text(encoding="utf-8"))
     assert not list(unseen.glob("view*"))
     original = cache.open_case(source)
     for v in range(1, VIEWS + 1):
@@ -125,7 +125,7 @@ def test_no_augmented_views_trains_on_the_originals_of_a_cache_with_views(cached
                     "--preprocessed", str(cached / "pre"), "--results", str(cached / "results_no_views")])
     assert stop.value.code == 0
     fold = cached / "results_no_views" / DATASET / f"DeSAMTrainer__{PLANS}__box__src-SiteA" / "fold_all"
-    assert json.loads((fold / "debug.json").read_text())["augmented_views"] is False
+    assert json.loads((fold / "debug.json").read_text(encoding="utf-8"))["augmented_views"] is False
     # resuming with views would be another run: refused, not mixed
     with pytest.raises(SystemExit) as stop:
         train.main(["900", "all", "--source", "SiteA", "--mode", "box", "--epochs", "1", "--batch-size", "2",

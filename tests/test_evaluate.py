@@ -125,13 +125,13 @@ def trained(tmp_path_factory, tiny_checkpoint) -> dict:
     epoch on fold 0 of SiteA by the real trainer."""
     root = tmp_path_factory.mktemp("evaluate")
     raw = write_toy_dataset(root / "raw", sites=("SiteA", "SiteB", "SiteC"), cases_per_site=2, shape=(40, 36, 6))
-    info = json.loads((raw / "dataset.json").read_text())
+    info = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
     for case in ("SiteB_Case01", "SiteC_Case01"):
         (raw / "imagesTr" / f"{case}_0000.nii.gz").unlink()
         (raw / "labelsTr" / f"{case}.nii.gz").unlink()
         del info["domains"][case]
     info["numTraining"] = len(info["domains"])
-    (raw / "dataset.json").write_text(json.dumps(info))
+    (raw / "dataset.json").write_text(json.dumps(info), encoding="utf-8")
     roots = {k: root / k for k in ("raw", "preprocessed", "results")}
     plan_and_embed("900", encoder="tiny", checkpoint=str(tiny_checkpoint), slices="all", device="cpu",
                    raw=str(roots["raw"]), preprocessed=str(roots["preprocessed"]))
@@ -164,7 +164,7 @@ def full_run(trained) -> dict:
 
 def expected_cases(trained) -> dict[str, tuple[str, bool]]:
     """case -> (site, in_domain): every non-source case plus SiteA's fold-0 validation cases."""
-    split = json.loads((trained["roots"]["preprocessed"] / DATASET / SPLITS_FILE).read_text())
+    split = json.loads((trained["roots"]["preprocessed"] / DATASET / SPLITS_FILE).read_text(encoding="utf-8"))
     held = split["src-SiteA"][0]["val"]
     assert len(held) == 1
     return {"SiteB_Case00": ("SiteB", False), "SiteC_Case00": ("SiteC", False), held[0]: ("SiteA", True)}
@@ -217,7 +217,7 @@ def test_full_protocol_scores_every_test_case_and_writes_tables_summary_and_pngs
     assert dice.at["overall", "mean"] == pytest.approx(per_case["dice"].mean())
     assert str(dice.at["SiteA", "in_domain"]) == "True" and str(dice.at["SiteB", "in_domain"]) == "False"
 
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["protocol"] == "full" and summary["protocol_description"] == PROTOCOLS["full"]
     assert summary["source"] == ["SiteA"] and summary["folds"] == ["0"] and summary["mode"] == "box"
     assert (summary["cases"], summary["in_domain_cases"], summary["unseen_cases"]) == (3, 1, 2)
@@ -262,7 +262,7 @@ def test_paper_protocol_reuses_predictions(trained, full_run, capsys):
         assert row.slices_scored == keep.sum() > 0
         total = ref.sum() + pred.sum()
         assert row.dice == pytest.approx(2 * np.count_nonzero(ref & pred) / total)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["protocol"] == "paper" and summary["protocol_description"] == PROTOCOLS["paper"]
     assert summary["paper_protocol"]["border_zeroed_px"] == BORDER
     assert summary["checkpoint_name"] == "final" and summary["checkpoint_file"] == "checkpoint_final.pth"
@@ -286,7 +286,7 @@ def test_report_on_the_evaluated_tree(trained, full_run):
     assert list(dice.index) == ["SiteA"]
     for site, frame in per_case.groupby("site"):
         assert dice.at["SiteA", site] == pytest.approx(frame["dice"].mean())
-    assert "SiteA" in (out / "report.md").read_text()
+    assert "SiteA" in (out / "report.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow

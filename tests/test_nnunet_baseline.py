@@ -89,7 +89,7 @@ def test_baseline_places_predictions_that_evaluate_and_report_score(dataset, tre
     with pytest.raises(SystemExit) as stop:
         report_main(["-d", DATASET, "-tr", "nnUNetTrainer_1epoch", "--mode", "2d"])
     assert stop.value.code == 0
-    report = (trees["results"] / DATASET / "report" / "nnUNetTrainer_1epoch__2d__full" / "report.md").read_text()
+    report = (trees["results"] / DATASET / "report" / "nnUNetTrainer_1epoch__2d__full" / "report.md").read_text(encoding="utf-8")
     assert "nnUNetTrainer_1epoch: 1 epoch(s) x 250 iterations" in report
 
     # rerun: nothing retrained or repredicted
@@ -112,7 +112,7 @@ def test_missing_external_prediction_is_an_error(dataset, trees, monkeypatch):
     monkeypatch.setattr(nnunet_baseline, "export_dataset", lambda *a: False)
     (trees["results"] / DATASET / "nnunet" / "src-SiteA" / "nnUNet_preprocessed" / DATASET).mkdir(parents=True)
     (trees["results"] / DATASET / "nnunet" / "src-SiteA" / "nnUNet_preprocessed" / DATASET /
-     "nnUNetPlans.json").write_text("{}")
+     "nnUNetPlans.json").write_text("{}", encoding="utf-8")
     folder = nnunet_baseline.run_baseline(DATASET, ["SiteA"], ["0"], trainer="nnUNetTrainer_1epoch")
     (folder / "predictions" / "SiteC" / "SiteC_Case02.nii.gz").unlink()
     with pytest.raises(DesamError, match="SiteC_Case02.nii.gz"):

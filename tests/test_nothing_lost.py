@@ -29,7 +29,7 @@ DATASET = "Dataset900_Toy"
 
 def python(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, encoding="utf-8",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
@@ -110,7 +110,7 @@ def test_a_finished_fold_needs_continue_or_overwrite(toy_cache, capsys, monkeypa
     # started over: the old run's final checkpoint and validation are gone, not mixed with the new run
     assert not (folder / "checkpoint_final.pth").exists() and not (folder / "validation").exists()
     assert torch.load(folder / "checkpoint_latest.pth", weights_only=True)["epoch"] == 1
-    log = (folder / "training_log.txt").read_text()
+    log = (folder / "training_log.txt").read_text(encoding="utf-8")
     assert log.count("started:") == 1 and "epoch 2/2" not in log
 
 
@@ -134,7 +134,7 @@ def test_training_on_a_full_disk_stops_in_one_line_and_resumes(toy_cache, traine
     assert not list(folder.glob(".tmp-*"))
     assert torch.load(folder / "checkpoint_latest.pth", weights_only=True)["epoch"] == 1
     assert not (folder / "checkpoint_final.pth").exists()
-    assert "epoch 2/2" not in (folder / "training_log.txt").read_text()
+    assert "epoch 2/2" not in (folder / "training_log.txt").read_text(encoding="utf-8")
 
     monkeypatch.undo()  # space freed; a kill had also left a temporary, and another run writes one now
     dead, alive = plant_temporaries(folder, "checkpoint_latest.pth", live_pid)
@@ -171,7 +171,7 @@ def plant_temporaries(folder: Path, name: str, live: int) -> tuple[Path, Path]:
 
 def test_remove_stale_temporaries_spares_live_writers(tmp_path, live_pid):
     dead, alive = plant_temporaries(tmp_path, "checkpoint_latest.pth", live_pid)
-    (tmp_path / ".tmp-notapid-x").write_text("kept")
+    (tmp_path / ".tmp-notapid-x").write_text("kept", encoding="utf-8")
     (tmp_path / f".tmp-{dead_pid()}-folder").mkdir()
     assert atomic.remove_stale_temporaries(tmp_path) == 2
     assert not dead.exists() and alive.exists() and (tmp_path / ".tmp-notapid-x").exists()
@@ -336,9 +336,9 @@ def write_dataset(tmp_path: Path, **changes) -> Path:
     import json
 
     folder = write_toy_dataset(tmp_path / "raw", cases_per_site=1, shape=(20, 20, 4))
-    info = json.loads((folder / "dataset.json").read_text())
+    info = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     info.update(changes)
-    (folder / "dataset.json").write_text(json.dumps(info))
+    (folder / "dataset.json").write_text(json.dumps(info), encoding="utf-8")
     return folder
 
 
@@ -424,7 +424,7 @@ def test_evaluate_folder_names_a_wrong_typed_dataset_json_field(ref_pred, tmp_pa
     import json
 
     ref, pred = ref_pred
-    (tmp_path / "d.json").write_text(json.dumps({field: value}))
+    (tmp_path / "d.json").write_text(json.dumps({field: value}), encoding="utf-8")
     assert evaluate_cli(ref, pred, "--dataset-json", tmp_path / "d.json") == 1
     assert f"'{field}' must be" in one_error_line(capsys.readouterr().err)
 

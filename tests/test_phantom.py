@@ -74,7 +74,7 @@ def test_saml_layout_with_the_real_quirks(phantom):
         assert set(np.unique(label).tolist()) == ({0, 1, 2} if site in ("RUNMC", "BMC") else {0, 1})
         image = nib.load(str(phantom / site / ("Case38.nii.gz" if site == "HK" else "Case01.nii.gz")))
         assert image.get_data_dtype() == np.dtype(SITES[site].dtype)
-    info = json.loads((phantom / "phantom.json").read_text())
+    info = json.loads((phantom / "phantom.json").read_text(encoding="utf-8"))
     assert info["seed"] == 0 and len(info["cases"]) == len(SITE_ORDER) * CASES_PER_SITE
 
 

@@ -323,7 +323,7 @@ def torchrun_embed(toy_root: Path, preprocessed: Path, *flags: str) -> subproces
                "-m", "plans.plan_and_embed", "-d", "900", "--raw", str(toy_root / "raw"),
                "--preprocessed", str(preprocessed), "--device", "cpu", *flags]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=280, env=environment, cwd=REPO)
+    return subprocess.run(command, capture_output=True, encoding="utf-8", timeout=280, env=environment, cwd=REPO)
 
 
 @pytest.mark.slow

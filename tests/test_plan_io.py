@@ -26,7 +26,7 @@ def valid_plan() -> dict:
 def write_plan(folder: Path, **changes) -> Path:
     plan = {**valid_plan(), **changes}
     path = plan_path(folder, PLANS)
-    path.write_text(json.dumps(plan))
+    path.write_text(json.dumps(plan), encoding="utf-8")
     return path
 
 
@@ -58,10 +58,10 @@ def test_a_bad_plan_field_is_one_line_naming_file_field_and_expectation(tmp_path
 
 def test_a_plan_that_is_not_an_object_or_not_json_is_named(tmp_path):
     path = plan_path(tmp_path, PLANS)
-    path.write_text("[1, 2]")
+    path.write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(DesamError, match="expected a JSON object"):
         load_plan(tmp_path, PLANS)
-    path.write_text("{not json")
+    path.write_text("{not json", encoding="utf-8")
     with pytest.raises(DesamError, match=rf"^{path}: invalid JSON"):
         load_plan(tmp_path, PLANS)
     path.write_text(json.dumps({k: v for k, v in valid_plan().items() if k != "encoder"}))
@@ -84,7 +84,7 @@ def test_read_json_names_the_file_of_invalid_json(tmp_path):
 
 def write_split(folder: Path, folds) -> Path:
     path = folder / splits.SPLITS_FILE
-    path.write_text(json.dumps({"src-RUNMC": folds}))
+    path.write_text(json.dumps({"src-RUNMC": folds}), encoding="utf-8")
     return path
 
 

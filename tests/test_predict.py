@@ -263,7 +263,7 @@ def test_torchrun_two_ranks_write_every_case_once(predict_env, tmp_path):
                "-m", "desam_pipeline.inference.predict", "-i", str(inputs), "-o", str(out), "-m", str(predict_env.box),
                "-f", "0", "--device", "cpu", *predict_env.roots]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=280, env=environment)
+    proc = subprocess.run(command, capture_output=True, encoding="utf-8", timeout=280, env=environment)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "part 1/2: 2 of 3 cases" in proc.stdout and "part 2/2: 1 of 3 cases" in proc.stdout
     assert "desam_predict: 3 predicted" in proc.stdout

@@ -303,7 +303,7 @@ def test_python_examples_import():
 
 def tracked_paths() -> set[str]:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+                           capture_output=True, encoding="utf-8", check=True).stdout.split()
     folders = {str(Path(f).parents[i]) for f in files for i in range(len(Path(f).parts) - 1)}
     return set(files) | folders
 
@@ -407,7 +407,7 @@ def test_the_checks_catch_a_missing_target_path_and_heading(tmp_path):
         commands("```\nmake benchmark\n```\n", console_scripts())
     page = tmp_path / "page.md"
     page.write_text("# Title\n\nSee `desam_pipeline/trainer.py`, `desam_pipeline.inference.predict_slices`,"
-                    " [this](#title), [that](#nothing) and [there](missing.md).\n")
+                    " [this](#title), [that](#nothing) and [there](missing.md).\n", encoding="utf-8")
     assert path_problems(page, tracked_paths()) == [
         "link to a missing heading: #nothing", "link to a missing file: missing.md",
         "no such path: desam_pipeline/trainer.py", "no such module or name: desam_pipeline.inference.predict_slices"]

@@ -81,7 +81,7 @@ def test_report_outputs(results, capsys):
     nan_cell = cells.query("source == 'SiteA' and target == 'SiteB'").iloc[0]
     assert (nan_cell["cases"], nan_cell["hd95_n"], nan_cell["hd95_excluded"]) == (3, 2, 1)
 
-    markdown = (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text(encoding="utf-8")
     assert "protocol: full" in markdown and "grid mode" in markdown
     a_row = next(line for line in markdown.splitlines() if line.startswith("| SiteA |") and "*" in line)
     cells_a = [c.strip() for c in a_row.strip("|").split("|")]

@@ -142,7 +142,7 @@ def test_coupled_trains_one_epoch_and_predicts_a_volume(env, tmp_path):
     pretrained = read_state_dict(env["checkpoint"])
     mask_head = "prim.mask_decoder.output_upscaling.0.weight"
     assert not torch.equal(checkpoint.network[mask_head], pretrained[mask_head[len("prim."):]])  # it trained
-    debug = json.loads((folder / "fold_0" / "debug.json").read_text())
+    debug = json.loads((folder / "fold_0" / "debug.json").read_text(encoding="utf-8"))
     assert set(debug["parameter_counts"]) == {"prim.prompt_encoder", "prim.mask_decoder", "trainable", "total"}
     assert (folder / "fold_0" / "validation" / "summary.json").is_file()
 
@@ -169,7 +169,7 @@ def test_coupled_trains_one_epoch_and_predicts_a_volume(env, tmp_path):
                                              multimask_output=False)[0] for s in range(len(neck))])
     expected = np.zeros((image.shape[2], 256, 256), np.float32)
     expected[np.asarray(arrays["meta"]["z"])] = torch.sigmoid(logits)[:, 0].numpy()
-    orientation = plan_orientation(json.loads((folder / "plans.json").read_text()))
+    orientation = plan_orientation(json.loads((folder / "plans.json").read_text(encoding="utf-8")))
     expected = resize_probabilities_back(expected, in_plane_shape(image.shape, 2, orientation))
     expected = from_slices(expected, 2, orientation)  # the cache holds slices as the plan orients them
     assert expected.std() > 0.01
@@ -197,15 +197,15 @@ def test_zero_shot_fold_is_evaluated_and_reported(env):
     assert run(evaluate_main, ["-d", "900", "--source", "SiteA", "--mode", "grid", "-tr", "ZeroShotSAMTrainer",
                                "--grid", "3", "--device", "cpu", *env["flags"]]) == 0
     per_case = pd.read_csv(folder / "evaluation" / "full" / "per_case.csv")
-    held = json.loads((fold / "debug.json").read_text())["val_cases"]
+    held = json.loads((fold / "debug.json").read_text(encoding="utf-8"))["val_cases"]
     assert sorted(per_case["case"]) == sorted(["SiteB_Case00", "SiteB_Case01", *held])
     assert per_case["dice"].between(0, 1).all()
     assert (folder / "predictions" / "SiteB" / "SiteB_Case00.nii.gz").is_file()
-    summary = json.loads((folder / "evaluation" / "full" / "summary.json").read_text())
+    summary = json.loads((folder / "evaluation" / "full" / "summary.json").read_text(encoding="utf-8"))
     assert summary["trainer"] == "ZeroShotSAMTrainer"
 
     assert run(report_main, ["-d", "900", "-tr", "ZeroShotSAMTrainer", f"--results={env['roots']['results']}"]) == 0
     report = env["roots"]["results"] / DATASET / "report" / "ZeroShotSAMTrainer__grid__full"
     dice = pd.read_csv(report / "dice_matrix.csv")
     assert dice["source"].tolist() == ["SiteA"]
-    assert "ZeroShotSAMTrainer" in (report / "report.md").read_text()
+    assert "ZeroShotSAMTrainer" in (report / "report.md").read_text(encoding="utf-8")

@@ -185,7 +185,7 @@ def test_no_setting_default_is_written_outside_its_settings_module():
             if relative in SETTINGS_MODULES:
                 continue
             violations += [f"{relative}:{line}: {owner}({name}={default})"
-                           for line, owner, name, default in literal_defaults(path.read_text())
+                           for line, owner, name, default in literal_defaults(path.read_text(encoding="utf-8"))
                            if name in names and (relative, owner, name) not in SAME_NAME_OTHER_MEANING]
     assert not violations, "defaults with a second home:\n" + "\n".join(violations)
 

@@ -37,17 +37,17 @@ def test_two_epoch_run_writes_every_output(trained_fold, toy_cache):
     model_dir = trained_fold.parent
     for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
         assert (model_dir / name).is_file()
-    assert json.loads((model_dir / "plans.json").read_text()) == \
-        json.loads((toy_cache / "pre" / DATASET / f"{PLANS}.json").read_text())
+    assert json.loads((model_dir / "plans.json").read_text(encoding="utf-8")) == \
+        json.loads((toy_cache / "pre" / DATASET / f"{PLANS}.json").read_text(encoding="utf-8"))
     for name in ("checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_final.pth", "training_log.txt",
                  "progress.png", "debug.json"):
         assert (trained_fold / name).is_file(), name
     assert (trained_fold / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(trained_fold.glob(".tmp-*"))
-    log = (trained_fold / "training_log.txt").read_text()
+    log = (trained_fold / "training_log.txt").read_text(encoding="utf-8")
     assert "epoch 1/2" in log and "epoch 2/2" in log and "val_dice" in log
 
-    debug = json.loads((trained_fold / "debug.json").read_text())
+    debug = json.loads((trained_fold / "debug.json").read_text(encoding="utf-8"))
     assert (debug["epochs"], debug["batch_size"], debug["lr"], debug["seed"], debug["mode"]) == (2, 2, 1e-4, 7, "box")
     assert debug["loss_weights"] == [1.0, 1.0, 0.0] and debug["optimizer"] == "Adam" and debug["precision"] == "fp32"
     assert debug["train_cases"] and debug["val_cases"] and not set(debug["train_cases"]) & set(debug["val_cases"])
@@ -63,7 +63,7 @@ def test_two_epoch_run_writes_every_output(trained_fold, toy_cache):
     assert checkpoint["history"]["lr"][1] < checkpoint["history"]["lr"][0] == 1e-4  # poly decay per epoch
 
     (val_case,) = debug["val_cases"]
-    summary = json.loads((trained_fold / "validation" / "summary.json").read_text())
+    summary = json.loads((trained_fold / "validation" / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["cases"]) == {val_case}
     assert summary["prediction"] == {"grid": 9, "iou_threshold": 0.5, "grid_rule": "reference", "postprocess": "none"}
     assert {"dice", "hd95"} <= set(summary["cases"][val_case]) and "dice" in summary["mean"]
@@ -102,7 +102,7 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(trained_fold, t
         assert torch.equal(value, resumed["network"][key]), key
     assert reference["history"]["train_loss"] == resumed["history"]["train_loss"]
     assert reference["history"]["val_loss"] == resumed["history"]["val_loss"]
-    assert "resumed" in (folder / "training_log.txt").read_text()
+    assert "resumed" in (folder / "training_log.txt").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow
@@ -176,10 +176,10 @@ def test_grid_mode_steps_score_the_iou_head(toy_cache):
 @pytest.mark.slow
 def test_val_only_redoes_the_final_validation(trained_fold, toy_cache):
     summary = trained_fold / "validation" / "summary.json"
-    before = json.loads(summary.read_text())
+    before = json.loads(summary.read_text(encoding="utf-8"))
     summary.unlink()
     assert run_cli(toy_cache, "results", "--val-only", "--num-workers", "0") == 0
-    assert json.loads(summary.read_text()) == before
+    assert json.loads(summary.read_text(encoding="utf-8")) == before
 
 
 @pytest.mark.slow
@@ -190,12 +190,12 @@ def test_model_folder_alone_rebuilds_the_network(trained_fold, toy_cache, tmp_pa
     (copy / "plans.json").write_bytes((trained_fold.parent / "plans.json").read_bytes())
     (copy / "fold_0" / "checkpoint_final.pth").write_bytes((trained_fold / "checkpoint_final.pth").read_bytes())
 
-    plan = json.loads((copy / "plans.json").read_text())
+    plan = json.loads((copy / "plans.json").read_text(encoding="utf-8"))
     checkpoint = final_state(copy / "fold_0")
     config = checkpoint["network_config"]
     assert config["tap_shapes"] == plan["tap_shapes"]
     net = DeSAM.from_inference_state(checkpoint["network"], config)
-    (val_case,) = json.loads((trained_fold / "debug.json").read_text())["val_cases"]
+    (val_case,) = json.loads((trained_fold / "debug.json").read_text(encoding="utf-8"))["val_cases"]
     arrays = cache.open_case(cache.cache_dir(toy_cache / "pre" / DATASET, plan["plans_name"]) / val_case)
     probabilities, _ = slice_prediction.predict_slices(net, arrays["neck"], [arrays[f"tap{i}"] for i in range(3)],
                                                 config["mode"])
@@ -212,7 +212,7 @@ def run_torchrun(toy_cache: Path, results: str, *extra: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "desam_pipeline.training.train", *COMMON, "--num-workers", "0", *extra,
                "--preprocessed", str(toy_cache / "pre"), "--results", str(toy_cache / results)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=380, cwd=REPO)
+    result = subprocess.run(command, env=env, capture_output=True, encoding="utf-8", timeout=380, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -236,9 +236,9 @@ def test_ddp_on_two_cpu_processes_matches_one_process(trained_fold, toy_cache, t
     """torchrun, gloo, global batch 2 = 1 per rank: same losses and weights as one process."""
     run_torchrun(toy_cache, "ddp")
     folder = fold_dir(toy_cache, "ddp")
-    log = (folder / "training_log.txt").read_text()
+    log = (folder / "training_log.txt").read_text(encoding="utf-8")
     assert log.count("epoch 2/2") == 1 and "world size 2" in log  # rank 0 alone writes
-    assert json.loads((folder / "debug.json").read_text())["local_batch_size"] == 1
+    assert json.loads((folder / "debug.json").read_text(encoding="utf-8"))["local_batch_size"] == 1
     single, ddp = final_state(trained_fold), final_state(folder)
     assert_same_training(single, ddp)
     torch.manual_seed(7)  # the trainer's seed for rank 0, which DDP broadcasts: the initial weights
@@ -255,7 +255,7 @@ def test_ddp_resumes_a_single_process_run(trained_fold, toy_cache, interrupted):
     shutil.copytree(interrupted, toy_cache / "ddp_resumed")
     run_torchrun(toy_cache, "ddp_resumed", "-c")
     folder = fold_dir(toy_cache, "ddp_resumed")
-    log = (folder / "training_log.txt").read_text()
+    log = (folder / "training_log.txt").read_text(encoding="utf-8")
     assert log.count("resumed") == 1 and log.count("epoch 2/2") == 1
     assert_same_training(final_state(trained_fold), final_state(folder))
 
@@ -265,7 +265,7 @@ def test_a_different_sam_checkpoint_is_refused(toy_cache, tmp_path):
     pre = tmp_path / "pre"
     shutil.copytree(toy_cache / "pre", pre, ignore=shutil.ignore_patterns("*.npy"))
     plan_file = pre / DATASET / f"{PLANS}.json"
-    plan = json.loads(plan_file.read_text())
+    plan = json.loads(plan_file.read_text(encoding="utf-8"))
     other = tmp_path / "other.pth"
     save_sam_checkpoint(build_sam("tiny", seed=1), other)
     plan_file.write_text(json.dumps({**plan, "checkpoint": str(other)}))

@@ -65,7 +65,7 @@ def copy_plan_files(preprocessed_dir: Path, plans_name: str, model_dir: Path) ->
 
 def append_log(fold_dir: Path, line: str, file_mode: str = "a") -> None:
     """One time-stamped line in the fold's training_log.txt (`file_mode` "w" starts it afresh)."""
-    with open(fold_dir / LOG_FILE, file_mode) as log:
+    with open(fold_dir / LOG_FILE, file_mode, encoding="utf-8") as log:
         log.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {line}\n")
 
 
