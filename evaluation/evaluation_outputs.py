@@ -169,10 +169,11 @@ def write_overlays(per_case: pd.DataFrame, out_dir: Path, raw_dir: Path, dataset
             ref256 = reference_label_grid(reference, axis)
             pred256 = zero_border(to_slice_grid(prediction, axis)) > 0
             kept = reference_slice_indices(reference, ref256, axis)
-            scored = f"slices {kept[0]}-{kept[-1]}, {kept.size} scored" if kept.size else "no slice scored"
+            scored = (f"{kept.size} slices ({kept[0]}-{kept[-1]})" if kept.size > 1 else
+                      f"slice {kept[0]}" if kept.size else "no slice")
             overlay_png(slices, ref256, pred256, target, case, site, dice,
                         slice_grid_spacing(spacing, image.shape, axis), slice_axis=0,
-                        caption=f"paper protocol: 256x256, border zeroed, {scored}")
+                        caption=f"paper protocol: 256x256, border zeroed, scores {scored}")
         else:
             overlay_png(image, reference, prediction, target, case, site, dice, spacing, slice_axis=axis)
         written.append(target)
