@@ -73,7 +73,7 @@ def site_summary(per_case: pd.DataFrame, per_slice: pd.DataFrame | None) -> pd.D
 
 def per_site_markdown(per_site: pd.DataFrame, title: str, protocol: str) -> str:
     """What desam_evaluate prints: Dice and HD95 per site and, under `full`, the detection table."""
-    shown = per_site[per_site["metric"].isin(["dice", "hd95"])]
+    shown = per_site[per_site["metric"].isin(["dice", "hd95"])].drop(columns="pooled")
     text = markdown_section(f"{title}: per site", shown, protocol)
     if "fp_slices" in set(per_site["metric"]):
         text += "\n" + markdown_section(f"{title}: can it say 'no structure here'?", detection_table(per_site),

@@ -13,7 +13,7 @@ from desam_pipeline.utilities.detection import (components, gate_auc, rank_corre
                                                  slice_presence)
 from desam_pipeline.utilities.errors import DesamError
 from evaluation.detection_tables import case_detection, detection_matrix, group_detection, read_predicted_iou
-from evaluation.evaluation_outputs import detection_table, site_summary
+from evaluation.evaluation_outputs import detection_table, per_site_markdown, site_summary
 from evaluation.tables import MEAN_UNSEEN, POOLED_UNSEEN
 
 SHAPE = (12, 10, 8)  # slices along axis 2
@@ -201,6 +201,12 @@ def test_site_summary_reports_pooled_values_the_unseen_pool_and_the_spearman():
     table = detection_table(summary).set_index("site")
     assert table.at["S", "FP slices"] == "2/4" and table.at["overall", "FP slices"] == "2/5"
     assert table.at["S", "median components"] == 2.0
+    printed = per_site_markdown(summary, "T", "full")
+    assert "| S | 2/4 | 1.000 | 0.500 | 2.000 | 0.750 | nan |" in printed and "pooled" not in printed
+    paper = site_summary(all_cases[["case", "site", "in_domain", "dice", "hd95", "assd", "nsd", "mean_predicted_iou"]],
+                         None)
+    assert set(paper["metric"]) == {"dice", "hd95", "assd", "nsd", "gate_spearman"}
+    assert "no structure here" not in per_site_markdown(paper, "T", "paper")
 
 
 def test_detection_matrix_cells_means_and_pooled_unseen():

@@ -134,7 +134,8 @@ def test_detection_matrices_pool_the_slices_of_each_cell(results, capsys):
             assert components.at[source, site] == frame.loc[frame["site"] == site, "components"].median()
         unseen = slices[slices["site"] != source]
         assert auc.at[source, "pooled unseen"] == pytest.approx(pairwise_auc(unseen))
-        assert auc.at[source, "mean unseen"] == pytest.approx(np.mean([auc.at[source, s] for s in SITES if s != source]))
+        unseen_means = [auc.at[source, s] for s in SITES if s != source]
+        assert auc.at[source, "mean unseen"] == pytest.approx(np.mean(unseen_means))
     markdown = (out / "report.md").read_text()
     assert "## Slice detection" in markdown and "### Gate AUC" in markdown and "### False-positive slices" in markdown
     assert f"{auc.at['SiteA', 'SiteA']:.3f}*" in markdown
