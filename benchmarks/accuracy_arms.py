@@ -19,6 +19,7 @@ from desam_pipeline.inference.prediction_cache import PREDICTIONS
 from desam_pipeline.io.results_layout import CHECKPOINT_FINAL, model_folder_name
 from desam_pipeline.training import train
 from evaluation import evaluate
+from evaluation.detection_tables import PER_SLICE
 
 SOURCE = "RUNMC"
 FOLD = "0"
@@ -144,6 +145,16 @@ def copy_trained_model(base: Arm, arm: Arm, ctx: Context) -> None:
                     ignore=shutil.ignore_patterns(PREDICTIONS, evaluate.EVALUATION))
 
 
+def score_arm(arm: Arm, ctx: Context) -> None:
+    """desam_evaluate on the arm's model (saved predictions are reused) under both protocols."""
+    ctx.run_stage(evaluate.main, "desam_evaluate", evaluate_argv(arm, ctx))
+
+
+def scored_with_detection(arm: Arm, ctx: Context) -> bool:
+    """Whether the arm's full evaluation has the per-slice rows (scored since slice detection exists)."""
+    return (model_folder(arm, ctx) / evaluate.EVALUATION / "full" / PER_SLICE).is_file()
+
+
 def run_arm(arm: Arm, ctx: Context, arms: dict[str, Arm]) -> None:
     """Train (or reuse) and score one arm under both protocols."""
     if arm.trainer is None:
@@ -154,7 +165,7 @@ def run_arm(arm: Arm, ctx: Context, arms: dict[str, Arm]) -> None:
         copy_trained_model(base, arm, ctx)
     else:
         train_arm(arm, ctx)
-    ctx.run_stage(evaluate.main, "desam_evaluate", evaluate_argv(arm, ctx))
+    score_arm(arm, ctx)
 
 
 def describe(arm: Arm, ctx: Context) -> str:

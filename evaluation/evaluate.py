@@ -3,15 +3,18 @@
 The test cases of a model trained on the source site(s) are every case of every other site
 (unseen domains) and the source cases held out by the chosen folds in `splits_final.json`
 (in-domain). Unseen cases are predicted by the average of the chosen folds, each held-out source
-case by the one fold that did not train on it. Predictions go through the predictor into
-`<model folder>/predictions/<site>/<case>.nii.gz` and are reused while their inputs, checkpoints and
-prediction settings are unchanged (`desam_pipeline.inference.prediction_cache`). The defaults of
-both the command and `evaluate_model` are in `evaluation.settings`.
+case by the one fold that did not train on it. Predictions go through the predictor
+(`desam_pipeline.inference.predictor`) into `<model folder>/predictions/<site>/<case>.nii.gz`; a prediction
+is reused when its file exists and `predictions/prediction_settings.json` says it was made with
+the same folds (same checkpoint files) and the same post-processing, grid and IoU threshold.
 
 Per protocol, `<model folder>/evaluation/<protocol>/` receives per_case.csv, per_site.csv,
 summary.json, per_site_boxplot.png and overlays/<site>_{best,median,worst}_<case>.png. Protocols:
-`full` scores every slice in the original geometry (NIfTI spacing); `paper` is the reference
-protocol of the paper (see `evaluation.paper_protocol`). Which cases are scored is decided in
+`full` scores every slice in the original geometry (NIfTI spacing) and also measures whether the
+model can say "no structure here": slice detection, false-positive slices, connected components and
+how well PRIM's predicted IoU separates slices and ranks cases (per_slice.csv holds the slices; see
+`evaluation.detection_tables` and docs/metrics.md); `paper` is the reference protocol of the paper (see
+`evaluation.paper_protocol`), which scores structure-holding slices only. Which cases are scored is decided in
 `evaluation.evaluation_cases`, what is written per protocol in `evaluation.evaluation_outputs`.
 """
 from __future__ import annotations
@@ -33,20 +36,19 @@ from desam_pipeline.inference.model import checkpoint_file
 from desam_pipeline.inference.outputs import quality_path
 from desam_pipeline.inference.prediction_cache import PREDICTIONS, SavedCase, ensure_predictions
 from desam_pipeline.inference.settings import FILE_HANDLING, PredictionSettings
-from desam_pipeline.io.nifti_io import read_volume, voxel_spacing
 from desam_pipeline.io.results_layout import DEFAULT_TRAINER, MODEL_PLAN
 from desam_pipeline.utilities.errors import DesamError, cli_entry
-from desam_pipeline.utilities.metrics import check_same_geometry
+from desam_pipeline.utilities.metrics import DEFAULT_NSD_TOLERANCE_MM
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
 from desam_pipeline.utilities.runtime import tune_malloc
 from desam_pipeline.utilities.setting_flags import add_setting_flags, settings_from_args
-from evaluation.evaluate_folder import evaluate_pair, foreground
+from evaluation.detection_tables import SLICE_COLUMNS, read_predicted_iou
+from evaluation.evaluate_folder import read_pair, score_pair
 from evaluation.evaluation_cases import (EvalCase, check_sources, choose_folds, evaluation_cases, foreground_labels,
                                          locate_model, prediction_path, train_command)
-from evaluation.evaluation_outputs import EVALUATION, write_evaluation
+from evaluation.evaluation_outputs import EVALUATION, per_site_markdown, write_evaluation
 from evaluation.paper_protocol import paper_metrics
 from evaluation.settings import EvaluationSettings
-from evaluation.tables import markdown_section
 
 CONVERT_HINT = "convert it first (desam_convert_prostate_multisite, desam_convert_msd or desam_make_phantom)"
 
@@ -64,38 +66,43 @@ def saved_cases(cases: list[EvalCase], raw_dir: Path, dataset_json: dict) -> lis
 
 
 # ---------------------------------------------------------------- scoring
-def mean_predicted_iou(folder: Path, case: EvalCase) -> float:
-    """Mean over slices of PRIM's predicted IoU from the predictor's quality/<case>.csv (NaN if absent)."""
-    path = quality_path(folder / PREDICTIONS / case.site, case.case)
-    if not path.is_file():
-        return float("nan")
-    values = pd.read_csv(path)["predicted_iou"]
-    return float(values.mean()) if len(values) else float("nan")
-
-
 def score_case(reference_path: Path, prediction_file: Path, protocol: str, labels: Sequence[int],
-               slice_axis: int, nsd_tolerance: float) -> dict:
-    """Metrics of one prediction under a protocol."""
+               slice_axis: int, nsd_tolerance: float, quality_file: Path) -> tuple[dict, pd.DataFrame | None]:
+    """Metrics of one prediction under a protocol, with mean_predicted_iou (the mean over slices of PRIM's
+    predicted IoU in `quality_file`, the predictor's quality/<case>.csv; NaN without one).
+
+    `full` adds the slice detection and components (detection_tables.CASE_DETECTION) and returns the
+    case's per-slice rows; `paper` scores only slices that hold the structure, so it has no empty slice
+    to detect: it adds slices_scored and returns no per-slice rows.
+    """
+    predicted_iou = read_predicted_iou(quality_file)
+    mean_iou = {"mean_predicted_iou": float(predicted_iou.mean()) if predicted_iou is not None else float("nan")}
     if protocol == "full":
-        return evaluate_pair(reference_path, prediction_file, labels, nsd_tolerance)
-    reference, reference_image = read_volume(reference_path)
-    prediction, prediction_image = read_volume(prediction_file)
-    check_same_geometry(reference_image, prediction_image, reference_path, prediction_file)
-    return paper_metrics(foreground(reference, labels), foreground(prediction, labels), voxel_spacing(reference_image),
-                         slice_axis, nsd_tolerance)
+        scores, slices = score_pair(reference_path, prediction_file, labels, nsd_tolerance, slice_axis, predicted_iou,
+                                    str(quality_file))
+        return scores | mean_iou, slices
+    reference, prediction, spacing = read_pair(reference_path, prediction_file, labels)
+    return paper_metrics(reference, prediction, spacing, slice_axis, nsd_tolerance) | mean_iou, None
 
 
 def score_cases(folder: Path, cases: list[EvalCase], raw_dir: Path, dataset_json: dict, protocol: str,
-                slice_axis: int, nsd_tolerance: float, progress: bool = True) -> pd.DataFrame:
-    """per_case table: case, site, in_domain, folds, dice, hd95, assd, nsd, [slices_scored], mean_predicted_iou."""
+                slice_axis: int, nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
+                progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The per_case table (case, site, in_domain, folds, dice, hd95, assd, nsd, then `full`: CASE_DETECTION,
+    `paper`: slices_scored, then mean_predicted_iou) and, under `full`, the per-slice rows of every case
+    (case, site, in_domain, slice, reference, predicted, predicted_iou; None under `paper`)."""
     labels = foreground_labels(dataset_json)
-    rows = []
+    rows, slice_rows = [], []
     for case in tqdm(cases, desc=f"score ({protocol})", unit="case", disable=not progress, dynamic_ncols=True):
-        metrics = score_case(label_path(raw_dir, case.case, dataset_json), prediction_path(folder, case), protocol,
-                             labels, slice_axis, nsd_tolerance)
-        rows.append({"case": case.case, "site": case.site, "in_domain": case.in_domain,
-                     "folds": "+".join(case.folds), **metrics, "mean_predicted_iou": mean_predicted_iou(folder, case)})
-    return pd.DataFrame(rows)
+        quality = quality_path(folder / PREDICTIONS / case.site, case.case)
+        scores, slices = score_case(label_path(raw_dir, case.case, dataset_json), prediction_path(folder, case),
+                                    protocol, labels, slice_axis, nsd_tolerance, quality)
+        identity = {"case": case.case, "site": case.site, "in_domain": case.in_domain}
+        rows.append(identity | {"folds": "+".join(case.folds), **scores})
+        if slices is not None:
+            slice_rows.append(slices.assign(**identity)[[*identity, *SLICE_COLUMNS]])
+    per_slice = pd.concat(slice_rows, ignore_index=True) if slice_rows else None
+    return pd.DataFrame(rows), per_slice
 
 
 # ---------------------------------------------------------------- the command
@@ -145,8 +152,8 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str | None,
         title = f"{trees.dataset}: {external['description']}, trained on {'+'.join(sources)}"
     written = {}
     for protocol in dict.fromkeys(settings.protocols):
-        per_case = score_cases(folder, cases, raw_dir, dataset_json, protocol, int(plan["slice_axis"]),
-                               settings.nsd_tolerance, progress)
+        per_case, per_slice = score_cases(folder, cases, raw_dir, dataset_json, protocol, int(plan["slice_axis"]),
+                                          settings.nsd_tolerance, progress)
         context = {"protocol": protocol, "dataset": trees.dataset, "model_folder": folder.name, "trainer": trainer,
                    "mode": mode, "source": sources, "plans_name": plans, "folds": chosen_folds,
                    **prediction.choices(), "checkpoint_file": checkpoint_file(prediction.checkpoint_name),
@@ -156,9 +163,8 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str | None,
         if external is not None:
             context |= {"external": external["description"], "schedule": external["schedule"]}
         out_dir = folder / EVALUATION / protocol
-        per_site = write_evaluation(per_case, out_dir, context, title, raw_dir, dataset_json, folder, plan)
-        shown = per_site[per_site["metric"].isin(["dice", "hd95"])]
-        print(markdown_section(f"{title}: per site", shown, protocol))
+        per_site = write_evaluation(per_case, per_slice, out_dir, context, title, raw_dir, dataset_json, folder, plan)
+        print(per_site_markdown(per_site, title, protocol))
         print(f"desam_evaluate: {protocol} evaluation written to {out_dir}", file=sys.stderr)
         written[protocol] = out_dir
     return written

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 from skimage.transform import resize
 
 from desam_pipeline.data.preprocessing import resize_label_slices
@@ -21,7 +22,9 @@ from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.training.train import main as train_main
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.metrics import compute_metrics
-from evaluation.evaluate import evaluate_model, main
+from evaluation.detection_tables import CASE_DETECTION
+from evaluation.evaluate import evaluate_model, main, score_cases
+from evaluation.evaluation_cases import EvalCase
 from evaluation.evaluation_outputs import pick_overlay_cases
 from evaluation.paper_protocol import BORDER, paper_metrics, paper_volumes, reference_label_grid
 from evaluation.report import main as report_main
@@ -187,8 +190,11 @@ def test_full_protocol_scores_every_test_case_and_writes_tables_summary_and_pngs
     out = model / "evaluation" / "full"
     per_case = pd.read_csv(out / "per_case.csv")
     assert list(per_case.columns) == ["protocol", "case", "site", "in_domain", "folds", "dice", "hd95", "assd",
-                                      "nsd", "mean_predicted_iou"]
+                                      "nsd", *CASE_DETECTION, "mean_predicted_iou"]
     assert (per_case["protocol"] == "full").all()
+    per_slice = pd.read_csv(out / "per_slice.csv")
+    assert list(per_slice.columns) == ["protocol", "case", "site", "in_domain", "slice", "reference", "predicted",
+                                       "predicted_iou"]
     assert {row.case: (row.site, bool(row.in_domain)) for row in per_case.itertuples()} == expected
     for row in per_case.itertuples():
         prediction_file = model / "predictions" / row.site / f"{row.case}.nii.gz"
@@ -205,12 +211,27 @@ def test_full_protocol_scores_every_test_case_and_writes_tables_summary_and_pngs
         quality = pd.read_csv(model / "predictions" / row.site / "quality" / f"{row.case}.csv")
         assert len(quality) == reference.shape[2]
         assert row.mean_predicted_iou == pytest.approx(quality["predicted_iou"].mean(), abs=1e-6)
+        # slice detection along the plan's slice axis (2), from the very masks
+        slices = per_slice[per_slice["case"] == row.case].sort_values("slice")
+        has_reference, has_prediction = reference.any(axis=(0, 1)), prediction.any(axis=(0, 1))
+        assert slices["slice"].tolist() == list(range(reference.shape[2]))
+        assert slices["reference"].tolist() == has_reference.tolist()
+        assert slices["predicted"].tolist() == has_prediction.tolist()
+        np.testing.assert_allclose(slices["predicted_iou"], quality.sort_values("slice")["predicted_iou"])
+        assert row.fp_slices == np.count_nonzero(has_prediction & ~has_reference)
+        assert row.empty_slices == np.count_nonzero(~has_reference) and row.slices == reference.shape[2]
+        assert row.components == ndimage.label(prediction, np.ones((3, 3, 3)))[1]
 
     per_site = pd.read_csv(out / "per_site.csv")
     assert list(per_site.columns) == ["protocol", "site", "in_domain", "metric", "cases", "n", "excluded", "mean",
-                                      "std", "median"]
+                                      "std", "median", "pooled"]
     assert (per_site["protocol"] == "full").all()
-    assert sorted(set(per_site["site"])) == ["SiteA", "SiteB", "SiteC", "overall"]
+    assert sorted(set(per_site["site"])) == ["SiteA", "SiteB", "SiteC", "overall", "unseen"]
+    pooled = per_site.set_index(["site", "metric"])["pooled"]
+    unseen_slices = per_slice[~per_slice["in_domain"]]
+    assert pooled[("unseen", "fp_slices")] == (unseen_slices["predicted"] & ~unseen_slices["reference"]).sum()
+    auc = pooled[("unseen", "gate_auc")]
+    assert np.isnan(auc) or auc == pytest.approx(pairwise_auc(unseen_slices))
     assert (per_site["n"] + per_site["excluded"] == per_site["cases"]).all()
     dice = per_site[per_site["metric"] == "dice"].set_index("site")
     assert dice.at["overall", "cases"] == 3
@@ -226,6 +247,8 @@ def test_full_protocol_scores_every_test_case_and_writes_tables_summary_and_pngs
     unseen = per_case[~per_case["in_domain"]]
     assert summary["unseen"]["dice"]["mean"] == pytest.approx(unseen["dice"].mean())
     assert summary["overall"]["hd95"]["excluded"] == int(per_case["hd95"].isna().sum())
+    assert summary["unseen"]["fp_slices"]["pooled"] == pooled[("unseen", "fp_slices")]
+    assert summary["unseen"]["gate_spearman"]["n"] == 2 and summary["unseen"]["gate_spearman"]["pooled"] is None
 
     assert_png(out / "per_site_boxplot.png")
     overlays = sorted(p.name for p in (out / "overlays").glob("*.png"))
@@ -246,6 +269,10 @@ def test_paper_protocol_reuses_predictions(trained, full_run, capsys):
     out = model / "evaluation" / "paper"
     per_case = pd.read_csv(out / "per_case.csv")
     assert (per_case["protocol"] == "paper").all()
+    # no empty slice is scored: no slice detection under this protocol, only the case ranking of the IoU
+    assert list(per_case.columns)[5:] == ["dice", "hd95", "assd", "nsd", "slices_scored", "mean_predicted_iou"]
+    assert not (out / "per_slice.csv").exists()
+    assert set(pd.read_csv(out / "per_site.csv")["metric"]) == {"dice", "hd95", "assd", "nsd", "gate_spearman"}
     assert set(per_case["case"]) == set(expected_cases(trained))
     for row in per_case.itertuples():
         label = load_mask(raw / "labelsTr" / f"{row.case}.nii.gz")
@@ -271,6 +298,41 @@ def test_paper_protocol_reuses_predictions(trained, full_run, capsys):
     assert list((out / "overlays").glob("*.png")) or per_case["dice"].isna().all()
     for path in (out / "overlays").glob("*.png"):
         assert_png(path)
+
+
+def pairwise_auc(slices: pd.DataFrame) -> float:
+    """Wins (ties half) of a slice with structure over an empty one, over all such pairs."""
+    positive = slices.loc[slices["reference"], "predicted_iou"].to_numpy()
+    negative = slices.loc[~slices["reference"], "predicted_iou"].to_numpy()
+    wins = (positive[:, None] > negative[None, :]).sum() + 0.5 * (positive[:, None] == negative[None, :]).sum()
+    return wins / (positive.size * negative.size)
+
+
+@pytest.mark.slow
+def test_a_mask_on_every_slice_is_scored_as_segmenting_every_empty_slice(trained, full_run, tmp_path):
+    """desam_evaluate's scoring of a prediction with foreground on every slice (the failure of automatic
+    mode): slice specificity 0, every empty slice a false-positive slice, the stray voxels a component."""
+    raw, model = trained["raw"], trained["model"]
+    folder = tmp_path / model.name
+    shutil.copytree(model / "predictions", folder / "predictions")
+    cases = [EvalCase(case, site, in_domain, ("0",)) for case, (site, in_domain) in expected_cases(trained).items()]
+    target = cases[1]
+    path = folder / "predictions" / target.site / f"{target.case}.nii.gz"
+    image = nib.load(str(path))
+    mask = np.asarray(image.dataobj).copy()
+    mask[0, 0, :] = 1                          # a line through every slice, in a corner the gland never reaches
+    nib.save(nib.Nifti1Image(mask, image.affine), str(path))
+    info = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
+    per_case, per_slice = score_cases(folder, cases, raw, info, "full", 2, progress=False)
+    row = per_case.set_index("case").loc[target.case]
+    empty = np.count_nonzero(~load_mask(raw / "labelsTr" / f"{target.case}.nii.gz").any(axis=(0, 1)))
+    assert empty == 4  # 6 slices, the toy gland on 2
+    assert (row["slice_specificity"], row["fp_slices"], row["slice_sensitivity"]) == (0, empty, 1)
+    assert row["components"] == ndimage.label(mask > 0, np.ones((3, 3, 3)))[1] >= 1
+    assert per_slice.loc[per_slice["case"] == target.case, "predicted"].all()
+    # the paper protocol scores the structure's slices only: the same file, no false positive to see
+    paper, no_slices = score_cases(folder, cases, raw, info, "paper", 2, progress=False)
+    assert no_slices is None and "fp_slices" not in paper.columns
 
 
 @pytest.mark.slow
