@@ -45,7 +45,8 @@ from pathlib import Path
 import nibabel as nib
 
 from benchmarks import accuracy_table
-from benchmarks.accuracy_arms import SOURCE, Arm, Context, arm_table, describe, model_folder, run_arm
+from benchmarks.accuracy_arms import (SOURCE, Arm, Context, arm_table, describe, model_folder, run_arm, score_arm,
+                                     scored_with_detection)
 from dataset_conversion import convert_prostate_multisite, make_phantom
 from desam_pipeline.baselines.external_predictions import read_record
 from desam_pipeline.data.raw_dataset import domains, image_path, list_cases, load_dataset_json
@@ -225,11 +226,15 @@ def run_arms(arms: list[Arm], by_name: dict[str, Arm], ctx: Context) -> None:
 
 
 def collect(table_arms: list[Arm], ctx: Context) -> list[dict]:
-    """Rows of every arm with a done-record (earlier --arms subsets included)."""
+    """Rows of every arm with a done-record (earlier --arms subsets included); an arm scored before slice
+    detection existed is scored again first (its saved predictions are reused)."""
     rows = []
     for arm in table_arms:
         record = ctx.results(arm) / "done.json"
         if record.is_file():
+            if not scored_with_detection(arm, ctx):
+                print(f"{arm.name}: scored before slice detection; scoring its saved predictions again", flush=True)
+                score_arm(arm, ctx)
             arm = Arm(**{**arm.__dict__, "note": arm_note(arm, ctx)})
             rows += accuracy_table.arm_rows(arm, model_folder(arm, ctx), float(read_json(record)["wall_s"]))
     return rows
@@ -268,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     run_arms(arms, by_name, ctx)
     table, spread = accuracy_table.build_table(collect(list(by_name.values()), ctx))
     paths = accuracy_table.write_outputs(table, spread, header(settings, embed_s, counts), out)
-    print("\n" + paths["md"].read_text())
+    print("\n" + paths["md"].read_text(encoding="utf-8"))
     print(f"written: {', '.join(str(p) for p in paths.values())} ({time.perf_counter() - start:.0f} s)")
     return 0
 

@@ -51,14 +51,14 @@ class Command:
 
 def console_scripts() -> dict[str, str]:
     """desam console command -> module that defines its main(), from setup.py's entry points."""
-    return dict(re.findall(r'"(desam_\w+)\s*=\s*([\w.]+):main"', (ROOT / "setup.py").read_text()))
+    return dict(re.findall(r'"(desam_\w+)\s*=\s*([\w.]+):main"', (ROOT / "setup.py").read_text(encoding="utf-8")))
 
 
 def make_targets() -> dict[str, str | None]:
     """Makefile target -> the module its recipe runs with $(ARGS) (None when it passes no ARGS)."""
     targets: dict[str, str | None] = {}
     current = None
-    for line in (ROOT / "Makefile").read_text().splitlines():
+    for line in (ROOT / "Makefile").read_text(encoding="utf-8").splitlines():
         if match := re.match(r"^([\w.\-/]+):(?!=)", line):
             current = match.group(1)
             targets[current] = None
@@ -246,7 +246,7 @@ def check(command: Command) -> str | None:
 def documented() -> list[Command]:
     scripts, targets = console_scripts(), make_targets()
     return [command for path in DOCUMENTS
-            for command in commands(path.read_text(), scripts, str(path.relative_to(ROOT)), targets)]
+            for command in commands(path.read_text(encoding="utf-8"), scripts, str(path.relative_to(ROOT)), targets)]
 
 
 def test_the_pages_exist():
@@ -264,7 +264,7 @@ def test_every_documented_command_parses(documented):
 
 def test_the_readme_shows_the_main_workflow_and_lists_every_command():
     scripts = console_scripts()
-    text = README.read_text()
+    text = README.read_text(encoding="utf-8")
     modules = {command.module for command in commands(text, scripts) if command.complete}
     for name in MAIN_WORKFLOW:
         assert scripts[name] in modules, f"{name} is not shown in README.md"
@@ -274,7 +274,7 @@ def test_the_readme_shows_the_main_workflow_and_lists_every_command():
 
 def test_every_console_command_has_a_reference_entry():
     scripts = console_scripts()
-    page = (ROOT / "docs" / "commands.md").read_text()
+    page = (ROOT / "docs" / "commands.md").read_text(encoding="utf-8")
     documented = {command.module for command in commands(page, scripts, "docs/commands.md") if not command.inline}
     missing = sorted(name for name, module in scripts.items() if module not in documented)
     assert not missing, f"not shown in docs/commands.md: {missing}"
@@ -289,7 +289,7 @@ def test_every_module_run_with_dash_m_is_runnable(documented):
 
 def test_python_examples_import():
     for path in DOCUMENTS:
-        blocks = re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+        blocks = re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
         for block in blocks:
             for node in ast.walk(ast.parse(block)):
                 if isinstance(node, ast.ImportFrom):
@@ -303,7 +303,7 @@ def test_python_examples_import():
 
 def tracked_paths() -> set[str]:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+                           capture_output=True, encoding="utf-8", check=True).stdout.split()
     folders = {str(Path(f).parents[i]) for f in files for i in range(len(Path(f).parts) - 1)}
     return set(files) | folders
 
@@ -312,7 +312,7 @@ def heading_anchors(path: Path) -> set[str]:
     """GitHub's anchors of a page's headings."""
     anchors = set()
     inside = False
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith("```"):
             inside = not inside
         elif not inside and (match := re.match(r"#+ (.*)", line)):
@@ -322,7 +322,7 @@ def heading_anchors(path: Path) -> set[str]:
 
 def path_problems(path: Path, paths: set[str]) -> list[str]:
     """Links to missing files or headings, code paths and modules that are not in the tree."""
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     problems = []
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
         if re.match(r"\w+://", target):
@@ -407,7 +407,7 @@ def test_the_checks_catch_a_missing_target_path_and_heading(tmp_path):
         commands("```\nmake benchmark\n```\n", console_scripts())
     page = tmp_path / "page.md"
     page.write_text("# Title\n\nSee `desam_pipeline/trainer.py`, `desam_pipeline.inference.predict_slices`,"
-                    " [this](#title), [that](#nothing) and [there](missing.md).\n")
+                    " [this](#title), [that](#nothing) and [there](missing.md).\n", encoding="utf-8")
     assert path_problems(page, tracked_paths()) == [
         "link to a missing heading: #nothing", "link to a missing file: missing.md",
         "no such path: desam_pipeline/trainer.py", "no such module or name: desam_pipeline.inference.predict_slices"]

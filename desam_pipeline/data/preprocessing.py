@@ -96,17 +96,34 @@ def frame_spacing(frame: SliceFrame, shape_hw: tuple[int, int], spacing_hw: tupl
     return tuple(float(s) * n / r for s, n, r in zip(spacing_hw, shape_hw, frame.resized))
 
 
+def _volume_order(pair: tuple, orientation: str) -> tuple:
+    """A (rows, columns) pair of a slice in the volume's in-plane axis order."""
+    return (pair[1], pair[0]) if orientation == "simpleitk" else tuple(pair)
+
+
 def grid_spacing(shape: tuple[int, ...], spacing: tuple[float, ...], plan: dict) -> tuple[float, ...]:
     """Voxel spacing (mm, volume axis order) of the plan's slice grid of a volume: the slice spacing along
     the slice axis, the canvas's mm per pixel in plane."""
     axis, orientation = int(plan["slice_axis"]), plan_orientation(plan)
     frame = volume_frame(shape, spacing, plan)
-    rows, columns = frame_spacing(frame, in_plane_shape(shape, axis, orientation),
-                                  in_plane_values(tuple(spacing), axis, orientation))
-    in_plane = (columns, rows) if orientation == "simpleitk" else (rows, columns)
-    values = list(in_plane)
+    values = list(_volume_order(frame_spacing(frame, in_plane_shape(shape, axis, orientation),
+                                              in_plane_values(tuple(spacing), axis, orientation)), orientation))
     values.insert(axis, float(spacing[axis]))
     return tuple(values)
+
+
+def grid_affine(affine: np.ndarray, shape: tuple[int, ...], spacing: tuple[float, ...], plan: dict) -> np.ndarray:
+    """The affine of a volume on the plan's slice grid (the canvas in plane, volume axis order): canvas
+    pixel c of an in-plane axis sits at original index (c - offset + 0.5) * n / resized - 0.5."""
+    axis, orientation = int(plan["slice_axis"]), plan_orientation(plan)
+    frame = volume_frame(shape, spacing, plan)
+    resized, offset = _volume_order(frame.resized, orientation), _volume_order(frame.offset, orientation)
+    out = np.asarray(affine, dtype=np.float64).copy()
+    for a, length, shift in zip([a for a in range(len(shape)) if a != axis], resized, offset):
+        factor = shape[a] / length
+        out[:3, 3] += out[:3, a] * ((0.5 - shift) * factor - 0.5)
+        out[:3, a] *= factor
+    return out
 
 
 def _place(slices: np.ndarray, frame: SliceFrame) -> np.ndarray:

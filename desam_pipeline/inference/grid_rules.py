@@ -1,8 +1,9 @@
-"""How grid mode turns k x k point prompts into one mask per slice: `top1` (desam) or `reference`.
+"""How grid mode turns k x k point prompts into one mask per slice: `reference` or `top1` (desam's).
 
-- `top1` (the default of `slice_prediction.predict_slices`; `desam_predict` and `desam_evaluate` default to
-  `reference`): PRIM's IoU head scores every point; PDMM runs once, on the best point's mask embedding;
-  the slice is empty unless that IoU exceeds the threshold (see `slice_prediction`).
+The default rule is `inference.settings.DEFAULT_GRID_RULE` (`reference`).
+
+- `top1`: PRIM's IoU head scores every point; PDMM runs once, on the best point's mask embedding; the
+  slice is empty unless that IoU exceeds the threshold (see `inference.slice_prediction`).
 - `reference`: the reference code's automatic mask generator with one 256x256 crop. Every point whose
   predicted IoU exceeds the threshold goes through the whole network; each mask's logits are resampled
   as SAM's `postprocess_masks` does (bilinear to the prompt frame, 1024 for SAM's ViT and 256 for
