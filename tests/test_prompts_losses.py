@@ -144,3 +144,43 @@ def test_reference_loss_is_squared_dice_plus_l1_iou():
 def test_loss_of_an_empty_target_is_finite():
     total, parts = desam_loss(torch.full((2, 1, 8, 8), -30.0), torch.zeros(2, 8, 8))
     assert torch.isfinite(total) and total.item() < 1e-5
+
+
+def _fp_gradient(loss: str) -> float:
+    """Mean |d loss / d logit| over a 5,000-pixel false positive on an empty slice, batched with a slice
+    whose object is predicted right."""
+    target = torch.zeros(2, 1, 128, 128)
+    target[0, 0, 30:90, 30:90] = 1
+    logits = torch.full((2, 1, 128, 128), -8.0)
+    logits[0, 0, 30:90, 30:90] = 8.0
+    logits[1, 0, :50, :100] = 0.0  # 5,000 undecided false-positive pixels where nothing is
+    logits.requires_grad_(True)
+    total, _ = desam_loss(logits, target, weights=(1.0, 0.0, 0.0), loss=loss)
+    total.backward()
+    return float(logits.grad[1, 0, :50, :100].abs().mean())
+
+
+def test_batch_dice_pushes_back_false_positives_on_an_empty_slice():
+    # per sample, an empty target's Dice 1 - 1/(sum P + 1) is saturated: almost no gradient
+    per_sample, pooled = _fp_gradient("paper"), _fp_gradient("batch")
+    assert per_sample < 1e-7
+    assert pooled > 100 * per_sample  # about 1,000x here
+
+
+def test_batch_dice_pools_the_sums_over_the_batch():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.0]])
+    target = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    logits = torch.logit(probs).reshape(2, 1, 1, 2)
+    _, parts = desam_loss(logits, target.reshape(2, 1, 1, 2), weights=(1.0, 0.0, 0.0), loss="batch")
+    expected = 1 - (2 * 0.9 + 1) / (probs.sum() + target.sum() + 1)
+    assert float(parts["dice"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_batch_loss_regresses_the_iou_with_squared_error():
+    logits, target = torch.zeros(3, 1, 4, 4), torch.zeros(3, 1, 4, 4)
+    iou_pred, iou_target = torch.tensor([0.2, 0.9, 0.5]), torch.tensor([0.0, 1.0, 1.0])
+    _, batch_parts = desam_loss(logits, target, iou_pred, iou_target, loss="batch")
+    _, paper_parts = desam_loss(logits, target, iou_pred, iou_target, loss="paper")
+    assert float(batch_parts["iou"]) == pytest.approx((0.04 + 0.01 + 0.25) / 3)
+    assert float(paper_parts["iou"]) == pytest.approx((0.2 + 0.1 + 0.5) / 3)
+    assert LOSS_WEIGHTS["batch"] == (1.0, 1.0, 10.0)

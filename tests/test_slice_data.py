@@ -192,3 +192,56 @@ def test_train_slices_picks_the_cached_slices_a_default_plan_would_cache(tmp_pat
     assert item["label"].any()
     with pytest.raises(DesamError, match="unknown slice selection"):
         slice_data.SliceDataset([tmp_path / "C_00"], "grid", 0, frame=TINY_FRAME, slices="middle")
+
+
+@pytest.fixture(scope="module")
+def cache_with_empty_slices(tmp_path_factory):
+    """Two cases whose first and last slices hold no object (as a volume's ends do)."""
+    folder = tmp_path_factory.mktemp("cache_empty")
+    rng = np.random.default_rng(1)
+    for case, slices in (("A_00", 5), ("A_01", 6)):
+        arrays = write_case(folder, case, slices, rng)
+        arrays["label"][[0, -1]] = 0
+        np.save(folder / case / "label.npy", arrays["label"])
+    return folder
+
+
+def test_balanced_sampling_draws_clicks_on_and_off_the_object_one_to_one(cache_with_empty_slices):
+    cases = [cache_with_empty_slices / c for c in ("A_00", "A_01")]
+    data = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, sampling="balanced")
+    positives = (5 - 2) + (6 - 2)
+    assert len(data) == 2 * positives
+    targets = [float(data[(epoch, i)]["iou_target"]) for epoch in range(3) for i in range(len(data))]
+    assert targets.count(1.0) == targets.count(0.0) == 3 * positives
+    empty_labels = sum(not data[(epoch, i)]["label"].any() for epoch in range(3) for i in range(positives, len(data)))
+    assert empty_labels > 0  # background clicks also land on the empty end slices
+    assert all(data[(0, i)]["label"].any() for i in range(positives))
+
+
+def test_slices_sampling_gives_mostly_background_targets_when_many_slices_are_empty(cache_with_empty_slices):
+    """The bias the balanced sampler removes: an empty slice can only give a click off the object."""
+    cases = [cache_with_empty_slices / c for c in ("A_00", "A_01")]
+    data = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, sampling="slices")
+    assert len(data) == 11
+    targets = [float(data[(epoch, i)]["iou_target"]) for epoch in range(20) for i in range(len(data))]
+    assert np.mean(targets) < 0.45
+
+
+def test_balanced_draws_are_keyed_by_epoch_and_index(cache_with_empty_slices):
+    cases = [cache_with_empty_slices / c for c in ("A_00", "A_01")]
+    first = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, sampling="balanced")
+    second = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, sampling="balanced")
+    for key in ((0, 9), (2, 12), (1, 3)):
+        np.testing.assert_array_equal(first[key]["coords"], second[key]["coords"])
+        np.testing.assert_array_equal(first[key]["label"], second[key]["label"])
+
+
+def test_box_mode_ignores_balanced_sampling(cache_with_empty_slices):
+    cases = [cache_with_empty_slices / c for c in ("A_00", "A_01")]
+    data = slice_data.SliceDataset(cases, "box", 0, frame=TINY_FRAME, sampling="balanced")
+    assert len(data) == 11
+
+
+def test_unknown_sampling_is_refused(cache_with_empty_slices):
+    with pytest.raises(DesamError, match="unknown sampling"):
+        slice_data.SliceDataset([cache_with_empty_slices / "A_00"], "grid", 0, frame=TINY_FRAME, sampling="fair")
