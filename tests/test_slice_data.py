@@ -47,7 +47,7 @@ def synthetic_cache(tmp_path_factory):
 
 def dataset(synthetic_cache, mode="grid", seed=3):
     folder, _ = synthetic_cache
-    return slice_data.SliceDataset([folder / case for case in SLICES], mode, seed, frame=TINY_FRAME)
+    return slice_data.SliceDataset([folder / case for case in SLICES], mode, seed, sampling="slices", frame=TINY_FRAME)
 
 
 def test_items_are_the_cached_slices(synthetic_cache):
@@ -120,7 +120,7 @@ def test_ranks_together_draw_the_single_process_global_batches(synthetic_cache):
     """Rank r's t-th batch of size B/W, over all ranks, is exactly the t-th global batch of one process."""
     folder, _ = synthetic_cache
     data = slice_data.SliceDataset([folder / "A_00", folder / "A_01"], "grid", 1,
-                                   frame=TINY_FRAME)  # 7 slices -> 8 with padding
+                                   sampling="slices", frame=TINY_FRAME)  # 7 slices -> 8 with padding
     world, global_batch = 2, 4
 
     def run(world_size, rank, batch):
@@ -160,7 +160,7 @@ class StallingDataset(slice_data.SliceDataset):
 @pytest.mark.parametrize("kind, message", [(DyingDataset, "exited unexpectedly"), (StallingDataset, "timed out")])
 def test_a_dead_or_stalled_worker_is_an_error_not_a_hang(synthetic_cache, kind, message):
     folder, _ = synthetic_cache
-    data = kind([folder / "A_00"], "grid", 0, frame=TINY_FRAME)
+    data = kind([folder / "A_00"], "grid", 0, sampling="slices", frame=TINY_FRAME)
     loader = slice_data.make_loader(data, slice_data.train_sampler(data, 0), 1, num_workers=1, timeout_s=5)
     start = time.perf_counter()
     with pytest.raises(DesamError, match=f"data loader failed: .*{message}.*--num-workers 0"):
@@ -182,7 +182,7 @@ def test_train_slices_picks_the_cached_slices_a_default_plan_would_cache(tmp_pat
         writer.append(arrays)
         writer.commit({"case": "C_00", "domain": "C", "z": z, "shape": [256, 256, 200], "spacing": [1.0] * 3,
                        "affine": np.eye(4).tolist(), "input_sha256": "", "plan_sha256": ""})
-    chosen = {rule: slice_data.SliceDataset([tmp_path / "C_00"], "grid", 0, frame=TINY_FRAME, slices=rule)
+    chosen = {rule: slice_data.SliceDataset([tmp_path / "C_00"], "grid", 0, sampling="slices", frame=TINY_FRAME, slices=rule)
               for rule in ("all", "foreground_margin", "foreground")}
     assert [s for _, s in chosen["all"].entries] == list(range(depth))
     assert [s for _, s in chosen["foreground_margin"].entries] == list(range(3, 10))
@@ -191,7 +191,7 @@ def test_train_slices_picks_the_cached_slices_a_default_plan_would_cache(tmp_pat
     np.testing.assert_array_equal(item["neck"], arrays["neck"][5])
     assert item["label"].any()
     with pytest.raises(DesamError, match="unknown slice selection"):
-        slice_data.SliceDataset([tmp_path / "C_00"], "grid", 0, frame=TINY_FRAME, slices="middle")
+        slice_data.SliceDataset([tmp_path / "C_00"], "grid", 0, sampling="slices", frame=TINY_FRAME, slices="middle")
 
 
 @pytest.fixture(scope="module")

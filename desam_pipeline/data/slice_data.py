@@ -70,7 +70,7 @@ class SliceDataset(Dataset):
     """
 
     def __init__(self, case_dirs: Sequence[Path], mode: str, seed: int, stream: int = TRAIN_STREAM, *,
-                 frame: int, use_views: bool = True, slices: str = "all", sampling: str = "slices"):
+                 sampling: str, frame: int, use_views: bool = True, slices: str = "all"):
         """`frame`: side of the prompt frame the points and boxes are drawn in (the network's `prim.frame`);
         `use_views`: draw among a case's cached augmented views (training stream only); `slices`: which of
         the cached slices to use, by the embedding's rule (`all`: every cached slice); `sampling`: see the

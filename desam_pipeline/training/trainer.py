@@ -122,15 +122,16 @@ class DeSAMTrainer:
 
     # ---------------------------------------------------------------- override points
     def build_data_loaders(self) -> None:
-        """Set train_data, val_data, train_sampler, train_loader and val_loader (None without held-out cases)."""
+        """Set train_data, val_data (each held-out slice once, whatever the training sampling), train_sampler,
+        train_loader and val_loader (None without held-out cases)."""
         frame = encoders.family(self.plan["encoder"]).prompt_frame
         seed, slices = self.settings.seed, self.settings.train_slices
         self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
                                                   seed, slice_data.TRAIN_STREAM, frame=frame,
                                                   use_views=self.settings.augmented_views, slices=slices,
                                                   sampling=self.settings.sampling)
-        self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode,
-                                                seed, slice_data.VAL_STREAM, frame=frame, slices=slices)
+        self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode, seed,
+                                                slice_data.VAL_STREAM, frame=frame, slices=slices, sampling="slices")
         if len(self.train_data) == 0:
             raise DesamError(f"{self.cache_dir}: the training cases of fold {self.fold} have no cached slices")
         pin, workers, timeout = self.device.type == "cuda", self.settings.num_workers, self.settings.loader_timeout_s
