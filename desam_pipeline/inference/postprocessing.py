@@ -55,7 +55,7 @@ def fill_slice_holes(mask: np.ndarray, slice_axis: int = SLICE_AXIS) -> np.ndarr
 def drop_small_objects(mask: np.ndarray, spacing: tuple[float, ...], min_ml: float = MIN_OBJECT_ML) -> np.ndarray:
     """Drop 3D components (full 26-connectivity) smaller than `min_ml` millilitres."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    return remove_small_objects(np.asarray(mask) > 0, min_size=int(np.ceil(min_ml / voxel_ml)), connectivity=3)
+    return remove_small_objects(np.asarray(mask) > 0, max_size=int(np.ceil(min_ml / voxel_ml)) - 1, connectivity=3)
 
 
 def postprocess(mask: np.ndarray, method: str, slice_axis: int = SLICE_AXIS,
