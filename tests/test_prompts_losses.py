@@ -96,14 +96,15 @@ def test_dice_is_per_sample_and_smooth():
     assert soft_dice_loss(torch.zeros(1, 1, 2, 2), empty).item() == pytest.approx(1 - 1 / 3, abs=1e-6)
 
 
-def test_desam_loss_on_hand_made_cases():
+def test_paper_loss_on_hand_made_cases():
+    """--loss paper: per-sample soft Dice (smoothing 1) + BCE + 10 x L1(IoU)."""
     logits = torch.tensor([[[[2.0, -1.0]]]], requires_grad=True)
     target = torch.tensor([[[1.0, 0.0]]])  # (B,H,W) is accepted as well as (B,1,H,W)
     p = [1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(1.0))]
     dice = 1 - (2 * p[0] + 1) / (p[0] + p[1] + 1 + 1)
     bce = (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(-1.0))) / 2
     iou = abs(0.7 - 1.0)
-    total, parts = desam_loss(logits, target, torch.tensor([[0.7]]), torch.tensor([1.0]))
+    total, parts = desam_loss(logits, target, torch.tensor([[0.7]]), torch.tensor([1.0]), loss="paper")
     assert parts["dice"].item() == pytest.approx(dice, abs=1e-6)
     assert parts["bce"].item() == pytest.approx(bce, abs=1e-6)
     assert parts["iou"].item() == pytest.approx(iou, abs=1e-6)
@@ -112,9 +113,10 @@ def test_desam_loss_on_hand_made_cases():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
     assert not parts["dice"].requires_grad
 
-    weighted, _ = desam_loss(logits, target, torch.tensor([0.7]), torch.tensor([1.0]), weights=(2.0, 0.0, 1.0))
+    weighted, _ = desam_loss(logits, target, torch.tensor([0.7]), torch.tensor([1.0]), weights=(2.0, 0.0, 1.0),
+                             loss="paper")
     assert weighted.item() == pytest.approx(2 * dice + iou, abs=1e-5)
-    box_mode, parts = desam_loss(logits, target)
+    box_mode, parts = desam_loss(logits, target, loss="paper")
     assert parts["iou"].item() == 0 and box_mode.item() == pytest.approx(dice + bce, abs=1e-6)
 
 

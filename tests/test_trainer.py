@@ -298,7 +298,10 @@ def test_loss_setting_and_its_weights_are_recorded_in_the_config(tmp_path):
     assert grid.config()["loss"] == "reference" and grid.config()["loss_weights"] == [1.0, 0.0, 1.0]
     box = on_cpu(tmp_path, mode="box", loss="reference")
     assert box.config()["loss_weights"] == [1.0, 0.0, 0.0]
-    paper = on_cpu(tmp_path, mode="grid")
+    default = on_cpu(tmp_path, mode="grid")
+    assert default.config()["loss"] == "batch" and default.config()["loss_weights"] == [1.0, 1.0, 10.0]
+    assert default.config()["sampling"] == "balanced"
+    paper = on_cpu(tmp_path, mode="grid", loss="paper")
     assert paper.config()["loss"] == "paper" and paper.config()["loss_weights"] == [1.0, 1.0, 10.0]
     with pytest.raises(DesamError, match="unknown loss"):
         on_cpu(tmp_path, loss="monai")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 LOSS_WEIGHTS = {"batch": (1.0, 1.0, 10.0), "paper": (1.0, 1.0, 10.0),
                 "reference": (1.0, 0.0, 1.0)}  # (Dice, BCE, IoU) per loss setting
 LOSSES = tuple(LOSS_WEIGHTS)
-DEFAULT_LOSS = "paper"
+DEFAULT_LOSS = "batch"
 DEFAULT_WEIGHTS = LOSS_WEIGHTS[DEFAULT_LOSS]
 
 

@@ -37,7 +37,9 @@ class TrainingSettings:
     lr: float = setting(1e-4, type=float, help="initial Adam learning rate (poly decay 0.9)")
     loss: str = setting(
         DEFAULT_LOSS, choices=LOSSES,
-        help="paper: soft Dice + BCE + L1 IoU, weights (1, 1, 10) as the paper states; reference: what the "
+        help="batch: Dice pooled over the batch + BCE + squared-error IoU, weights (1, 1, 10), so empty slices' "
+             "false positives are pushed down and the IoU head is calibrated; "
+             "paper: soft Dice per sample + BCE + L1 IoU, weights (1, 1, 10) as the paper states; reference: what the "
              "reference code optimises, squared-denominator Dice (MONAI, smoothing 1e-5) + 1 x L1 IoU, no "
              "cross-entropy; default: %(default)s; recorded in the checkpoints")
     loss_weights: tuple[float, float, float] | None = setting(
@@ -60,7 +62,7 @@ class TrainingSettings:
              "slice), foreground_margin or foreground (default: %(default)s); a cache of every slice can so train on "
              "the slices a default plan would cache; recorded in the checkpoints")
     sampling: str = setting(
-        "slices", choices=SAMPLINGS,
+        "balanced", choices=SAMPLINGS,
         help="grid mode: balanced = clicks on and off the object 1:1 whatever share of the slices is empty; "
              "slices = every slice once, its click on or off 1:1 (default: %(default)s); recorded in the checkpoints")
     precision: str = setting("auto", choices=PRECISIONS,
