@@ -15,9 +15,10 @@ unseen volume reads the cache (the predictor's CacheIndex finds a case by shape,
 preprocessed slices) instead of running the encoder again per arm. It also caches --views augmented views of
 the RUNMC slices: views change the plan's hash, so a second plan for the views arm would need every unseen
 site embedded again; instead every other arm trains with `desam_train --no-augmented-views` (the originals
-only). Training is narrowed to the slices a default plan caches (`desam_train --train-slices
-foreground_margin`, the benchmark's --train-slices default): with every slice, most IoU targets are 0 and the
-first run (2026-11-30) lost the IoU gate of 2 of 4 DeSAM-P models and the coupled grid decoder.
+only). Every arm trains with desam_train's defaults unless its row says otherwise: every slice of the source
+volumes (`--train-slices all`), the batch Dice loss and balanced clicks (`--loss batch --sampling balanced`),
+so PDMM and the IoU gate learn the empty slices a user's volume has; `--train-slices foreground_margin`
+reproduces the earlier runs, which trained on the gland and 2 slices either side.
 
 Resumable: phantom, conversion and embedding reuse their output; an arm with OUT/results/<arm>/done.json
 (its wall time) is skipped; an interrupted arm resumes its training (-c) and reuses saved predictions.
@@ -62,7 +63,7 @@ DATASET_ID = 1
 DATASET = dataset_name(DATASET_ID, convert_prostate_multisite.DEFAULT_NAME)
 DEFAULTS = {"out": "bench_accuracy", "encoder": "litemedsam", "sites": list(make_phantom.SITE_ORDER),
             "cases_per_site": 3, "phantom_seed": 0, "epochs": 5, "batch_size": 4, "lr": "1e-3", "grid": 5,
-            "seeds": 3, "views": 2, "nnunet_trainer": "nnUNetTrainer_1epoch", "train_slices": "foreground_margin"}
+            "seeds": 3, "views": 2, "nnunet_trainer": "nnUNetTrainer_1epoch", "train_slices": "all"}
 MINIATURE = {"out": "bench_accuracy_miniature", "encoder": "tiny", "sites": [SOURCE, "BMC"], "cases_per_site": 2,
              "epochs": 1, "grid": 3, "seeds": 2, "views": 1}
 # Seconds on 2 quiet cores: per encoded slice, per DeSAM training step at batch 4, per slice predicted by a
@@ -92,9 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--views", type=int, help="augmented views of the RUNMC slices (default 2)")
     parser.add_argument("--nnunet-trainer", help="nnU-Net trainer class (default nnUNetTrainer_1epoch)")
     parser.add_argument("--train-slices", choices=SLICE_MODES,
-                        help="desam_train --train-slices for every trained arm (default foreground_margin: the slices "
-                             "a default plan caches; all: every slice, which collapses the IoU head, see "
-                             "benchmarks/README.md)")
+                        help="desam_train --train-slices for every trained arm (default all: every slice of the "
+                             "source volumes; foreground_margin: the gland and 2 slices either side, as earlier runs)")
     parser.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms (default: every arm)")
     parser.add_argument("--miniature", action="store_true",
                         help="tiny encoder, RUNMC + BMC x 2 cases, 1 epoch, 3 x 3 grid, 2 seeds, 1 view (CI)")

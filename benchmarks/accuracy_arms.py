@@ -18,6 +18,7 @@ from desam_pipeline.baselines.nnunet_baseline import NNUNET_CONFIGURATION, NNUNE
 from desam_pipeline.inference.prediction_cache import PREDICTIONS
 from desam_pipeline.io.results_layout import CHECKPOINT_FINAL, model_folder_name
 from desam_pipeline.training import train
+from desam_pipeline.training.losses import DEFAULT_LOSS
 from evaluation import evaluate
 from evaluation.detection_tables import PER_SLICE
 
@@ -34,7 +35,7 @@ class Arm:
     trainer: str | None = "DeSAMTrainer"  # desam_train -tr; None: the nnU-Net baseline
     mode: str | None = "grid"
     seed: int = 0
-    loss: str = "paper"
+    loss: str = DEFAULT_LOSS
     views: bool = False            # train on the cached augmented views (the others pass --no-augmented-views)
     train_flags: tuple[str, ...] = ()  # further desam_train flags (the PDMM layout)
     base: str | None = None        # prediction-only: reuse this arm's trained model
@@ -52,6 +53,7 @@ def arm_table(seeds: int) -> list[Arm]:
         Arm("coupled_grid", "coupled fine-tuning, grid", "coupled", "CoupledSAMTrainer", "grid"),
         Arm("desam_b", "DeSAM-B", "desam-b", mode="box"),
         *[Arm(f"desam_p_s{s}", f"DeSAM-P (seed {s})", "desam-p", seed=s) for s in range(seeds)],
+        Arm("loss_paper", "DeSAM-P, --loss paper", "ablation", loss="paper"),
         Arm("loss_reference", "DeSAM-P, --loss reference", "ablation", loss="reference"),
         Arm("checkpoint_best", "DeSAM-P seed 0, --checkpoint-name best", "ablation", base="desam_p_s0",
             checkpoint_name="best", note="prediction only"),

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from desam_pipeline.data.preprocessing import preprocess_volume
-    from desam_pipeline.io.nifti_io import read_volume
+    from desam_pipeline.io.nifti_io import read_volume, voxel_spacing
     from desam_pipeline.network.encoders import default_checkpoint
     from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
 
@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = json.loads((models["box"] / "plans.json").read_text(encoding="utf-8"))
         # One array per volume: like the predictor, the bare forward never batches across volumes.
         slices_file = scratch / "slices.npz"
-        np.savez(slices_file, *[preprocess_volume(read_volume(p)[0], plan) for p in inputs])
+        np.savez(slices_file, *[preprocess_volume(volume, plan, voxel_spacing(image))
+                                for volume, image in map(read_volume, inputs)])
         bare_command = [sys.executable, "-m", "benchmarks.predict", "--encoder", args.encoder, "--precision",
                         args.precision, "--device", args.device, "--batch-size", str(args.batch_size),
                         "--bare", str(checkpoint), str(slices_file)]

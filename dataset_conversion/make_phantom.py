@@ -146,16 +146,25 @@ def site_description(site: Site) -> dict:
 
 
 def make_phantom(out_dir: str | Path, cases_per_site: int = DEFAULT_CASES_PER_SITE, seed: int = 0,
-                 sites: list[str] | tuple[str, ...] | None = None, overwrite: bool = False) -> Path:
-    """Write the phantom in the SAML layout into `out_dir` (built aside, renamed when complete)."""
+                 sites: list[str] | tuple[str, ...] | None = None, overwrite: bool = False,
+                 site_cases: dict[str, int] | None = None) -> Path:
+    """Write the phantom in the SAML layout into `out_dir` (built aside, renamed when complete).
+
+    `site_cases` overrides the case count of some sites (e.g. more cases for the source site than for the
+    unseen ones); a case is the same whatever the counts, so a site's first cases are shared by every size.
+    """
     sites = list(sites or SITE_ORDER)
     unknown = [s for s in sites if s not in SITES]
     if unknown:
         raise DesamError(f"unknown phantom site(s) {', '.join(unknown)}; choose from {', '.join(SITE_ORDER)}")
     if cases_per_site < 1:
         raise DesamError(f"--cases-per-site must be at least 1, got {cases_per_site}")
+    counts = {s: cases_per_site for s in sites} | dict(site_cases or {})
+    if set(counts) - set(sites) or min(counts.values()) < 1:
+        raise DesamError(f"--site-cases: each site must be one of the generated sites ({', '.join(sites)}) with "
+                         f"at least 1 case, got {dict(site_cases or {})}")
     out_dir = Path(out_dir)
-    jobs = [(s, n) for s in sites for n in case_numbers(SITES[s], cases_per_site)]
+    jobs = [(s, n) for s in sites for n in case_numbers(SITES[s], counts[s])]
     cases = {}
     with building_folder(out_dir, overwrite) as tmp:
         for site_name, number in tqdm(jobs, desc="phantom", unit="case"):
@@ -165,7 +174,7 @@ def make_phantom(out_dir: str | Path, cases_per_site: int = DEFAULT_CASES_PER_SI
             save_volume(case.image, case.affine, folder / f"Case{number:02d}.nii.gz")
             save_volume(case.label, case.affine, folder / f"Case{number:02d}{SITES[site_name].mask_suffix}.nii.gz")
             cases[f"{site_name}_Case{number:02d}"] = {"site": site_name, **case.info}
-        write_json({"generator": "desam_make_phantom", "seed": seed, "cases_per_site": cases_per_site,
+        write_json({"generator": "desam_make_phantom", "seed": seed, "cases_per_site": counts,
                     "sites": {s: site_description(SITES[s]) for s in sites}, "cases": cases},
                    tmp / "phantom.json")
     return out_dir
@@ -178,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out", metavar="OUT", help="output folder (must not exist or be empty)")
     parser.add_argument("--cases-per-site", type=int, default=DEFAULT_CASES_PER_SITE,
                         help=f"cases per site (default {DEFAULT_CASES_PER_SITE})")
+    parser.add_argument("--site-cases", nargs="+", default=[], metavar="SITE=N",
+                        help="case count of some sites instead of --cases-per-site, e.g. RUNMC=8")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--sites", nargs="+", default=None, choices=SITE_ORDER, metavar="SITE",
                         help=f"sites to generate (default all: {' '.join(SITE_ORDER)})")
@@ -188,8 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = make_phantom(args.out, args.cases_per_site, args.seed, args.sites, args.overwrite)
-    print(f"{out}: {args.cases_per_site} case(s) per site for {' '.join(args.sites or SITE_ORDER)} (seed {args.seed})")
+    site_cases = {}
+    for item in args.site_cases:
+        site, _, count = item.partition("=")
+        if not count.isdigit():
+            raise DesamError(f"--site-cases {item!r}: expected SITE=N, e.g. RUNMC=8")
+        site_cases[site] = int(count)
+    out = make_phantom(args.out, args.cases_per_site, args.seed, args.sites, args.overwrite, site_cases)
+    print(f"{out}: {args.cases_per_site} case(s) per site for {' '.join(args.sites or SITE_ORDER)}"
+          + "".join(f", {s} {n}" for s, n in site_cases.items()) + f" (seed {args.seed})")
     return 0
 
 

@@ -2,9 +2,9 @@
 
 Coordinates are anatomical and centred on the prostate: x towards the patient's left, y anterior,
 z superior. One case is a set of random parameters (`sample_anatomy`); `render_signal` paints the
-noise-free T2-weighted signal (fat bright, muscle dark, urine brightest, bone marrow intermediate
-with a dark cortex, rectum, seminal vesicles, a prostate with a bright peripheral zone and a darker
-nodular transition zone) and `prostate_zones` gives the ground truth (0 outside, 1 transition zone,
+noise-free T2-weighted signal (air outside the body outline, fat bright, muscle dark, urine
+brightest, bone marrow intermediate with a dark cortex, femoral heads, gluteal muscles, rectum,
+seminal vesicles, a prostate with a bright peripheral zone and a darker nodular transition zone) and `prostate_zones` gives the ground truth (0 outside, 1 transition zone,
 2 peripheral zone). Scanner effects (coil, bias, noise, storage) are in phantom_sites.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ BASE_SIGNAL = {
     "fat": 0.80, "muscle": 0.22, "marrow": 0.55, "cortex": 0.04, "urine": 1.0, "bladder_wall": 0.25,
     "rectal_wall": 0.30, "rectal_content": 0.22, "balloon": 0.03, "seminal_vesicle": 0.85,
     "pz": 0.70, "tz": 0.38, "capsule": 0.30, "stroma": 0.22, "lesion": 0.33, "vessel": 0.12,
-    "plexus": 0.92,
+    "plexus": 0.92, "air": 0.0,
 }
 
 
@@ -46,6 +46,9 @@ class Anatomy:
     pubis: tuple[float, float, float]           # gap anterior of the prostate, semi-axes x, y
     ischium: tuple[float, float]                # lateral distance, centre y
     vessels: np.ndarray                         # (V, 4): x, y, radius, bright (1) or flow void (0)
+    body: tuple[float, float, float]            # outline semi-axes x, y and centre y: air outside
+    femur: tuple[float, float, float]           # femoral head radius, lateral distance, height of its centre
+    gluteus: tuple[float, float, float]         # gluteal muscle semi-axes x, y and lateral distance
     signal: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -94,6 +97,9 @@ def sample_anatomy(rng: np.random.Generator, endorectal_coil: bool) -> Anatomy:
         pubis=(u(18, 28), u(8, 11), u(6, 8)),
         ischium=(u(58, 66), u(-20, -10)),
         vessels=vessels,
+        body=(u(165, 195), u(105, 125), u(-15, -5)),
+        femur=(u(22, 26), u(88, 98), u(15, 30)),
+        gluteus=(u(45, 60), u(35, 45), u(60, 75)),
         signal={k: v * u(0.9, 1.1) for k, v in BASE_SIGNAL.items()},
     )
 
@@ -180,6 +186,16 @@ def render_signal(anatomy: Anatomy, xs: np.ndarray, ys: np.ndarray, zs: np.ndarr
     full = (slice(None),) * 3
     x, y, z = xs[:, None, None], ys[None, :, None], zs[None, None, :]
     signal = (s["fat"] * (1.0 + 0.06 * coarse)).astype(np.float32)
+    body_x, body_y, body_center = anatomy.body
+    gluteus_x, gluteus_y, gluteus_offset = anatomy.gluteus
+    femur_radius, femur_offset, femur_height = anatomy.femur
+    for side in (-1.0, 1.0):
+        gluteus = _ellipse(x, y, side * gluteus_offset, body_center - body_y + gluteus_y + 12, gluteus_x, gluteus_y)
+        _paint(signal, full, gluteus <= 1.0, s["muscle"] * (1.0 + 0.05 * coarse))
+        head = np.sqrt((x - side * femur_offset) ** 2 + (y + 5.0) ** 2 + (z - femur_height) ** 2)
+        _paint(signal, full, head <= femur_radius, s["cortex"])
+        _paint(signal, full, head <= femur_radius - CORTEX_MM, s["marrow"] * (1.0 + 0.1 * coarse))
+    _paint(signal, full, _ellipse(x, y, 0.0, body_center, body_x, body_y) > 1.0, s["air"])
 
     gap, pubis_rx, pubis_ry = anatomy.pubis
     z_pubis = (z >= -c - 12) & (z <= c + 4)

@@ -10,8 +10,8 @@ What changes per site (modelled on the public multi-site prostate T2 collection)
 - storage: dtype, scale and offset (int16, uint16 with an offset, float32), plus a per-case gain;
 - labels: zone labels {1 TZ, 2 PZ} at RUNMC and BMC like the real data, {1} elsewhere; BMC names its
   masks `_Segmentation`; case numbers follow the real, non-contiguous numbering (UCL, HK).
-Fields of view are about half the real ones (crops around the prostate, to keep the demo small);
-their ratios between sites follow the real data (BIDMC the most zoomed, RUNMC the widest).
+Fields of view follow the real data (RUNMC 240 mm the widest, BIDMC 128 mm the most zoomed), so the
+body outline and the air around it are in the image as in the real scans.
 """
 from __future__ import annotations
 
@@ -57,18 +57,18 @@ class Site:
 
 
 SITES = {
-    "RUNMC": Site("RUNMC", (Protocol(3.0, (0.625, 0.625, 3.6), 192, (18, 22)),), 0.0, 0.15, 1.0, 0.0,
+    "RUNMC": Site("RUNMC", (Protocol(3.0, (0.625, 0.625, 3.6), 384, (18, 22)),), 0.0, 0.15, 1.0, 0.0,
                   "int16", 1100.0, 0.0, True, "_segmentation", "uint8", tuple(range(30))),
-    "BMC": Site("BMC", (Protocol(1.5, (0.4, 0.4, 3.0), 192, (20, 24)),), 5.0, 0.10, 1.2, 0.0,
+    "BMC": Site("BMC", (Protocol(1.5, (0.4, 0.4, 3.0), 384, (20, 24)),), 5.0, 0.10, 1.2, 0.0,
                 "int16", 450.0, 0.0, True, "_Segmentation", "uint8", tuple(range(30))),
-    "I2CVB": Site("I2CVB", (Protocol(3.0, (0.78, 0.78, 1.25), 128, (36, 40)),), 0.0, 0.30, 0.7, 0.5,
+    "I2CVB": Site("I2CVB", (Protocol(3.0, (0.78, 0.78, 1.25), 256, (36, 40)),), 0.0, 0.30, 0.7, 0.5,
                   "uint16", 2600.0, 40.0, False, "_segmentation", "uint8", tuple(range(19))),
-    "UCL": Site("UCL", (Protocol(1.5, (0.625, 0.625, 3.6), 160, (18, 22)),
-                        Protocol(3.0, (0.5, 0.5, 3.0), 176, (20, 24))), 0.0, 0.20, 0.9, 0.15,
+    "UCL": Site("UCL", (Protocol(1.5, (0.625, 0.625, 3.6), 320, (18, 22)),
+                        Protocol(3.0, (0.5, 0.5, 3.0), 352, (20, 24))), 0.0, 0.20, 0.9, 0.15,
                 "float32", 1.0, 0.0, False, "_segmentation", "float32", (1, *range(26, 38))),
-    "BIDMC": Site("BIDMC", (Protocol(3.0, (0.25, 0.25, 3.0), 256, (20, 24)),), 3.0, 0.10, 1.4, 0.0,
+    "BIDMC": Site("BIDMC", (Protocol(3.0, (0.25, 0.25, 3.0), 512, (20, 24)),), 3.0, 0.10, 1.4, 0.0,
                   "int16", 2200.0, 0.0, False, "_segmentation", "uint8", tuple(range(12))),
-    "HK": Site("HK", (Protocol(1.5, (0.625, 0.625, 3.6), 144, (18, 22)),), 8.0, 0.10, 0.75, 0.3,
+    "HK": Site("HK", (Protocol(1.5, (0.625, 0.625, 3.6), 288, (18, 22)),), 8.0, 0.10, 0.75, 0.3,
                "int16", 700.0, 0.0, False, "_segmentation", "uint8", tuple(range(38, 50))),
 }
 
@@ -84,7 +84,7 @@ def case_numbers(site: Site, count: int) -> list[int]:
 def receive_sensitivity(site: Site, anatomy: Anatomy, rng: np.random.Generator,
                         xs: np.ndarray, ys: np.ndarray, zs: np.ndarray) -> np.ndarray:
     """Smooth bias field, times the endorectal near-field profile (1 at the prostate centre) at coil sites."""
-    x, y, z = xs[:, None, None] / 60.0, ys[None, :, None] / 60.0, zs[None, None, :] / 40.0
+    x, y, z = xs[:, None, None] / 120.0, ys[None, :, None] / 120.0, zs[None, None, :] / 40.0
     c = rng.uniform(-1.0, 1.0, 5)
     sensitivity = np.exp(site.bias * (c[0] * x + c[1] * y + c[2] * (x * x - 0.3) + c[3] * (y * y - 0.3) + c[4] * z))
     if site.endorectal_coil:

@@ -35,6 +35,7 @@ DATASET_ID = 1
 DATASET = dataset_name(DATASET_ID, convert_prostate_multisite.DEFAULT_NAME)
 SOURCE = "RUNMC"
 CASES_PER_SITE = 3
+SOURCE_CASES = 5  # fold 0 trains on 4 and holds 1 out; embedding costs about 1 s per slice
 MODE = "grid"
 EPOCHS = 5
 BATCH_SIZE = 4
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     plans_name = f"DeSAMPlans_{encoder}"
     phantom = DATA_DIR.resolve() / "phantom"
     if not (phantom / "phantom.json").is_file():
-        run(make_phantom.main, "desam_make_phantom", [str(phantom), "--cases-per-site", str(CASES_PER_SITE)])
+        run(make_phantom.main, "desam_make_phantom", [str(phantom), "--cases-per-site", str(CASES_PER_SITE),
+                                                        "--site-cases", f"{SOURCE}={SOURCE_CASES}"])
     if not (roots["raw"] / DATASET / "dataset.json").is_file():
         run(convert_prostate_multisite.main, "desam_convert_prostate_multisite", [str(phantom), "-d", str(DATASET_ID)])
     run(dataset_checks.main, "desam_verify_dataset", ["-d", str(DATASET_ID)])

@@ -165,7 +165,8 @@ def write_overlays(per_case: pd.DataFrame, out_dir: Path, raw_dir: Path, dataset
         spacing = voxel_spacing(image_nii)
         target = out_dir / f"{site}_{tag}_{case}.png"
         if protocol == "paper":
-            sam_slices = preprocess_volume(image, plan)  # back to array order, as the protocol's slices
+            # the protocol's 256x256 slices, back in array order: resized whatever the plan's in-plane rule
+            sam_slices = preprocess_volume(image, {**plan, "in_plane": {"rule": "resize"}})
             slices = to_slices(from_slices(sam_slices, axis, plan_orientation(plan)), axis, LEGACY_ORIENTATION)
             ref256 = reference_label_grid(reference, axis)
             pred256 = zero_border(to_slice_grid(prediction, axis)) > 0

@@ -34,7 +34,8 @@ from desam_pipeline.utilities.runtime import (DEFAULT_DEVICE, PRECISIONS, Device
                                               select_device, shard, shard_spec, tune_malloc)
 from desam_pipeline.utilities.setting_flags import add_setting_flags
 from plans.fingerprint import write_fingerprint
-from plans.planner import DEFAULT_ENCODER, OFFICIAL_CHECKPOINTS, default_choices, make_plan, save_plan
+from plans.planner import (DEFAULT_ENCODER, DEFAULT_IN_PLANE, IN_PLANE_RULES, OFFICIAL_CHECKPOINTS, default_choices,
+                           in_plane_choice, make_plan, save_plan)
 
 TINY_CHECKPOINT_NAME = "sam_tiny.pth"
 
@@ -74,11 +75,11 @@ def prepare_case(raw_dir: Path, dataset_json: dict, case: str, input_hash: str, 
         "input_sha256": input_hash,
         "plan_sha256": plan_digest,
     }
-    image = preprocess_volume(volume, plan)[z]
+    image = preprocess_volume(volume, plan, meta["spacing"])[z]
     views = augmented_views.views_for(plan, meta["domain"])
     if views:
         meta["views"] = views
-    return {"meta": meta, "image": image, "label": preprocess_label(label, plan)[z],
+    return {"meta": meta, "image": image, "label": preprocess_label(label, plan, meta["spacing"])[z],
             "views": augmented_views.make_views(image, views, case, plan["augmented_views"]["seed"]) if views else []}
 
 
@@ -110,11 +111,13 @@ def _mib(count: float) -> str:
 
 
 def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint: str | None,
-                        device: torch.device, overwrite: bool, **flags) -> tuple[dict, nn.Module]:
+                        device: torch.device, overwrite: bool, fingerprint: dict, cases: list[str],
+                        **flags) -> tuple[dict, nn.Module]:
     """Load the encoder and write the plan once; flags left None keep the existing plan's choices.
 
-    `flags` are slices, precision and batch_size (the last two set this device's entry), and
-    augmented_views with view_sites (the sites whose cases get that many augmented views).
+    `flags` are slices, in_plane (a rule, resolved on the fingerprint of `cases`, the planned sites'),
+    precision and batch_size (the last two set this device's entry), and augmented_views with view_sites
+    (the sites whose cases get that many augmented views).
     """
     existing = load_plan(out_dir, plans_name) if plan_path(out_dir, plans_name).is_file() else None
     checkpoint_path = resolve_checkpoint(encoder, checkpoint, existing, out_dir)
@@ -124,6 +127,9 @@ def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint
         checkpoint_sha = checkpoint_sha.result()
     base = existing or default_choices(encoder)
     choices = {"slices": flags.get("slices")}
+    rule = flags.get("in_plane") or (None if existing else DEFAULT_IN_PLANE)
+    if rule is not None:
+        choices["in_plane"] = in_plane_choice(rule, fingerprint, cases, base["slice_axis"], base["slice_size"])
     if flags.get("precision") is not None:
         choices["precision"] = {**base["precision"], device.type: resolve_precision(flags["precision"], device)}
     if flags.get("batch_size") is not None:
@@ -171,7 +177,8 @@ def set_up(raw_dir: Path, out_dir: Path, domains: list[str] | None, encoder: str
     remove_stale_temporaries(out_dir)
     write_json(dataset_json, out_dir / "dataset.json")
     fingerprint = write_fingerprint(raw_dir, out_dir)
-    plan, image_encoder = write_or_check_plan(out_dir, plans_name, encoder, checkpoint, device, overwrite, **flags)
+    plan, image_encoder = write_or_check_plan(out_dir, plans_name, encoder, checkpoint, device, overwrite,
+                                              fingerprint, cases, **flags)
     return {"plan": plan, "fingerprint": fingerprint, "dataset_json": dataset_json, "cases": cases}, image_encoder
 
 
@@ -180,7 +187,7 @@ def plan_and_embed(dataset: str | int, encoder: str = DEFAULT_ENCODER, checkpoin
                    precision: str | None = None, batch_size: int | None = None, device: str = DEFAULT_DEVICE,
                    num_parts: int | None = None, part_id: int | None = None, overwrite: bool = False,
                    raw: str | None = None, preprocessed: str | None = None,
-                   augmented_views: int | None = None) -> dict:
+                   augmented_views: int | None = None, in_plane: str | None = None) -> dict:
     """Verify, fingerprint, plan and embed one part of a dataset; return a summary of what was done.
 
     Choices left as None come from the existing plan of that name, else from the defaults. Under
@@ -198,7 +205,8 @@ def plan_and_embed(dataset: str | int, encoder: str = DEFAULT_ENCODER, checkpoin
 
         def plan_on_rank_zero() -> dict:
             planned, loaded["encoder"] = set_up(raw_dir, out_dir, domains, encoder, checkpoint, plans_name,
-                                                torch_device, overwrite, slices=slices, precision=precision,
+                                                torch_device, overwrite, slices=slices, in_plane=in_plane,
+                                                precision=precision,
                                                 batch_size=batch_size, augmented_views=augmented_views,
                                                 view_sites=domains)
             return planned
@@ -275,7 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--domains", nargs="+", metavar="SITE", help="embed only these sites (default: all)")
     parser.add_argument("--plans-name", help="plan and cache name (default DeSAMPlans_<encoder>)")
     parser.add_argument("--slices", choices=SLICE_MODES,
-                        help="slices to cache (new plan default foreground_margin)")
+                        help="slices to cache (new plan default all: prediction sees every slice of a volume, so "
+                             "training does too)")
+    parser.add_argument("--in-plane", choices=IN_PLANE_RULES,
+                        help=f"spacing: resample every slice to the planned sites' scale (mm per pixel from their "
+                             f"median field of view), then crop or pad to the slice size; resize: resize every "
+                             f"slice to the slice size, as the reference (new plan default {DEFAULT_IN_PLANE})")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="encoder precision on this device (new plan default: bf16, litemedsam fp32 on CPU)")
     parser.add_argument("--batch-size", type=int, help="slices per encoder batch on this device")
@@ -293,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plan_and_embed(args.dataset, encoder=args.encoder, checkpoint=args.checkpoint, domains=args.domains,
-                   plans_name=args.plans_name, slices=args.slices, precision=args.precision,
+                   plans_name=args.plans_name, slices=args.slices, in_plane=args.in_plane, precision=args.precision,
                    batch_size=args.batch_size, device=args.device, num_parts=args.num_parts,
                    part_id=args.part_id, overwrite=args.overwrite, raw=args.raw, preprocessed=args.preprocessed,
                    augmented_views=args.augmented_views)

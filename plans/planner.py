@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from torch import nn
 
 from desam_pipeline.data.orientation import ORIENTATIONS
@@ -46,6 +48,8 @@ def make_plan(plans_name: str, encoder: str, checkpoint: str | os.PathLike, chec
     shapes = encoders.feature_shapes(image_encoder)
     if picked["slices"] not in SLICE_MODES:
         raise DesamError(f"unknown slice selection {picked['slices']!r}; choose one of {', '.join(SLICE_MODES)}")
+    if isinstance(picked["in_plane"], str):
+        raise ValueError("make_plan takes the in-plane rule resolved by in_plane_choice")
     if picked["slice_orientation"] not in ORIENTATIONS:
         raise DesamError(f"unknown slice orientation {picked['slice_orientation']!r}; "
                          f"choose one of {', '.join(ORIENTATIONS)}")
@@ -60,6 +64,26 @@ def make_plan(plans_name: str, encoder: str, checkpoint: str | os.PathLike, chec
         "neck_shape": list(shapes["neck"]),
         **picked,
     }
+
+
+IN_PLANE_RULES = ("spacing", "resize")
+DEFAULT_IN_PLANE = "resize"
+
+
+def in_plane_choice(rule: str, fingerprint: dict, cases: list[str], slice_axis: int, slice_size: int) -> dict:
+    """The plan's in-plane rule. `spacing`: mm per pixel such that the median field of view of `cases` (the
+    planned source sites; the wider in-plane side of each) spans the slice size, so every site is seen at
+    the source's scale (nnU-Net plans a target spacing from the training cases the same way). `resize`: every
+    slice resized to the slice size whatever its field of view, as the reference code."""
+    if rule not in IN_PLANE_RULES:
+        raise DesamError(f"unknown in-plane rule {rule!r}; choose one of {', '.join(IN_PLANE_RULES)}")
+    if rule == "resize":
+        return {"rule": "resize"}
+    records = [fingerprint["cases"][case] for case in cases]
+    fields = [max(float(s) * int(n) for a, (s, n) in enumerate(zip(r["spacing"], r["shape"])) if a != slice_axis)
+              for r in records]
+    sites = sorted({r.get("domain", "") for r in records} - {""})
+    return {"rule": "spacing", "spacing_mm": round(float(np.median(fields)) / slice_size, 4), "planned_on": sites}
 
 
 def plan_differences(old: dict, new: dict) -> list[str]:

@@ -19,6 +19,7 @@ import pytest
 from benchmarks import accuracy
 from benchmarks.accuracy_arms import arm_table
 from desam_pipeline.baselines import nnunet_baseline
+from desam_pipeline.training.losses import DEFAULT_LOSS
 from desam_pipeline.utilities.errors import DesamError
 
 from nnunet_stand_in import fake_nnunet
@@ -99,7 +100,8 @@ def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, m
              for arm in ("desam_p_s0", "desam_p_s1", "views")}
     assert [debug[a]["augmented_views"] for a in debug] == [False, False, True]
     assert [debug[a]["seed"] for a in debug] == [0, 1, 0]
-    assert {debug[a]["train_slices"] for a in debug} == {"foreground_margin"}  # the benchmark's default
+    assert {debug[a]["train_slices"] for a in debug} == {"all"}  # the benchmark's default: every slice
+    assert {debug[a]["loss"] for a in debug} == {DEFAULT_LOSS}
 
     # a rerun skips every finished arm and trains nothing; an arm scored before slice detection existed (no
     # per_slice.csv) is scored again from its saved predictions
@@ -125,12 +127,12 @@ def test_the_pdmm_arm_trains_the_reference_layout_and_other_settings_are_refused
     accuracy.check_same_settings(tmp_path / "b", settings)
     with pytest.raises(DesamError, match="epochs: 2 -> 3"):
         accuracy.check_same_settings(tmp_path / "b", {**settings, "epochs": 3})
-    # a record written before --train-slices existed ran on every slice: it matches `all`, not the default
-    assert settings["train_slices"] == "foreground_margin"
+    # a record written before --train-slices existed ran on every slice: it matches `all`, not another rule
+    assert settings["train_slices"] == "all"
     record = tmp_path / "b" / "benchmark.json"
     saved = json.loads(record.read_text(encoding="utf-8"))
     del saved["train_slices"]
     record.write_text(json.dumps(saved), encoding="utf-8")
-    accuracy.check_same_settings(tmp_path / "b", {**settings, "train_slices": "all"})
+    accuracy.check_same_settings(tmp_path / "b", settings)
     with pytest.raises(DesamError, match="train_slices: 'all' -> 'foreground_margin'"):
-        accuracy.check_same_settings(tmp_path / "b", settings)
+        accuracy.check_same_settings(tmp_path / "b", {**settings, "train_slices": "foreground_margin"})

@@ -159,3 +159,22 @@ def test_cli_writes_requested_sites_and_refuses_a_full_folder(tmp_path, capsys):
         make_phantom(out, 1, 3, ["HK"])
     with pytest.raises(DesamError, match="unknown phantom site"):
         make_phantom(tmp_path / "other", 1, 0, ["XYZ"])
+
+
+@pytest.mark.slow
+def test_site_cases_sets_some_sites_counts_and_keeps_each_case(tmp_path, capsys):
+    out = tmp_path / "phantom"
+    with pytest.raises(SystemExit) as exit_info:
+        phantom_cli.main([str(out), "--cases-per-site", "1", "--sites", "HK", "UCL", "--site-cases", "HK=2"])
+    assert exit_info.value.code == 0
+    record = json.loads((out / "phantom.json").read_text(encoding="utf-8"))
+    assert record["cases_per_site"] == {"HK": 2, "UCL": 1}
+    assert sorted(p.name for p in (out / "HK").glob("Case??.nii.gz")) == ["Case38.nii.gz", "Case39.nii.gz"]
+    assert len(list((out / "UCL").glob("Case??.nii.gz"))) == 1
+    written = np.asanyarray(nib.load(str(out / "HK" / "Case38.nii.gz")).dataobj)
+    assert np.array_equal(written, generate_case("HK", 38, seed=0).image)  # the same case whatever the counts
+    for bad, message in ((["--site-cases", "HK2"], "expected SITE=N"), (["--site-cases", "RUNMC=2"], "generated sites"),
+                         (["--site-cases", "HK=0"], "at least 1 case")):
+        with pytest.raises(SystemExit) as exit_info:
+            phantom_cli.main([str(tmp_path / "other"), "--sites", "HK", *bad])
+        assert exit_info.value.code != 0 and message in capsys.readouterr().err

@@ -92,3 +92,38 @@ def test_largest_keeps_every_component_of_the_largest_size():
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="unknown post-processing"):
         postprocess(np.zeros((2, 2, 2)), "median")
+
+
+def test_min_size_drops_components_under_a_millilitre_whatever_the_voxel_size():
+    mask = np.zeros((40, 40, 10), np.uint8)
+    mask[2:12, 2:12, 0:5] = 1    # 500 voxels
+    mask[20:30, 20:30, 0:2] = 1  # 200 voxels
+    kept = postprocess(mask, "min_size", spacing=(1.0, 1.0, 3.0))   # 1.5 ml and 0.6 ml
+    assert kept[5, 5, 2] and not kept[25, 25, 0]
+    small_voxels = postprocess(mask, "min_size", spacing=(0.5, 0.5, 3.0))  # 0.375 ml and 0.15 ml
+    assert not small_voxels.any()
+
+
+def test_fill_closes_holes_per_slice_not_across_slices():
+    mask = np.zeros((9, 9, 3), np.uint8)
+    mask[2:7, 2:7, :] = 1
+    mask[4, 4, 1] = 0            # a hole inside slice 1
+    assert postprocess(mask, "fill")[4, 4, 1] == 1
+    open_cup = np.zeros((9, 9, 3), np.uint8)
+    open_cup[2:7, 2:7, 1:] = 1
+    open_cup[3:6, 3:6, 2] = 0    # hollow in the last slice, open to the volume's top: a 3D cup, a 2D hole
+    assert postprocess(open_cup, "fill")[4, 4, 2] == 1
+    edge = np.zeros((9, 9, 3), np.uint8)
+    edge[0:5, 0:5, :] = 1
+    edge[0:3, 0:3, 1] = 0        # a notch open to the slice border is not a hole
+    assert postprocess(edge, "fill")[1, 1, 1] == 0
+
+
+def test_steps_run_in_order_largest_then_fill():
+    mask = np.zeros((12, 12, 3), np.uint8)
+    mask[1:8, 1:8, :] = 1
+    mask[4, 4, :] = 0           # a hole through every slice
+    mask[10, 10, 0] = 1         # a stray voxel
+    out = postprocess(mask, "largest+fill")
+    assert out[4, 4, :].all() and out[10, 10, 0] == 0
+    assert postprocess(mask, "min_size+fill", spacing=(3.0, 3.0, 3.0))[10, 10, 0] == 0

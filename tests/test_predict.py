@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from desam_pipeline.data.orientation import from_slices, in_plane_shape, plan_orientation
-from desam_pipeline.data.preprocessing import preprocess_volume, resize_probabilities_back
+from desam_pipeline.data.preprocessing import from_frame, preprocess_volume, slice_frame
 from desam_pipeline.inference import predict, predictor, slice_prediction
 from desam_pipeline.inference.features import SliceEncoder
 from desam_pipeline.inference.inputs import CaseInput, discover_inputs, read_case_volume
@@ -118,7 +118,8 @@ def test_every_fold_is_used_and_their_probabilities_averaged(predict_env, tmp_pa
     average = (p0 + p1) / 2
     assert not np.allclose(average, p0, atol=1e-3) and not np.allclose(average, p1, atol=1e-3)
     orientation = plan_orientation(load_model(predict_env.box, ["0"], CPU).plan)
-    expected = from_slices(resize_probabilities_back(average, in_plane_shape(volume.shape, 2, orientation)), 2,
+    expected = from_slices(from_frame(average, slice_frame((256, 256), (1.0, 1.0), None),
+                                      in_plane_shape(volume.shape, 2, orientation)), 2,
                            orientation)
     saved = np.load(out / "case.npz")["probabilities"]
     assert np.allclose(saved, expected, atol=1e-5)

@@ -96,14 +96,15 @@ def test_dice_is_per_sample_and_smooth():
     assert soft_dice_loss(torch.zeros(1, 1, 2, 2), empty).item() == pytest.approx(1 - 1 / 3, abs=1e-6)
 
 
-def test_desam_loss_on_hand_made_cases():
+def test_paper_loss_on_hand_made_cases():
+    """--loss paper: per-sample soft Dice (smoothing 1) + BCE + 10 x L1(IoU)."""
     logits = torch.tensor([[[[2.0, -1.0]]]], requires_grad=True)
     target = torch.tensor([[[1.0, 0.0]]])  # (B,H,W) is accepted as well as (B,1,H,W)
     p = [1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(1.0))]
     dice = 1 - (2 * p[0] + 1) / (p[0] + p[1] + 1 + 1)
     bce = (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(-1.0))) / 2
     iou = abs(0.7 - 1.0)
-    total, parts = desam_loss(logits, target, torch.tensor([[0.7]]), torch.tensor([1.0]))
+    total, parts = desam_loss(logits, target, torch.tensor([[0.7]]), torch.tensor([1.0]), loss="paper")
     assert parts["dice"].item() == pytest.approx(dice, abs=1e-6)
     assert parts["bce"].item() == pytest.approx(bce, abs=1e-6)
     assert parts["iou"].item() == pytest.approx(iou, abs=1e-6)
@@ -112,9 +113,10 @@ def test_desam_loss_on_hand_made_cases():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
     assert not parts["dice"].requires_grad
 
-    weighted, _ = desam_loss(logits, target, torch.tensor([0.7]), torch.tensor([1.0]), weights=(2.0, 0.0, 1.0))
+    weighted, _ = desam_loss(logits, target, torch.tensor([0.7]), torch.tensor([1.0]), weights=(2.0, 0.0, 1.0),
+                             loss="paper")
     assert weighted.item() == pytest.approx(2 * dice + iou, abs=1e-5)
-    box_mode, parts = desam_loss(logits, target)
+    box_mode, parts = desam_loss(logits, target, loss="paper")
     assert parts["iou"].item() == 0 and box_mode.item() == pytest.approx(dice + bce, abs=1e-6)
 
 
@@ -144,3 +146,43 @@ def test_reference_loss_is_squared_dice_plus_l1_iou():
 def test_loss_of_an_empty_target_is_finite():
     total, parts = desam_loss(torch.full((2, 1, 8, 8), -30.0), torch.zeros(2, 8, 8))
     assert torch.isfinite(total) and total.item() < 1e-5
+
+
+def _fp_gradient(loss: str) -> float:
+    """Mean |d loss / d logit| over a 5,000-pixel false positive on an empty slice, batched with a slice
+    whose object is predicted right."""
+    target = torch.zeros(2, 1, 128, 128)
+    target[0, 0, 30:90, 30:90] = 1
+    logits = torch.full((2, 1, 128, 128), -8.0)
+    logits[0, 0, 30:90, 30:90] = 8.0
+    logits[1, 0, :50, :100] = 0.0  # 5,000 undecided false-positive pixels where nothing is
+    logits.requires_grad_(True)
+    total, _ = desam_loss(logits, target, weights=(1.0, 0.0, 0.0), loss=loss)
+    total.backward()
+    return float(logits.grad[1, 0, :50, :100].abs().mean())
+
+
+def test_batch_dice_pushes_back_false_positives_on_an_empty_slice():
+    # per sample, an empty target's Dice 1 - 1/(sum P + 1) is saturated: almost no gradient
+    per_sample, pooled = _fp_gradient("paper"), _fp_gradient("batch")
+    assert per_sample < 1e-7
+    assert pooled > 100 * per_sample  # about 1,000x here
+
+
+def test_batch_dice_pools_the_sums_over_the_batch():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.0]])
+    target = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    logits = torch.logit(probs).reshape(2, 1, 1, 2)
+    _, parts = desam_loss(logits, target.reshape(2, 1, 1, 2), weights=(1.0, 0.0, 0.0), loss="batch")
+    expected = 1 - (2 * 0.9 + 1) / (probs.sum() + target.sum() + 1)
+    assert float(parts["dice"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_batch_loss_regresses_the_iou_with_squared_error():
+    logits, target = torch.zeros(3, 1, 4, 4), torch.zeros(3, 1, 4, 4)
+    iou_pred, iou_target = torch.tensor([0.2, 0.9, 0.5]), torch.tensor([0.0, 1.0, 1.0])
+    _, batch_parts = desam_loss(logits, target, iou_pred, iou_target, loss="batch")
+    _, paper_parts = desam_loss(logits, target, iou_pred, iou_target, loss="paper")
+    assert float(batch_parts["iou"]) == pytest.approx((0.04 + 0.01 + 0.25) / 3)
+    assert float(paper_parts["iou"]) == pytest.approx((0.2 + 0.1 + 0.5) / 3)
+    assert LOSS_WEIGHTS["batch"] == (1.0, 1.0, 10.0)

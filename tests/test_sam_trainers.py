@@ -13,7 +13,7 @@ import torch
 
 from desam_pipeline.data import cache
 from desam_pipeline.data.orientation import from_slices, in_plane_shape, plan_orientation
-from desam_pipeline.data.preprocessing import resize_probabilities_back
+from desam_pipeline.data.preprocessing import from_frame, slice_frame
 from desam_pipeline.inference import predict
 from desam_pipeline.inference.model import load_model
 from desam_pipeline.io.results_layout import Checkpoint, model_folder_name, parse_model_folder_name
@@ -170,7 +170,8 @@ def test_coupled_trains_one_epoch_and_predicts_a_volume(env, tmp_path):
     expected = np.zeros((image.shape[2], 256, 256), np.float32)
     expected[np.asarray(arrays["meta"]["z"])] = torch.sigmoid(logits)[:, 0].numpy()
     orientation = plan_orientation(json.loads((folder / "plans.json").read_text(encoding="utf-8")))
-    expected = resize_probabilities_back(expected, in_plane_shape(image.shape, 2, orientation))
+    expected = from_frame(expected, slice_frame((256, 256), (1.0, 1.0), None),
+                          in_plane_shape(image.shape, 2, orientation))
     expected = from_slices(expected, 2, orientation)  # the cache holds slices as the plan orients them
     assert expected.std() > 0.01
     np.testing.assert_allclose(probabilities, expected, atol=0.03)   # the predictor runs bf16 on CPU

@@ -22,6 +22,7 @@ from desam_pipeline.network import DeSAM
 from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
 from desam_pipeline.training import train
 from desam_pipeline.training.registry import trainer_class
+from desam_pipeline.training.schedule import epoch_record, reduce_validation, restored_history, validation_sums
 from desam_pipeline.training.settings import TrainingSettings, resume_differences
 from desam_pipeline.training.trainer import DeSAMTrainer
 from desam_pipeline.utilities.errors import DesamError
@@ -157,6 +158,7 @@ def test_grid_mode_steps_score_the_iou_head(toy_cache):
     sums = trainer.validation_step(batch)
     on_object = int((batch["iou_target"] > 0.5).sum())
     assert sums["count"] == 2 and sums["tp"] + sums["fn"] == float((batch["label"] > 0).sum())
+    assert sums["on_object"] == (batch["iou_target"] > 0.5).tolist() and len(sums["iou_scores"]) == 2
     head = trainer.network.prim.mask_decoder.iou_prediction_head.layers[-1]
     saved = {k: v.clone() for k, v in head.state_dict().items()}
     with torch.no_grad():
@@ -296,7 +298,10 @@ def test_loss_setting_and_its_weights_are_recorded_in_the_config(tmp_path):
     assert grid.config()["loss"] == "reference" and grid.config()["loss_weights"] == [1.0, 0.0, 1.0]
     box = on_cpu(tmp_path, mode="box", loss="reference")
     assert box.config()["loss_weights"] == [1.0, 0.0, 0.0]
-    paper = on_cpu(tmp_path, mode="grid")
+    default = on_cpu(tmp_path, mode="grid")
+    assert default.config()["loss"] == "batch" and default.config()["loss_weights"] == [1.0, 1.0, 10.0]
+    assert default.config()["sampling"] == "balanced"
+    paper = on_cpu(tmp_path, mode="grid", loss="paper")
     assert paper.config()["loss"] == "paper" and paper.config()["loss_weights"] == [1.0, 1.0, 10.0]
     with pytest.raises(DesamError, match="unknown loss"):
         on_cpu(tmp_path, loss="monai")
@@ -329,3 +334,19 @@ def test_resume_compares_the_recorded_settings(tmp_path):
     assert resume_differences(saved, current) == ["lr 0.0001 -> 0.001"]
     assert resume_differences({**saved, "lr": 1e-3, "train_slices": "foreground"}, current) == \
         ["train_slices 'foreground' -> 'all'"]
+
+
+def test_epoch_record_carries_the_gate_auc_in_grid_mode_only():
+    val = validation_sums() | {"loss": 2.0, "count": 4, "tp": 3.0, "fp": 1.0, "fn": 0.0, "iou_agree": 3.0,
+                               "iou_scores": [0.9, 0.2, 0.6, 0.1], "on_object": [True, False, True, False]}
+    reduced = reduce_validation(dict(val), torch.device("cpu"))
+    assert reduced["gate_auc"] == 1.0 and "iou_scores" not in reduced
+    swapped = reduce_validation(val | {"on_object": [False, True, True, False]}, torch.device("cpu"))
+    assert swapped["gate_auc"] == 0.5
+    grid = epoch_record({"loss": 1.0, "count": 4}, reduced, True, None, 1e-3, 1.0, 0.0)
+    box = epoch_record({"loss": 1.0, "count": 4}, reduced, False, None, 1e-3, 1.0, 0.0)
+    assert grid["gate_auc"] == 1.0 and np.isnan(box["gate_auc"])
+    old = {k: [1.0, 2.0] for k in ("train_loss", "val_loss", "val_dice", "val_dice_ema", "iou_accuracy", "lr",
+                                   "epoch_time", "data_wait")}
+    restored = restored_history(old)
+    assert np.isnan(restored["gate_auc"]).all() and len(restored["gate_auc"]) == 2 and restored["lr"] == [1.0, 2.0]

@@ -39,7 +39,12 @@ def from_slices(slices: np.ndarray, axis: int, orientation: str) -> np.ndarray:
     return np.moveaxis(slices, 0, axis)
 
 
+def in_plane_values(values: tuple, axis: int, orientation: str) -> tuple:
+    """The two in-plane entries of a per-axis triple (shape, spacing) as (rows, columns) of `to_slices`' slices."""
+    in_plane = tuple(v for a, v in enumerate(values) if a != axis)
+    return (in_plane[1], in_plane[0]) if orientation == "simpleitk" else in_plane
+
+
 def in_plane_shape(shape: tuple[int, ...], axis: int, orientation: str) -> tuple[int, int]:
     """(rows, columns) of the slices `to_slices` makes from a volume of `shape`."""
-    in_plane = tuple(int(s) for a, s in enumerate(shape) if a != axis)
-    return (in_plane[1], in_plane[0]) if orientation == "simpleitk" else in_plane
+    return tuple(int(s) for s in in_plane_values(tuple(shape), axis, orientation))

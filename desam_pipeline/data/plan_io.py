@@ -25,18 +25,23 @@ DEFAULT_CHOICES = {
     "slice_orientation": DEFAULT_ORIENTATION,
     "slice_size": SLICE_SIZE,
     "intensity": {"low_percentile": 0.5, "high_percentile": 99.5},
-    "slices": "foreground_margin",
+    "slices": "all",
     "slice_margin": 2,
     "cache_dtype": "float16",
     # On CPU a batch of 2 is no faster and doubles the attention buffers (vit_b: 5M page faults per 4 slices).
     "batch_size": {"cpu": 1, "cuda": 4},
     # cpu: the encoder family's (see encoders.FAMILIES), set by plans.planner.default_choices
     "precision": {"cpu": "bf16", "cuda": "bf16"},
+    # "resize" or "spacing"; the planner turns "spacing" into {"rule": "spacing", "spacing_mm": ...} from the
+    # fingerprint of the planned sites (see data.preprocessing.slice_frame)
+    "in_plane": {"rule": "resize"},
 }
-# Plans written before `slice_orientation` existed lack it and keep the orientation they were embedded
-# with (see orientation.plan_orientation); re-planning writes it and re-embeds.
+# Choices that plans written before them lack; readers fall back to what those plans did.
+LATER_CHOICES = ("slice_orientation", "in_plane")
+# Plans written before `slice_orientation` or `in_plane` existed lack them and keep what they were embedded
+# with (see orientation.plan_orientation, preprocessing.in_plane); re-planning writes them and re-embeds.
 REQUIRED_KEYS = ("plans_name", "encoder", "family", "checkpoint", "checkpoint_sha256", "tap_blocks", "tap_shapes",
-                 "neck_shape", *(key for key in DEFAULT_CHOICES if key != "slice_orientation"))
+                 "neck_shape", *(key for key in DEFAULT_CHOICES if key not in LATER_CHOICES))
 # Keys that do not change the cached values: renaming, moving the checkpoint or changing the
 # batch size leaves every cached case valid.
 NOT_HASHED = ("plans_name", "checkpoint", "batch_size")

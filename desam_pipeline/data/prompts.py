@@ -26,14 +26,16 @@ def pixel_to_frame(rows: np.ndarray, cols: np.ndarray, frame: int, size: int = S
 
 
 def sample_training_points(labels: np.ndarray, rng: np.random.Generator,
-                           foreground_probability: float = 0.5, *, frame: int
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                           foreground_probability: float = 0.5, *, frame: int,
+                           on_object: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One positive click per slice of `labels` (B,256,256), on the object with `foreground_probability`.
 
     The pixel is drawn uniformly among the slice's foreground (label > 0) or background pixels.
-    Slices without foreground get a background point; slices that are all foreground a foreground
-    one. Returns coords float32 (B,1,2) (x, y) in the `frame` square, point labels int64 (B,1) all 1
-    (SAM is always told "object here"), and the IoU target float32 (B,): 1 on the object, 0 off it.
+    `on_object` forces the side (the balanced sampler decides it per sample); a side the slice does not
+    have falls back to the other: slices without foreground get a background point, slices that are all
+    foreground a foreground one. Returns coords float32 (B,1,2) (x, y) in the `frame` square, point labels
+    int64 (B,1) all 1 (SAM is always told "object here"), and the IoU target float32 (B,): 1 on the object,
+    0 off it.
     """
     batch = labels.shape[0]
     coords = np.empty((batch, 1, 2), np.float32)
@@ -41,11 +43,12 @@ def sample_training_points(labels: np.ndarray, rng: np.random.Generator,
     for b in range(batch):
         foreground = labels[b] > 0
         count = int(foreground.sum())
-        on_object = count == foreground.size or (count > 0 and rng.random() < foreground_probability)
-        pool = np.flatnonzero(foreground if on_object else ~foreground)
+        on = count == foreground.size or (count > 0 and (rng.random() < foreground_probability if on_object is None
+                                                         else on_object))
+        pool = np.flatnonzero(foreground if on else ~foreground)
         row, col = divmod(int(pool[rng.integers(pool.size)]), labels.shape[2])
         coords[b, 0] = pixel_to_frame(row, col, frame, labels.shape[2])
-        iou_target[b] = float(on_object)
+        iou_target[b] = float(on)
     return coords, np.ones((batch, 1), np.int64), iou_target
 
 

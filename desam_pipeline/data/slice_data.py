@@ -32,6 +32,8 @@ from desam_pipeline.io.atomic import read_json
 from desam_pipeline.utilities.errors import DesamError
 
 FEATURES = ("neck", "tap0", "tap1", "tap2")
+# How training samples are drawn from the cached slices (see SliceDataset).
+SAMPLINGS = ("balanced", "slices")
 TRAIN_STREAM, VAL_STREAM = 0, 1
 DEFAULT_LOADER_TIMEOUT_S = 300.0
 
@@ -57,32 +59,58 @@ def cached_positions(case_dir: Path, z: Sequence[int], slices: str) -> list[int]
 
 
 class SliceDataset(Dataset):
-    """Every cached slice of the given case folders; item (epoch, index) -> features, label, prompt."""
+    """Cached slices of the given case folders; item (epoch, index) -> features, label, prompt.
+
+    `sampling="slices"`: every cached slice once per epoch, its click on or off the object with
+    probability 1:1 (a slice without the object can only give a click off it). `sampling="balanced"` (grid
+    mode): the method's 1:1 draw of object and background clicks, whatever share of the slices is empty:
+    an epoch is every slice with the object once with a click on it, plus as many clicks off the object,
+    each on a slice drawn uniformly from all the cached slices (empty ones included, so the mask module
+    also learns "nothing here"). Box mode has no click: every slice once.
+    """
 
     def __init__(self, case_dirs: Sequence[Path], mode: str, seed: int, stream: int = TRAIN_STREAM, *,
-                 frame: int, use_views: bool = True, slices: str = "all"):
+                 sampling: str, frame: int, use_views: bool = True, slices: str = "all"):
         """`frame`: side of the prompt frame the points and boxes are drawn in (the network's `prim.frame`);
         `use_views`: draw among a case's cached augmented views (training stream only); `slices`: which of
-        the cached slices to use, by the embedding's rule (`all`: every cached slice)."""
+        the cached slices to use, by the embedding's rule (`all`: every cached slice); `sampling`: see the
+        class docstring."""
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if slices not in SLICE_MODES:
             raise DesamError(f"unknown slice selection {slices!r}; choose one of {', '.join(SLICE_MODES)}")
+        if sampling not in SAMPLINGS:
+            raise DesamError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
         self.case_dirs = [Path(d) for d in case_dirs]
         self.mode, self.seed, self.stream, self.frame = mode, int(seed), int(stream), int(frame)
         self.entries: list[tuple[int, int]] = []
         self.views: list[int] = []  # augmented views per case, drawn from in the training stream only
+        self.positives: list[tuple[int, int]] = []  # entries whose slice holds the object
         for c, case_dir in enumerate(self.case_dirs):
             meta = read_json(case_dir / "meta.json")
-            self.entries.extend((c, s) for s in cached_positions(case_dir, meta["z"], slices))
+            positions = cached_positions(case_dir, meta["z"], slices)
+            self.entries.extend((c, s) for s in positions)
+            labels = np.load(case_dir / "label.npy", mmap_mode="r")
+            self.positives.extend((c, s) for s in positions if np.any(labels[s]))
             self.views.append(int(meta.get("views", 0)) if self.stream == TRAIN_STREAM and use_views else 0)
+        self.sampling = sampling
+        self.balanced = sampling == "balanced" and mode == "grid" and bool(self.positives)
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return 2 * len(self.positives) if self.balanced else len(self.entries)
+
+    def _draw(self, epoch: int, index: int) -> tuple[tuple[int, int], bool | None]:
+        """(entry, forced click side) of sample `index` in `epoch` (side None: the 1:1 coin of `slices`)."""
+        if not self.balanced:
+            return self.entries[index], None
+        if index < len(self.positives):
+            return self.positives[index], True
+        rng = np.random.default_rng([self.seed, self.stream, int(epoch), int(index), 2])
+        return self.entries[int(rng.integers(len(self.entries)))], False
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, np.ndarray]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        c, s = self.entries[index]
+        (c, s), on_object = self._draw(epoch, index)
         case_dir = self.case_dirs[c]
         view = 0
         if self.views[c]:
@@ -95,7 +123,8 @@ class SliceDataset(Dataset):
         sample["view"] = np.int64(view)
         rng = np.random.default_rng([self.seed, self.stream, int(epoch), int(index)])
         if self.mode == "grid":
-            coords, point_labels, iou_target = prompts.sample_training_points(label[None], rng, frame=self.frame)
+            coords, point_labels, iou_target = prompts.sample_training_points(label[None], rng, frame=self.frame,
+                                                                              on_object=on_object)
             sample["coords"], sample["point_labels"], sample["iou_target"] = coords[0], point_labels[0], iou_target[0]
         else:
             sample["box"] = prompts.whole_box(1, self.frame)[0]

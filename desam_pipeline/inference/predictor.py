@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from desam_pipeline.data.orientation import from_slices, in_plane_shape, plan_orientation
 from desam_pipeline.data.plan_io import verify_sam_checkpoint
-from desam_pipeline.data.preprocessing import preprocess_volume, resize_probabilities_back
+from desam_pipeline.data.preprocessing import from_frame, preprocess_volume, volume_frame
 from desam_pipeline.inference import slice_prediction
 from desam_pipeline.inference.features import CacheIndex, SliceEncoder, cache_folder_of
 from desam_pipeline.inference.inputs import CaseInput, read_case_volume
@@ -30,7 +30,7 @@ from desam_pipeline.inference.model import Model
 from desam_pipeline.inference.outputs import output_path, save_probabilities, write_case_quality
 from desam_pipeline.inference.postprocessing import postprocess
 from desam_pipeline.inference.settings import MASK_THRESHOLD, PredictionSettings
-from desam_pipeline.io.nifti_io import save_like
+from desam_pipeline.io.nifti_io import save_like, voxel_spacing
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.runtime import resolve_precision, select_device
 
@@ -92,14 +92,15 @@ def decode(model: Model, neck: torch.Tensor, taps: list[torch.Tensor],
 
 def predict_volume(model: Model, volume: np.ndarray, encoder: SliceEncoder, run: PredictionRun,
                    cached: dict | None = None, rows: dict[int, int] | None = None, case: str = "volume",
-                   slices: np.ndarray | None = None, progress: tqdm | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   slices: np.ndarray | None = None, progress: tqdm | None = None,
+                   spacing: tuple[float, ...] = (1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
     """Foreground probabilities in the volume's own grid (float32, its shape) and the IoU per slice.
 
+    `spacing`: the volume's voxel spacing (mm), for the plan's in-plane rule.
     `cached`/`rows` (from `CacheIndex.lookup`) supply features of some slices; the rest are encoded.
     """
     axis = int(model.plan["slice_axis"])
-    slices = preprocess_volume(volume, model.plan) if slices is None else slices
+    slices = preprocess_volume(volume, model.plan, spacing) if slices is None else slices
     size = int(model.plan["slice_size"])
     probabilities = np.zeros((len(slices), size, size), np.float32)
     iou = np.zeros(len(slices), np.float32)
@@ -108,7 +109,8 @@ def predict_volume(model: Model, volume: np.ndarray, encoder: SliceEncoder, run:
         if progress is not None:
             progress.update(len(index))
     orientation = plan_orientation(model.plan)
-    back = resize_probabilities_back(probabilities, in_plane_shape(volume.shape, axis, orientation))
+    back = from_frame(probabilities, volume_frame(volume.shape, spacing, model.plan),
+                      in_plane_shape(volume.shape, axis, orientation))
     return np.ascontiguousarray(from_slices(back, axis, orientation)), iou
 
 
@@ -132,15 +134,17 @@ class Predictor:
     def predict_case(self, case: CaseInput, out_dir: Path, progress: tqdm | None = None) -> CaseResult:
         """Predict one case and write its outputs; a bad input is a DesamError naming the file."""
         volume, image = read_case_volume(case)
-        slices = preprocess_volume(volume, self.model.plan)
+        spacing = voxel_spacing(image)
+        slices = preprocess_volume(volume, self.model.plan, spacing)
         cached, rows = self.cache_index.lookup(case.case, volume.shape, image.affine, slices)
         if progress is not None:
             progress.reset(total=len(slices))
             progress.set_postfix_str(case.case)
         probabilities, iou = predict_volume(self.model, volume, self.encoder, self.run, cached, rows,
-                                            case.case, slices, progress)
+                                            case.case, slices, progress, spacing)
         settings = self.run.settings
-        mask = postprocess(probabilities > MASK_THRESHOLD, settings.postprocess, int(self.model.plan["slice_axis"]))
+        mask = postprocess(probabilities > MASK_THRESHOLD, settings.postprocess, int(self.model.plan["slice_axis"]),
+                           spacing)
         write_case_quality(out_dir, case.case, iou)
         if settings.save_probabilities:
             save_probabilities(probabilities, Path(out_dir) / f"{case.case}.npz")

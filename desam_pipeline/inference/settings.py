@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from desam_pipeline.inference.grid_rules import GRID_RULES
-from desam_pipeline.inference.postprocessing import POSTPROCESSING
+from desam_pipeline.inference.postprocessing import MIN_OBJECT_ML, POSTPROCESSING
 from desam_pipeline.io.results_layout import CHECKPOINT_NAMES
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.runtime import device_setting
@@ -20,7 +20,7 @@ from desam_pipeline.utilities.setting_flags import setting
 DEFAULT_GRID = 9
 DEFAULT_IOU_THRESHOLD = 0.5
 DEFAULT_GRID_RULE = "reference"
-DEFAULT_POSTPROCESS = "none"
+DEFAULT_POSTPROCESS = "largest"
 DEFAULT_CHECKPOINT_NAME = "final"
 # desam_predict's flags about files, which desam_evaluate lacks: it never skips a case or writes probabilities.
 FILE_HANDLING = ("save_probabilities", "skip_existing")
@@ -50,8 +50,10 @@ class PredictionSettings:
              "CPU); default: %(default)s; recorded beside the results")
     postprocess: str = setting(
         DEFAULT_POSTPROCESS, choices=POSTPROCESSING,
-        help="paper: per slice fill holes and drop islands under 1000 px at 256x256; "
-             "largest: keep the largest 3D connected component")
+        help="largest: keep the largest 3D connected component (default: %(default)s); fill: fill each slice's "
+             f"holes; min_size: drop 3D components under {MIN_OBJECT_ML:g} ml; largest+fill, min_size+fill: both "
+             "steps; paper: per slice fill holes and drop islands under 1000 px at 256x256, as the reference; none; "
+             "recorded beside the results")
     save_probabilities: bool = setting(
         False, action="store_true", help="also write <case>.npz with the fold-averaged probabilities")
     skip_existing: bool = setting(False, flags=("--continue",), action="store_true",

@@ -1,7 +1,13 @@
-"""DeSAM's training loss: Dice + binary cross-entropy on the mask logits, L1 on the predicted IoU.
+"""DeSAM's training loss: Dice + binary cross-entropy on the mask logits, a regression loss on the predicted IoU.
 
-Two named settings (`--loss`):
-- `paper` (default): soft Dice (smoothing 1) + BCE + L1(IoU), weights (1, 1, 10) as the paper states;
+Three named settings (`--loss`):
+- `batch`: soft Dice pooled over the batch (nnU-Net's `batch_dice`) + BCE + squared error of the IoU,
+  weights (1, 1, 10). Pooled, an empty slice's false positives enlarge the batch's denominator, so the
+  Dice term pushes them down; per sample, an empty target's Dice is 1 - 1/(sum P + 1), saturated as soon as
+  a few pixels are predicted (about 4e-8 per pixel of gradient for a 5,000-pixel false positive). The
+  squared error's optimum for 0/1 targets is the probability of being on the object (calibrated), where
+  L1's is its median (0 or 1, flat in between).
+- `paper`: soft Dice per sample (smoothing 1) + BCE + L1(IoU), weights (1, 1, 10) as the paper states;
 - `reference`: what the reference code optimises. It calls MONAI 1.1.0's
   `DiceCELoss(sigmoid=True, squared_pred=True)` on one output channel: the Dice has squared
   terms in its denominator and smoothing 1e-5 (MONAI's defaults), and its cross-entropy is
@@ -13,9 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_WEIGHTS = {"paper": (1.0, 1.0, 10.0), "reference": (1.0, 0.0, 1.0)}  # (Dice, BCE, IoU) per loss setting
+LOSS_WEIGHTS = {"batch": (1.0, 1.0, 10.0), "paper": (1.0, 1.0, 10.0),
+                "reference": (1.0, 0.0, 1.0)}  # (Dice, BCE, IoU) per loss setting
 LOSSES = tuple(LOSS_WEIGHTS)
-DEFAULT_LOSS = "paper"
+DEFAULT_LOSS = "batch"
 DEFAULT_WEIGHTS = LOSS_WEIGHTS[DEFAULT_LOSS]
 
 
@@ -30,6 +37,13 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     intersection = (probs * target).sum(1)
     denominator = probs.sum(1) + target.sum(1)
     return 1.0 - ((2.0 * intersection + smooth) / (denominator + smooth)).mean()
+
+
+def batch_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - (2|P.T| + s) / (|P| + |T| + s) with the sums over the whole batch, P = sigmoid(logits)."""
+    probs = torch.sigmoid(logits.float())
+    target = target.float().reshape(probs.shape)
+    return 1.0 - (2.0 * (probs * target).sum() + smooth) / (probs.sum() + target.sum() + smooth)
 
 
 def squared_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
@@ -47,21 +61,22 @@ def desam_loss(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tenso
                loss: str = DEFAULT_LOSS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted Dice + BCE (+ L1 IoU when `iou_pred` is given, grid mode) and the detached parts.
 
-    `loss` picks the Dice: `paper` soft Dice, `reference` squared-denominator Dice (see the module).
+    `loss` picks the Dice and the IoU loss: `batch`, `paper` or `reference` (see the module).
     logits (B,1,H,W); target (B,1,H,W) or (B,H,W) in {0,1}; iou_pred (B,1) or (B,); iou_target (B,).
     """
     if loss not in LOSS_WEIGHTS:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     target = target.float().reshape(logits.shape)
     logits = logits.float()
-    dice = soft_dice_loss(logits, target) if loss == "paper" else squared_dice_loss(logits, target)
+    dice = {"batch": batch_dice_loss, "paper": soft_dice_loss, "reference": squared_dice_loss}[loss](logits, target)
     bce = F.binary_cross_entropy_with_logits(logits, target)
     if iou_pred is None:
         iou = logits.new_zeros(())
     else:
         if iou_target is None:
             raise ValueError("iou_pred needs iou_target")
-        iou = (iou_pred.float().reshape(-1) - iou_target.float().reshape(-1).to(iou_pred.device)).abs().mean()
+        error = iou_pred.float().reshape(-1) - iou_target.float().reshape(-1).to(iou_pred.device)
+        iou = error.square().mean() if loss == "batch" else error.abs().mean()
     w_dice, w_bce, w_iou = weights
     total = w_dice * dice + w_bce * bce + w_iou * iou
     return total, {"dice": dice.detach(), "bce": bce.detach(), "iou": iou.detach()}

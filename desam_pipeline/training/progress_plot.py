@@ -26,6 +26,9 @@ def plot_progress(history: dict[str, list[float]], target: Path) -> None:
     if any(math.isfinite(v) for v in history["iou_accuracy"]):
         dice_ax.plot(epochs, history["iou_accuracy"], color="tab:purple", linestyle="--",
                      label="IoU-head accuracy")
+    if any(math.isfinite(v) for v in history.get("gate_auc", [])):
+        dice_ax.plot(epochs, history["gate_auc"], color="tab:brown", linestyle="-.",
+                     label="gate ROC AUC (clicks on vs off the object)")
     dice_ax.set_ylabel("held-out slices")
     dice_ax.legend(loc="lower right")
     lr_ax.plot(epochs, history["lr"], color="black", label="learning rate")

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from desam_pipeline.data.prompts import MODES
-from desam_pipeline.data.slice_data import DEFAULT_LOADER_TIMEOUT_S
+from desam_pipeline.data.slice_data import DEFAULT_LOADER_TIMEOUT_S, SAMPLINGS
 from desam_pipeline.data.slice_selection import SLICE_MODES
 from desam_pipeline.network.pdmm import DEFAULT_LAYOUT, LAYOUTS
 from desam_pipeline.training.losses import DEFAULT_LOSS, LOSS_WEIGHTS, LOSSES
@@ -20,9 +20,10 @@ from desam_pipeline.utilities.setting_flags import setting
 
 # Settings that must match for `-c` to continue the same run exactly (with the trainer's plans_name, fold, sources).
 RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources",
-               "pdmm", "augmented_views", "train_slices")
+               "pdmm", "augmented_views", "train_slices", "sampling")
 # What checkpoints written before a key existed ran with.
-RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True, "train_slices": "all"}
+RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True, "train_slices": "all",
+                   "sampling": "slices"}
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class TrainingSettings:
     lr: float = setting(1e-4, type=float, help="initial Adam learning rate (poly decay 0.9)")
     loss: str = setting(
         DEFAULT_LOSS, choices=LOSSES,
-        help="paper: soft Dice + BCE + L1 IoU, weights (1, 1, 10) as the paper states; reference: what the "
+        help="batch: Dice pooled over the batch + BCE + squared-error IoU, weights (1, 1, 10), so empty slices' "
+             "false positives are pushed down and the IoU head is calibrated; "
+             "paper: soft Dice per sample + BCE + L1 IoU, weights (1, 1, 10) as the paper states; reference: what the "
              "reference code optimises, squared-denominator Dice (MONAI, smoothing 1e-5) + 1 x L1 IoU, no "
              "cross-entropy; default: %(default)s; recorded in the checkpoints")
     loss_weights: tuple[float, float, float] | None = setting(
@@ -58,6 +61,10 @@ class TrainingSettings:
         help="which cached slices train (and validate per epoch), by the embedding's rules: all (every cached "
              "slice), foreground_margin or foreground (default: %(default)s); a cache of every slice can so train on "
              "the slices a default plan would cache; recorded in the checkpoints")
+    sampling: str = setting(
+        "balanced", choices=SAMPLINGS,
+        help="grid mode: balanced = clicks on and off the object 1:1 whatever share of the slices is empty; "
+             "slices = every slice once, its click on or off 1:1 (default: %(default)s); recorded in the checkpoints")
     precision: str = setting("auto", choices=PRECISIONS,
                              help="autocast precision (default auto: fp16 with loss scaling on CUDA, bf16 on CPU)")
     num_workers: int = setting(2, type=int, help="data loader worker processes (0: load in the training process)")
@@ -67,7 +74,8 @@ class TrainingSettings:
         """Itself, or a one-line DesamError naming the setting that is out of range."""
         for name, value, known in (("mode", self.mode, MODES), ("loss", self.loss, LOSSES),
                                    ("PDMM layout", self.pdmm, LAYOUTS), ("train slices", self.train_slices, SLICE_MODES),
-                                   ("precision", self.precision, PRECISIONS), ("device", self.device, DEVICES)):
+                                   ("sampling", self.sampling, SAMPLINGS), ("precision", self.precision, PRECISIONS),
+                                   ("device", self.device, DEVICES)):
             if value not in known:
                 raise DesamError(f"unknown {name} {value!r}; choose one of {', '.join(known)}")
         if self.epochs < min_epochs or self.batch_size < 1 or not self.lr > 0:

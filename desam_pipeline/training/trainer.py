@@ -41,7 +41,8 @@ from desam_pipeline.training import fold_files, validation
 from desam_pipeline.training.losses import desam_loss
 from desam_pipeline.training.progress_plot import plot_progress
 from desam_pipeline.training.schedule import (EMA_MOMENTUM, HISTORY_KEYS, POLY_EXPONENT, epoch_line, epoch_record,
-                                              poly_lr, training_precision)
+                                              poly_lr, reduce_validation, restored_history, training_precision,
+                                              validation_sums)
 from desam_pipeline.training.settings import TrainingSettings, resume_differences
 from desam_pipeline.utilities import distributed
 from desam_pipeline.utilities.errors import DesamError
@@ -76,8 +77,7 @@ class DeSAMTrainer:
         self.fold_dir = self.model_dir / f"fold_{self.fold}"
         self.history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
         self.best_ema = -math.inf
-        self.start_epoch = 0
-        self.finished = False  # resumed from checkpoint_final.pth: nothing left to train
+        self.start_epoch, self.finished = 0, False  # finished: resumed from checkpoint_final.pth, nothing to train
         self._initialized = False
 
     # ---------------------------------------------------------------- set-up
@@ -99,8 +99,7 @@ class DeSAMTrainer:
         if self._initialized:
             return
         self.plan = load_plan(self.preprocessed_dir, self.plans_name)
-        self.plan_sha256 = plan_hash(self.plan)
-        self.cache_dir = cache.cache_dir(self.preprocessed_dir, self.plans_name)
+        self.plan_sha256, self.cache_dir = plan_hash(self.plan), cache.cache_dir(self.preprocessed_dir, self.plans_name)
         self.case_domains, source_cases = fold_files.source_cases(self.preprocessed_dir, self.sources)
         key = source_key(self.sources)
         folds = splits.load_or_create_splits(self.preprocessed_dir, key, source_cases, write=self.is_main)
@@ -123,14 +122,16 @@ class DeSAMTrainer:
 
     # ---------------------------------------------------------------- override points
     def build_data_loaders(self) -> None:
-        """Set train_data, val_data, train_sampler, train_loader and val_loader (None without held-out cases)."""
+        """Set train_data, val_data (each held-out slice once, whatever the training sampling), train_sampler,
+        train_loader and val_loader (None without held-out cases)."""
         frame = encoders.family(self.plan["encoder"]).prompt_frame
         seed, slices = self.settings.seed, self.settings.train_slices
         self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
                                                   seed, slice_data.TRAIN_STREAM, frame=frame,
-                                                  use_views=self.settings.augmented_views, slices=slices)
-        self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode,
-                                                seed, slice_data.VAL_STREAM, frame=frame, slices=slices)
+                                                  use_views=self.settings.augmented_views, slices=slices,
+                                                  sampling=self.settings.sampling)
+        self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode, seed,
+                                                slice_data.VAL_STREAM, frame=frame, slices=slices, sampling="slices")
         if len(self.train_data) == 0:
             raise DesamError(f"{self.cache_dir}: the training cases of fold {self.fold} have no cached slices")
         pin, workers, timeout = self.device.type == "cuda", self.settings.num_workers, self.settings.loader_timeout_s
@@ -229,8 +230,9 @@ class DeSAMTrainer:
         return float(loss.detach())
 
     @torch.no_grad()
-    def validation_step(self, batch: dict) -> dict[str, float]:
-        """Sums over this rank's held-out slices: loss, Dice counts at logits > 0, IoU-head agreements."""
+    def validation_step(self, batch: dict) -> dict[str, float | list]:
+        """Sums over this rank's held-out slices: loss, Dice counts at logits > 0, IoU-head agreements, and in
+        grid mode each click's predicted IoU and whether it was on the object (for the gate's AUC)."""
         with autocast(self.device, self.precision):
             logits, iou = self._forward(self.network, batch)
         loss, _ = self._loss(logits, iou, batch)
@@ -238,10 +240,13 @@ class DeSAMTrainer:
         pred = logits[:, 0] > 0
         target = batch["label"].to(self.device) > 0
         sums = {"loss": float(loss) * count, "count": count, "tp": float((pred & target).sum()),
-                "fp": float((pred & ~target).sum()), "fn": float((~pred & target).sum()), "iou_agree": 0.0}
+                "fp": float((pred & ~target).sum()), "fn": float((~pred & target).sum()), "iou_agree": 0.0,
+                "iou_scores": [], "on_object": []}
         if self.mode == "grid":
-            agree = (iou[:, 0].float() > 0.5) == (batch["iou_target"].to(self.device) > 0.5)
+            on_object = batch["iou_target"].to(self.device) > 0.5
+            agree = (iou[:, 0].float() > 0.5) == on_object
             sums["iou_agree"] = float(agree.sum())
+            sums["iou_scores"], sums["on_object"] = iou[:, 0].float().tolist(), on_object.tolist()
         return sums
 
     def on_epoch_end(self, epoch: int, train: dict, val: dict, epoch_time: float, data_wait: float) -> None:
@@ -308,12 +313,12 @@ class DeSAMTrainer:
             waited = time.perf_counter()
         bar.close()
         self.network.eval()
-        val = {"loss": 0.0, "count": 0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "iou_agree": 0.0}
+        val = validation_sums()
         for batch in slice_data.loader_batches(self.val_loader) if self.val_loader else ():
             for key, value in self.validation_step(batch).items():
                 val[key] += value
         self.on_epoch_end(epoch, distributed.all_reduce(train, device=self.device),
-                          distributed.all_reduce(val, device=self.device), time.perf_counter() - start,
+                          reduce_validation(val, self.device), time.perf_counter() - start,
                           distributed.all_reduce({"wait": data_wait}, "max", self.device)["wait"])
 
     # ---------------------------------------------------------------- output
@@ -356,18 +361,16 @@ class DeSAMTrainer:
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.scaler.load_state_dict(checkpoint.scaler)
         self.start_epoch = int(checkpoint.epoch)
-        self.history = {k: list(checkpoint.history[k]) for k in HISTORY_KEYS}
+        self.history = restored_history(checkpoint.history)
         self.best_ema = float(checkpoint.best_ema)
         self.finished = path.name == CHECKPOINT_FINAL
-        states = checkpoint.rng
-        set_rng_state(states[self.rank] if len(states) == self.world_size else states[0])
+        set_rng_state(checkpoint.rng[self.rank] if len(checkpoint.rng) == self.world_size else checkpoint.rng[0])
 
     # ---------------------------------------------------------------- final validation
     def run_validation_only(self) -> None:
         """`--val-only`: validate checkpoint_final.pth of this fold."""
         self.initialize()
-        final = self.fold_dir / CHECKPOINT_FINAL
-        if not final.is_file():
+        if not (final := self.fold_dir / CHECKPOINT_FINAL).is_file():
             raise DesamError(f"{final}: not found; train this fold first")
         self.load_checkpoint(final)
         self.perform_final_validation()

@@ -3,7 +3,8 @@ the plan's slice grid, its mask written as NIfTI, and `summary.json` with the pr
 
 Slices outside the cache hold no foreground (the plan caches foreground slices plus a margin, or all
 slices), so they are background in both reference and prediction. The in-plane spacing is the original
-one scaled by original size / slice size (`data.slice_grid`). Masks are written on that grid
+one of the plan's slice grid (`data.preprocessing.grid_spacing`: resized, or resampled to the plan's mm per
+pixel). Masks are written on that grid
 (`desam_predict` writes them in the original geometry). Which cases to validate and on which ranks is
 the trainer's business; this module scores one case and summarises many.
 """
@@ -19,7 +20,8 @@ from tqdm import tqdm
 
 from desam_pipeline.data import cache
 from desam_pipeline.data.orientation import from_slices, plan_orientation
-from desam_pipeline.data.slice_grid import place_slices, slice_grid_affine, slice_grid_spacing
+from desam_pipeline.data.preprocessing import grid_affine, grid_spacing, in_plane
+from desam_pipeline.data.slice_grid import place_slices
 from desam_pipeline.inference.postprocessing import postprocess
 from desam_pipeline.inference.settings import MASK_THRESHOLD, PredictionSettings
 from desam_pipeline.inference.slice_prediction import predict_slices
@@ -55,9 +57,10 @@ def validate_case(network: torch.nn.Module, case_dir: Path, plan: dict, mode: st
     prediction = place_slices(from_slices(probabilities > MASK_THRESHOLD, 0, orientation), meta["z"], shape[axis])
     prediction = postprocess(prediction, settings.postprocess, slice_axis=0) > 0
     reference = place_slices(from_slices(np.asarray(arrays["label"]) > 0, 0, orientation), meta["z"], shape[axis])
-    metrics = compute_metrics(reference, prediction, slice_grid_spacing(meta["spacing"], shape, axis, size))
+    spacing = grid_spacing(shape, meta["spacing"], plan)
+    metrics = compute_metrics(reference, prediction, (spacing[axis], *[s for a, s in enumerate(spacing) if a != axis]))
     with atomic_path(out_dir / f"{case_dir.name}.nii.gz") as tmp:
-        affine = slice_grid_affine(meta["affine"], shape, axis, size)
+        affine = grid_affine(meta["affine"], shape, meta["spacing"], plan)
         nib.save(nib.Nifti1Image(np.moveaxis(prediction, 0, axis).astype(np.uint8), affine), str(tmp))
     return {"domain": domain, **{k: _finite_or_none(float(v)) for k, v in metrics.items()}}
 
@@ -72,6 +75,6 @@ def summarise(cases: dict[str, dict], fold: int | str, mode: str, plan: dict, se
         mean[f"{name}_cases_excluded"] = len(cases) - len(values)
     size = int(plan["slice_size"])
     return {"fold": fold, "mode": mode, "checkpoint": CHECKPOINT_FINAL,
-            "grid": f"cached {size}x{size} slices; in-plane spacing scaled by original size / {size}",
+            "grid": f"cached {size}x{size} slices; in-plane rule {in_plane(plan)}",
             "prediction": {k: v for k, v in settings.choices().items() if k != "checkpoint_name"},
             "cases": cases, "mean": mean}
