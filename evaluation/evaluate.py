@@ -40,7 +40,8 @@ from desam_pipeline.utilities.paths import Trees, add_root_arguments
 from desam_pipeline.utilities.runtime import select_device, tune_malloc
 from evaluation.evaluate_folder import evaluate_pair, foreground
 from evaluation.evaluation_cases import (PREDICTIONS, EvalCase, check_sources, choose_folds, evaluation_cases,
-                                         foreground_labels, locate_model, prediction_path, train_command)
+                                         foreground_labels, locate_model, prediction_folder, prediction_path,
+                                         train_command)
 from evaluation.evaluation_outputs import EVALUATION, write_evaluation
 from evaluation.paper_protocol import paper_metrics
 from evaluation.tables import PROTOCOLS, markdown_section
@@ -96,7 +97,7 @@ def ensure_predictions(folder: Path, cases: list[EvalCase], raw_dir: Path, datas
         networks = [model.networks[model.folds.index(f)] for f in folds]
         fold_model = dataclasses.replace(model, folds=list(folds), networks=networks)
         part = predictor.Predictor(fold_model, engine.encoder, settings, engine.cache_index)
-        site_dir = folder / PREDICTIONS / site
+        site_dir = prediction_folder(folder, site)
         print(f"desam_evaluate: {site}: {len(members)} case(s) with fold(s) {', '.join(folds)}", flush=True)
         inputs = [predictor.CaseInput(c.case, channel_files(raw_dir, c.case, dataset_json)) for c in members]
         for result in part.predict_cases(inputs, site_dir, show_progress=progress):
@@ -116,7 +117,7 @@ def ensure_predictions(folder: Path, cases: list[EvalCase], raw_dir: Path, datas
 # ---------------------------------------------------------------- scoring
 def mean_predicted_iou(folder: Path, case: EvalCase) -> float:
     """Mean over slices of PRIM's predicted IoU from the predictor's quality/<case>.csv (NaN if absent)."""
-    path = predictor.quality_path(folder / PREDICTIONS / case.site, case.case)
+    path = predictor.quality_path(prediction_folder(folder, case.site), case.case)
     if not path.is_file():
         return float("nan")
     values = pd.read_csv(path)["predicted_iou"]

@@ -11,6 +11,7 @@ from desam_pipeline.data.raw_dataset import check_sites, domains, label_path, li
 from desam_pipeline.inference import predictor
 from desam_pipeline.io.atomic import read_json
 from desam_pipeline.io.results_layout import DEFAULT_TRAINER, model_folder_name, source_key
+from desam_pipeline.io.safe_names import contained
 from desam_pipeline.training.train import find_plans_name
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.paths import Trees
@@ -92,7 +93,7 @@ def held_out_cases(preprocessed_dir: Path, folder: Path, sources: Sequence[str],
 
 def check_sources(raw_dir: Path, dataset_json: dict, sources: Sequence[str]) -> None:
     """The dataset has sites ("domains") and the source sites are among them."""
-    case_sites = domains(dataset_json)
+    case_sites = domains(dataset_json, raw_dir / "dataset.json")
     if not case_sites:
         raise DesamError(f"{raw_dir / 'dataset.json'}: no 'domains' (case -> site); the evaluation needs sites")
     check_sites(dataset_json, sources, raw_dir.name, kind="source site")
@@ -122,8 +123,13 @@ def evaluation_cases(raw_dir: Path, dataset_json: dict, preprocessed_dir: Path, 
     return chosen
 
 
+def prediction_folder(folder: Path, site: str) -> Path:
+    """`<model folder>/predictions/<site>`; a site name leading elsewhere is refused (see safe_names)."""
+    return contained(folder / PREDICTIONS, site)
+
+
 def prediction_path(folder: Path, case: EvalCase) -> Path:
-    return predictor.output_path(folder / PREDICTIONS / case.site, case.case)
+    return predictor.output_path(prediction_folder(folder, case.site), case.case)
 
 
 def foreground_labels(dataset_json: dict) -> list[int]:

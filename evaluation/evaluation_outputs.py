@@ -14,9 +14,10 @@ from desam_pipeline.data.raw_dataset import image_path, label_path
 from desam_pipeline.inference import predictor
 from desam_pipeline.io.atomic import write_json
 from desam_pipeline.io.nifti_io import read_volume, voxel_spacing
+from desam_pipeline.io.safe_names import contained
 from desam_pipeline.utilities.metrics import METRICS
 from evaluation.evaluate_folder import foreground
-from evaluation.evaluation_cases import PREDICTIONS, foreground_labels
+from evaluation.evaluation_cases import foreground_labels, prediction_folder
 from evaluation.paper_protocol import (BORDER, SLICE_SIZE, paper_volumes, reference_label_grid, slice_grid_spacing,
                                        to_slice_grid, zero_border)
 from evaluation.plots import overlay_png, site_boxplot_png
@@ -103,9 +104,9 @@ def write_overlays(per_case: pd.DataFrame, out_dir: Path, raw_dir: Path, dataset
     for site, tag, case, dice in pick_overlay_cases(per_case):
         image, image_nii = read_volume(image_path(raw_dir, case, dataset_json))
         reference = foreground(read_volume(label_path(raw_dir, case, dataset_json))[0], labels)
-        prediction = foreground(read_volume(predictor.output_path(folder / PREDICTIONS / site, case))[0], labels)
+        prediction = foreground(read_volume(predictor.output_path(prediction_folder(folder, site), case))[0], labels)
         spacing = voxel_spacing(image_nii)
-        target = out_dir / f"{site}_{tag}_{case}.png"
+        target = contained(out_dir, f"{site}_{tag}_{case}.png")
         if protocol == "paper":
             sam_slices = preprocess_volume(image, plan)  # back to array order, as the protocol's slices
             slices = to_slices(from_slices(sam_slices, axis, plan_orientation(plan)), axis, LEGACY_ORIENTATION)

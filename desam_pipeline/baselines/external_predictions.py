@@ -24,6 +24,7 @@ from typing import Sequence
 from desam_pipeline.data import splits
 from desam_pipeline.data.preprocessing import SLICE_AXIS, SLICE_SIZE
 from desam_pipeline.io.atomic import read_json, write_json
+from desam_pipeline.io.safe_names import contained
 from desam_pipeline.utilities.errors import DesamError
 
 RECORD_FILE = "external_predictions.json"
@@ -69,13 +70,14 @@ def read_record(folder: Path) -> dict:
 
 
 def prediction_file(folder: Path, site: str, case: str) -> Path:
-    return Path(folder) / PREDICTIONS / site / f"{case}.nii.gz"
+    """`predictions/<site>/<case>.nii.gz`, refused outside the predictions folder (see safe_names)."""
+    return contained(Path(folder) / PREDICTIONS, site, f"{case}.nii.gz")
 
 
 def locate(results_dir: Path, name: str, sources: Sequence[str], folds: Sequence[str] | None) -> tuple[Path, dict]:
     """The results folder `name` of external predictions for these sources (and folds, when given), and its
     record."""
-    folder = Path(results_dir) / name
+    folder = contained(results_dir, name)
     if not folder.is_dir():
         raise DesamError(f"{folder}: not found; make its predictions first (e.g. desam_nnunet_baseline)")
     record = read_record(folder)

@@ -26,8 +26,9 @@ from desam_pipeline.inference import slice_prediction
 from desam_pipeline.inference.features import CacheIndex, SliceEncoder, cache_folder_of, resolve_sam_checkpoint
 from desam_pipeline.inference.grid_rules import GRID_RULES
 from desam_pipeline.inference.inputs import CaseInput, discover_inputs, read_case_volume
-from desam_pipeline.inference.outputs import (QUALITY_COLUMNS, QUALITY_DIR, merge_quality, output_path, quality_path,
-                                              save_probabilities, write_case_quality)
+from desam_pipeline.inference.outputs import (QUALITY_COLUMNS, QUALITY_DIR, merge_quality, output_path,
+                                              probabilities_path, quality_path, save_probabilities,
+                                              write_case_quality)
 from desam_pipeline.inference.postprocessing import postprocess
 from desam_pipeline.io.atomic import read_json
 from desam_pipeline.io.nifti_io import save_like
@@ -295,7 +296,7 @@ class Predictor:
         mask = postprocess(probabilities > 0.5, self.settings.postprocess, int(self.model.plan["slice_axis"]))
         write_case_quality(out_dir, case.case, iou)
         if self.settings.save_probabilities:
-            save_probabilities(probabilities, Path(out_dir) / f"{case.case}.npz")
+            save_probabilities(probabilities, probabilities_path(out_dir, case.case))
         save_like(mask, image, output_path(out_dir, case.case), np.uint8)
         return CaseResult(case.case, "predicted", slices=len(slices), cached_slices=len(rows))
 
