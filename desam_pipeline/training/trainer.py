@@ -21,6 +21,7 @@ losses, results_layout, progress_plot); subclasses change it through the build_*
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import random
@@ -29,7 +30,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -40,10 +41,11 @@ from tqdm import tqdm
 
 from desam_pipeline.data import cache, slice_data, splits
 from desam_pipeline.data.orientation import from_slices, plan_orientation
-from desam_pipeline.data.plan_io import load_plan, plan_hash
+from desam_pipeline.data.plan_io import load_plan, plan_hash, plan_path
 from desam_pipeline.data.prompts import MODES
 from desam_pipeline.data.raw_dataset import domains
 from desam_pipeline.inference import slice_prediction
+from desam_pipeline.io import process_lock
 from desam_pipeline.io.atomic import atomic_path, read_json, remove_stale_temporaries, write_json
 from desam_pipeline.io.nifti_io import file_sha256
 from desam_pipeline.io.results_layout import CHECKPOINT_FINAL, CHECKPOINTS, Checkpoint, model_folder_name, source_key
@@ -67,6 +69,8 @@ RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "se
                "pdmm", "augmented_views", "train_slices")
 # What checkpoints written before a key existed ran with.
 RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True, "train_slices": "all"}
+# Held in the fold folder while a run trains or validates it (pid, host, start): one run per fold at a time.
+TRAINING_LOCK = ".training.lock"
 
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = POLY_EXPONENT) -> float:
@@ -91,13 +95,26 @@ def training_precision(precision: str, device: torch.device) -> str:
 
 def copy_plan_files(preprocessed_dir: Path, plans_name: str, model_dir: Path) -> None:
     """plans.json, dataset.json, dataset_fingerprint.json into the model folder: it stands alone."""
-    sources = {"plans.json": preprocessed_dir / f"{plans_name}.json"}
+    sources = {"plans.json": plan_path(preprocessed_dir, plans_name)}
     sources.update({name: preprocessed_dir / name for name in COPIED_FILES})
     for name, source in sources.items():
         if not source.is_file():
             raise DesamError(f"{source}: not found; run desam_plan_and_embed for this dataset first")
         with atomic_path(model_dir / name) as tmp:
             shutil.copyfile(source, tmp)
+
+
+def check_model_plan(model_dir: Path, plan_sha256: str, fold: int | str) -> None:
+    """A model folder belongs to one plan: a fold of another plan than the folder's other trained folds is refused."""
+    plans = model_dir / "plans.json"
+    theirs = plan_hash(read_json(plans)) if plans.is_file() else plan_sha256
+    others = sorted(folder.name for folder in model_dir.glob("fold_*") if folder.name != f"fold_{fold}"
+                    and any((folder / name).is_file() for name in CHECKPOINTS))
+    if theirs != plan_sha256 and others:
+        raise DesamError(f"{plans}: {', '.join(others)} of this model folder were trained on another plan (sha256 "
+                         f"{theirs[:12]}..., this run's is {plan_sha256[:12]}...); a model folder holds one plan: "
+                         f"re-plan with the choices those folds used, or move {model_dir.name} aside to train a new "
+                         "model on this plan")
 
 
 class DeSAMTrainer:
@@ -245,7 +262,7 @@ class DeSAMTrainer:
         if not dataset_file.is_file():
             raise DesamError(f"{dataset_file}: not found; run desam_plan_and_embed for this dataset first")
         self.dataset_json = read_json(dataset_file)
-        self.case_domains = domains(self.dataset_json)
+        self.case_domains = domains(self.dataset_json, dataset_file)
         known = sorted(set(self.case_domains.values()))
         unknown = [s for s in self.sources or [] if s not in known]
         if unknown:
@@ -422,15 +439,26 @@ class DeSAMTrainer:
         A finished fold needs `continue_training` (then only a missing final validation is done) or
         `overwrite` (start over, the old run's files removed first).
         """
-        self.on_train_start(continue_training, overwrite)
-        if self.fold_done():
-            return
-        for epoch in range(self.start_epoch, self.epochs):
-            self.run_epoch(epoch)
-        if not self.finished:
-            self.on_train_end()
-        distributed.barrier()
-        self.perform_final_validation()
+        self.initialize()  # before the lock: a run that cannot start leaves no fold folder behind
+        distributed.on_rank_zero(lambda: check_model_plan(self.model_dir, self.plan_sha256, self.fold))
+        with self.fold_lock():
+            self.on_train_start(continue_training, overwrite)
+            if self.fold_done():
+                return
+            for epoch in range(self.start_epoch, self.epochs):
+                self.run_epoch(epoch)
+            if not self.finished:
+                self.on_train_end()
+            distributed.barrier()
+            self.perform_final_validation()
+
+    @contextlib.contextmanager
+    def fold_lock(self) -> Iterator[None]:
+        """One run per fold at a time: rank 0 holds fold_<k>/.training.lock, which names its process, for the block."""
+        with contextlib.ExitStack() as stack:
+            distributed.on_rank_zero(lambda: stack.enter_context(process_lock.held(
+                self.fold_dir / TRAINING_LOCK, f"fold {self.fold} of {self.model_dir.name}")))
+            yield
 
     def run_epoch(self, epoch: int) -> None:
         self.on_epoch_start(epoch)
@@ -510,6 +538,8 @@ class DeSAMTrainer:
         saved = checkpoint.config
         differ = [f"{k} {saved.get(k, RESUME_DEFAULTS.get(k))!r} -> {getattr(self, k)!r}" for k in RESUME_KEYS
                   if _comparable(saved.get(k, RESUME_DEFAULTS.get(k))) != _comparable(getattr(self, k))]
+        if checkpoint.plan_sha256 not in (None, self.plan_sha256):  # None: a checkpoint that did not record it
+            differ.append(f"plan sha256 {checkpoint.plan_sha256[:12]}... -> {self.plan_sha256[:12]}...")
         if differ:
             raise DesamError(f"{path}: was trained with other settings ({'; '.join(differ)}); "
                              f"start a new run without -c or use the original flags")
@@ -530,8 +560,9 @@ class DeSAMTrainer:
         final = self.fold_dir / CHECKPOINT_FINAL
         if not final.is_file():
             raise DesamError(f"{final}: not found; train this fold first")
-        self.load_checkpoint(final)
-        self.perform_final_validation()
+        with self.fold_lock():
+            self.load_checkpoint(final)
+            self.perform_final_validation()
 
     def perform_final_validation(self) -> None:
         """Predict each held-out case from the cache and score it in 3D on the cached 256x256 grid.
