@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             build_sam(args.encoder, seed=0), scratch / f"sam_{args.encoder}.pth")
         models = write_model_folders(scratch / "results", args.encoder, checkpoint, args.precision,
                                      args.batch_size, args.folds)
-        plan = json.loads((models["box"] / "plans.json").read_text())
+        plan = json.loads((models["box"] / "plans.json").read_text(encoding="utf-8"))
         # One array per volume: like the predictor, the bare forward never batches across volumes.
         slices_file = scratch / "slices.npz"
         np.savez(slices_file, *[preprocess_volume(read_volume(p)[0], plan) for p in inputs])

@@ -15,9 +15,8 @@ import pytest
 import torch
 from test_nothing_lost import (dead_pid, evaluate_cli, live_pid, one_error_line, python,  # noqa: F401 (fixtures)
                                ref_pred, write_dataset)
-from test_predict import env, write_volume  # noqa: F401 (fixture)
 from test_predict import run_cli as predict_cli
-from test_trainer import COMMON, DATASET, cached, fold_dir, run_cli  # noqa: F401 (fixture)
+from test_predict import write_volume
 
 from desam_pipeline.data import cache, dataset_checks, raw_dataset
 from desam_pipeline.data.plan_io import plan_path
@@ -28,15 +27,17 @@ from desam_pipeline.io.results_layout import model_folder_name
 from desam_pipeline.training import trainer
 from desam_pipeline.utilities.errors import DesamError
 
+from toy_runs import COMMON, DATASET, fold_dir, run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 TRAINING_LOCK = ".training.lock"  # in the fold folder while a run holds the fold
 ESCAPES = ["../../../../raw/Dataset003_Small/labelsTr", "/tmp/elsewhere", "a/b", "..", "x y", "C:evil"]
 
 
 def add_domain(folder: Path, case: str, site: str) -> None:
-    info = json.loads((folder / "dataset.json").read_text())
+    info = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     info["domains"][case] = site
-    (folder / "dataset.json").write_text(json.dumps(info))
+    (folder / "dataset.json").write_text(json.dumps(info), encoding="utf-8")
 
 
 def labels_md5(folder: Path) -> dict[str, str]:
@@ -111,13 +112,14 @@ def test_converters_refuse_site_names_that_are_paths(tmp_path):
 
 @pytest.mark.parametrize("name", ["../x", "/tmp/x", "..", "", "a/../../x", "a/b"])
 def test_writers_refuse_destinations_outside_their_tree(tmp_path, name):
-    from desam_pipeline.baselines.external_predictions import locate, prediction_file
+    from desam_pipeline.baselines.external_predictions import locate
+    from desam_pipeline.inference.prediction_cache import group_folder, prediction_file
     from evaluation import evaluation_cases
     from evaluation.report import report_folder
 
     writers = [lambda: evaluation_cases.prediction_path(tmp_path, evaluation_cases.EvalCase("c", name, False, ("0",))),
                lambda: prediction_file(tmp_path, name, "c"), lambda: locate(tmp_path, name, ["A"], None),
-               lambda: evaluation_cases.prediction_folder(tmp_path, name)]
+               lambda: group_folder(tmp_path, name)]
     if name not in ("", ".."):  # an empty or `..` case or trainer name still makes a plain file name
         writers += [lambda: outputs.output_path(tmp_path, name), lambda: outputs.quality_path(tmp_path, name),
                     lambda: report_folder(tmp_path, "box", "full", trainer=name),
@@ -141,7 +143,7 @@ def test_code_audit_names_from_user_files_reach_paths_only_through_the_checks():
     the checked "domains".
     """
     guards = {"check_name", "contained", "plan_path", "cache_dir", "model_folder_name", "source_key",
-              "prediction_folder", "prediction_file"}
+              "group_folder", "prediction_file"}
     untrusted = {"site", "sites", "site_name", "domain", "trainer", "plans", "plans_name"}
     constant_tables = {("dataset_conversion/make_phantom.py", "site_name"),  # SITES; unknown --sites refused
                        ("dataset_conversion/make_abdominal_phantom.py", "domain")}  # MODALITIES table
@@ -149,7 +151,7 @@ def test_code_audit_names_from_user_files_reach_paths_only_through_the_checks():
     for root in ("desam_pipeline", "evaluation", "plans", "dataset_conversion", "benchmarks"):
         for path in sorted((REPO / root).rglob("*.py")):
             relative = str(path.relative_to(REPO))
-            tree = ast.parse(path.read_text())
+            tree = ast.parse(path.read_text(encoding="utf-8"))
             for function in [tree, *[n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.Lambda))]]:
                 checked = {a.id for n in ast.walk(function) if isinstance(n, ast.Call) and _called(n) == "check_name"
                            for a in n.args[:1] if isinstance(a, ast.Name)}
@@ -262,9 +264,9 @@ def test_a_case_with_a_deleted_or_truncated_array_is_incomplete(tmp_path):
         handle.truncate(100)
     assert cache.case_status(case, "i", "p") == "incomplete"
     case = write_case(tmp_path)  # a folder written before sizes were recorded
-    meta = json.loads((case / cache.META).read_text())
+    meta = json.loads((case / cache.META).read_text(encoding="utf-8"))
     del meta["files"]
-    (case / cache.META).write_text(json.dumps(meta))
+    (case / cache.META).write_text(json.dumps(meta), encoding="utf-8")
     assert cache.case_status(case, "i", "p") == "incomplete"
 
 
@@ -325,18 +327,19 @@ def test_a_fold_lock_names_its_holder_and_is_taken_over_when_the_holder_died(tmp
 
     lock = tmp_path / "fold_0" / TRAINING_LOCK
     mine = process_lock.take(lock, "fold 0")
-    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert json.loads(lock.read_text(encoding="utf-8"))["pid"] == os.getpid()
     process_lock.release(lock, mine)
     assert not lock.exists()
-    lock.write_text(json.dumps({"pid": live_pid, "host": socket.gethostname(), "started": "then"}))
+    lock.write_text(json.dumps({"pid": live_pid, "host": socket.gethostname(), "started": "then"}), encoding="utf-8")
     with pytest.raises(DesamError, match=f"fold 0 is in use by process {live_pid} on {socket.gethostname()}"):
         process_lock.take(lock, "fold 0")
-    lock.write_text(json.dumps({"pid": live_pid, "host": "elsewhere", "started": "then"}))
+    lock.write_text(json.dumps({"pid": live_pid, "host": "elsewhere", "started": "then"}), encoding="utf-8")
     with pytest.raises(DesamError, match=f"process {live_pid} on elsewhere.*if that run is gone, delete {lock}"):
         process_lock.take(lock, "fold 0")
-    lock.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "started": "then"}))
+    lock.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "started": "then"}),
+                    encoding="utf-8")
     with process_lock.held(lock, "fold 0"):
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert json.loads(lock.read_text(encoding="utf-8"))["pid"] == os.getpid()
     assert not lock.exists()
 
 
@@ -354,14 +357,14 @@ HOLD_AT_START = ("import pathlib, sys, time\n"
 
 
 @pytest.mark.slow
-def test_a_second_run_of_a_running_fold_is_refused_in_one_line(cached, tmp_path, capsys):  # noqa: F811
+def test_a_second_run_of_a_running_fold_is_refused_in_one_line(toy_cache, tmp_path, capsys):
     go = tmp_path / "go"
-    first = python("-c", HOLD_AT_START, str(go), *COMMON, "--num-workers", "0", "--preprocessed", str(cached / "pre"),
-                   "--results", str(cached / "locked"))
-    lock = fold_dir(cached, "locked") / TRAINING_LOCK
+    first = python("-c", HOLD_AT_START, str(go), *COMMON, "--num-workers", "0", "--preprocessed",
+                   str(toy_cache / "pre"), "--results", str(toy_cache / "locked"))
+    lock = fold_dir(toy_cache, "locked") / TRAINING_LOCK
     try:
         assert first.stdout.readline().strip() == "holding", first.stderr.read()
-        assert run_cli(cached, "locked", "--num-workers", "0", "--seed", "0") == 1
+        assert run_cli(toy_cache, "locked", "--num-workers", "0", "--seed", "0") == 1
         line = one_error_line(capsys.readouterr().err)
         assert f"process {first.pid} on {socket.gethostname()}" in line and str(lock) in line
         go.touch()
@@ -370,17 +373,18 @@ def test_a_second_run_of_a_running_fold_is_refused_in_one_line(cached, tmp_path,
         if first.poll() is None:
             first.kill()
     assert first.returncode == 0, err
-    log = (lock.parent / "training_log.txt").read_text()
+    log = (lock.parent / "training_log.txt").read_text(encoding="utf-8")
     assert log.count("started:") == 1 and "epoch 2/2" in log
     assert torch.load(lock.parent / "checkpoint_final.pth", weights_only=True)["config"]["seed"] == 7
     assert not lock.exists()
 
 
 @pytest.mark.slow
-def test_a_dead_runs_lock_is_taken_over_and_every_lock_is_released(cached, monkeypatch):  # noqa: F811
-    folder = fold_dir(cached, "stale_lock")
+def test_a_dead_runs_lock_is_taken_over_and_every_lock_is_released(toy_cache, monkeypatch):
+    folder = fold_dir(toy_cache, "stale_lock")
     folder.mkdir(parents=True)
-    (folder / TRAINING_LOCK).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+    (folder / TRAINING_LOCK).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}),
+                                        encoding="utf-8")
     original = trainer.DeSAMTrainer.on_epoch_end
 
     def interrupt(self, epoch, *args):
@@ -388,28 +392,28 @@ def test_a_dead_runs_lock_is_taken_over_and_every_lock_is_released(cached, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer.DeSAMTrainer, "on_epoch_end", interrupt)
-    assert run_cli(cached, "stale_lock", "--num-workers", "0") == 130
+    assert run_cli(toy_cache, "stale_lock", "--num-workers", "0") == 130
     assert not (folder / TRAINING_LOCK).exists()  # released on Ctrl-C too
     monkeypatch.undo()
-    assert run_cli(cached, "stale_lock", "--num-workers", "0", "-c") == 0
+    assert run_cli(toy_cache, "stale_lock", "--num-workers", "0", "-c") == 0
     assert (folder / "checkpoint_final.pth").is_file() and not (folder / TRAINING_LOCK).exists()
 
 
 # ---------------------------------------------------------------- item 5: a model folder holds one plan
 @pytest.mark.slow
-def test_folds_of_two_plans_are_refused_and_continue_compares_the_plan(cached, tmp_path, capsys,  # noqa: F811
+def test_folds_of_two_plans_are_refused_and_continue_compares_the_plan(toy_cache, tmp_path, capsys,
                                                                         tiny_checkpoint):
     from desam_pipeline.training import train
     from plans.plan_and_embed import plan_and_embed
 
     root = tmp_path / "root"
-    shutil.copytree(cached / "pre", root / "pre")
+    shutil.copytree(toy_cache / "pre", root / "pre")
     assert run_cli(root, "results", "--num-workers", "0") == 0
     model = fold_dir(root, "results").parent
     plans_before = file_sha256(model / "plans.json")
     # the same plans name planned again with other choices (every slice cached): another plan
     plan_and_embed("900", encoder="tiny", checkpoint=str(tiny_checkpoint), domains=["SiteA"], slices="all",
-                   overwrite=True, raw=str(cached / "raw"), preprocessed=str(root / "pre"))
+                   overwrite=True, raw=str(toy_cache / "raw"), preprocessed=str(root / "pre"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         train.main([COMMON[0], "1", *COMMON[2:], "--num-workers", "0", "--preprocessed", str(root / "pre"),
@@ -425,15 +429,15 @@ def test_folds_of_two_plans_are_refused_and_continue_compares_the_plan(cached, t
 
 # ---------------------------------------------------------------- items 6, 9, 10 in desam_predict
 @pytest.mark.slow
-def test_predict_names_bad_geometry_long_names_and_skipped_entries_and_predicts_the_rest(env, tmp_path,  # noqa: F811
+def test_predict_names_bad_geometry_long_names_and_skipped_entries_and_predicts_the_rest(predict_env, tmp_path,
                                                                                         capsys):
     folder, out = tmp_path / "in", tmp_path / "out"
     for name in ("a_nan.nii.gz", "b_good.NII.GZ", LONG):
         write_volume(folder / name, (30, 30, 2), np.diag([1.0, 1.0, 2.0, 1.0]))
     nan_spacing(folder / "a_nan.nii.gz")
     (folder / "c_dangling.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
-    (folder / "notes.txt").write_text("not an image")
-    assert predict_cli("-i", folder, "-o", out, "-m", env.box, "-f", "0", *env.roots) == 1
+    (folder / "notes.txt").write_text("not an image", encoding="utf-8")
+    assert predict_cli("-i", folder, "-o", out, "-m", predict_env.box, "-f", "0", *predict_env.roots) == 1
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     assert "a_nan.nii.gz: voxel size" in captured.err and "c_dangling.nii.gz: broken symbolic link" in captured.err
@@ -446,12 +450,12 @@ def test_predict_names_bad_geometry_long_names_and_skipped_entries_and_predicts_
 
 # ---------------------------------------------------------------- item 7: a deleted cache file, end to end
 @pytest.mark.slow
-def test_a_deleted_cache_file_is_found_by_training_and_repaired_by_embedding(cached, tmp_path, capsys,  # noqa: F811
+def test_a_deleted_cache_file_is_found_by_training_and_repaired_by_embedding(toy_cache, tmp_path, capsys,
                                                                              tiny_checkpoint):
     from plans import plan_and_embed
 
     root = tmp_path / "root"
-    shutil.copytree(cached / "pre", root / "pre")
+    shutil.copytree(toy_cache / "pre", root / "pre")
     case = root / "pre" / DATASET / "DeSAMPlans_tiny" / "SiteA_Case00"
     (case / "tap1.npy").unlink()
     assert run_cli(root, "results", "--num-workers", "0") == 1
@@ -460,7 +464,7 @@ def test_a_deleted_cache_file_is_found_by_training_and_repaired_by_embedding(cac
     assert not (root / "results").exists()
     with pytest.raises(SystemExit) as stop:
         plan_and_embed.main(["-d", "900", "--encoder", "tiny", "--checkpoint", str(tiny_checkpoint), "--domains",
-                             "SiteA", "--device", "cpu", "--raw", str(cached / "raw"),
+                             "SiteA", "--device", "cpu", "--raw", str(toy_cache / "raw"),
                              "--preprocessed", str(root / "pre")])
     assert stop.value.code == 0
     out = capsys.readouterr().out

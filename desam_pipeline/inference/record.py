@@ -5,27 +5,25 @@ to the `final` or `best` checkpoint and to the grid rule and post-processing tha
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from desam_pipeline.data.orientation import plan_orientation
-from desam_pipeline.inference.predictor import Model, Settings, checkpoint_file
+from desam_pipeline.inference.model import Model, checkpoint_file
+from desam_pipeline.inference.predictor import PredictionRun
 from desam_pipeline.io.atomic import write_json
 
 RECORD_FILE = "prediction.json"
 
 
-def describe(model: Model, settings: Settings) -> dict:
+def describe(model: Model, run: PredictionRun) -> dict:
     """The choices a prediction depends on: model folder, mode, folds, checkpoint, orientation, settings."""
-    chosen = {k: v for k, v in dataclasses.asdict(settings).items()
-              if k not in ("device", "batch_size", "skip_existing", "save_probabilities")}
     return {"model_folder": str(Path(model.folder).resolve()), "mode": model.mode, "folds": list(model.folds),
-            "checkpoint_name": model.checkpoint_name, "checkpoint_file": checkpoint_file(model.checkpoint_name),
-            "slice_orientation": plan_orientation(model.plan), **chosen}
+            "checkpoint_file": checkpoint_file(model.checkpoint_name), "slice_orientation": plan_orientation(model.plan),
+            "precision": run.precision, **run.settings.choices()}
 
 
-def write_record(out_dir: str | Path, model: Model, settings: Settings) -> Path:
+def write_record(out_dir: str | Path, model: Model, run: PredictionRun) -> Path:
     """Write `<out_dir>/prediction.json` (atomically) and return its path."""
     target = Path(out_dir) / RECORD_FILE
-    write_json(describe(model, settings), target)
+    write_json(describe(model, run), target)
     return target
