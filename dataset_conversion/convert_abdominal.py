@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from dataset_conversion.chaos_dicom import SEQUENCE, convert_series
 from dataset_conversion.folders import check_target, children_by_name, entries, scratch_folder
-from dataset_conversion.raw_writer import (SourceCase, converter_parser, dataset_folder_name, nifti_stem, run_converter,
+from dataset_conversion.raw_writer import (SourceCase, converter_parser, dataset_folder_name, run_converter,
                                            write_raw_dataset)
+from desam_pipeline.io.nifti_io import nifti_stem
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 
 DEFAULT_DATASET, DEFAULT_NAME = "3", "AbdominalCTMR"

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dataset_conversion.raw_writer import (SourceCase, converter_parser, dataset_folder_name, nifti_stem, run_converter,
+from dataset_conversion.raw_writer import (SourceCase, converter_parser, dataset_folder_name, run_converter,
                                            write_raw_dataset)
 from desam_pipeline.io.atomic import read_json
+from desam_pipeline.io.nifti_io import nifti_stem
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 
 DEFAULT_NAME = "ProstateMSD"

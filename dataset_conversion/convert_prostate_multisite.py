@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 
 from dataset_conversion.folders import children_by_name, entries
-from dataset_conversion.raw_writer import (SourceCase, converter_parser, dataset_folder_name, nifti_stem,
+from dataset_conversion.raw_writer import (SourceCase, converter_parser, dataset_folder_name,
                                           run_converter, write_raw_dataset)
+from desam_pipeline.io.nifti_io import nifti_stem
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 
 DEFAULT_NAME = "ProstateMultiSite"

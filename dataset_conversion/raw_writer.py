@@ -10,7 +10,6 @@ failed conversion never leaves a folder that looks complete.
 from __future__ import annotations
 
 import argparse
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,11 @@ from desam_pipeline.data.dataset_checks import AFFINE_TOLERANCE, verify_dataset
 from desam_pipeline.data.raw_dataset import CHANNEL_SUFFIX, domains, load_dataset_json
 from desam_pipeline.io.atomic import atomic_path, write_json
 from desam_pipeline.io.nifti_io import load_nifti, save_like
+from desam_pipeline.io.safe_names import check_name
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.paths import DATASET_PATTERN, add_root_arguments, dataset_name, get_root
 
 FILE_ENDING = ".nii.gz"
-NIFTI_ENDINGS = (".nii.gz", ".nii")
-CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 LABELS = {"background": 0, "prostate": 1}
 CHANNEL_NAMES = {"0": "T2"}
 
@@ -46,17 +44,6 @@ class SourceCase:
     label: Path
     channel: int | None = None
     label_map: Mapping[int, int] | None = None
-
-
-def nifti_stem(path: Path) -> str | None:
-    """File name without .nii/.nii.gz; None for anything else (hidden files included)."""
-    if path.name.startswith("."):
-        return None
-    lower = path.name.lower()
-    for ending in NIFTI_ENDINGS:
-        if lower.endswith(ending):
-            return path.name[: -len(ending)]
-    return None
 
 
 def dataset_folder_name(spec: str | int, default_name: str) -> str:
@@ -138,14 +125,13 @@ def write_label(case: SourceCase, image_shape: tuple[int, ...], image_affine: np
 
 
 def check_cases(cases: list[SourceCase]) -> None:
-    """Case ids must be non-empty, unique and safe as nnU-Net file names."""
+    """Case ids and site names must be plain names (they become file and folder names), case ids unique."""
     if not cases:
         raise DesamError("no cases found to convert")
     seen: dict[str, Path] = {}
     for case in cases:
-        if not CASE_ID_PATTERN.match(case.case_id):
-            raise DesamError(f"{case.image}: case id {case.case_id!r} has characters other than letters, "
-                             "digits, _ and -")
+        check_name(case.case_id, "case id", case.image)
+        check_name(case.site, "site name", case.image)
         if case.case_id in seen:
             raise DesamError(f"{case.image}: case id {case.case_id} also used by {seen[case.case_id]}")
         seen[case.case_id] = case.image

@@ -34,7 +34,7 @@ from desam_pipeline.data.raw_dataset import file_ending, label_path, load_datase
 from desam_pipeline.inference.inputs import CaseInput
 from desam_pipeline.inference.model import checkpoint_file
 from desam_pipeline.inference.outputs import quality_path
-from desam_pipeline.inference.prediction_cache import PREDICTIONS, SavedCase, ensure_predictions
+from desam_pipeline.inference.prediction_cache import PREDICTIONS, SavedCase, ensure_predictions, group_folder
 from desam_pipeline.inference.settings import FILE_HANDLING, PredictionSettings
 from desam_pipeline.io.results_layout import DEFAULT_TRAINER, MODEL_PLAN
 from desam_pipeline.utilities.errors import DesamError, cli_entry
@@ -94,7 +94,7 @@ def score_cases(folder: Path, cases: list[EvalCase], raw_dir: Path, dataset_json
     labels = foreground_labels(dataset_json)
     rows, slice_rows = [], []
     for case in tqdm(cases, desc=f"score ({protocol})", unit="case", disable=not progress, dynamic_ncols=True):
-        quality = quality_path(folder / PREDICTIONS / case.site, case.case)
+        quality = quality_path(group_folder(folder, case.site), case.case)
         scores, slices = score_case(label_path(raw_dir, case.case, dataset_json), prediction_path(folder, case),
                                     protocol, labels, slice_axis, nsd_tolerance, quality)
         identity = {"case": case.case, "site": case.site, "in_domain": case.in_domain}

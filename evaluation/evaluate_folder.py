@@ -2,8 +2,12 @@
 
 A case of REF without a prediction in PRED is a row with status `missing` and NaN metrics, never
 skipped. Files are `<case><file_ending>` (`.nii.gz` unless the dataset.json says otherwise). A PRED
-without any prediction is an error; predicted values that are neither foreground labels nor in the
-reference count as background with a warning naming the file, and NaN or fractional values are an error.
+without any prediction is an error.
+
+Foreground, the same rule for reference and prediction: every value > 0 (as the converters binarise
+and training targets are), or with `--labels` exactly the values listed. A value the rule does not
+expect (without --labels anything but 0 and 1, with it anything but 0 and the labels) is counted by
+the rule and warned about, naming the file, on either side; NaN or fractional values are an error.
 
 Beside the overlap metrics each row has the slice detection along `--slice-axis` (slices, reference_slices,
 empty_slices, slice_sensitivity, slice_specificity, fp_slices, fn_slices), the prediction's 3D connected
@@ -35,39 +39,50 @@ DEFAULT_OUTPUT = "evaluation.csv"
 SUMMARY_DETECTION = ("slice_sensitivity", "slice_specificity", "fp_slices", "components", "gate_auc")
 
 
-def foreground(volume: np.ndarray, labels: Iterable[int]) -> np.ndarray:
-    """Voxels whose value is one of `labels`."""
+def foreground(volume: np.ndarray, labels: Iterable[int] | None) -> np.ndarray:
+    """Voxels whose value is one of `labels`; with None every value > 0."""
+    if labels is None:
+        return volume > 0
     return np.isin(volume, np.asarray(list(labels), dtype=volume.dtype))
 
 
-def check_prediction_values(prediction: np.ndarray, reference: np.ndarray, labels: list[int],
-                            path: str | os.PathLike) -> None:
-    """Label values must be finite integers; values in neither the reference nor `labels` count as
-    background, and a warning line says so."""
-    values = np.unique(prediction)
+def foreground_rule(labels: Iterable[int] | None) -> str:
+    return "label > 0" if labels is None else f"labels {sorted(labels)}"
+
+
+def check_label_values(volume: np.ndarray, labels: Iterable[int] | None, path: str | os.PathLike) -> None:
+    """Label values must be finite integers; a value the foreground rule does not expect (not 0 or 1 without
+    `labels`, not 0 or one of `labels` with them) is counted by the rule, and a warning line says so."""
+    values = np.unique(volume)
     odd = values[~np.isfinite(values) | (values != np.round(values))]
     if odd.size:
         raise DesamError(f"{path}: label values must be integers, found {', '.join(map(str, odd[:5].tolist()))}")
-    unknown = sorted(set(values.tolist()) - {0} - set(labels) - set(np.unique(reference).tolist()))
-    if unknown:
-        tqdm.write(f"desam: warning: {path}: label values {[int(v) for v in unknown]} are neither in the reference "
-                   f"nor in the labels {labels}; counted as background", file=sys.stderr)
+    expected = {0, 1} if labels is None else {0, *labels}
+    unexpected = sorted(int(v) for v in set(values.tolist()) - expected)
+    if unexpected:
+        counted = "foreground if > 0, else background" if labels is None else "background"
+        tqdm.write(f"desam: warning: {path}: label values {unexpected} are not among {sorted(expected)}; counted as "
+                   f"{counted} (foreground is {foreground_rule(labels)} in reference and prediction; --labels "
+                   "chooses the values)", file=sys.stderr)
 
 
 def read_pair(reference_path: str | os.PathLike, prediction_path: str | os.PathLike,
-              labels: Iterable[int] = (1,)) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """Foreground masks of a reference file and its prediction file (same grid required, label values
-    checked) and the spacing in mm from the reference header."""
+              labels: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Foreground masks of a reference file and its prediction file (same grid required, label values of
+    both checked), by the module's rule (`labels`, or > 0 when None), and the spacing in mm from the
+    reference header."""
     reference, reference_image = read_volume(reference_path)
     prediction, prediction_image = read_volume(prediction_path)
     check_same_geometry(reference_image, prediction_image, reference_path, prediction_path)
-    labels = list(labels)
-    check_prediction_values(prediction, reference, labels, prediction_path)
+    labels = None if labels is None else list(labels)
+    check_label_values(reference, labels, reference_path)
+    check_label_values(prediction, labels, prediction_path)
     return foreground(reference, labels), foreground(prediction, labels), voxel_spacing(reference_image)
 
 
-def score_pair(reference_path: str | os.PathLike, prediction_path: str | os.PathLike, labels: Iterable[int] = (1,),
-               nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM, slice_axis: int = SLICE_AXIS, predicted_iou: pd.Series | None = None,
+def score_pair(reference_path: str | os.PathLike, prediction_path: str | os.PathLike,
+               labels: Iterable[int] | None = None, nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
+               slice_axis: int = SLICE_AXIS, predicted_iou: pd.Series | None = None,
                quality_source: str = "quality CSV") -> tuple[dict, pd.DataFrame]:
     """Metrics (METRICS) and slice detection (CASE_DETECTION) of one prediction file against its reference
     file, and the case's per-slice rows; `predicted_iou` (slice -> PRIM's predicted IoU, read from
@@ -95,7 +110,7 @@ def list_case_files(folder: Path, ending: str) -> dict[str, Path]:
 
 
 def evaluate_folder(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike,
-                    dataset_json: str | os.PathLike | dict | None = None, labels: Iterable[int] = (1,),
+                    dataset_json: str | os.PathLike | dict | None = None, labels: Iterable[int] | None = None,
                     nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM, progress: bool = True,
                     slice_axis: int = SLICE_AXIS) -> pd.DataFrame:
     """One row per reference case: case, [site], dice, hd95, assd, nsd, the slice detection along
@@ -120,7 +135,7 @@ def evaluate_folder(ref_dir: str | os.PathLike, pred_dir: str | os.PathLike,
     quality = pred_dir / QUALITY_FILE
     has_quality = quality.is_file()
     case_sites = domains(info)
-    labels = list(labels)
+    labels = None if labels is None else list(labels)
     rows = []
     for case, reference_path in tqdm(references.items(), desc="evaluate", unit="case", disable=not progress):
         row: dict = {"case": case}
@@ -162,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"per-case CSV, or a folder to write {DEFAULT_OUTPUT} into (default: PRED/{DEFAULT_OUTPUT})")
     parser.add_argument("--dataset-json", metavar="PATH", default=None,
                         help="dataset.json giving file_ending and the 'domains' (case -> site) for a site column")
-    parser.add_argument("--labels", type=int, nargs="+", default=[1],
-                        help="label values counted as foreground (default: 1)")
+    parser.add_argument("--labels", type=int, nargs="+", default=None,
+                        help="label values counted as foreground in reference and prediction (default: every "
+                             "value > 0, as the converters binarise masks)")
     parser.add_argument("--nsd-tolerance", type=float, default=DEFAULT_NSD_TOLERANCE_MM, metavar="MM",
                         help="tolerance of the normalised surface Dice in mm (default: %(default)s)")
     parser.add_argument("--slice-axis", type=int, choices=(0, 1, 2), default=SLICE_AXIS,
@@ -183,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         output = output / DEFAULT_OUTPUT
     write_csv(per_case, output)
     print(summary_text(per_case))
-    print(f"per-case metrics written to {output}", file=sys.stderr)
+    print(f"per-case metrics written to {output} (foreground: {foreground_rule(args.labels)} in reference and "
+          "prediction)", file=sys.stderr)
     return 0
 
 

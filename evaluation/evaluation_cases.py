@@ -93,7 +93,7 @@ def held_out_cases(preprocessed_dir: Path, folder: Path, sources: Sequence[str],
 
 def check_sources(raw_dir: Path, dataset_json: dict, sources: Sequence[str]) -> None:
     """The dataset has sites ("domains") and the source sites are among them."""
-    case_sites = domains(dataset_json)
+    case_sites = domains(dataset_json, raw_dir / "dataset.json")
     if not case_sites:
         raise DesamError(f"{raw_dir / 'dataset.json'}: no 'domains' (case -> site); the evaluation needs sites")
     check_sites(dataset_json, sources, raw_dir.name, kind="source site")

@@ -15,6 +15,7 @@ from desam_pipeline.data.slice_grid import slice_grid_spacing
 from desam_pipeline.inference.prediction_cache import prediction_file
 from desam_pipeline.io.atomic import write_json
 from desam_pipeline.io.nifti_io import read_volume, voxel_spacing
+from desam_pipeline.io.safe_names import contained
 from desam_pipeline.utilities.metrics import METRICS
 from evaluation.detection_tables import CASE_DETECTION, PER_SLICE, POOLED_METRICS, group_detection, slices_of
 from evaluation.evaluate_folder import foreground
@@ -163,7 +164,7 @@ def write_overlays(per_case: pd.DataFrame, out_dir: Path, raw_dir: Path, dataset
         reference = foreground(read_volume(label_path(raw_dir, case, dataset_json))[0], labels)
         prediction = foreground(read_volume(prediction_file(folder, site, case))[0], labels)
         spacing = voxel_spacing(image_nii)
-        target = out_dir / f"{site}_{tag}_{case}.png"
+        target = contained(out_dir, f"{site}_{tag}_{case}.png")
         if protocol == "paper":
             # the protocol's 256x256 slices, back in array order: resized whatever the plan's in-plane rule
             sam_slices = preprocess_volume(image, {**plan, "in_plane": {"rule": "resize"}})

@@ -22,6 +22,7 @@ import pandas as pd
 from desam_pipeline.baselines.external_predictions import is_external, read_record
 from desam_pipeline.io.atomic import atomic_path
 from desam_pipeline.io.results_layout import DEFAULT_TRAINER, model_folders
+from desam_pipeline.io.safe_names import contained
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.metrics import METRICS
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
@@ -59,7 +60,7 @@ def find_models(results_dir: Path, protocol: str, trainer: str = DEFAULT_TRAINER
 def report_folder(results_dir: Path, mode: str, protocol: str, trainer: str = DEFAULT_TRAINER) -> Path:
     """`report/<mode>__<protocol>` for DeSAMTrainer, `report/<trainer>__<mode>__<protocol>` for any other."""
     prefix = "" if trainer == DEFAULT_TRAINER else f"{trainer}__"
-    return results_dir / "report" / f"{prefix}{mode}__{protocol}"
+    return contained(results_dir / "report", f"{prefix}{mode}__{protocol}")
 
 
 def read_table(path: Path, required: tuple[str, ...], hint: str = "") -> pd.DataFrame:

@@ -23,6 +23,7 @@ from desam_pipeline.data.preprocessing import preprocess_label, preprocess_volum
 from desam_pipeline.data.slice_selection import SLICE_MODES, foreground_slices, select_slices
 from desam_pipeline.io.atomic import remove_stale_temporaries, write_json
 from desam_pipeline.io.nifti_io import file_sha256, read_volume, voxel_spacing
+from desam_pipeline.io.safe_names import check_name
 from desam_pipeline.network import encoders
 from desam_pipeline.network.embedding import encode_slices, features_for_cache
 from desam_pipeline.network.encoders import ENCODERS, load_image_encoder
@@ -199,7 +200,7 @@ def plan_and_embed(dataset: str | int, encoder: str = DEFAULT_ENCODER, checkpoin
     torch_device = select_device(device)
     trees = Trees(dataset, raw=raw, preprocessed=preprocessed)
     raw_dir, out_dir = trees.raw, trees.preprocessed
-    plans_name = plans_name or default_plans_name(encoder)
+    plans_name = check_name(plans_name or default_plans_name(encoder), "plans name", "--plans-name")
     with distributed.process_group() as in_group:
         loaded = {}
 
@@ -248,6 +249,11 @@ def embed_part(raw_dir: Path, out_dir: Path, planned: dict, image_encoder: nn.Mo
           f"{plan['slices']}, {kind} {plan['precision'][kind]}, batch {plan['batch_size'][kind]}); part "
           f"{part}: {len(mine)} cases, {len(mine) - len(todo)} complete, {len(todo)} to embed "
           f"({sum(status[case] == 'stale' for case in todo)} stale)", flush=True)
+    incomplete = [case for case in todo if status[case] == "incomplete"]
+    if incomplete:
+        print(f"{len(incomplete)} cached case(s) incomplete, embedded again ({', '.join(incomplete[:3])}"
+              f"{', ...' if len(incomplete) > 3 else ''}): an array file is missing or not the size meta.json "
+              "records (or the folder predates recorded sizes)", flush=True)
 
     axis = plan["slice_axis"]
     sites = raw_dataset.domains(dataset_json)

@@ -25,6 +25,7 @@ from desam_pipeline.data import splits
 from desam_pipeline.data.plan_io import DEFAULT_CHOICES
 from desam_pipeline.inference.prediction_cache import prediction_file
 from desam_pipeline.io.atomic import read_json, write_json
+from desam_pipeline.io.safe_names import contained
 from desam_pipeline.utilities.errors import DesamError
 
 RECORD_FILE = "external_predictions.json"
@@ -67,7 +68,7 @@ def read_record(folder: Path) -> dict:
 def locate(results_dir: Path, name: str, sources: Sequence[str], folds: Sequence[str] | None) -> tuple[Path, dict]:
     """The results folder `name` of external predictions for these sources (and folds, when given), and its
     record."""
-    folder = Path(results_dir) / name
+    folder = contained(results_dir, name)
     if not folder.is_dir():
         raise DesamError(f"{folder}: not found; make its predictions first (e.g. desam_nnunet_baseline)")
     record = read_record(folder)

@@ -27,7 +27,7 @@ from desam_pipeline.network import DeSAM, encoders, sam_models
 from desam_pipeline.network.pdmm import PDMM, SEResBlock
 from desam_pipeline.network.prim import UNUSED_DECODER_PARTS
 from desam_pipeline.training.train import find_plans_name
-from desam_pipeline.training.fold_files import copy_plan_files
+from desam_pipeline.training.fold_files import check_model_plan, copy_plan_files
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
 
@@ -180,6 +180,7 @@ def import_official(args: argparse.Namespace) -> Path:
     target = model_dir / f"fold_{fold}" / CHECKPOINT_FINAL
     if target.exists() and not args.overwrite:
         raise DesamError(f"{target}: exists; pass --overwrite to replace it")
+    check_model_plan(model_dir, plan_hash(plan), fold)
     path = Path(args.checkpoint)
     state = sam_models.read_state_dict(path)
     net, unused = convert(path, state, plan)

@@ -32,6 +32,7 @@ from desam_pipeline.inference.prediction_cache import PREDICTIONS, prediction_fi
 from desam_pipeline.data import splits
 from desam_pipeline.data.raw_dataset import check_sites, domains, file_ending, label_path, list_cases, load_dataset_json
 from desam_pipeline.io.atomic import read_json, write_json
+from desam_pipeline.io.safe_names import check_name
 from desam_pipeline.io.results_layout import source_key
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.paths import DATASET_PATTERN, Trees, add_root_arguments
@@ -146,6 +147,9 @@ def run_baseline(dataset: str | int, sources: Sequence[str], folds: Sequence[str
                  device: str = NNUNET_DEVICE, processes: int = NNUNET_PROCESSES, tta: bool = True, raw: str | None = None,
                  preprocessed: str | None = None, results: str | None = None) -> Path:
     """Train (or reuse), predict and place the nnU-Net baseline; returns its results folder."""
+    check_name(trainer, "-tr trainer name")  # these three name folders of the results tree
+    check_name(plans, "-p plans name")
+    check_name(configuration, "-c configuration")
     version = nnunet_version()
     sources = sorted(set(sources))
     trees = Trees(dataset, raw=raw, preprocessed=preprocessed, results=results)

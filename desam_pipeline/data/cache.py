@@ -3,7 +3,10 @@
 Layout: `<preprocessed>/<Dataset>/<plans_name>/<case>/` with image.npy, label.npy, neck.npy,
 tap0..2.npy (shapes in the plan: they depend on the encoder family) and meta.json, plus `<plans_name>/manifest.json`. A case folder is written under
 a `.tmp-<pid>-<case>` name (arrays first, meta.json last, everything fsynced) and renamed
-into place, so a folder named after a case is always complete, also after `kill -9`.
+into place, so a folder named after a case is complete, also after `kill -9`. meta.json lists
+every array file with its size in bytes (`files`): a case counts as complete only while each
+of them is there with that size, so a file deleted or truncated since makes the case be
+embedded again (folders written before sizes were recorded count as incomplete too).
 
 Augmented views (plan entry `augmented_views`, see desam_pipeline.data.augmented_views): a case with K views
 has meta.json `"views": K` and, for each view k = 1..K, `view<k>_image.npy` (the augmented uint8 slices)
@@ -19,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from desam_pipeline.io.atomic import TMP_PREFIX, file_lock, is_stale_temporary, read_json, write_json
+from desam_pipeline.io.atomic import (file_lock, process_alive, read_json, temporary_name, temporary_owner,
+                                     write_json)
 from desam_pipeline.io.nifti_io import file_sha256
+from desam_pipeline.io.safe_names import check_name
 from desam_pipeline.utilities.errors import naming
 
 META = "meta.json"
@@ -35,13 +40,23 @@ def view_array(name: str, view: int) -> str:
 
 
 def cache_dir(preprocessed_dataset_dir: str | os.PathLike, plans_name: str) -> Path:
-    """Folder holding the case folders of one plan."""
-    return Path(preprocessed_dataset_dir) / plans_name
+    """Folder holding the case folders of one plan (a plain name: see safe_names)."""
+    return Path(preprocessed_dataset_dir) / check_name(plans_name, "plans name")
 
 
 def is_complete(case_dir: Path) -> bool:
-    """A case folder is complete when it has its final name and its meta.json (written last)."""
-    return not case_dir.name.startswith(".") and (case_dir / META).is_file()
+    """A case folder is complete when it has its final name, its meta.json (written last) and every array
+    file meta.json lists, with the size recorded there."""
+    if case_dir.name.startswith(".") or not (case_dir / META).is_file():
+        return False
+    files = read_json(case_dir / META).get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    for name, size in files.items():
+        path = case_dir / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
 
 
 def complete_cases(cache_dir: str | os.PathLike, plan_sha256: str | None = None) -> list[str]:
@@ -70,26 +85,22 @@ def input_sha256(image_file: str | os.PathLike, label_file: str | os.PathLike) -
 
 
 def case_status(case_dir: Path, input_hash: str, plan_hash: str) -> str:
-    """'complete' (same inputs and plan), 'stale' (a complete folder made from other ones) or 'missing'."""
+    """'complete' (same inputs and plan), 'stale' (a complete folder made from other ones), 'incomplete'
+    (a folder with meta.json whose files are not all there with their recorded sizes) or 'missing'."""
     if not is_complete(case_dir):
-        return "missing"
+        return "incomplete" if (case_dir / META).is_file() else "missing"
     meta = read_json(case_dir / META)
     fresh = meta.get("input_sha256") == input_hash and meta.get("plan_sha256") == plan_hash
     return "complete" if fresh else "stale"
 
 
 def temporary_case_dir(cache_dir: Path, case: str) -> Path:
-    return cache_dir / f"{TMP_PREFIX}{os.getpid()}-{case}"
+    return cache_dir / temporary_name(case)
 
 
-def _case_of_temporary(name: str) -> str | None:
-    """The case id in `.tmp-<pid>-<case>[.replaced]`, None for other names."""
-    if not name.startswith(TMP_PREFIX):
-        return None
-    pid, _, rest = name[len(TMP_PREFIX):].partition("-")
-    if not pid.isdigit() or not rest:
-        return None
-    return rest[: -len(REPLACED_SUFFIX)] if rest.endswith(REPLACED_SUFFIX) else rest
+def _temporary_names(cases: list[str], pid: int) -> set[str]:
+    """The temporary folder names process `pid` gives these cases (being written, or being replaced)."""
+    return {temporary_name(case + suffix, pid) for case in cases for suffix in ("", REPLACED_SUFFIX)}
 
 
 def remove_case_temporaries(cache_dir: str | os.PathLike, cases: list[str]) -> int:
@@ -102,9 +113,10 @@ def remove_case_temporaries(cache_dir: str | os.PathLike, cases: list[str]) -> i
     folder = Path(cache_dir)
     removed = 0
     if folder.is_dir():
-        wanted = set(cases)
         for child in folder.iterdir():
-            if child.is_dir() and _case_of_temporary(child.name) in wanted and is_stale_temporary(child.name):
+            pid = temporary_owner(child.name)
+            if (pid is not None and child.is_dir() and not process_alive(pid)
+                    and child.name in _temporary_names(cases, pid)):
                 shutil.rmtree(child)
                 removed += 1
     return removed
@@ -170,12 +182,13 @@ class CaseWriter:
                 os.fsync(handle.fileno())
             handle.close()
         self.files.clear()
-        write_json(meta, self.tmp / META)
+        sizes = {path.name: path.stat().st_size for path in sorted(self.tmp.glob("*.npy"))}
+        write_json({**meta, "files": sizes}, self.tmp / META)
         _fsync(self.tmp / META)
         _fsync(self.tmp)
         with file_lock(self.final.parent / _LOCK):  # a concurrent run may publish the same case
             if self.final.exists():
-                replaced = self.tmp.with_name(self.tmp.name + REPLACED_SUFFIX)
+                replaced = temporary_case_dir(self.final.parent, self.final.name + REPLACED_SUFFIX)
                 os.replace(self.final, replaced)
                 os.replace(self.tmp, self.final)
                 shutil.rmtree(replaced)

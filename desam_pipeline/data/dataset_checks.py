@@ -8,6 +8,7 @@ import numpy as np
 
 from desam_pipeline.data import raw_dataset
 from desam_pipeline.io.nifti_io import read_volume
+from desam_pipeline.io.safe_names import name_problem
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
 
@@ -20,6 +21,9 @@ def check_case(raw_dir: Path, case: str, dataset_json: dict) -> list[str]:
     image_file = raw_dataset.image_path(raw_dir, case, dataset_json)
     label_file = raw_dataset.label_path(raw_dir, case, dataset_json)
     problems = []
+    unsafe = name_problem(case, "case id")
+    if unsafe:
+        return [f"{image_file}: {unsafe}"]
     if case not in raw_dataset.domains(dataset_json):
         problems.append(f"{case}: no domain in dataset.json 'domains'")
     if not label_file.is_file():

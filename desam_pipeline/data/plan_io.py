@@ -17,6 +17,7 @@ from desam_pipeline.data.preprocessing import SLICE_AXIS, SLICE_SIZE
 from desam_pipeline.data.slice_selection import SLICE_MODES
 from desam_pipeline.io.atomic import read_json
 from desam_pipeline.io.nifti_io import file_sha256
+from desam_pipeline.io.safe_names import check_name
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.runtime import PRECISIONS
 
@@ -52,7 +53,8 @@ def default_plans_name(encoder: str) -> str:
 
 
 def plan_path(preprocessed_dataset_dir: str | os.PathLike, plans_name: str) -> Path:
-    return Path(preprocessed_dataset_dir) / f"{plans_name}.json"
+    """`<plans_name>.json`; the name must be a plain name (it also names the cache and the model folders)."""
+    return Path(preprocessed_dataset_dir) / f"{check_name(plans_name, 'plans name')}.json"
 
 
 def plan_hash(plan: dict) -> str:

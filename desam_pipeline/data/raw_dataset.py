@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
 from desam_pipeline.io.atomic import read_json
+from desam_pipeline.io.safe_names import name_problem
 from desam_pipeline.utilities.errors import DesamError
 
 CHANNEL_SUFFIX = "_0000"
@@ -47,6 +49,19 @@ def field_problems(dataset_json, path: Path, fields: tuple[str, ...] = tuple(FIE
         if name in dataset_json and not valid(dataset_json[name]):
             found = json.dumps(dataset_json[name])
             problems.append(f"{path}: '{name}' must be {expected}, found {found[:60]}{'...' if len(found) > 60 else ''}")
+        elif name == "domains" and name in dataset_json:
+            problems += domain_name_problems(dataset_json, path)
+    return problems
+
+
+def domain_name_problems(dataset_json: dict, path: str | os.PathLike) -> list[str]:
+    """Case ids and site names of "domains" that are not plain names: they become file and folder names."""
+    problems = []
+    for case, site in dict(dataset_json.get("domains", {})).items():
+        for what, name in (("case id", case), (f"site name (of case {case})", site)):
+            problem = name_problem(name, what)
+            if problem:
+                problems.append(f"{path}: 'domains': {problem}")
     return problems
 
 
@@ -79,8 +94,12 @@ def label_path(raw_dir: Path, case: str, dataset_json: dict) -> Path:
     return Path(raw_dir) / "labelsTr" / f"{case}{file_ending(dataset_json)}"
 
 
-def domains(dataset_json: dict) -> dict[str, str]:
-    """case id -> site name."""
+def domains(dataset_json: dict, path: str | os.PathLike = "dataset.json") -> dict[str, str]:
+    """case id -> site name; a name that is not a plain name (`../x`, `/abs`) is a DesamError naming `path`."""
+    problems = domain_name_problems(dataset_json, path)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DesamError(problems[0] + more)
     return dict(dataset_json.get("domains", {}))
 
 

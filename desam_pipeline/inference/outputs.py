@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from desam_pipeline.io.atomic import atomic_path, file_lock
+from desam_pipeline.io.safe_names import contained
 
 QUALITY_FILE = "quality.csv"
 QUALITY_DIR = "quality"
@@ -17,11 +18,15 @@ _QUALITY_LOCK = ".quality.lock"
 
 
 def output_path(out_dir: Path, case: str) -> Path:
-    return Path(out_dir) / f"{case}.nii.gz"
+    return contained(out_dir, f"{case}.nii.gz")
+
+
+def probabilities_path(out_dir: Path, case: str) -> Path:
+    return contained(out_dir, f"{case}.npz")
 
 
 def quality_path(out_dir: Path, case: str) -> Path:
-    return Path(out_dir) / QUALITY_DIR / f"{case}.csv"
+    return contained(Path(out_dir) / QUALITY_DIR, f"{case}.csv")
 
 
 def write_case_quality(out_dir: Path, case: str, iou: np.ndarray) -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from desam_pipeline.data.prompts import MODES
 from desam_pipeline.inference import predictor
-from desam_pipeline.inference.inputs import CaseInput, discover_inputs
+from desam_pipeline.inference.inputs import CaseInput, discover_inputs, ignored_inputs
 from desam_pipeline.inference.model import load_model
-from desam_pipeline.inference.outputs import QUALITY_DIR, merge_quality, output_path
+from desam_pipeline.inference.outputs import QUALITY_DIR, merge_quality, output_path, probabilities_path
 from desam_pipeline.inference.record import write_record
 from desam_pipeline.inference.settings import FILE_HANDLING, PredictionSettings
 from desam_pipeline.io.atomic import remove_stale_temporaries
@@ -73,19 +73,20 @@ def refuse_overwriting_inputs(cases: list[CaseInput], out_dir: Path) -> None:
     """No case's outputs may be one of the input files, however either is spelled (links, `..`, slashes)."""
     inputs = {path.resolve() for case in cases for path in case.files}
     for case in cases:
-        for target in (output_path(out_dir, case.case), out_dir / f"{case.case}.npz"):
+        for target in (output_path(out_dir, case.case), probabilities_path(out_dir, case.case)):
             if target.resolve() in inputs:
                 raise DesamError(f"{target}: the output of case {case.case} would overwrite an input file; "
                                  f"choose another output folder")
 
 
-def summarise(results: list[predictor.CaseResult], out_dir: Path, part: str) -> int:
+def summarise(results: list[predictor.CaseResult], out_dir: Path, part: str, ignored: int = 0) -> int:
     """Print what was done and list the failed cases; the exit code (1 when any case failed)."""
     counts = {s: sum(r.status == s for r in results) for s in ("predicted", "skipped", "failed")}
     slices = sum(r.slices for r in results)
     cached = sum(r.cached_slices for r in results)
     print(f"desam_predict{part}: {counts['predicted']} predicted ({slices} slices, {cached} from the embedding "
-          f"cache), {counts['skipped']} skipped (output exists), {counts['failed']} failed -> {out_dir}", flush=True)
+          f"cache), {counts['skipped']} skipped (output exists), {counts['failed']} failed, {ignored} ignored (not "
+          f"NIfTI) -> {out_dir}", flush=True)
     failed = [r for r in results if r.status == "failed"]
     for result in failed:
         print(f"  failed: {result.case}: {result.message}", file=sys.stderr)
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(model_folder(args), args.folds, device, settings.checkpoint_name)
     run = predictor.resolve_run(model.plan, settings, device)
     cases = discover_inputs(input_path, model.num_channels)
+    ignored = ignored_inputs(input_path)
     refuse_overwriting_inputs(cases, out_dir)
     for folder in (out_dir, out_dir / QUALITY_DIR):
         remove_stale_temporaries(folder)
@@ -117,15 +119,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{run.batch_size}, {len(engine.cache_index)} cached cases of the plan", flush=True)
         if not in_group or distributed.rank() == 0:
             write_record(out_dir, model, run)
+            for entry in ignored:
+                print(f"desam_predict: ignored {input_path / entry}", file=sys.stderr, flush=True)
         results = engine.predict_cases(mine, out_dir, show_progress=not in_group or part_id == 0)
         if not in_group:
             merge_quality(out_dir)
-            return summarise(results, out_dir, part)
+            return summarise(results, out_dir, part, len(ignored))
         results = [r for part_results in distributed.gather(results) for r in part_results]
         if distributed.rank() != 0:
             return int(any(r.status == "failed" for r in results))
         merge_quality(out_dir)
-        return summarise(results, out_dir, "")
+        return summarise(results, out_dir, "", len(ignored))
 
 
 if __name__ == "__main__":

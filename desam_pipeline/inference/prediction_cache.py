@@ -20,6 +20,7 @@ from desam_pipeline.inference.predictor import Predictor, build_predictor, resol
 from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.io.atomic import read_json, write_json
 from desam_pipeline.io.nifti_io import file_sha256
+from desam_pipeline.io.safe_names import contained
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.runtime import select_device
 
@@ -39,9 +40,14 @@ class SavedCase:
         return self.input.case
 
 
+def group_folder(folder: Path, group: str) -> Path:
+    """`<model folder>/predictions/<group>`; a group (site) name leading elsewhere is refused (see safe_names)."""
+    return contained(Path(folder) / PREDICTIONS, group)
+
+
 def prediction_file(folder: Path, group: str, case: str) -> Path:
     """Where the saved mask of `case` lies in a model folder."""
-    return output_path(Path(folder) / PREDICTIONS / group, case)
+    return output_path(group_folder(folder, group), case)
 
 
 def prediction_key(folder: Path, folds: Sequence[str], settings: PredictionSettings, inputs: Sequence[Path],
@@ -90,7 +96,7 @@ def ensure_predictions(folder: Path, cases: list[SavedCase], settings: Predictio
         networks = [model.networks[model.folds.index(f)] for f in folds]
         part = Predictor(dataclasses.replace(model, folds=list(folds), networks=networks), engine.encoder, run,
                          engine.cache_index)
-        out_dir = Path(folder) / PREDICTIONS / group
+        out_dir = group_folder(folder, group)
         print(f"desam_evaluate: {group}: {len(members)} case(s) with fold(s) {', '.join(folds)}", flush=True)
         for result in part.predict_cases([c.input for c in members], out_dir, show_progress=progress):
             if result.status == "predicted":

@@ -27,7 +27,7 @@ from desam_pipeline.inference import slice_prediction
 from desam_pipeline.inference.features import CacheIndex, SliceEncoder, cache_folder_of
 from desam_pipeline.inference.inputs import CaseInput, read_case_volume
 from desam_pipeline.inference.model import Model
-from desam_pipeline.inference.outputs import output_path, save_probabilities, write_case_quality
+from desam_pipeline.inference.outputs import output_path, probabilities_path, save_probabilities, write_case_quality
 from desam_pipeline.inference.postprocessing import postprocess
 from desam_pipeline.inference.settings import MASK_THRESHOLD, PredictionSettings
 from desam_pipeline.io.nifti_io import save_like, voxel_spacing
@@ -147,7 +147,7 @@ class Predictor:
                            spacing)
         write_case_quality(out_dir, case.case, iou)
         if settings.save_probabilities:
-            save_probabilities(probabilities, Path(out_dir) / f"{case.case}.npz")
+            save_probabilities(probabilities, probabilities_path(out_dir, case.case))
         save_like(mask, image, output_path(out_dir, case.case), np.uint8)
         return CaseResult(case.case, "predicted", slices=len(slices), cached_slices=len(rows))
 

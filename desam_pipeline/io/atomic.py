@@ -1,11 +1,13 @@
 """Write files and folders so that a reader never sees a half-written one.
 
 Temporary names start with a dot so `*.nii.gz` globs and folder listings skip them, and carry
-the writer's process id so that only temporaries of dead processes are ever cleaned up.
+the writer's process id so that only temporaries of dead processes are ever cleaned up. They fit
+any legal target name: one too long for `.tmp-<pid>-<name>` is shortened (see `temporary_name`).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -17,11 +19,27 @@ from filelock import FileLock
 from desam_pipeline.utilities.errors import DesamError, naming
 
 TMP_PREFIX = ".tmp-"
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, APFS, NTFS in UTF-16 units)
+
+
+def temporary_name(name: str, pid: int | None = None) -> str:
+    """`.tmp-<pid>-<name>` of a writer (this process by default), within NAME_MAX bytes.
+
+    A name too long for that becomes `.tmp-<pid>-<hash>-<end of name>`: the hash (of the whole name)
+    keeps it unique, the end keeps its suffixes (nibabel picks the format by them)."""
+    prefix = f"{TMP_PREFIX}{os.getpid() if pid is None else pid}-"
+    if len((prefix + name).encode()) <= NAME_MAX:
+        return prefix + name
+    head = f"{prefix}{hashlib.sha256(name.encode()).hexdigest()[:16]}-"
+    end = name
+    while len((head + end).encode()) > NAME_MAX:
+        end = end[1:]
+    return head + end
 
 
 def temporary_sibling(target: Path) -> Path:
-    """A dot-prefixed name next to `target` that keeps its suffixes (nibabel picks the format by them)."""
-    return target.with_name(f"{TMP_PREFIX}{os.getpid()}-{target.name}")
+    """A dot-prefixed name next to `target` that keeps its suffixes, owned by this process."""
+    return target.with_name(temporary_name(target.name))
 
 
 @contextlib.contextmanager

@@ -11,6 +11,20 @@ import numpy as np
 from desam_pipeline.io.atomic import atomic_path
 from desam_pipeline.utilities.errors import DesamError
 
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+
+
+def nifti_stem(path: str | os.PathLike) -> str | None:
+    """File name without its NIfTI ending, matched in any case (`.nii.gz`, `.NII.GZ`, `.nii`); None for other
+    files and hidden ones (temporaries)."""
+    name = Path(path).name
+    if name.startswith("."):
+        return None
+    for ending in NIFTI_ENDINGS:
+        if name.lower().endswith(ending) and len(name) > len(ending):
+            return name[: -len(ending)]
+    return None
+
 
 def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
     """Open a NIfTI file, turning every nibabel/zlib failure into a DesamError naming the file."""
@@ -42,7 +56,17 @@ def read_volume(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, 
         data = data[..., 0]
     if data.ndim != 3:
         raise DesamError(f"{path}: expected a 3D volume, found shape {tuple(data.shape)}")
+    check_geometry(image, path)
     return np.asarray(data, dtype=dtype), image
+
+
+def check_geometry(image: nib.Nifti1Image, path: str | os.PathLike) -> None:
+    """Voxel sizes finite and positive, the affine finite: distances, resampling and saving need them."""
+    zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    if not all(np.isfinite(zooms)) or min(zooms) <= 0:
+        raise DesamError(f"{path}: voxel size {zooms} (header pixdim) must be finite and positive")
+    if not np.all(np.isfinite(image.affine)):
+        raise DesamError(f"{path}: affine has non-finite values (NaN or inf); fix the header's qform/sform")
 
 
 def save_like(array: np.ndarray, reference: nib.Nifti1Image, target: str | os.PathLike,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from desam_pipeline.io.atomic import save_torch
+from desam_pipeline.io.safe_names import check_name
 from desam_pipeline.utilities.errors import DesamError
 
 DEFAULT_TRAINER = "DeSAMTrainer"
@@ -38,7 +39,7 @@ def source_key(sources: list[str] | None) -> str:
     """`src-ALL` when no sources are selected, else `src-` + the sorted site names joined by '+'."""
     if not sources:
         return "src-ALL"
-    return "src-" + "+".join(sorted(set(sources)))
+    return "src-" + "+".join(sorted(check_name(site, "site name") for site in set(sources)))
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,10 @@ class ModelFolderName:
 
 
 def model_folder_name(trainer: str, plans_name: str, mode: str, sources: list[str] | None) -> str:
-    """`<trainer>__<plans>__<mode>__src-<SITES|ALL>`: the folder desam_train writes for these settings."""
-    return ModelFolderName(trainer, plans_name, mode, source_key(sources)).name
+    """`<trainer>__<plans>__<mode>__src-<SITES|ALL>`: the folder desam_train writes for these settings (each
+    part a plain name, see safe_names)."""
+    parts = (check_name(trainer, "trainer name"), check_name(plans_name, "plans name"), check_name(mode, "mode"))
+    return ModelFolderName(*parts, source_key(sources)).name
 
 
 def parse_model_folder_name(name: str) -> ModelFolderName | None:

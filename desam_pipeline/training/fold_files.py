@@ -1,26 +1,32 @@
 """A fold's inputs and files: the source cases it trains on, the cache check, the plan files copied into the
-model folder, its log, and which of its checkpoints `-c` resumes from.
+model folder (one plan per folder), its log, and which of its checkpoints `-c` resumes from.
 
 Plain functions on folders, so the trainer keeps only the state of a run.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 from desam_pipeline.data import cache
-from desam_pipeline.data.plan_io import plan_hash
+from desam_pipeline.data.plan_io import plan_hash, plan_path
 from desam_pipeline.data.raw_dataset import domains
+from desam_pipeline.io import process_lock
 from desam_pipeline.io.atomic import atomic_path, read_json
 from desam_pipeline.io.results_layout import CHECKPOINT_FINAL, CHECKPOINTS, MODEL_PLAN
 from desam_pipeline.training.validation import SUMMARY, VALIDATION
+from desam_pipeline.utilities import distributed
 from desam_pipeline.utilities.errors import DesamError
 
 COPIED_FILES = ("dataset.json", "dataset_fingerprint.json")
 LOG_FILE = "training_log.txt"
 PROGRESS_PLOT = "progress.png"
 DEBUG_FILE = "debug.json"
+# Held in the fold folder while a run trains or validates it (pid, host, start): one run per fold at a time.
+TRAINING_LOCK = ".training.lock"
 
 
 def source_cases(preprocessed_dir: Path, sources: list[str] | None) -> tuple[dict, list[str]]:
@@ -28,7 +34,7 @@ def source_cases(preprocessed_dir: Path, sources: list[str] | None) -> tuple[dic
     dataset_file = preprocessed_dir / "dataset.json"
     if not dataset_file.is_file():
         raise DesamError(f"{dataset_file}: not found; run desam_plan_and_embed for this dataset first")
-    case_domains = domains(read_json(dataset_file))
+    case_domains = domains(read_json(dataset_file), dataset_file)
     known = sorted(set(case_domains.values()))
     unknown = [s for s in sources or [] if s not in known]
     if unknown:
@@ -54,13 +60,37 @@ def require_cached(cache_dir: Path, plan: dict, plans_name: str, cases: list[str
 
 def copy_plan_files(preprocessed_dir: Path, plans_name: str, model_dir: Path) -> None:
     """plans.json, dataset.json, dataset_fingerprint.json into the model folder: it stands alone."""
-    sources = {MODEL_PLAN: preprocessed_dir / f"{plans_name}.json"}
+    sources = {MODEL_PLAN: plan_path(preprocessed_dir, plans_name)}
     sources.update({name: preprocessed_dir / name for name in COPIED_FILES})
     for name, source in sources.items():
         if not source.is_file():
             raise DesamError(f"{source}: not found; run desam_plan_and_embed for this dataset first")
         with atomic_path(model_dir / name) as tmp:
             shutil.copyfile(source, tmp)
+
+
+def check_model_plan(model_dir: Path, plan_sha256: str, fold: int | str) -> None:
+    """A model folder belongs to one plan: a fold of another plan than the folder's other trained folds is refused."""
+    plans = model_dir / MODEL_PLAN
+    theirs = plan_hash(read_json(plans)) if plans.is_file() else plan_sha256
+    others = sorted(folder.name for folder in model_dir.glob("fold_*") if folder.name != f"fold_{fold}"
+                    and any((folder / name).is_file() for name in CHECKPOINTS))
+    if theirs != plan_sha256 and others:
+        raise DesamError(f"{plans}: {', '.join(others)} of this model folder were trained on another plan (sha256 "
+                         f"{theirs[:12]}..., this run's is {plan_sha256[:12]}...); a model folder holds one plan: "
+                         f"re-plan with the choices those folds used, or move {model_dir.name} aside to train a new "
+                         "model on this plan")
+
+
+@contextlib.contextmanager
+def fold_lock(model_dir: Path, fold: int | str, plan_sha256: str) -> Iterator[None]:
+    """One run per fold at a time, on the model folder's one plan: rank 0 checks the plan (check_model_plan) and
+    holds fold_<k>/.training.lock, which names its process, for the block (the ranks of one torchrun share it)."""
+    distributed.on_rank_zero(lambda: check_model_plan(model_dir, plan_sha256, fold))
+    lock, purpose = model_dir / f"fold_{fold}" / TRAINING_LOCK, f"fold {fold} of {model_dir.name}"
+    with contextlib.ExitStack() as stack:
+        distributed.on_rank_zero(lambda: stack.enter_context(process_lock.held(lock, purpose)))
+        yield
 
 
 def append_log(fold_dir: Path, line: str, file_mode: str = "a") -> None:

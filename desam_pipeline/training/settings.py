@@ -94,11 +94,16 @@ class TrainingSettings:
         return weights if self.mode == "grid" else (weights[0], weights[1], 0.0)
 
 
-def resume_differences(saved: dict, current: dict) -> list[str]:
+def resume_differences(saved: dict, current: dict, saved_plan: str | None = None,
+                       plan: str | None = None) -> list[str]:
     """`key old -> new` for each of RESUME_KEYS where a checkpoint's recorded config differs from this run's
-    (keys a checkpoint predates count as RESUME_DEFAULTS; lists and tuples compare equal)."""
+    (keys a checkpoint predates count as RESUME_DEFAULTS; lists and tuples compare equal), and the plan's
+    sha256 when the checkpoint recorded one that differs from this run's `plan`."""
     def comparable(value):
         return list(value) if isinstance(value, (list, tuple)) else value
 
     old = {k: saved.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
-    return [f"{k} {old[k]!r} -> {current[k]!r}" for k in RESUME_KEYS if comparable(old[k]) != comparable(current[k])]
+    differ = [f"{k} {old[k]!r} -> {current[k]!r}" for k in RESUME_KEYS if comparable(old[k]) != comparable(current[k])]
+    if saved_plan is not None and plan is not None and saved_plan != plan:
+        differ.append(f"plan sha256 {saved_plan[:12]}... -> {plan[:12]}...")
+    return differ

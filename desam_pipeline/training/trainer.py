@@ -286,15 +286,17 @@ class DeSAMTrainer:
         A finished fold needs `continue_training` (then only a missing final validation is done) or
         `overwrite` (start over, the old run's files removed first).
         """
-        self.on_train_start(continue_training, overwrite)
-        if self.fold_done():
-            return
-        for epoch in range(self.start_epoch, self.settings.epochs):
-            self.run_epoch(epoch)
-        if not self.finished:
-            self.on_train_end()
-        distributed.barrier()
-        self.perform_final_validation()
+        self.initialize()  # before the lock: a run that cannot start leaves no fold folder behind
+        with fold_files.fold_lock(self.model_dir, self.fold, self.plan_sha256):
+            self.on_train_start(continue_training, overwrite)
+            if self.fold_done():
+                return
+            for epoch in range(self.start_epoch, self.settings.epochs):
+                self.run_epoch(epoch)
+            if not self.finished:
+                self.on_train_end()
+            distributed.barrier()
+            self.perform_final_validation()
 
     def run_epoch(self, epoch: int) -> None:
         self.on_epoch_start(epoch)
@@ -353,7 +355,7 @@ class DeSAMTrainer:
         checkpoint = Checkpoint.load(path)
         if not checkpoint.has_training_state:
             raise DesamError(f"{path}: holds no training state (optimizer, scaler, RNG); cannot resume from it")
-        differ = resume_differences(checkpoint.config, self.config())
+        differ = resume_differences(checkpoint.config, self.config(), checkpoint.plan_sha256, self.plan_sha256)
         if differ:
             raise DesamError(f"{path}: was trained with other settings ({'; '.join(differ)}); "
                              f"start a new run without -c or use the original flags")
@@ -372,8 +374,9 @@ class DeSAMTrainer:
         self.initialize()
         if not (final := self.fold_dir / CHECKPOINT_FINAL).is_file():
             raise DesamError(f"{final}: not found; train this fold first")
-        self.load_checkpoint(final)
-        self.perform_final_validation()
+        with fold_files.fold_lock(self.model_dir, self.fold, self.plan_sha256):
+            self.load_checkpoint(final)
+            self.perform_final_validation()
 
     def perform_final_validation(self) -> None:
         """Predict and score each held-out case on its rank (`training.validation`); rank 0 writes summary.json."""
