@@ -45,13 +45,14 @@ from pathlib import Path
 import nibabel as nib
 
 from benchmarks import accuracy_table
-from benchmarks.accuracy_arms import SOURCE, Arm, Context, arm_table, describe, model_folder, run_arm
+from benchmarks.accuracy_arms import (SOURCE, Arm, Context, arm_table, describe, model_folder, run_arm, score_arm,
+                                     scored_with_detection)
 from dataset_conversion import convert_prostate_multisite, make_phantom
 from desam_pipeline.baselines.external_predictions import read_record
 from desam_pipeline.data.raw_dataset import domains, image_path, list_cases, load_dataset_json
 from desam_pipeline.data.slice_selection import SLICE_MODES
 from desam_pipeline.io.atomic import read_json, write_json
-from desam_pipeline.network.sam_models import ENCODERS
+from desam_pipeline.network.encoders import ENCODERS
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.paths import dataset_name
 from evaluation.demo import run as run_stage
@@ -91,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--views", type=int, help="augmented views of the RUNMC slices (default 2)")
     parser.add_argument("--nnunet-trainer", help="nnU-Net trainer class (default nnUNetTrainer_1epoch)")
     parser.add_argument("--train-slices", choices=SLICE_MODES,
-                        help="desam_train --train-slices for every trained arm (default foreground_margin: the slices a "
-                             "default plan caches; all: every slice, which collapses the IoU head, see README)")
+                        help="desam_train --train-slices for every trained arm (default foreground_margin: the slices "
+                             "a default plan caches; all: every slice, which collapses the IoU head, see "
+                             "benchmarks/README.md)")
     parser.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms (default: every arm)")
     parser.add_argument("--miniature", action="store_true",
                         help="tiny encoder, RUNMC + BMC x 2 cases, 1 epoch, 3 x 3 grid, 2 seeds, 1 view (CI)")
@@ -224,11 +226,15 @@ def run_arms(arms: list[Arm], by_name: dict[str, Arm], ctx: Context) -> None:
 
 
 def collect(table_arms: list[Arm], ctx: Context) -> list[dict]:
-    """Rows of every arm with a done-record (earlier --arms subsets included)."""
+    """Rows of every arm with a done-record (earlier --arms subsets included); an arm scored before slice
+    detection existed is scored again first (its saved predictions are reused)."""
     rows = []
     for arm in table_arms:
         record = ctx.results(arm) / "done.json"
         if record.is_file():
+            if not scored_with_detection(arm, ctx):
+                print(f"{arm.name}: scored before slice detection; scoring its saved predictions again", flush=True)
+                score_arm(arm, ctx)
             arm = Arm(**{**arm.__dict__, "note": arm_note(arm, ctx)})
             rows += accuracy_table.arm_rows(arm, model_folder(arm, ctx), float(read_json(record)["wall_s"]))
     return rows
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     run_arms(arms, by_name, ctx)
     table, spread = accuracy_table.build_table(collect(list(by_name.values()), ctx))
     paths = accuracy_table.write_outputs(table, spread, header(settings, embed_s, counts), out)
-    print("\n" + paths["md"].read_text())
+    print("\n" + paths["md"].read_text(encoding="utf-8"))
     print(f"written: {', '.join(str(p) for p in paths.values())} ({time.perf_counter() - start:.0f} s)")
     return 0
 

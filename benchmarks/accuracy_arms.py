@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 from desam_pipeline.baselines import nnunet_baseline
+from desam_pipeline.baselines.nnunet_baseline import NNUNET_CONFIGURATION, NNUNET_PLANS
+from desam_pipeline.inference.prediction_cache import PREDICTIONS
 from desam_pipeline.io.results_layout import CHECKPOINT_FINAL, model_folder_name
 from desam_pipeline.training import train
 from evaluation import evaluate
+from evaluation.detection_tables import PER_SLICE
 
 SOURCE = "RUNMC"
 FOLD = "0"
-NNUNET_CONFIGURATION, NNUNET_PLANS = "2d", "nnUNetPlans"
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Arm:
     train_flags: tuple[str, ...] = ()  # further desam_train flags (the PDMM layout)
     base: str | None = None        # prediction-only: reuse this arm's trained model
     checkpoint_name: str = "final"
-    grid_rule: str = "top1"
+    grid_rule: str = "top1"        # the published table's rule, passed explicitly (desam's default is reference)
     note: str = ""
 
 
@@ -140,7 +142,17 @@ def train_arm(arm: Arm, ctx: Context) -> None:
 def copy_trained_model(base: Arm, arm: Arm, ctx: Context) -> None:
     """The base arm's model folder without its predictions and evaluation, into the arm's own root."""
     shutil.copytree(model_folder(base, ctx), model_folder(arm, ctx), dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns(evaluate.PREDICTIONS, evaluate.EVALUATION))
+                    ignore=shutil.ignore_patterns(PREDICTIONS, evaluate.EVALUATION))
+
+
+def score_arm(arm: Arm, ctx: Context) -> None:
+    """desam_evaluate on the arm's model (saved predictions are reused) under both protocols."""
+    ctx.run_stage(evaluate.main, "desam_evaluate", evaluate_argv(arm, ctx))
+
+
+def scored_with_detection(arm: Arm, ctx: Context) -> bool:
+    """Whether the arm's full evaluation has the per-slice rows (scored since slice detection exists)."""
+    return (model_folder(arm, ctx) / evaluate.EVALUATION / "full" / PER_SLICE).is_file()
 
 
 def run_arm(arm: Arm, ctx: Context, arms: dict[str, Arm]) -> None:
@@ -153,7 +165,7 @@ def run_arm(arm: Arm, ctx: Context, arms: dict[str, Arm]) -> None:
         copy_trained_model(base, arm, ctx)
     else:
         train_arm(arm, ctx)
-    ctx.run_stage(evaluate.main, "desam_evaluate", evaluate_argv(arm, ctx))
+    score_arm(arm, ctx)
 
 
 def describe(arm: Arm, ctx: Context) -> str:

@@ -1,9 +1,14 @@
 """The accuracy benchmark's one table (CSV + Markdown), its figure and the comparison written from the numbers.
 
-Rows are (arm, protocol); per metric (Dice, HD95) a column per unseen site, `mean unseen` (the mean of the
-per-site means, each site weighted equally) and `in-domain` (the held-out source cases of fold 0), then the
-arm's wall time. The DeSAM-P seeds give the spread (max - min of their mean-unseen Dice, per protocol); an
-arm whose mean-unseen Dice lies closer than that spread to the seeds' mean is marked tied.
+Rows are (arm, protocol), full first; per metric (Dice, HD95) a column per unseen site, `mean unseen` (the mean
+of the per-site means, each site weighted equally) and `in-domain` (the held-out source cases of fold 0); then,
+on the full protocol's rows, whether the arm can say "no prostate here" over the unseen cases pooled: FP slices
+(slices without ground truth that got a mask, % of all such slices), the median number of connected components
+of a predicted volume and the gate AUC (PRIM's predicted IoU separating slices with and without ground truth;
+NaN for arms without a predicted IoU, e.g. nnU-Net); then the arm's wall time. The paper protocol scores only
+slices holding the prostate, so its rows leave these columns empty. The DeSAM-P seeds give the spread (max -
+min of their mean-unseen Dice, per protocol); an arm whose mean-unseen Dice lies closer than that spread to the
+seeds' mean is marked tied.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import pandas as pd  # noqa: E402
 
 from benchmarks.accuracy_arms import SOURCE, Arm  # noqa: E402
 from desam_pipeline.io.atomic import atomic_path  # noqa: E402
+from evaluation.detection_tables import PER_SLICE, group_detection, slices_of  # noqa: E402
 from evaluation.evaluate import EVALUATION  # noqa: E402
 from evaluation.tables import (  # noqa: E402
     MEAN_UNSEEN,
@@ -26,20 +32,23 @@ from evaluation.tables import (  # noqa: E402
     PROTOCOLS,
     cross_domain_cells,
     cross_domain_matrix,
+    in_domain_flags,
     markdown_section,
     write_csv,
 )
 
 METRICS = {"dice": "Dice", "hd95": "HD95 mm"}
+DETECTION = {"fp_slices_pct": f"FP slices % {POOLED_UNSEEN}", "components_median": f"median components {POOLED_UNSEEN}",
+             "gate_auc": f"gate AUC {POOLED_UNSEEN}"}  # group_detection statistic -> column (full protocol)
 IN_DOMAIN = "in-domain"
 MEAN_DICE = f"Dice {MEAN_UNSEEN}"
 
 
 def arm_rows(arm: Arm, folder: Path, wall_s: float) -> list[dict]:
-    """One row per protocol from the arm's evaluation/<protocol>/per_case.csv."""
+    """One row per protocol from the arm's evaluation/<protocol>/per_case.csv (and full's per_slice.csv)."""
     rows = []
     for protocol in PROTOCOLS:
-        per_case = pd.read_csv(folder / EVALUATION / protocol / "per_case.csv")
+        per_case = pd.read_csv(folder / EVALUATION / protocol / "per_case.csv", dtype={"case": str, "site": str})
         cells = cross_domain_cells({arm.label: per_case}, list(METRICS))
         row = {"arm": arm.label, "key": arm.name, "family": arm.family, "protocol": protocol}
         for metric, name in METRICS.items():
@@ -50,6 +59,11 @@ def arm_rows(arm: Arm, folder: Path, wall_s: float) -> list[dict]:
                 column = IN_DOMAIN if in_domain.at[arm.label, site] else site
                 row[f"{name} {column}"] = float(values.at[arm.label, site])
             row[f"{name} {MEAN_UNSEEN}"] = float(values.at[arm.label, MEAN_UNSEEN])
+        if protocol == "full":
+            per_slice = pd.read_csv(folder / EVALUATION / protocol / PER_SLICE, dtype={"case": str})
+            unseen = per_case[~in_domain_flags(per_case)]
+            stats = group_detection(unseen, slices_of(per_slice, unseen))
+            row |= {column: stats[statistic] for statistic, column in DETECTION.items()}
         row["wall s"] = round(wall_s, 1)
         row["note"] = arm.note
         rows.append(row)
@@ -57,12 +71,14 @@ def arm_rows(arm: Arm, folder: Path, wall_s: float) -> list[dict]:
 
 
 def order_columns(table: pd.DataFrame) -> pd.DataFrame:
-    """arm, protocol, then per metric the unseen sites (sorted), mean unseen, in-domain; wall time, tied, note."""
+    """arm, protocol, then per metric the unseen sites (sorted), mean unseen, in-domain; the detection columns;
+    wall time, tied, note."""
     columns = ["arm", "protocol"]
     for name in METRICS.values():
         sites = sorted(c for c in table.columns if c.startswith(f"{name} ")
                        and c not in (f"{name} {MEAN_UNSEEN}", f"{name} {IN_DOMAIN}"))
         columns += [*sites, f"{name} {MEAN_UNSEEN}", f"{name} {IN_DOMAIN}"]
+    columns += list(DETECTION.values())
     rest = [c for c in ("wall s", "tied", "note", "key", "family") if c in table.columns]
     return table[[c for c in columns if c in table.columns] + rest]
 
@@ -124,7 +140,8 @@ def comparison(table: pd.DataFrame, spread: dict, protocol: str) -> str:
         verdict = ("is tied with it (within the seed spread)" if math.isfinite(width) and abs(diff) < width
                    else "beats it" if diff > 0 else "loses to it")
         losing = [c[len("Dice "):] for c in sites if seeds[c].astype(float).mean() < float(other[c])]
-        where = f"; DeSAM-P is below it at {', '.join(losing)}" if losing else "; DeSAM-P is at least as good at every unseen site"
+        where = (f"; DeSAM-P is below it at {', '.join(losing)}" if losing
+                 else "; DeSAM-P is at least as good at every unseen site")
         parts.append(f"Against the best {name} arm ({other['arm']}, {value:.3f}) DeSAM-P {verdict}, difference "
                      f"{diff:+.3f}{where}.")
     box, coupled_box = frame[frame["family"] == "desam-b"], frame[frame["key"] == "coupled_box"]
@@ -142,15 +159,22 @@ def write_markdown(table: pd.DataFrame, spread: dict, header: list[str], target:
     sections = ["# Accuracy benchmark: single source RUNMC, unseen sites", "", *header, ""]
     for protocol in PROTOCOLS:
         frame = table[table["protocol"] == protocol].drop(columns=["protocol", "key", "family"])
+        if protocol != "full":
+            frame = frame.drop(columns=[c for c in DETECTION.values() if c in frame.columns])
         figures = spread.get(protocol, {})
         sections.append(markdown_section(f"protocol {protocol}", frame, protocol, floatfmt=".3f"))
         if figures:
             sections.append(f"DeSAM-P seeds: mean unseen Dice {figures['mean']:.3f}, spread (max - min) "
                             f"{figures['spread']:.3f}, std {figures['std']:.3f}; 'tied' = within the spread.")
+        if protocol == "full":
+            sections.append("Over the unseen cases pooled: FP slices = slices without ground truth that got a mask, "
+                            "as % of all such slices; median components = connected components (26-connected) of a "
+                            "predicted volume; gate AUC = PRIM's predicted IoU separating slices with and without "
+                            "ground truth (0.5 = chance, nan without a predicted IoU).")
         sections += ["", comparison(table, spread, protocol), ""]
     text = "\n".join(sections)
     with atomic_path(target) as tmp:
-        Path(tmp).write_text(text)
+        Path(tmp).write_text(text, encoding="utf-8")
     return text
 
 

@@ -45,7 +45,7 @@ def write_dataset(raw_root: Path, slices: int, size: int = 192) -> Path:
     nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), str(folder / "labelsTr" / f"{CASE}.nii.gz"))
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "T2"}, "labels": {"background": 0, "prostate": 1}, "numTraining": 1,
-        "file_ending": ".nii.gz", "domains": {CASE: "Bench"}}))
+        "file_ending": ".nii.gz", "domains": {CASE: "Bench"}}), encoding="utf-8")
     return folder
 
 

@@ -26,7 +26,7 @@ def main() -> int:
         start = time.perf_counter()
         convert_prostate_multisite(source, Path(tmp) / "raw")
         convert_s = time.perf_counter() - start
-        cases = json.loads((source / "phantom.json").read_text())["cases"]
+        cases = json.loads((source / "phantom.json").read_text(encoding="utf-8"))["cases"]
     table = pd.DataFrame(cases.values())
     table["slices"] = table["shape"].map(lambda shape: shape[2])
     per_site = table.groupby("site", sort=False).agg(

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                      args.batch_size, args.folds)
         if args.model_folder:
             models["grid"] = Path(args.model_folder)
-        plan = json.loads((models["box"] / "plans.json").read_text())
+        plan = json.loads((models["box"] / "plans.json").read_text(encoding="utf-8"))
         # One array per volume: like the predictor, the bare forward never batches across volumes.
         slices_file = scratch / "slices.npz"
         np.savez(slices_file, *[preprocess_volume(read_volume(p)[0], plan) for p in inputs])

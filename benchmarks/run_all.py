@@ -18,7 +18,7 @@ BENCHMARKS = ("benchmarks.phantom", "benchmarks.embed", "benchmarks.train", "ben
 def run_benchmark(module: str) -> dict:
     """Run one benchmark module; return its figures (or the error that stopped it)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", module], capture_output=True, encoding="utf-8")
     elapsed = time.perf_counter() - start
     sys.stderr.write(proc.stderr[-2000:])
     lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]

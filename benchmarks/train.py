@@ -91,10 +91,12 @@ def child(config: dict) -> dict:
     import torch
 
     from desam_pipeline.data.slice_data import loader_batches
+    from desam_pipeline.training.settings import TrainingSettings
     from desam_pipeline.training.trainer import DeSAMTrainer
+    settings = TrainingSettings(mode="grid", epochs=1, batch_size=8, seed=0, device="cpu",
+                                precision=config["precision"], num_workers=config["num_workers"])
     trainer = DeSAMTrainer(Path(config["preprocessed"]), Path(config["results"]), config["plans_name"], "all",
-                           mode="grid", epochs=1, batch_size=8, seed=0, device="cpu",
-                           precision=config["precision"], num_workers=config["num_workers"])
+                           settings=settings)
     trainer.initialize()
     trainer.on_epoch_start(0)
     waits, computes, swept = [], [], 0
@@ -124,7 +126,7 @@ def child(config: dict) -> dict:
 
 def run_child(config: dict) -> dict:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.train", "--child", json.dumps(config)],
-                          capture_output=True, text=True)
+                          capture_output=True, encoding="utf-8")
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

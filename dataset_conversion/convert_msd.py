@@ -7,11 +7,11 @@ Every case's domain is "MSD". macOS `._*` files shipped in the archive are skipp
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from dataset_conversion.raw_writer import (SourceCase, converter_parser, dataset_folder_name, nifti_stem, run_converter,
                                            write_raw_dataset)
+from desam_pipeline.io.atomic import read_json
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 
 DEFAULT_NAME = "ProstateMSD"
@@ -36,10 +36,7 @@ def t2_channel(task_folder: Path) -> int:
     path = task_folder / "dataset.json"
     if not path.is_file():
         return 0
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DesamError(f"{path}: invalid JSON ({exc})") from exc
+    meta = read_json(path)
     channels = meta.get("modality") or meta.get("channel_names") or {"0": "T2"}
     for index, name in channels.items():
         if str(name).upper().startswith("T2"):
@@ -83,3 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     return run_converter(convert_msd, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -197,3 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     return run_converter(convert_prostate_multisite, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

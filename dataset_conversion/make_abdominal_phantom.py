@@ -131,3 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{out}: {args.cases_per_site} case(s) per modality for {' '.join(args.domains or DOMAIN_ORDER)} "
           f"(seed {args.seed})")
     return 0
+
+
+if __name__ == "__main__":
+    main()

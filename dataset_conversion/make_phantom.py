@@ -191,3 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     out = make_phantom(args.out, args.cases_per_site, args.seed, args.sites, args.overwrite)
     print(f"{out}: {args.cases_per_site} case(s) per site for {' '.join(args.sites or SITE_ORDER)} (seed {args.seed})")
     return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,7 @@ from desam_pipeline.training import train
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.paths import ROOT_VARIABLES, dataset_name
 from evaluation import evaluate, report
+from evaluation.detection_tables import PER_SLICE, group_detection, slices_of
 from plans import plan_and_embed
 
 DATA_DIR = Path("desam_data")
@@ -41,7 +42,7 @@ LR = "1e-3"  # 10x the paper's, for a short run
 GRID = 3
 GRID_RULE = "top1"  # PDMM once per slice: keeps the demo within its 15 minutes on 2 CPU cores
 FOLD = "0"
-PROTOCOLS = ("paper", "full")
+PROTOCOLS = ("full", "paper")
 UNSEEN_MEAN = "unseen mean"
 
 
@@ -119,35 +120,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def detection_columns(per_case: pd.DataFrame, per_slice: pd.DataFrame) -> dict[str, float]:
+    """The full protocol's slice detection of a group of cases: FP slices as % of its slices without ground
+    truth, median connected components, gate AUC over its slices."""
+    stats = group_detection(per_case, slices_of(per_slice, per_case))
+    return {"fp_slices_pct": stats["fp_slices_pct"], "components_median": stats["components_median"],
+            "gate_auc": stats["gate_auc"]}
+
+
 def site_table(model: Path) -> pd.DataFrame:
-    """Mean Dice per site under each protocol, HD95 (full) and predicted IoU, plus the unseen-site mean."""
-    columns = {}
-    for protocol in PROTOCOLS:
-        per_case = pd.read_csv(model / "evaluation" / protocol / "per_case.csv")
-        grouped = per_case.groupby("site")
-        columns[f"dice_{protocol}"] = grouped["dice"].mean()
-        if protocol == "full":
-            columns["cases"] = grouped["case"].size()
-            columns["hd95_full_mm"] = grouped["hd95"].mean()
-            columns["predicted_iou"] = grouped["mean_predicted_iou"].mean()
-    table = pd.DataFrame(columns)[["cases", *(f"dice_{p}" for p in PROTOCOLS), "hd95_full_mm", "predicted_iou"]]
+    """Per site: cases, mean Dice (full, then paper), mean HD95 (full) and detection_columns; then the unseen
+    row: the mean of the unseen sites' values for Dice and HD95, the unseen cases pooled for detection."""
+    evaluation = model / "evaluation"
+    per_case = {p: pd.read_csv(evaluation / p / "per_case.csv", dtype={"case": str, "site": str}) for p in PROTOCOLS}
+    full, per_slice = per_case["full"], pd.read_csv(evaluation / "full" / PER_SLICE, dtype={"case": str})
+    grouped = full.groupby("site")
+    table = pd.DataFrame({"cases": grouped["case"].size(), "dice_full": grouped["dice"].mean(),
+                          "dice_paper": per_case["paper"].groupby("site")["dice"].mean(),
+                          "hd95_full_mm": grouped["hd95"].mean()})
+    detection = pd.DataFrame({site: detection_columns(cases, per_slice) for site, cases in grouped}).T
+    table = table.join(detection)
     unseen = table.drop(index=SOURCE, errors="ignore")
     table.loc[UNSEEN_MEAN] = unseen.mean(numeric_only=True)
     table.loc[UNSEEN_MEAN, "cases"] = unseen["cases"].sum()
-    return table
+    pooled = detection_columns(full[full["site"] != SOURCE], per_slice)
+    table.loc[UNSEEN_MEAN, list(pooled)] = list(pooled.values())
+    return table.astype({"cases": int})
 
 
 def print_results(model: Path, results: Path) -> None:
-    """The per-site Dice table (paper and full protocols) and the output paths."""
-    print(f"\nPer-site results (source {SOURCE}, {MODE} mode; mean over cases; paper protocol: foreground slices "
-          f"at 256x256 with the 50-px border zeroed; full protocol: every slice, original geometry, HD95 over the "
-          f"cases where it is defined)")
+    """The per-site table (full protocol first, paper beside it, the slice detection) and the output paths."""
+    print(f"\nPer-site results (source {SOURCE}, {MODE} mode; mean over cases)\n"
+          "  full protocol: every slice, original geometry, HD95 over the cases where it is defined;\n"
+          "  paper protocol: foreground slices at 256x256 with the 50-px border zeroed.\n"
+          "Can the model say 'no prostate here' (full protocol)?\n"
+          "  fp_slices_pct: slices without ground truth that got a mask, as % of all such slices;\n"
+          "  components_median: connected components of a predicted volume (1 = one gland, no speckle);\n"
+          "  gate_auc: how well PRIM's predicted IoU tells slices with ground truth from those without "
+          "(0.5 = chance).\n"
+          f"'{UNSEEN_MEAN}': Dice and HD95 averaged over the unseen sites, the detection columns over their cases "
+          "pooled.")
     print(site_table(model).round(3).to_string())
     print("\nFiles:")
     for protocol in PROTOCOLS:
         evaluation = model / "evaluation" / protocol
-        for path in [evaluation / "per_case.csv", evaluation / "per_site.csv", evaluation / "summary.json",
-                     *sorted(evaluation.glob("*.png")), evaluation / "overlays"]:
+        for path in [evaluation / "per_case.csv", *([evaluation / PER_SLICE] if protocol == "full" else []),
+                     evaluation / "per_site.csv", evaluation / "summary.json", *sorted(evaluation.glob("*.png")),
+                     evaluation / "overlays"]:
             print(f"  {path}")
     for path in sorted((results / DATASET / "report").glob("*/*")):
         print(f"  {path}")

@@ -8,14 +8,14 @@ from typing import Sequence
 
 from desam_pipeline.data import splits
 from desam_pipeline.data.raw_dataset import check_sites, domains, label_path, list_cases
-from desam_pipeline.inference import predictor
+from desam_pipeline.inference.model import available_folds, checkpoint_file, default_folds
+from desam_pipeline.inference.prediction_cache import prediction_file
+from desam_pipeline.inference.settings import DEFAULT_CHECKPOINT_NAME
 from desam_pipeline.io.atomic import read_json
 from desam_pipeline.io.results_layout import DEFAULT_TRAINER, model_folder_name, source_key
 from desam_pipeline.training.train import find_plans_name
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.paths import Trees
-
-PREDICTIONS = "predictions"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +48,15 @@ def locate_model(trees: Trees, sources: Sequence[str], mode: str, plans_name: st
     return folder, plans
 
 
-def choose_folds(folder: Path, requested: Sequence[str] | None, hint: str, checkpoint_name: str = "final") -> list[str]:
+def choose_folds(folder: Path, requested: Sequence[str] | None, hint: str,
+                 checkpoint_name: str = DEFAULT_CHECKPOINT_NAME) -> list[str]:
     """The requested folds (each must have the named checkpoint), else the predictor's default folds."""
-    available = predictor.available_folds(folder, checkpoint_name)
-    name = predictor.checkpoint_file(checkpoint_name)
+    available = available_folds(folder, checkpoint_name)
+    name = checkpoint_file(checkpoint_name)
     if not available:
         raise DesamError(f"{folder}: no fold has {name}; run `{hint}` to the end first")
     if not requested:
-        return predictor.default_folds(folder, checkpoint_name)
+        return default_folds(folder, checkpoint_name)
     folds = list(dict.fromkeys(str(splits.parse_fold(f)) for f in requested))
     missing = [f for f in folds if f not in available]
     if missing:
@@ -123,7 +124,7 @@ def evaluation_cases(raw_dir: Path, dataset_json: dict, preprocessed_dir: Path, 
 
 
 def prediction_path(folder: Path, case: EvalCase) -> Path:
-    return predictor.output_path(folder / PREDICTIONS / case.site, case.case)
+    return prediction_file(folder, case.site, case.case)
 
 
 def foreground_labels(dataset_json: dict) -> list[int]:

@@ -26,7 +26,8 @@ import numpy as np
 from skimage.transform import resize
 
 from desam_pipeline.data.preprocessing import SLICE_AXIS, SLICE_SIZE, resize_label_slices, slices_first
-from desam_pipeline.utilities.metrics import METRICS, compute_metrics
+from desam_pipeline.data.slice_grid import slice_grid_spacing
+from desam_pipeline.utilities.metrics import DEFAULT_NSD_TOLERANCE_MM, METRICS, compute_metrics
 
 BORDER = 50  # pixels of each 256x256 predicted slice set to background by the reference code
 
@@ -68,14 +69,6 @@ def reference_slice_indices(reference: np.ndarray, reference_slices: np.ndarray,
     return candidates[resized[candidates]]
 
 
-def slice_grid_spacing(spacing: Sequence[float], shape: Sequence[int], slice_axis: int = SLICE_AXIS,
-                       size: int = SLICE_SIZE) -> tuple[float, ...]:
-    """Spacing in mm of the (Z, size, size) slice stack: the slice spacing, then each in-plane
-    spacing scaled by original size / `size`."""
-    in_plane = [float(spacing[a]) * shape[a] / size for a in range(len(shape)) if a != slice_axis]
-    return (float(spacing[slice_axis]), *in_plane)
-
-
 def paper_volumes(reference: np.ndarray, prediction: np.ndarray, slice_axis: int = SLICE_AXIS,
                   border: int = BORDER) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The scored arrays of the protocol: (reference (K,256,256) bool, border-zeroed prediction
@@ -89,7 +82,8 @@ def paper_volumes(reference: np.ndarray, prediction: np.ndarray, slice_axis: int
 
 
 def paper_metrics(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float],
-                  slice_axis: int = SLICE_AXIS, nsd_tolerance: float = 1.0, border: int = BORDER) -> dict:
+                  slice_axis: int = SLICE_AXIS, nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
+                  border: int = BORDER) -> dict:
     """dice, hd95, assd, nsd under the reference protocol, plus `slices_scored`.
 
     A case whose ground truth is empty has no slice to score: every metric is NaN (the reference
@@ -98,5 +92,5 @@ def paper_metrics(reference: np.ndarray, prediction: np.ndarray, spacing: Sequen
     ref, pred, kept = paper_volumes(reference, prediction, slice_axis, border)
     if kept.size == 0:
         return {metric: float("nan") for metric in METRICS} | {"slices_scored": 0}
-    scaled = slice_grid_spacing(spacing, reference.shape, slice_axis)
+    scaled = slice_grid_spacing(spacing, reference.shape, slice_axis, SLICE_SIZE)
     return compute_metrics(ref, pred, scaled, nsd_tolerance=nsd_tolerance) | {"slices_scored": int(kept.size)}

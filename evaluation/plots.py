@@ -18,12 +18,17 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from desam_pipeline.io.atomic import atomic_path  # noqa: E402
+from desam_pipeline.utilities.detection import slice_presence  # noqa: E402
 from evaluation.tables import MEAN_UNSEEN  # noqa: E402
 
 AXIS_LABELS = {"dice": "Dice (0-1, higher is better)", "hd95": "HD95 (mm, lower is better)",
                "assd": "ASSD (mm, lower is better)", "nsd": "NSD (0-1, higher is better)"}
 REFERENCE_COLOUR = "#00d000"
 PREDICTION_COLOUR = "#ff00ff"
+FALSE_POSITIVE_COLOUR = "#e00000"
+STRIP_SLICES = 10     # evenly spaced slices of an overlay strip (plus the largest-foreground one)
+STRIP_COLUMNS = 6
+PANEL_INCHES = 2.3
 
 
 def _save(figure: plt.Figure, target: str | os.PathLike) -> None:
@@ -68,34 +73,75 @@ def largest_foreground_slice(reference: np.ndarray, prediction: np.ndarray, slic
     return int(np.argmax(union.sum(axis=other)))
 
 
+def strip_slices(depth: int, largest: int, count: int = STRIP_SLICES) -> list[int]:
+    """`count` evenly spaced slice indices from the first to the last slice (both always in; every slice
+    of a shorter volume) plus `largest`, sorted."""
+    spaced = np.linspace(0, depth - 1, min(count, depth)).round().astype(int)
+    return sorted(set(spaced.tolist()) | {int(largest)})
+
+
+def _plane(volume: np.ndarray, index: int, slice_axis: int) -> np.ndarray:
+    """Slice `index` along `slice_axis`, transposed for imshow (rows: the later in-plane axis)."""
+    return np.take(np.asarray(volume), index, axis=slice_axis).T
+
+
+def _frame(axis: plt.Axes, colour: str, width: float) -> None:
+    axis.set_xticks([])
+    axis.set_yticks([])
+    for spine in axis.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(width)
+
+
 def overlay_png(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, target: str | os.PathLike,
                 case: str, site: str, dice: float, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                slice_axis: int = 2) -> int:
-    """Image slice with ground-truth (green) and prediction (magenta) contours, on the slice with the
-    largest union foreground; physical aspect ratio from `spacing`. Returns the slice index."""
-    index = largest_foreground_slice(reference, prediction, slice_axis)
-
-    def take(volume: np.ndarray) -> np.ndarray:
-        return np.take(np.asarray(volume), index, axis=slice_axis).T
-
+                slice_axis: int = 2, caption: str = "") -> list[int]:
+    """A strip of slices across the whole volume (strip_slices: both end slices, evenly spaced ones and the
+    slice with the largest union foreground), each with ground-truth (green) and prediction (magenta)
+    contours and its index; a slice predicted without ground truth (false positive) gets a red frame and
+    "FP", one with ground truth but no prediction "missed". One display window for all slices, physical
+    aspect ratio from `spacing`. Returns the slice indices drawn."""
+    indices = strip_slices(image.shape[slice_axis], largest_foreground_slice(reference, prediction, slice_axis))
+    reference_present = slice_presence(reference, slice_axis)
+    predicted_present = slice_presence(prediction, slice_axis)
     plane = [s for a, s in enumerate(spacing) if a != slice_axis]
-    picture = take(image).astype(np.float32)
-    low, high = np.percentile(picture, [0.5, 99.5])
-    height_ratio = picture.shape[0] * plane[1] / (picture.shape[1] * plane[0])
-    figure, axis = plt.subplots(figsize=(5.5, float(np.clip(5.5 * height_ratio, 3.0, 9.0))))
-    axis.imshow(picture, cmap="gray", vmin=low, vmax=high if high > low else low + 1, origin="lower",
-                aspect=plane[1] / plane[0], interpolation="nearest")
-    for mask, colour in ((reference, REFERENCE_COLOUR), (prediction, PREDICTION_COLOUR)):
-        layer = take(mask).astype(bool)
-        if layer.any() and not layer.all():
-            axis.contour(layer.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.4, origin="lower")
-    axis.legend(handles=[Line2D([], [], color=REFERENCE_COLOUR, label="ground truth"),
-                         Line2D([], [], color=PREDICTION_COLOUR, label="prediction")],
-                loc="upper right", fontsize=8, framealpha=0.6)
-    axis.set_axis_off()
-    axis.set_title(f"{case} ({site}), slice {index} of axis {slice_axis}\nDice {dice:.3f}")
+    volume = np.asarray(image, np.float32)
+    low, high = np.percentile(volume, [0.5, 99.5])
+    in_plane = [n for a, n in enumerate(volume.shape) if a != slice_axis]
+    height_ratio = float(np.clip(in_plane[1] * plane[1] / (in_plane[0] * plane[0]), 0.4, 2.5))
+    columns = min(len(indices), STRIP_COLUMNS)
+    rows = -(-len(indices) // columns)
+    figure, axes = plt.subplots(rows, columns, squeeze=False,
+                                figsize=(PANEL_INCHES * columns, PANEL_INCHES * height_ratio * rows + 1.3))
+    for axis in axes.flat[len(indices):]:
+        axis.set_visible(False)
+    for axis, index in zip(axes.flat, indices):
+        axis.imshow(_plane(volume, index, slice_axis), cmap="gray", vmin=low, vmax=high if high > low else low + 1,
+                    origin="lower", aspect=plane[1] / plane[0], interpolation="nearest")
+        for mask, colour, width in ((reference, REFERENCE_COLOUR, 2.4), (prediction, PREDICTION_COLOUR, 1.0)):
+            layer = _plane(mask, index, slice_axis).astype(bool)
+            if layer.any() and not layer.all():  # the wider ground truth stays visible under an exact prediction
+                axis.contour(layer.astype(np.float32), levels=[0.5], colors=[colour], linewidths=width,
+                             origin="lower")
+        false_positive = predicted_present[index] and not reference_present[index]
+        missed = reference_present[index] and not predicted_present[index]
+        label = f"slice {index}" + (": FP" if false_positive else ": missed" if missed else "")
+        axis.set_title(label, fontsize=9, color=FALSE_POSITIVE_COLOUR if false_positive else "black",
+                       fontweight="bold" if false_positive or missed else "normal")
+        _frame(axis, FALSE_POSITIVE_COLOUR if false_positive else "0.6", 3.0 if false_positive else 0.6)
+    empty = int((~reference_present).sum())
+    false_positives = int((predicted_present & ~reference_present).sum())
+    figure.legend(handles=[Line2D([], [], color=REFERENCE_COLOUR, linewidth=2.4, label="ground truth"),
+                           Line2D([], [], color=PREDICTION_COLOUR, label="prediction"),
+                           Rectangle((0, 0), 1, 1, fill=False, edgecolor=FALSE_POSITIVE_COLOUR, linewidth=2,
+                                     label="false positive: predicted, no ground truth")],
+                  loc="lower center", ncol=3, fontsize=8, frameon=False)
+    figure.suptitle(f"{case} ({site}), Dice {dice:.3f}: {len(indices)} of {len(reference_present)} slices along "
+                    f"axis {slice_axis}\n{false_positives} of {empty} slices without ground truth predicted"
+                    + (f"; {caption}" if caption else ""), fontsize=10)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     _save(figure, target)
-    return index
+    return indices
 
 
 def heatmap_png(values: pd.DataFrame, in_domain: pd.DataFrame, target: str | os.PathLike, title: str,

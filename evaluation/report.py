@@ -4,7 +4,10 @@ Reads `<results>/<Dataset>/<Trainer>__<plans>__<mode>__src-<SITES>/evaluation/<p
 (columns case, site, dice, hd95, assd, nsd, in_domain) of one trainer class (`-tr`, default DeSAMTrainer)
 and writes, per mode, under `<results>/<Dataset>/report/<mode>__<protocol>/` (DeSAMTrainer) or
 `report/<Trainer>__<mode>__<protocol>/` (any other trainer): cells.csv (one row per source and target site),
-dice_matrix.csv, hd95_matrix.csv, report.md and dice_heatmap.png, hd95_heatmap.png.
+dice_matrix.csv, hd95_matrix.csv, report.md and dice_heatmap.png, hd95_heatmap.png. Under the full protocol
+also the slice detection read from each model's per_slice.csv: fp_slices_pct (false-positive slices as % of the
+slices without ground truth), components_median and gate_auc (PRIM's predicted IoU as a detector of the
+structure), each as <statistic>_matrix.csv and a section of report.md.
 Folders of external predictions (desam_pipeline.baselines.external_predictions, e.g. the nnU-Net baseline, whose
 configuration is its mode) are tabulated the same way; report.md states how they were made (trainer, schedule).
 """
@@ -22,13 +25,23 @@ from desam_pipeline.io.results_layout import DEFAULT_TRAINER, model_folders
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.metrics import METRICS
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
+from evaluation.detection_tables import PER_SLICE, detection_matrix
 from evaluation.plots import heatmap_png
 from evaluation.tables import (MEAN_UNSEEN, METRIC_LABELS, POOLED_UNSEEN, PROTOCOLS, cross_domain_cells,
                                cross_domain_matrix, label_protocol, matrix_markdown, protocol_caption, to_markdown,
                                write_csv)
 
 REQUIRED_COLUMNS = ("case", "site", *METRICS, "in_domain")
+DETECTION_COLUMNS = ("components", "mean_predicted_iou")  # per_case.csv columns the full protocol's matrices need
+SLICE_COLUMNS = ("case", "reference", "predicted", "predicted_iou")
 REPORT_METRICS = {"dice": True, "hd95": False}  # metric -> higher is better
+# group_detection statistic -> (heading, number format); full protocol only
+DETECTION_MATRICES = {
+    "fp_slices_pct": ("False-positive slices (% of the slices without ground truth)", ".1f"),
+    "components_median": ("Median connected components of the prediction (26-connected)", ".0f"),
+    "gate_auc": ("Gate AUC (predicted IoU separating slices with and without ground truth; 0.5 = chance)", ".3f"),
+}
+RERUN = "rerun desam_evaluate for it (saved predictions are reused)"
 
 
 def find_models(results_dir: Path, protocol: str, trainer: str = DEFAULT_TRAINER) -> list[dict]:
@@ -49,17 +62,26 @@ def report_folder(results_dir: Path, mode: str, protocol: str, trainer: str = DE
     return results_dir / "report" / f"{prefix}{mode}__{protocol}"
 
 
-def read_per_case(path: Path) -> pd.DataFrame:
-    """A per_case.csv with the columns the report needs, or a DesamError naming the file."""
+def read_table(path: Path, required: tuple[str, ...], hint: str = "") -> pd.DataFrame:
+    """A CSV with the `required` columns (case and site read as text), or a DesamError naming the file."""
+    if not path.is_file():
+        raise DesamError(f"{path}: not found{hint}")
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype={"case": str, "site": str})
     except (OSError, ValueError) as exc:
         raise DesamError(f"{path}: cannot read CSV ({exc})") from exc
-    absent = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    absent = [c for c in required if c not in frame.columns]
     if absent:
-        raise DesamError(f"{path}: missing column(s) {', '.join(absent)}")
-    frame["site"] = frame["site"].astype(str)
+        raise DesamError(f"{path}: missing column(s) {', '.join(absent)}{hint}")
     return frame
+
+
+def read_per_case(path: Path, protocol: str = "paper") -> pd.DataFrame:
+    """A per_case.csv with the columns the report needs (under `full` also those of slice detection)."""
+    if protocol == "full":
+        return read_table(path, (*REQUIRED_COLUMNS, *DETECTION_COLUMNS),
+                          f" (evaluated before slice detection; {RERUN})")
+    return read_table(path, REQUIRED_COLUMNS)
 
 
 def select_models(models: list[dict], dataset: str, mode: str, protocol: str, plans: str | None,
@@ -95,6 +117,22 @@ def count_matrix(cells: pd.DataFrame, metric: str) -> pd.DataFrame:
     return matrix.fillna("-")
 
 
+def detection_sections(per_case: dict[str, pd.DataFrame], per_slice: dict[str, pd.DataFrame], out: Path,
+                       protocol: str) -> list[str]:
+    """The Markdown sections and `<statistic>_matrix.csv` of DETECTION_MATRICES: can the models say "no
+    structure here"? Cells are over the target's slices (cases), `pooled unseen` over every unseen one."""
+    sections = ["## Slice detection", "",
+                "Each slice either holds ground truth or not. False-positive slices: slices without ground truth "
+                "on which the model predicts foreground, as % of all such slices; the gate AUC: how well PRIM's "
+                f"predicted IoU ranks slices with ground truth above those without. `{POOLED_UNSEEN}` pools every "
+                f"slice (case) of the unseen targets; `{MEAN_UNSEEN}` averages the targets' values.", ""]
+    for statistic, (label, floatfmt) in DETECTION_MATRICES.items():
+        values, in_domain = detection_matrix(per_case, per_slice, statistic)
+        write_csv(label_protocol(values.reset_index(), protocol), out / f"{statistic}_matrix.csv")
+        sections += [f"### {label}", "", matrix_markdown(values, in_domain, floatfmt=floatfmt), ""]
+    return sections
+
+
 def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plans: str | None = None,
                  trainer: str = DEFAULT_TRAINER) -> Path:
     """Build and write one mode's report folder for one trainer class; return it."""
@@ -102,7 +140,8 @@ def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plan
     sources = select_models(models, dataset, mode, protocol, plans, trainer)
     external = [f"- `{m['folder'].name}`: {read_record(m['folder'])['description']}" for m in models
                 if m["mode"] == mode and m["per_case"] in sources.values() and is_external(m["folder"])]
-    cells = cross_domain_cells({source: read_per_case(path) for source, path in sources.items()})
+    per_case = {source: read_per_case(path, protocol) for source, path in sources.items()}
+    cells = cross_domain_cells(per_case)
     out = report_folder(results_dir, mode, protocol, trainer)
     write_csv(label_protocol(cells.assign(mode=mode), protocol), out / "cells.csv")
     model = f"{mode} mode" if trainer == DEFAULT_TRAINER else f"{trainer}, {mode} mode"
@@ -123,11 +162,15 @@ def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plan
                     title=f"{dataset}: mean {label.split(' (')[0]}, {model}\n{protocol_caption(protocol)}",
                     colorbar_label=f"mean {label}", higher_is_better=higher_is_better,
                     fmt="{:.3f}" if metric == "dice" else "{:.2f}")
+    if protocol == "full":
+        per_slice = {source: read_table(path.parent / PER_SLICE, SLICE_COLUMNS, f" ({RERUN})")
+                     for source, path in sources.items()}
+        sections += detection_sections(per_case, per_slice, out, protocol)
     matrix = count_matrix(cells, "hd95")
     sections += ["## Cases per cell (NaN HD95 excluded from its mean)", "",
                  to_markdown(matrix, index=True, right_align=matrix.columns), ""]
     with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(sections))
+        tmp.write_text("\n".join(sections), encoding="utf-8")
     return out
 
 
@@ -165,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"--protocol {args.protocol}{flag}` first")
     for mode in modes:
         out = write_report(trees.dataset, results_dir, mode, args.protocol, args.plans, args.trainer)
-        print((out / "report.md").read_text())
+        print((out / "report.md").read_text(encoding="utf-8"))
         print(f"report written to {out}", file=sys.stderr)
     return 0
 

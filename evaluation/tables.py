@@ -96,6 +96,11 @@ def write_csv(frame: pd.DataFrame, target: str | os.PathLike, index: bool = Fals
         frame.to_csv(tmp, index=index)
 
 
+def in_domain_flags(per_case: pd.DataFrame) -> pd.Series:
+    """Per case whether it is in-domain, from an in_domain column written as bool, text or 0/1."""
+    return per_case["in_domain"].astype(str).str.lower().isin(["true", "1"])
+
+
 def cross_domain_cells(per_case_by_source: Mapping[str, pd.DataFrame],
                        metrics: Iterable[str] = METRICS) -> pd.DataFrame:
     """Long table with one row per (source, target site): in_domain, cases, and per metric the mean,
@@ -104,7 +109,7 @@ def cross_domain_cells(per_case_by_source: Mapping[str, pd.DataFrame],
     rows = []
     for source, per_case in per_case_by_source.items():
         for target, frame in per_case.groupby("site", sort=True):
-            in_domain = frame["in_domain"].astype(str).str.lower().isin(["true", "1"]).any()
+            in_domain = in_domain_flags(frame).any()
             row = {"source": source, "target": str(target), "in_domain": bool(in_domain), "cases": len(frame)}
             for metric in metrics:
                 values = pd.to_numeric(frame[metric], errors="coerce")

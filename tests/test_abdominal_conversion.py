@@ -56,7 +56,7 @@ def stored(path: Path) -> np.ndarray:
 
 
 def dataset_meta(folder: Path) -> dict:
-    return json.loads((folder / "dataset.json").read_text())
+    return json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
 
 
 def write_processed(root: Path, sites: dict[str, list[int]], seed: int = 0) -> dict[tuple[str, int], tuple]:
@@ -191,7 +191,7 @@ def test_btcv_unpaired_files(tmp_path, remove, message):
 
 def test_unknown_layout_lists_what_was_found_and_what_is_understood(tmp_path, capsys):
     (tmp_path / "src" / "scans").mkdir(parents=True)
-    (tmp_path / "src" / "notes.txt").write_text("x")
+    (tmp_path / "src" / "notes.txt").write_text("x", encoding="utf-8")
     line = assert_one_line_error(capsys, [str(tmp_path / "src"), "--raw", str(tmp_path / "raw")],
                                  "no abdominal layout found", "notes.txt", "scans/", "SABSCT/processed",
                                  "img/img<NNNN>", "T2SPIR/Ground")
@@ -445,7 +445,7 @@ def test_phantom_bad_arguments(tmp_path, kwargs, message):
 @pytest.mark.slow
 def test_phantom_writes_the_processed_layout_that_converts_and_verifies(tmp_path):
     out = make_abdominal_phantom(tmp_path / "phantom", cases_per_site=2, seed=0)
-    description = json.loads((out / "phantom.json").read_text())
+    description = json.loads((out / "phantom.json").read_text(encoding="utf-8"))
     assert description["labels"] == ORGANS and set(description["modalities"]) == {"CT", "MR"}
     assert set(description["cases"]) == {"CT_0001", "CT_0002", "MR_0001", "MR_0002"}
     written = nib.load(str(out / "SABSCT" / "processed" / "image_2.nii.gz"))

@@ -24,7 +24,6 @@ from desam_pipeline.utilities.errors import DesamError
 from nnunet_stand_in import fake_nnunet
 from toy_data import write_toy_dataset
 
-pytestmark = pytest.mark.slow  # trains, embeds or predicts through the whole pipeline
 
 SITES = ("BMC",)
 
@@ -42,6 +41,7 @@ def run_miniature(out, capsys) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # 7.6 min on the 2 shared cores at load 9-12 (one run took over 10 min)
 def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench"
@@ -64,12 +64,25 @@ def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, m
     assert (table["wall s"] > 0).all()
     nnunet = table[table["key"] == "nnunet"]
     assert (nnunet["Dice BMC"] == 1.0).all() and (nnunet["HD95 mm BMC"] == 0.0).all()  # the stand-in's truth
+    # slice detection over the unseen cases, on the full protocol's rows only (paper scores no empty slice)
+    detection = ["FP slices % pooled unseen", "median components pooled unseen", "gate AUC pooled unseen"]
+    full, paper = table[table["protocol"] == "full"], table[table["protocol"] == "paper"]
+    assert full["FP slices % pooled unseen"].between(0, 100).all()
+    assert (full["median components pooled unseen"] >= 0).all()
+    assert paper[detection].isna().all().all()
+    truth = full[full["key"] == "nnunet"].iloc[0]
+    assert (truth["FP slices % pooled unseen"], truth["median components pooled unseen"]) == (0.0, 1.0)
+    assert math.isnan(truth["gate AUC pooled unseen"])  # nnU-Net has no predicted IoU
+    assert full.loc[full["family"] == "desam-p", "gate AUC pooled unseen"].between(0, 1).all()
+    assert list(table.columns).index("HD95 mm in-domain") + 1 == list(table.columns).index(detection[0])
     assert nnunet["note"].str.contains("nnUNetTrainer_1epoch: 1 epoch\\(s\\) x 250 iterations").all()
     assert set(table.loc[table["family"] == "desam-p", "tied"]) == {"seed"}
     assert set(table["tied"].fillna("")) <= {"seed", "tied", ""}
 
-    markdown = (out / "accuracy.md").read_text()
+    markdown = (out / "accuracy.md").read_text(encoding="utf-8")
     assert "### protocol full" in markdown and "### protocol paper" in markdown
+    full_section, paper_section = markdown.split("### protocol paper")
+    assert "| FP slices % pooled unseen |" in full_section and "FP slices %" not in paper_section
     assert "DeSAM-P seeds: mean unseen Dice" in markdown and "Against the best nnU-Net arm" in markdown
     assert (out / "accuracy.png").stat().st_size > 10_000
     assert "Under the full protocol, DeSAM-P reaches" in printed
@@ -77,26 +90,31 @@ def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, m
     # prediction-only arms: the base arm's trained model in their own root, predicted with their option
     results = out / "results"
     for arm, option in (("checkpoint_best", ("checkpoint_name", "best")), ("grid_rule_reference", ("grid_rule", "reference"))):
-        summary = json.loads(next((results / arm).rglob("evaluation/full/summary.json")).read_text())
+        summary = json.loads(next((results / arm).rglob("evaluation/full/summary.json")).read_text(encoding="utf-8"))
         assert summary[option[0]] == option[1]
-    base = json.loads(next((results / "desam_p_s0").rglob("evaluation/full/summary.json")).read_text())
+    base = json.loads(next((results / "desam_p_s0").rglob("evaluation/full/summary.json")).read_text(encoding="utf-8"))
     assert (base["checkpoint_name"], base["grid_rule"]) == ("final", "top1")
     # one cache: only the views arm trains on the augmented views, and every seed has its own model folder
-    debug = {arm: json.loads(next((results / arm).rglob("fold_0/debug.json")).read_text())
+    debug = {arm: json.loads(next((results / arm).rglob("fold_0/debug.json")).read_text(encoding="utf-8"))
              for arm in ("desam_p_s0", "desam_p_s1", "views")}
     assert [debug[a]["augmented_views"] for a in debug] == [False, False, True]
     assert [debug[a]["seed"] for a in debug] == [0, 1, 0]
     assert {debug[a]["train_slices"] for a in debug} == {"foreground_margin"}  # the benchmark's default
 
-    # a rerun skips every finished arm and trains nothing
+    # a rerun skips every finished arm and trains nothing; an arm scored before slice detection existed (no
+    # per_slice.csv) is scored again from its saved predictions
     done = {p: p.stat().st_mtime_ns for p in results.glob("*/done.json")}
+    next(results.glob("desam_p_s1/**/evaluation/full/per_slice.csv")).unlink()
     calls.clear()
     again = run_miniature(out, capsys)
     assert again.count("done earlier") == len(arms) and "$ desam_train" not in again and not calls
+    assert "desam_p_s1: scored before slice detection" in again and again.count("$ desam_evaluate") == 1
+    assert "0 to predict" in again
     assert {p: p.stat().st_mtime_ns for p in results.glob("*/done.json")} == done
     assert pd.read_csv(out / "accuracy.csv").equals(table)
 
 
+@pytest.mark.slow
 def test_the_pdmm_arm_trains_the_reference_layout_and_other_settings_are_refused(tmp_path, capsys):
     pdmm = [a for a in arm_table(3) if a.name == "pdmm_reference"]
     assert pdmm and pdmm[0].train_flags == ("--pdmm", "reference")
@@ -110,9 +128,9 @@ def test_the_pdmm_arm_trains_the_reference_layout_and_other_settings_are_refused
     # a record written before --train-slices existed ran on every slice: it matches `all`, not the default
     assert settings["train_slices"] == "foreground_margin"
     record = tmp_path / "b" / "benchmark.json"
-    saved = json.loads(record.read_text())
+    saved = json.loads(record.read_text(encoding="utf-8"))
     del saved["train_slices"]
-    record.write_text(json.dumps(saved))
+    record.write_text(json.dumps(saved), encoding="utf-8")
     accuracy.check_same_settings(tmp_path / "b", {**settings, "train_slices": "all"})
     with pytest.raises(DesamError, match="train_slices: 'all' -> 'foreground_margin'"):
         accuracy.check_same_settings(tmp_path / "b", settings)

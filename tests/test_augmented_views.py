@@ -17,7 +17,6 @@ from plans.plan_and_embed import plan_and_embed
 
 from toy_data import TINY_FRAME, toy_volume, write_toy_dataset
 
-pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
 DATASET = "Dataset900_Toy"
 PLANS = "DeSAMPlans_tiny"
@@ -59,13 +58,14 @@ def test_views_change_intensities_but_keep_the_structure_and_are_seeded():
     np.testing.assert_array_equal(np.random.get_state()[1], state)  # the global generator is left alone
 
 
+@pytest.mark.slow
 def test_views_are_cached_for_the_source_cases_only(cached):
-    plan = json.loads((cached / "pre" / DATASET / f"{PLANS}.json").read_text())
+    plan = json.loads((cached / "pre" / DATASET / f"{PLANS}.json").read_text(encoding="utf-8"))
     assert plan["augmented_views"]["count"] == VIEWS and plan["augmented_views"]["sites"] == ["SiteA"]
     assert views_for(plan, "SiteA") == VIEWS and views_for(plan, "SiteB") == 0
     source, unseen = case_dir(cached, "SiteA_Case00"), case_dir(cached, "SiteB_Case00")
-    assert json.loads((source / "meta.json").read_text())["views"] == VIEWS
-    assert "views" not in json.loads((unseen / "meta.json").read_text())
+    assert json.loads((source / "meta.json").read_text(encoding="utf-8"))["views"] == VIEWS
+    assert "views" not in json.loads((unseen / "meta.json").read_text(encoding="utf-8"))
     assert not list(unseen.glob("view*"))
     original = cache.open_case(source)
     for v in range(1, VIEWS + 1):
@@ -78,6 +78,7 @@ def test_views_are_cached_for_the_source_cases_only(cached):
                                       make_views(np.asarray(original["image"]), VIEWS, "SiteA_Case00")[v - 1])
 
 
+@pytest.mark.slow
 def test_the_training_stream_draws_views_and_validation_does_not(cached):
     source = case_dir(cached, "SiteA_Case00")
     train_data = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.TRAIN_STREAM, frame=TINY_FRAME)
@@ -96,6 +97,7 @@ def test_the_training_stream_draws_views_and_validation_does_not(cached):
     assert {int(plain[(e, 0)]["view"]) for e in range(10)} == {0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["SiteA", "SiteB"])  # with views, and a cache without views
 def test_training_runs_with_and_without_views(cached, source):
     with pytest.raises(SystemExit) as stop:
@@ -107,6 +109,7 @@ def test_training_runs_with_and_without_views(cached, source):
     assert (model / "fold_all" / "checkpoint_final.pth").is_file()
 
 
+@pytest.mark.slow
 def test_no_augmented_views_trains_on_the_originals_of_a_cache_with_views(cached):
     source = case_dir(cached, "SiteA_Case00")
     ignoring = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.TRAIN_STREAM, frame=TINY_FRAME,
@@ -122,7 +125,7 @@ def test_no_augmented_views_trains_on_the_originals_of_a_cache_with_views(cached
                     "--preprocessed", str(cached / "pre"), "--results", str(cached / "results_no_views")])
     assert stop.value.code == 0
     fold = cached / "results_no_views" / DATASET / f"DeSAMTrainer__{PLANS}__box__src-SiteA" / "fold_all"
-    assert json.loads((fold / "debug.json").read_text())["augmented_views"] is False
+    assert json.loads((fold / "debug.json").read_text(encoding="utf-8"))["augmented_views"] is False
     # resuming with views would be another run: refused, not mixed
     with pytest.raises(SystemExit) as stop:
         train.main(["900", "all", "--source", "SiteA", "--mode", "box", "--epochs", "1", "--batch-size", "2",

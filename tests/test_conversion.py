@@ -65,7 +65,7 @@ def write_saml(root: Path, cases: dict[str, list[int]], rng=None) -> Path:
 
 
 def dataset_files(folder: Path) -> tuple[dict, list[str], list[str]]:
-    meta = json.loads((folder / "dataset.json").read_text())
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     images = sorted(p.name for p in (folder / "imagesTr").iterdir())
     labels = sorted(p.name for p in (folder / "labelsTr").iterdir())
     return meta, images, labels
@@ -126,7 +126,7 @@ def test_wrapper_folders_are_looked_through(tmp_path):
     write_saml(tmp_path / "download" / "Processed_data_nii", {"I2CVB": [4]})
     folder = run_multisite(tmp_path / "download", tmp_path / "raw", dataset=7)
     assert folder.name == "Dataset007_ProstateMultiSite"
-    assert json.loads((folder / "dataset.json").read_text())["domains"] == {"I2CVB_Case04": "I2CVB"}
+    assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["domains"] == {"I2CVB_Case04": "I2CVB"}
 
 
 def test_maxstyle_layout(tmp_path):
@@ -138,7 +138,7 @@ def test_maxstyle_layout(tmp_path):
         save(source / folder / patient / "t2_img_clipped.nii.gz", image.astype(np.float32), affine)
         save(source / folder / patient / "label_clipped.nii.gz", label.astype(np.float32), affine)
     folder = run_multisite(source, tmp_path / "raw")
-    meta = json.loads((folder / "dataset.json").read_text())
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert meta["domains"] == {"BIDMC_patient_2": "BIDMC", "MSD_patient_3": "MSD",
                                "RUNMC_patient_1": "RUNMC", "RUNMC_patient_10": "RUNMC"}
     assert verify_dataset(folder) == []
@@ -149,13 +149,13 @@ def write_nnunet_repack(root: Path, rng) -> Path:
         image, label, affine = pair(rng, 2)
         save(root / "imagesTr" / f"{name}_0000.nii.gz", image, affine)
         save(root / "labelsTr" / f"{name}.nii.gz", label, affine)
-    (root / "prostate_patientid.csv").write_text("patientid,center\n1,A-ISBI\n12,F-HK\n113,C-I2CVB\n")
+    (root / "prostate_patientid.csv").write_text("patientid,center\n1,A-ISBI\n12,F-HK\n113,C-I2CVB\n", encoding="utf-8")
     return root
 
 
 def test_nnunet_repackaging_with_patient_csv(tmp_path):
     folder = run_multisite(write_nnunet_repack(tmp_path / "raw_data", np.random.default_rng(3)), tmp_path / "raw")
-    meta = json.loads((folder / "dataset.json").read_text())
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert meta["domains"] == {"HK_prostate_012": "HK", "I2CVB_prostate_113": "I2CVB",
                                "RUNMC_prostate_001": "RUNMC"}
     assert verify_dataset(folder) == []
@@ -163,7 +163,7 @@ def test_nnunet_repackaging_with_patient_csv(tmp_path):
 
 def test_nnunet_repackaging_patient_missing_from_csv(tmp_path):
     source = write_nnunet_repack(tmp_path / "raw_data", np.random.default_rng(3))
-    (source / "prostate_patientid.csv").write_text("patientid,center\n1,A-ISBI\n12,F-HK\n")
+    (source / "prostate_patientid.csv").write_text("patientid,center\n1,A-ISBI\n12,F-HK\n", encoding="utf-8")
     with pytest.raises(DesamError, match=r"prostate_113_0000\.nii\.gz: patient prostate_113 is not listed"):
         run_multisite(source, tmp_path / "raw")
     assert_nothing_published(tmp_path / "raw")
@@ -171,7 +171,7 @@ def test_nnunet_repackaging_patient_missing_from_csv(tmp_path):
 
 def test_unknown_layout_names_understood_layouts_and_what_was_found(tmp_path):
     (tmp_path / "src" / "scans").mkdir(parents=True)
-    (tmp_path / "src" / "notes.txt").write_text("x")
+    (tmp_path / "src" / "notes.txt").write_text("x", encoding="utf-8")
     with pytest.raises(DesamError) as error:
         run_multisite(tmp_path / "src", tmp_path / "raw")
     message = str(error.value)
@@ -229,7 +229,7 @@ def test_existing_dataset_needs_overwrite(tmp_path):
         run_multisite(source, tmp_path / "raw")
     write_saml(source, {"UCL": [26]})
     assert run_multisite(source, tmp_path / "raw", overwrite=True) == folder
-    assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 2
+    assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["numTraining"] == 2
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == [folder.name]
 
 
@@ -241,7 +241,7 @@ def write_msd(root: Path, modality: dict, rng) -> Path:
         save(root / "imagesTr" / f"prostate_{n:02d}.nii.gz", volumes, affine)
         save(root / "labelsTr" / f"prostate_{n:02d}.nii.gz", label, affine)
     (root / "imagesTr" / "._prostate_00.nii.gz").write_bytes(b"junk")
-    (root / "dataset.json").write_text(json.dumps({"name": "Prostate", "modality": modality}))
+    (root / "dataset.json").write_text(json.dumps({"name": "Prostate", "modality": modality}), encoding="utf-8")
     return root
 
 

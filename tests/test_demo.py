@@ -1,4 +1,5 @@
-"""The demo's closing summary (per-site Dice under both protocols, the unseen-site mean) and its encoder choice."""
+"""The demo's closing summary (per-site Dice under both protocols, HD95, slice detection, the unseen row) and its
+encoder choice."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,15 +10,26 @@ import torch
 from evaluation import demo
 
 
+CASES = ["BMC_Case00", "BMC_Case01", "HK_Case00", "RUNMC_Case02"]
+
+
 def fake_model(root: Path, dice: dict[str, list[float]], hd95: list[float | None]) -> Path:
-    """A model folder holding what print_results reads: per_case.csv of each protocol."""
+    """A model folder holding what print_results reads: per_case.csv of each protocol and the full protocol's
+    per_slice.csv (4 slices per case, the structure on slices 1-2; BMC_Case00 segments every slice)."""
     model = demo.model_folder(root, "DeSAMPlans_litemedsam")
     for protocol, values in dice.items():
         evaluation = model / "evaluation" / protocol
         evaluation.mkdir(parents=True)
-        pd.DataFrame({"case": ["BMC_Case00", "BMC_Case01", "HK_Case00", "RUNMC_Case02"],
-                      "site": ["BMC", "BMC", "HK", "RUNMC"], "dice": values, "hd95": hd95,
-                      "mean_predicted_iou": [0.2, 0.3, 0.4, 0.9]}).to_csv(evaluation / "per_case.csv", index=False)
+        pd.DataFrame({"case": CASES, "site": ["BMC", "BMC", "HK", "RUNMC"], "dice": values, "hd95": hd95,
+                      "components": [30, 2, 5, 1], "mean_predicted_iou": [0.2, 0.3, 0.4, 0.9]}
+                     ).to_csv(evaluation / "per_case.csv", index=False)
+    iou = {"BMC_Case00": [0.9, 0.8, 0.8, 0.9], "BMC_Case01": [0.1, 0.8, 0.7, 0.2], "HK_Case00": [0.5, 0.6, 0.6, 0.5],
+           "RUNMC_Case02": [0.1, 0.9, 0.9, 0.1]}
+    predicted = {"BMC_Case00": [True] * 4, "BMC_Case01": [False, True, True, False],
+                 "HK_Case00": [True, True, True, False], "RUNMC_Case02": [False, True, True, False]}
+    pd.concat([pd.DataFrame({"case": case, "slice": range(4), "reference": [False, True, True, False],
+                             "predicted": predicted[case], "predicted_iou": iou[case]}) for case in CASES]
+              ).to_csv(model / "evaluation" / "full" / "per_slice.csv", index=False)
     return model
 
 
@@ -27,11 +39,19 @@ def test_table_has_both_protocols_and_the_unseen_mean(tmp_path, capsys):
     demo.print_results(model, tmp_path)
     out = capsys.readouterr().out
     assert "predicted empty" not in out
+    header = next(line for line in out.splitlines() if "dice_full" in line).split()
+    assert header == ["cases", "dice_full", "dice_paper", "hd95_full_mm", "fp_slices_pct", "components_median",
+                      "gate_auc"]
     bmc = next(line for line in out.splitlines() if line.startswith("BMC"))
-    assert [float(v) for v in bmc.split()[1:5]] == [2, 0.7, 0.25, 4.0]  # cases, dice paper, dice full, hd95
+    # cases, dice full, dice paper, hd95; FP slices: 2 of BMC's 4 empty slices; median of 30 and 2 components;
+    # gate AUC over BMC's 8 slices: each slice with structure beats the 2 empty slices of BMC_Case01 and loses
+    # to the 2 of BMC_Case00 (whose predicted IoU is high everywhere): 8 of 16 pairs
+    assert [float(v) for v in bmc.split()[1:8]] == [2, 0.25, 0.7, 4.0, 50.0, 16.0, 0.5]
     unseen = next(line for line in out.splitlines() if line.startswith(demo.UNSEEN_MEAN))
-    # mean over the unseen sites (BMC, HK), the source RUNMC left out
-    assert [float(v) for v in unseen.split()[2:5]] == [3, 0.8, 0.475]
+    # Dice and HD95: mean over the unseen sites (BMC, HK), the source RUNMC left out; detection: their cases
+    # pooled (3 of 6 empty slices predicted, components 30, 2, 5; every one of the 6 slices with structure beats
+    # the 4 empty slices of BMC_Case01 and HK_Case00 only: 24 of 36 pairs)
+    assert [float(v) for v in unseen.split()[2:9]] == [3, 0.475, 0.8, 5.0, 50.0, 5.0, 0.667]
 
 
 def test_encoder_choice_detects_the_variant_of_the_checkpoint(tmp_path, capsys):

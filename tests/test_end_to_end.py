@@ -21,7 +21,6 @@ from desam_pipeline.training import train
 from evaluation import evaluate, report
 from plans import plan_and_embed
 
-pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
 SLICES = 8
 
@@ -45,6 +44,7 @@ def cut_to_prostate(folder: Path) -> None:
             nib.save(nib.Nifti1Image(np.asarray(cut.dataobj), cut.affine, cut.header), path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_miniature_pipeline_end_to_end(trees, tmp_path):
     phantom = tmp_path / "phantom"
@@ -79,7 +79,7 @@ def test_miniature_pipeline_end_to_end(trees, tmp_path):
     dice_rows = per_site[per_site["metric"] == "dice"].set_index("site")
     assert {"BMC", "RUNMC"} <= set(dice_rows.index)
     assert np.isfinite(dice_rows.loc["BMC", "mean"])
-    summary = json.loads((model / "evaluation" / "full" / "summary.json").read_text())
+    summary = json.loads((model / "evaluation" / "full" / "summary.json").read_text(encoding="utf-8"))
     assert summary["protocol"] == "full"
     matrix = pd.read_csv(dataset / "report" / "grid__full" / "dice_matrix.csv", index_col=["protocol", "source"])
     assert matrix.shape[0] == 1 and np.isfinite(matrix.to_numpy(dtype=float)).any()

@@ -12,7 +12,7 @@ from medpy.metric import binary as medpy_binary
 
 from desam_pipeline.utilities.errors import DesamError
 from evaluation.evaluate_folder import evaluate_folder, main
-from evaluation.plots import heatmap_png, largest_foreground_slice, overlay_png, site_boxplot_png
+from evaluation.plots import heatmap_png, largest_foreground_slice, overlay_png, site_boxplot_png, strip_slices
 from evaluation.tables import label_protocol, markdown_section, summarise, to_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,14 +38,19 @@ def folders(toy_dataset, tmp_path):
 def test_evaluate_folder_rows(folders):
     ref, pred, dataset_json = folders
     table = evaluate_folder(ref, pred, dataset_json, progress=False)
-    assert list(table.columns) == ["case", "site", "dice", "hd95", "assd", "nsd", "status"]
+    assert list(table.columns) == ["case", "site", "dice", "hd95", "assd", "nsd", "slices", "reference_slices",
+                                   "empty_slices", "slice_sensitivity", "slice_specificity", "fp_slices", "fn_slices",
+                                   "components", "gate_auc", "status"]
     assert table["case"].tolist() == ["SiteA_Case00", "SiteA_Case01", "SiteB_Case00", "SiteB_Case01"]
     assert table["site"].tolist() == ["SiteA", "SiteA", "SiteB", "SiteB"]
     assert table["status"].tolist() == ["ok", "ok", "ok", "missing"]
     missing = table.iloc[3]
-    assert all(math.isnan(missing[m]) for m in ("dice", "hd95", "assd", "nsd"))
+    assert all(math.isnan(missing[m]) for m in ("dice", "hd95", "assd", "nsd", "fp_slices", "components"))
     empty = table.iloc[1]
     assert empty["dice"] == 0.0 and math.isnan(empty["hd95"])
+    # the toy gland lies on slices 2-5 of 8; the empty prediction detects none of them and no empty slice
+    assert (empty["reference_slices"], empty["empty_slices"], empty["fn_slices"], empty["fp_slices"]) == (4, 4, 4, 0)
+    assert (empty["slice_sensitivity"], empty["slice_specificity"], empty["components"]) == (0.0, 1.0, 0)
     first = table.iloc[0]
     image = nib.load(str(ref / "SiteA_Case00.nii.gz"))
     label = np.asarray(image.dataobj) > 0
@@ -55,6 +60,38 @@ def test_evaluate_folder_rows(folders):
     assert first["dice"] == pytest.approx(medpy_binary.dc(moved, label), abs=1e-9)
     assert first["hd95"] == pytest.approx(medpy_binary.hd95(moved, label, voxelspacing=spacing), abs=1e-9)
     assert 0 < first["dice"] < 1
+    assert (first["slice_sensitivity"], first["slice_specificity"]) == (1, 1)
+    assert (first["fp_slices"], first["components"]) == (0, 1)
+    assert math.isnan(first["gate_auc"])  # no quality.csv in PRED: no predicted IoU
+
+
+def test_every_slice_segmented_and_the_quality_csv_beside_the_predictions(folders, tmp_path):
+    """A prediction with foreground on every slice: specificity 0, each empty slice a false positive, each
+    stray voxel a component; PRED/quality.csv (the predictor's) gives the gate AUC along the slice axis."""
+    ref, pred, dataset_json = folders
+    image = nib.load(str(pred / "SiteA_Case00.nii.gz"))
+    speckled = np.asarray(image.dataobj).copy()
+    speckled[0, 0, :] = 1                      # one voxel on every slice, a line touching nothing else
+    nib.save(nib.Nifti1Image(speckled, image.affine), str(pred / "SiteA_Case00.nii.gz"))
+    iou = [0.2, 0.3, 0.9, 0.8, 0.8, 0.9, 0.3, 0.8]  # slices 2-5 hold the gland; slice 7's 0.8 ties slices 3, 4
+    pd.DataFrame({"case": ["SiteA_Case00"] * 8 + ["SiteA_Case01"] * 8, "slice": list(range(8)) * 2,
+                  "predicted_iou": iou + [0.5] * 8}).to_csv(pred / "quality.csv", index=False)
+    table = evaluate_folder(ref, pred, dataset_json, progress=False).set_index("case")
+    assert list(table.columns)[-2:] == ["mean_predicted_iou", "status"]
+    row = table.loc["SiteA_Case00"]
+    assert (row["slice_specificity"], row["fp_slices"], row["empty_slices"], row["slice_sensitivity"]) == (0, 4, 4, 1)
+    assert row["components"] == 2
+    assert row["gate_auc"] == pytest.approx((2 * 4 + 2 * 3.5) / 16)  # each 0.9 beats 4 empty slices, each 0.8 3.5
+    assert row["mean_predicted_iou"] == pytest.approx(np.mean(iou))
+    assert table.at["SiteA_Case01", "gate_auc"] == 0.5  # a constant predicted IoU separates nothing
+    assert math.isnan(table.at["SiteB_Case00", "mean_predicted_iou"])  # not in quality.csv
+    assert math.isnan(table.at["SiteB_Case00", "gate_auc"])
+    with pytest.raises(DesamError, match=r"quality\.csv: predicted IoU for 8 slice\(s\), but the volume has 40 along "
+                                         r"axis 0; predict the case again"):
+        evaluate_folder(ref, pred, dataset_json, progress=False, slice_axis=0)
+    (pred / "quality.csv").unlink()
+    along_x = evaluate_folder(ref, pred, dataset_json, progress=False, slice_axis=0).set_index("case")
+    assert along_x.at["SiteA_Case00", "slices"] == 40 and "mean_predicted_iou" not in along_x.columns
 
 
 def test_labels_select_foreground(folders, tmp_path):
@@ -157,21 +194,30 @@ def _is_png(path) -> bool:
     return path.is_file() and path.stat().st_size > 2000 and path.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_overlay_strip_spans_the_volume(tmp_path):
+    """Both end slices, evenly spaced ones and the largest-foreground slice; a false positive on an empty
+    end slice is drawn (slice 0 here)."""
+    image = np.random.default_rng(0).normal(size=(30, 24, 40)).astype(np.float32)
+    reference = np.zeros(image.shape, bool)
+    reference[8:20, 6:16, 15:24] = True
+    reference[10:18, 8:14, 19] = True
+    prediction = reference.copy()
+    prediction[3, 3, 0] = True                 # a false positive on the first, empty slice
+    prediction[8:22, 6:16, 19] = True          # slice 19: the largest foreground
+    assert largest_foreground_slice(reference, prediction) == 19
+    drawn = overlay_png(image, reference, prediction, tmp_path / "overlay.png", case="X_01", site="X",
+                        dice=0.71, spacing=(0.5, 0.5, 3.0))
+    assert _is_png(tmp_path / "overlay.png")
+    assert drawn == [0, 4, 9, 13, 17, 19, 22, 26, 30, 35, 39] == strip_slices(40, 19)
+    assert strip_slices(40, 17) == [0, 4, 9, 13, 17, 22, 26, 30, 35, 39]  # already among the evenly spaced
+    assert strip_slices(6, 3) == [0, 1, 2, 3, 4, 5] and strip_slices(1, 0) == [0]  # short volumes: every slice
+
+
 def test_plots_write_pngs(tmp_path):
     per_case = pd.DataFrame({"case": list("abcde"), "site": ["X", "X", "X", "Y", "Y"],
                              "dice": [0.5, 0.7, 0.9, 0.2, np.nan], "hd95": [1.0, np.nan, 3.0, 4.0, np.nan]})
     site_boxplot_png(per_case, tmp_path / "box.png", title="toy: per-site metrics (protocol: full)")
     assert _is_png(tmp_path / "box.png")
-
-    image = np.random.default_rng(0).normal(size=(30, 24, 6)).astype(np.float32)
-    reference = np.zeros(image.shape, bool)
-    reference[8:20, 6:16, 2:5] = True
-    prediction = np.zeros(image.shape, bool)
-    prediction[10:22, 6:14, 3:6] = True
-    assert largest_foreground_slice(reference, prediction) == 3
-    index = overlay_png(image, reference, prediction, tmp_path / "overlay.png", case="X_01", site="X",
-                        dice=0.71, spacing=(0.5, 0.5, 3.0))
-    assert index == 3 and _is_png(tmp_path / "overlay.png")
 
     values = pd.DataFrame([[0.8, 0.6, 0.6], [np.nan, 0.9, 0.9]], index=["A", "B"], columns=["A", "B", "mean unseen"])
     in_domain = pd.DataFrame([[True, False, False], [False, True, False]], index=values.index, columns=values.columns)

@@ -33,12 +33,12 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.txt"
     with pytest.raises(RuntimeError):
         with atomic_path(target) as tmp:
-            tmp.write_text("half")
+            tmp.write_text("half", encoding="utf-8")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     with atomic_path(target) as tmp:
-        tmp.write_text("whole")
-    assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
+        tmp.write_text("whole", encoding="utf-8")
+    assert target.read_text(encoding="utf-8") == "whole" and list(tmp_path.iterdir()) == [target]
 
 
 def test_tiny_sam_keeps_real_geometry(tiny_checkpoint):

@@ -13,6 +13,7 @@ from desam_pipeline.data.prompts import grid_points
 from desam_pipeline.inference import slice_prediction
 from desam_pipeline.inference.grid_rules import (FirstMaskScan, first_mask, point_logits, reference_slice,
                                                 resample_like_sam)
+from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.network import CoupledSAM, DeSAM
 from desam_pipeline.network.grid_iou import prompt_ious
 from desam_pipeline.network.sam_models import build_sam
@@ -77,12 +78,13 @@ def net(tiny_checkpoint):
 
 
 @pytest.mark.slow
-def test_reference_rule_through_predict_slices(net):
+def test_reference_rule_through_predict_slices_equals_the_generator_per_point(net):
     generator = torch.Generator().manual_seed(1)
     neck = torch.randn(2, 256, 64, 64, generator=generator)
     taps = [torch.randn(2, 32, 64, 64, generator=generator) for _ in range(3)]
-    probabilities, best = slice_prediction.predict_slices(net, neck, taps, "grid", grid=3, iou_threshold=-1.0,
-                                                   grid_rule="reference")
+    probabilities, best = slice_prediction.predict_slices(net, neck, taps, "grid",
+                                                          PredictionSettings(grid=3, iou_threshold=-1.0,
+                                                                             grid_rule="reference"))
     points = torch.as_tensor(grid_points(3, TINY_FRAME))[:, None, :]
     labels = torch.ones(9, 1, dtype=torch.int64)
     sam = build_sam("tiny", seed=0)
@@ -96,10 +98,11 @@ def test_reference_rule_through_predict_slices(net):
             assert np.array_equal(probabilities[s] > 0.5, expected)
             assert set(np.unique(probabilities[s])) <= {0.0, 1.0}
             assert best[s] == pytest.approx(float(iou.max()), abs=1e-4)
-    empty, _ = slice_prediction.predict_slices(net, neck, taps, "grid", grid=3, iou_threshold=2.0, grid_rule="reference")
+    rejecting = PredictionSettings(grid=3, iou_threshold=2.0, grid_rule="reference")
+    empty, _ = slice_prediction.predict_slices(net, neck, taps, "grid", rejecting)
     assert not empty.any()
     with pytest.raises(ValueError, match="unknown grid rule"):
-        slice_prediction.predict_slices(net, neck, taps, "grid", grid_rule="vote")
+        slice_prediction.predict_slices(net, neck, taps, "grid", PredictionSettings(grid_rule="vote"))
     with torch.no_grad():
         direct = reference_slice(net, neck[:1], [t[:1] for t in taps], (points, labels),
                                  prompt_ious(net, neck[:1], points=(points, labels)), -1.0, 4, 256)

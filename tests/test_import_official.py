@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from desam_pipeline.baselines import import_official
-from desam_pipeline.inference import predict, predictor
+from desam_pipeline.inference import predict
+from desam_pipeline.inference.model import load_model
 from desam_pipeline.io.atomic import read_json
 from desam_pipeline.io.nifti_io import file_sha256
 from desam_pipeline.io.results_layout import IMPORT_RECORD, Checkpoint
@@ -23,7 +24,6 @@ from plans.plan_and_embed import plan_and_embed
 from reference_layout import ReferenceSam
 from toy_data import TINY_TAPS, write_toy_dataset
 
-pytestmark = pytest.mark.slow  # trains, embeds or predicts through the whole pipeline
 
 DATASET = "Dataset900_Toy"
 FOLDER = "DeSAMOfficial__DeSAMPlans_tiny__{mode}__src-SiteA"
@@ -62,6 +62,7 @@ def run_import(env, checkpoint: Path, *args) -> int:
     return stop.value.code
 
 
+@pytest.mark.slow
 def test_imported_model_computes_the_reference_forward(env, capsys):
     assert run_import(env, env.saved, "--mode", "grid") == 0
     folder = env.res / DATASET / FOLDER.format(mode="grid")
@@ -81,7 +82,7 @@ def test_imported_model_computes_the_reference_forward(env, capsys):
     assert checkpoint.network_config["pdmm"] == "reference" and checkpoint.network_config["mode"] == "grid"
     assert not checkpoint.has_training_state and checkpoint.config["imported"]["sha256"] == record["sha256"]
 
-    model = predictor.load_model(folder, ["all"], "cpu")
+    model = load_model(folder, ["all"], "cpu")
     net = model.networks[0]
     assert model.mode == "grid" and net.config["pdmm"] == "reference"
     torch.manual_seed(3)
@@ -97,6 +98,7 @@ def test_imported_model_computes_the_reference_forward(env, capsys):
                 assert torch.equal(a, b)  # the same operations on the same weights: bit for bit
 
 
+@pytest.mark.slow
 def test_desam_predict_runs_on_the_imported_folder(env, tmp_path):
     assert run_import(env, env.saved, "--mode", "box") == 0
     folder = env.res / DATASET / FOLDER.format(mode="box")
@@ -129,6 +131,7 @@ def _saved(env, state: dict, name: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_every_key_is_used_or_explained_and_errors_are_one_line(env, capsys):
     extra = _saved(env, {**env.state, "mask_decoder.pimm.extra.weight": torch.zeros(1)}, "extra.pth")
     assert run_import(env, extra, "--mode", "grid", "--fold", "1") == 1

@@ -6,15 +6,20 @@ import pytest
 import torch
 
 from desam_pipeline.data.prompts import grid_points, whole_box
+from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.inference.slice_prediction import predict_slices
 from desam_pipeline.network import DeSAM
 
 from toy_data import TINY_FRAME, TINY_TAPS
 
-pytestmark = pytest.mark.slow  # tiny SAM over grids of prompts
 
 SLICES = 2
 GRID = 2
+
+
+def top1(iou_threshold: float) -> PredictionSettings:
+    """The `top1` rule on the test's grid: this module is about it (`test_grid_rules` has the reference rule)."""
+    return PredictionSettings(grid=GRID, iou_threshold=iou_threshold, grid_rule="top1")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +68,7 @@ def grid_run(net, features):
     """Grid prediction accepting every prompt, with what PRIM and PDMM saw."""
     neck, taps = features
     with Spy(net) as spy:
-        probs, best_iou = predict_slices(net, neck, taps, mode="grid", grid=GRID, iou_threshold=-1e9)
+        probs, best_iou = predict_slices(net, neck, taps, "grid", top1(-1e9))
     return spy, probs, best_iou
 
 
@@ -76,6 +81,7 @@ def dense_grid_ious(net, neck_slice):
     return embedding, iou[:, 0]
 
 
+@pytest.mark.slow
 def test_grid_runs_pdmm_once_per_slice_on_the_top_iou_prompt(net, features, grid_run):
     neck, taps = features
     spy, probs, best_iou = grid_run
@@ -100,22 +106,23 @@ def test_grid_runs_pdmm_once_per_slice_on_the_top_iou_prompt(net, features, grid
     np.testing.assert_allclose(probs, torch.sigmoid(logits[:, 0]).numpy(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_grid_leaves_slices_without_a_confident_prompt_empty(net, features, grid_run):
     neck, taps = features
     best_iou = grid_run[2]
     order = np.argsort(best_iou)
     threshold = float(best_iou[order[0]] + best_iou[order[1]]) / 2  # rejects exactly the lowest slice
     with Spy(net) as spy:
-        probs, again = predict_slices(net, neck, taps, mode="grid", grid=GRID, iou_threshold=threshold,
-                                      batch_size=1)
+        probs, again = predict_slices(net, neck, taps, "grid", top1(threshold), batch_size=1)
     np.testing.assert_array_equal(again, best_iou)
     assert spy.pdmm_rows() == SLICES - 1
     assert (probs[order[0]] == 0).all() and all(probs[s].max() > 0 for s in order[1:])
     with Spy(net) as spy:
-        probs, _ = predict_slices(net, neck, taps, mode="grid", grid=GRID, iou_threshold=float(best_iou.max()))
+        probs, _ = predict_slices(net, neck, taps, "grid", top1(float(best_iou.max())))
     assert spy.pdmm_rows() == 0 and (probs == 0).all()
 
 
+@pytest.mark.slow
 def test_grid_average_over_accepted_prompts(net, features):
     neck, taps = features
     one = [neck[:1], [t[:1] for t in taps]]
@@ -127,13 +134,13 @@ def test_grid_average_over_accepted_prompts(net, features):
         accepted = embedding[iou[:, 0] > threshold]
         expected = torch.stack([torch.sigmoid(net.pdmm(one[1], e[None]))[0, 0] for e in accepted]).mean(0)
     with Spy(net) as spy:
-        probs, best = predict_slices(net, *one, mode="grid", grid=GRID, iou_threshold=threshold, average=True,
-                                     batch_size=2)
+        probs, best = predict_slices(net, *one, "grid", top1(threshold), average=True, batch_size=2)
     assert 1 < accepted.shape[0] < GRID * GRID and spy.pdmm_rows() == accepted.shape[0]
     assert best[0] == pytest.approx(float(iou.max()), abs=1e-5)
     np.testing.assert_allclose(probs[0], expected.numpy(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_box_mode_is_one_forward_pass_per_chunk(net, features):
     neck, taps = features
     with torch.no_grad():
@@ -149,6 +156,7 @@ def test_box_mode_is_one_forward_pass_per_chunk(net, features):
     np.testing.assert_allclose(probs16[0], probs[0], rtol=0, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_training_mode_is_restored_and_bad_arguments_fail(net, features):
     neck, taps = features
     net.train()

@@ -21,7 +21,7 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
     """(line, module) of every absolute import in the file, at any depth (function-level imports and
     `if TYPE_CHECKING:` blocks too); `from package import name` also lists `package.name`."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -94,7 +94,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 def test_the_walker_sees_stage_imports(tmp_path):
     module = tmp_path / "desam_pipeline" / "bad.py"
     module.parent.mkdir()
-    module.write_text("import os\nfrom plans.planner import make_plan\n\ndef f():\n    import evaluation.report\n")
+    module.write_text("import os\nfrom plans.planner import make_plan\n\ndef f():\n    import evaluation.report\n", encoding="utf-8")
     found = [module for _, module in imported_modules(module) if module.split(".")[0] in STAGES]
     assert found == ["plans.planner", "plans.planner.make_plan", "evaluation.report"]
 

@@ -21,7 +21,6 @@ from plans.plan_and_embed import main, plan_and_embed
 
 from toy_data import write_toy_dataset
 
-pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
 PACKAGED_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 SHAPE = (64, 64, 5)  # one foreground slice (z 2) plus the margin: three slices to encode
@@ -47,6 +46,7 @@ def lite_cache(tmp_path_factory) -> dict:
             "case": cache.open_case(summary["cache_dir"] / "SiteA_Case00")}
 
 
+@pytest.mark.slow
 def test_plan_records_family_weights_and_shapes(lite_cache, package_model):
     plan = lite_cache["plan"]
     assert plan["encoder"] == "litemedsam" and plan["family"] == "tinyvit"
@@ -61,6 +61,7 @@ def test_plan_records_family_weights_and_shapes(lite_cache, package_model):
     assert case["neck"].shape[1:] == (256, 64, 64) and case["tap0"].shape[1:] == (128, 128, 128)
 
 
+@pytest.mark.slow
 def test_cached_neck_and_taps_equal_the_package_encoder(lite_cache, package_model):
     case = lite_cache["case"]
     images = np.asarray(case["image"])
@@ -88,6 +89,7 @@ def _label_box(label: np.ndarray) -> list[float]:
     return [float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())]
 
 
+@pytest.mark.slow
 def test_prim_equals_package_decoder_and_box_reproduces_package_mask(lite_cache, package_model):
     plan, case = lite_cache["plan"], lite_cache["case"]
     net = DeSAM.from_sam_checkpoint(plan["checkpoint"], "litemedsam", plan["tap_shapes"]).eval()
@@ -128,6 +130,7 @@ def test_prim_equals_package_decoder_and_box_reproduces_package_mask(lite_cache,
     assert dice > 0.8, dice
 
 
+@pytest.mark.slow
 def test_checkpoint_flag_takes_a_finetuned_file_and_rejects_others(tmp_path, package_model, tiny_checkpoint):
     tuned = package_model.state_dict()
     tuned = {k: (v + 0.01 if k == "image_encoder.neck.0.weight" else v) for k, v in tuned.items()}
@@ -145,6 +148,7 @@ def test_checkpoint_flag_takes_a_finetuned_file_and_rejects_others(tmp_path, pac
         encoders.load_image_encoder("vit_b", path)
 
 
+@pytest.mark.slow
 def test_cli_checkpoint_error_is_one_line(tmp_path, tiny_checkpoint, capsys):
     write_toy_dataset(tmp_path / "raw", sites=("SiteA",), cases_per_site=1, shape=SHAPE)
     with pytest.raises(SystemExit) as exit_info:
@@ -155,6 +159,7 @@ def test_cli_checkpoint_error_is_one_line(tmp_path, tiny_checkpoint, capsys):
     assert len(errors) == 1 and "sam_tiny.pth: a tiny checkpoint, not litemedsam" in errors[0]
 
 
+@pytest.mark.slow
 def test_pdmm_from_tap_shapes_upsamples_each_tap_to_its_level():
     lite = DeSAM.for_encoder("litemedsam", [[128, 128, 128], [160, 64, 64], [320, 64, 64]])
     ups = [sum(isinstance(m, torch.nn.ConvTranspose2d) for m in branch.modules())

@@ -88,7 +88,7 @@ def test_loading_is_strict_and_names_the_problem(tiny_checkpoint, tmp_path):
     with pytest.raises(DesamError, match=r"other\.pth: not a SAM checkpoint"):
         DeSAM.from_sam_checkpoint(other, "tiny", vit_taps(32))
     text = tmp_path / "notes.pth"
-    text.write_text("hello")
+    text.write_text("hello", encoding="utf-8")
     with pytest.raises(DesamError, match=r"notes\.pth: not a readable PyTorch checkpoint"):
         DeSAM.from_sam_checkpoint(text, "tiny", vit_taps(32))
 

@@ -19,11 +19,11 @@ from desam_pipeline.data import splits
 from desam_pipeline.io.atomic import read_json
 from desam_pipeline.utilities.errors import DesamError
 from evaluation.evaluate import evaluate_model
+from evaluation.settings import EvaluationSettings
 from evaluation.report import main as report_main
 
 from nnunet_stand_in import fake_nnunet
 
-pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
 pytest.importorskip("nnunetv2")
 DATASET = "Dataset900_Toy"
@@ -38,6 +38,7 @@ def dataset(trees):
     return write_toy_dataset(trees["raw"], sites=("SiteA", "SiteB", "SiteC"), cases_per_site=3)
 
 
+@pytest.mark.slow
 def test_baseline_places_predictions_that_evaluate_and_report_score(dataset, trees, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(nnunet_baseline, "run_nnunet", fake_nnunet(dataset, calls, DATASET, EMPTY_CASE))
@@ -71,7 +72,8 @@ def test_baseline_places_predictions_that_evaluate_and_report_score(dataset, tre
     assert record["in_domain_fold_of_case"] == {c: "0" for c in held}
     assert "1 epoch(s) x 250 iterations" in record["description"]
 
-    written = evaluate_model(DATASET, ["SiteA"], None, ["full", "paper"], model_folder=FOLDER, progress=False)
+    written = evaluate_model(DATASET, ["SiteA"], None,
+                             EvaluationSettings(protocols=("full", "paper"), model_folder=FOLDER), progress=False)
     for protocol, out in written.items():
         per_case = pd.read_csv(out / "per_case.csv")
         assert sorted(per_case["case"]) == sorted(c.split("/")[1][:-7] for c in predicted)
@@ -87,7 +89,7 @@ def test_baseline_places_predictions_that_evaluate_and_report_score(dataset, tre
     with pytest.raises(SystemExit) as stop:
         report_main(["-d", DATASET, "-tr", "nnUNetTrainer_1epoch", "--mode", "2d"])
     assert stop.value.code == 0
-    report = (trees["results"] / DATASET / "report" / "nnUNetTrainer_1epoch__2d__full" / "report.md").read_text()
+    report = (trees["results"] / DATASET / "report" / "nnUNetTrainer_1epoch__2d__full" / "report.md").read_text(encoding="utf-8")
     assert "nnUNetTrainer_1epoch: 1 epoch(s) x 250 iterations" in report
 
     # rerun: nothing retrained or repredicted
@@ -104,19 +106,20 @@ def test_baseline_places_predictions_that_evaluate_and_report_score(dataset, tre
     assert read_record(folder)["folds"] == ["0", "1"]
 
 
+@pytest.mark.slow
 def test_missing_external_prediction_is_an_error(dataset, trees, monkeypatch):
     monkeypatch.setattr(nnunet_baseline, "run_nnunet", fake_nnunet(dataset, [], DATASET, EMPTY_CASE))
     monkeypatch.setattr(nnunet_baseline, "export_dataset", lambda *a: False)
     (trees["results"] / DATASET / "nnunet" / "src-SiteA" / "nnUNet_preprocessed" / DATASET).mkdir(parents=True)
     (trees["results"] / DATASET / "nnunet" / "src-SiteA" / "nnUNet_preprocessed" / DATASET /
-     "nnUNetPlans.json").write_text("{}")
+     "nnUNetPlans.json").write_text("{}", encoding="utf-8")
     folder = nnunet_baseline.run_baseline(DATASET, ["SiteA"], ["0"], trainer="nnUNetTrainer_1epoch")
     (folder / "predictions" / "SiteC" / "SiteC_Case02.nii.gz").unlink()
     with pytest.raises(DesamError, match="SiteC_Case02.nii.gz"):
-        evaluate_model(DATASET, ["SiteA"], None, model_folder=FOLDER, progress=False)
+        evaluate_model(DATASET, ["SiteA"], None, EvaluationSettings(model_folder=FOLDER), progress=False)
     (folder / RECORD_FILE).unlink()
     with pytest.raises(DesamError, match="not a folder of external predictions"):
-        evaluate_model(DATASET, ["SiteA"], None, model_folder=FOLDER, progress=False)
+        evaluate_model(DATASET, ["SiteA"], None, EvaluationSettings(model_folder=FOLDER), progress=False)
 
 
 def test_missing_nnunet_says_how_to_install(monkeypatch):

@@ -11,15 +11,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_trainer import cached, final_state, fold_dir, run_cli, trained  # noqa: F401 (fixtures)
+from test_predict import run_cli as predict_cli
+from test_predict import write_volume
 
 from desam_pipeline.data.plan_io import load_plan
-from desam_pipeline.io import atomic
+from desam_pipeline.io import atomic, nifti_io
 from desam_pipeline.io.nifti_io import file_sha256
 from desam_pipeline.training import trainer
 from plans.plan_and_embed import TINY_CHECKPOINT_NAME
 
 from toy_data import write_toy_dataset
+from toy_runs import final_state, fold_dir, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "Dataset900_Toy"
@@ -27,7 +29,7 @@ DATASET = "Dataset900_Toy"
 
 def python(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, encoding="utf-8",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
@@ -54,6 +56,7 @@ def folder_state(folder: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- item 2: the tiny checkpoint's bytes
+@pytest.mark.slow
 def test_tiny_checkpoint_bytes_do_not_depend_on_the_process(tmp_path):
     script = "import sys; from desam_pipeline.network.sam_models import ensure_tiny_checkpoint as e; e(sys.argv[1])"
     runs = [python("-c", script, str(tmp_path / name)) for name in ("a.pth", "b.pth")]
@@ -61,6 +64,7 @@ def test_tiny_checkpoint_bytes_do_not_depend_on_the_process(tmp_path):
     assert file_sha256(tmp_path / "a.pth") == file_sha256(tmp_path / "b.pth")
 
 
+@pytest.mark.slow
 def test_two_concurrent_first_runs_of_plan_and_embed_both_succeed(tmp_path):
     write_toy_dataset(tmp_path / "raw", cases_per_site=1, shape=(40, 36, 6))
     args = ["-m", "plans.plan_and_embed", "-d", "900", "--encoder", "tiny", "--slices", "foreground",
@@ -79,18 +83,19 @@ def test_two_concurrent_first_runs_of_plan_and_embed_both_succeed(tmp_path):
 
 
 # ---------------------------------------------------------------- item 3: a finished fold
-def test_a_finished_fold_needs_continue_or_overwrite(cached, capsys, monkeypatch):  # noqa: F811
-    assert run_cli(cached, "finished", "--num-workers", "0") == 0
-    folder = fold_dir(cached, "finished")
+@pytest.mark.slow
+def test_a_finished_fold_needs_continue_or_overwrite(toy_cache, capsys, monkeypatch):
+    assert run_cli(toy_cache, "finished", "--num-workers", "0") == 0
+    folder = fold_dir(toy_cache, "finished")
     before = folder_state(folder)
     capsys.readouterr()
 
-    assert run_cli(cached, "finished", "--num-workers", "0") == 1
+    assert run_cli(toy_cache, "finished", "--num-workers", "0") == 1
     line = one_error_line(capsys.readouterr().err)
     assert "checkpoint_final.pth" in line and "finished" in line and "-c" in line and "--overwrite" in line
     assert folder_state(folder) == before
 
-    assert run_cli(cached, "finished", "--num-workers", "0", "-c") == 0
+    assert run_cli(toy_cache, "finished", "--num-workers", "0", "-c") == 0
     assert "nothing to do" in capsys.readouterr().out
     assert folder_state(folder) == before
 
@@ -101,39 +106,41 @@ def test_a_finished_fold_needs_continue_or_overwrite(cached, capsys, monkeypatch
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer.DeSAMTrainer, "on_epoch_end", stop_after_first_epoch)
-    assert run_cli(cached, "finished", "--num-workers", "0", "--overwrite") == 130
+    assert run_cli(toy_cache, "finished", "--num-workers", "0", "--overwrite") == 130
     # started over: the old run's final checkpoint and validation are gone, not mixed with the new run
     assert not (folder / "checkpoint_final.pth").exists() and not (folder / "validation").exists()
     assert torch.load(folder / "checkpoint_latest.pth", weights_only=True)["epoch"] == 1
-    log = (folder / "training_log.txt").read_text()
+    log = (folder / "training_log.txt").read_text(encoding="utf-8")
     assert log.count("started:") == 1 and "epoch 2/2" not in log
 
 
-def test_negative_num_workers_is_refused(cached, capsys):  # noqa: F811
-    assert run_cli(cached, "workers", "--num-workers", "-1") == 1
+@pytest.mark.slow
+def test_negative_num_workers_is_refused(toy_cache, capsys):
+    assert run_cli(toy_cache, "workers", "--num-workers", "-1") == 1
     assert "--num-workers" in one_error_line(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------- item 4: a full disk while training
-def test_training_on_a_full_disk_stops_in_one_line_and_resumes(cached, trained, capsys, monkeypatch,  # noqa: F811
+@pytest.mark.slow
+def test_training_on_a_full_disk_stops_in_one_line_and_resumes(toy_cache, trained_fold, capsys, monkeypatch,
                                                                live_pid):
-    folder = fold_dir(cached, "full")
+    folder = fold_dir(toy_cache, "full")
     failing = full_disk(atomic.write_bytes, lambda target: target.name == "checkpoint_latest.pth"
                         and target.is_file())  # the second epoch's checkpoint
     monkeypatch.setattr(atomic, "write_bytes", failing)
-    assert run_cli(cached, "full", "--num-workers", "0") == 1
+    assert run_cli(toy_cache, "full", "--num-workers", "0") == 1
     line = one_error_line(capsys.readouterr().err)
     assert str(folder / "checkpoint_latest.pth") in line and "no space left on device" in line
     assert not list(folder.glob(".tmp-*"))
     assert torch.load(folder / "checkpoint_latest.pth", weights_only=True)["epoch"] == 1
     assert not (folder / "checkpoint_final.pth").exists()
-    assert "epoch 2/2" not in (folder / "training_log.txt").read_text()
+    assert "epoch 2/2" not in (folder / "training_log.txt").read_text(encoding="utf-8")
 
     monkeypatch.undo()  # space freed; a kill had also left a temporary, and another run writes one now
     dead, alive = plant_temporaries(folder, "checkpoint_latest.pth", live_pid)
-    assert run_cli(cached, "full", "--num-workers", "0", "-c") == 0
+    assert run_cli(toy_cache, "full", "--num-workers", "0", "-c") == 0
     assert not dead.exists() and alive.exists()
-    resumed, reference = final_state(folder), final_state(trained)
+    resumed, reference = final_state(folder), final_state(trained_fold)
     for key, value in reference["network"].items():
         assert torch.equal(resumed["network"][key], value), key
 
@@ -164,39 +171,35 @@ def plant_temporaries(folder: Path, name: str, live: int) -> tuple[Path, Path]:
 
 def test_remove_stale_temporaries_spares_live_writers(tmp_path, live_pid):
     dead, alive = plant_temporaries(tmp_path, "checkpoint_latest.pth", live_pid)
-    (tmp_path / ".tmp-notapid-x").write_text("kept")
+    (tmp_path / ".tmp-notapid-x").write_text("kept", encoding="utf-8")
     (tmp_path / f".tmp-{dead_pid()}-folder").mkdir()
     assert atomic.remove_stale_temporaries(tmp_path) == 2
     assert not dead.exists() and alive.exists() and (tmp_path / ".tmp-notapid-x").exists()
 
 
 # ---------------------------------------------------------------- predict: items 1, 4, 6, 8, 9
-from test_predict import env, write_volume  # noqa: E402,F401 (fixture)
-from test_predict import run_cli as predict_cli
-
-from desam_pipeline.io import nifti_io  # noqa: E402
-
-pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
 
-def test_predict_never_overwrites_an_input(env, tmp_path, capsys):  # noqa: F811
+@pytest.mark.slow
+def test_predict_never_overwrites_an_input(predict_env, tmp_path, capsys):
     folder = tmp_path / "in"
     write_volume(folder / "a.nii.gz", (30, 30, 2), np.eye(4))
     original = file_sha256(folder / "a.nii.gz")
     (tmp_path / "link").symlink_to(folder)
     (folder / "sub").mkdir()
     for output in (folder, f"{folder}/", folder / "sub" / "..", tmp_path / "link"):
-        assert predict_cli("-i", folder / "a.nii.gz", "-o", output, "-m", env.box, "-f", "0", *env.roots) == 1
+        assert predict_cli("-i", folder / "a.nii.gz", "-o", output, "-m", predict_env.box, "-f", "0", *predict_env.roots) == 1
         line = one_error_line(capsys.readouterr().err)
         assert "a.nii.gz" in line and "would overwrite an input file" in line
         assert file_sha256(folder / "a.nii.gz") == original
     # a plainly named case next to its nnU-Net-named input is fine: a_0000.nii.gz -> a.nii.gz
     (folder / "a.nii.gz").rename(folder / "b_0000.nii.gz")
-    assert predict_cli("-i", folder / "b_0000.nii.gz", "-o", folder, "-m", env.box, "-f", "0", *env.roots) == 0
+    assert predict_cli("-i", folder / "b_0000.nii.gz", "-o", folder, "-m", predict_env.box, "-f", "0", *predict_env.roots) == 0
     assert (folder / "b.nii.gz").is_file()
 
 
-def test_rgb_and_complex_inputs_fail_per_case_and_later_cases_are_predicted(env, tmp_path, capsys):  # noqa: F811
+@pytest.mark.slow
+def test_rgb_and_complex_inputs_fail_per_case_and_later_cases_are_predicted(predict_env, tmp_path, capsys):
     inputs, out = tmp_path / "in", tmp_path / "out"
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     inputs.mkdir()
@@ -207,7 +210,7 @@ def test_rgb_and_complex_inputs_fail_per_case_and_later_cases_are_predicted(env,
     write_volume(inputs / "d_singleton.nii.gz", (30, 30, 2), affine)
     four = nib.load(str(inputs / "d_singleton.nii.gz"))
     nib.save(nib.Nifti1Image(np.asarray(four.dataobj)[..., None], affine), str(inputs / "d_singleton.nii.gz"))
-    assert predict_cli("-i", inputs, "-o", out, "-m", env.box, "-f", "0", *env.roots) == 1
+    assert predict_cli("-i", inputs, "-o", out, "-m", predict_env.box, "-f", "0", *predict_env.roots) == 1
     err = capsys.readouterr().err
     assert "a_rgb.nii.gz" in err and "b_complex.nii.gz" in err and "not a real scalar intensity" in err
     assert "Traceback" not in err
@@ -216,17 +219,19 @@ def test_rgb_and_complex_inputs_fail_per_case_and_later_cases_are_predicted(env,
     assert nib.load(str(out / "d_singleton.nii.gz")).shape == (30, 30, 2)
 
 
-def test_iou_threshold_must_be_finite(env, tmp_path, capsys):  # noqa: F811
+@pytest.mark.slow
+def test_iou_threshold_must_be_finite(predict_env, tmp_path, capsys):
     path = tmp_path / "x.nii.gz"
     write_volume(path, (20, 20, 1), np.eye(4))
     for value in ("nan", "inf", "-inf"):
-        assert predict_cli("-i", path, "-o", tmp_path / "o", "-m", env.grid, f"--iou-threshold={value}",
-                           *env.roots) == 1
+        assert predict_cli("-i", path, "-o", tmp_path / "o", "-m", predict_env.grid, f"--iou-threshold={value}",
+                           *predict_env.roots) == 1
         assert "--iou-threshold" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
 
 
-def test_predict_on_a_full_disk_stops_in_one_line_and_continues(env, tmp_path, capsys, monkeypatch,  # noqa: F811
+@pytest.mark.slow
+def test_predict_on_a_full_disk_stops_in_one_line_and_continues(predict_env, tmp_path, capsys, monkeypatch,
                                                                 live_pid):
     inputs, out = tmp_path / "in", tmp_path / "out"
     for case in ("a", "b"):
@@ -240,7 +245,7 @@ def test_predict_on_a_full_disk_stops_in_one_line_and_continues(env, tmp_path, c
         return real_save(image, filename)
 
     monkeypatch.setattr(nifti_io.nib, "save", save)
-    assert predict_cli("-i", inputs, "-o", out, "-m", env.box, "-f", "0", *env.roots) == 1
+    assert predict_cli("-i", inputs, "-o", out, "-m", predict_env.box, "-f", "0", *predict_env.roots) == 1
     line = one_error_line(capsys.readouterr().err)
     assert str(out / "b.nii.gz") in line and "no space left on device" in line
     # the finished mask and the run's record (desam_predict writes prediction.json first), no part of b
@@ -248,12 +253,13 @@ def test_predict_on_a_full_disk_stops_in_one_line_and_continues(env, tmp_path, c
     assert not [p for p in out.rglob(".tmp-*")]
     monkeypatch.undo()
     dead, alive = plant_temporaries(out, "b.nii.gz", live_pid)
-    assert predict_cli("-i", inputs, "-o", out, "-m", env.box, "-f", "0", "--continue", *env.roots) == 0
+    assert predict_cli("-i", inputs, "-o", out, "-m", predict_env.box, "-f", "0", "--continue", *predict_env.roots) == 0
     assert "1 predicted" in capsys.readouterr().out
     assert (out / "b.nii.gz").is_file() and not dead.exists() and alive.exists()
 
 
 # ---------------------------------------------------------------- embed on a full disk
+@pytest.mark.slow
 def test_embedding_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     from desam_pipeline.data import cache
     from plans import plan_and_embed
@@ -305,20 +311,24 @@ def test_unknown_domain_writes_nothing(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- item 9: a validation case with no cached slice
-def test_a_validation_case_without_cached_slices_is_not_scored(cached, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_a_validation_case_without_cached_slices_is_not_scored(toy_cache, tmp_path):
     from desam_pipeline.data import cache
+    from desam_pipeline.training import validation
+    from desam_pipeline.training.settings import TrainingSettings
     from desam_pipeline.training.trainer import DeSAMTrainer
 
-    run = DeSAMTrainer(cached / "pre" / DATASET, tmp_path, "DeSAMPlans_tiny", 0, sources=["SiteA"], mode="box",
-                       epochs=1, batch_size=2, device="cpu", precision="fp32", num_workers=0)
+    settings = TrainingSettings(mode="box", epochs=1, batch_size=2, device="cpu", precision="fp32", num_workers=0)
+    run = DeSAMTrainer(toy_cache / "pre" / DATASET, tmp_path, "DeSAMPlans_tiny", 0, sources=["SiteA"], settings=settings)
     run.initialize()
     arrays = cache.open_case(run.cache_dir / run.val_cases[0])
     layout = {k: ((0, *v.shape[1:]), v.dtype) for k, v in arrays.items() if k != "meta"}
     with cache.CaseWriter(tmp_path / "cache", "Empty", layout) as writer:
         writer.commit({**arrays["meta"], "case": "Empty", "z": []})
-    run.cache_dir = tmp_path / "cache"
-    result = run._validate_case("Empty", tmp_path / "validation")
+    result = validation.validate_case(run.network, tmp_path / "cache" / "Empty", run.plan, "box",
+                                      run.validation_settings(), tmp_path / "validation", 2, run.device, "fp32")
     assert result["dice"] is None and result["hd95"] is None
+    assert not (tmp_path / "validation").exists()
 
 
 # ---------------------------------------------------------------- items 5, 6, 9: desam_verify_dataset
@@ -326,9 +336,9 @@ def write_dataset(tmp_path: Path, **changes) -> Path:
     import json
 
     folder = write_toy_dataset(tmp_path / "raw", cases_per_site=1, shape=(20, 20, 4))
-    info = json.loads((folder / "dataset.json").read_text())
+    info = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     info.update(changes)
-    (folder / "dataset.json").write_text(json.dumps(info))
+    (folder / "dataset.json").write_text(json.dumps(info), encoding="utf-8")
     return folder
 
 
@@ -414,7 +424,7 @@ def test_evaluate_folder_names_a_wrong_typed_dataset_json_field(ref_pred, tmp_pa
     import json
 
     ref, pred = ref_pred
-    (tmp_path / "d.json").write_text(json.dumps({field: value}))
+    (tmp_path / "d.json").write_text(json.dumps({field: value}), encoding="utf-8")
     assert evaluate_cli(ref, pred, "--dataset-json", tmp_path / "d.json") == 1
     assert f"'{field}' must be" in one_error_line(capsys.readouterr().err)
 
@@ -429,7 +439,7 @@ WRITERS = {
              "w(np.ones((4, 4, 2)), nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4)), TARGET)",
     "csv": "import pandas as pd; from evaluation.tables import write_csv as w; w(pd.DataFrame({'a': [1]}), TARGET)",
     "progress_plot": "from desam_pipeline.training.progress_plot import plot_progress as w; "
-                     "from desam_pipeline.training.trainer import HISTORY_KEYS; w({k: [1.0, 0.5] for k in HISTORY_KEYS}, TARGET)",
+                     "from desam_pipeline.training.schedule import HISTORY_KEYS; w({k: [1.0, 0.5] for k in HISTORY_KEYS}, TARGET)",
 }
 HANG_BEFORE_RENAME = ("import os, sys, time; real = os.replace\n"
                       "def hang(src, dst):\n"
@@ -439,7 +449,11 @@ TARGET_NAMES = {"nifti": "out.nii.gz", "csv": "out.csv", "progress_plot": "progr
                 "sam_checkpoint": "sam.pth", "write_bytes": "checkpoint_latest.pth", "write_json": "plan.json"}
 
 
-@pytest.mark.parametrize("writer", sorted(WRITERS))
+SLOW_WRITERS = ("progress_plot", "sam_checkpoint")  # their subprocess imports matplotlib or torch: seconds
+
+
+@pytest.mark.parametrize("writer", [pytest.param(w, marks=pytest.mark.slow) if w in SLOW_WRITERS else w
+                                    for w in sorted(WRITERS)])
 def test_kill_9_mid_save_leaves_the_old_file_and_a_stale_temporary(tmp_path, writer):
     target = tmp_path / TARGET_NAMES[writer]
     target.write_bytes(b"the previous complete version")

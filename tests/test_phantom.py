@@ -18,7 +18,6 @@ from desam_pipeline.data.dataset_checks import verify_dataset
 from desam_pipeline.data.preprocessing import intensity_to_uint8
 from desam_pipeline.utilities.errors import DesamError
 
-pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
 CASES_PER_SITE = 2
 ENDORECTAL = {"BMC", "BIDMC", "HK"}
@@ -49,6 +48,7 @@ def cases(converted) -> dict[str, list[dict]]:
     return per_site
 
 
+@pytest.mark.slow
 def test_same_seed_same_voxels_and_cases_independent_of_the_rest(phantom):
     first, again = generate_case("I2CVB", 1, seed=0), generate_case("I2CVB", 1, seed=0)
     assert first.image.tobytes() == again.image.tobytes() and first.label.tobytes() == again.label.tobytes()
@@ -60,6 +60,7 @@ def test_same_seed_same_voxels_and_cases_independent_of_the_rest(phantom):
     assert np.array_equal(written.affine, first.affine)
 
 
+@pytest.mark.slow
 def test_saml_layout_with_the_real_quirks(phantom):
     assert sorted(p.name for p in phantom.iterdir()) == sorted([*SITE_ORDER, "phantom.json"])
     assert sorted(p.name for p in (phantom / "BMC").iterdir()) == [
@@ -73,10 +74,11 @@ def test_saml_layout_with_the_real_quirks(phantom):
         assert set(np.unique(label).tolist()) == ({0, 1, 2} if site in ("RUNMC", "BMC") else {0, 1})
         image = nib.load(str(phantom / site / ("Case38.nii.gz" if site == "HK" else "Case01.nii.gz")))
         assert image.get_data_dtype() == np.dtype(SITES[site].dtype)
-    info = json.loads((phantom / "phantom.json").read_text())
+    info = json.loads((phantom / "phantom.json").read_text(encoding="utf-8"))
     assert info["seed"] == 0 and len(info["cases"]) == len(SITE_ORDER) * CASES_PER_SITE
 
 
+@pytest.mark.slow
 def test_converted_phantom_passes_verification(converted):
     assert verify_dataset(converted) == []
     meta = raw_dataset.load_dataset_json(converted)
@@ -84,6 +86,7 @@ def test_converted_phantom_passes_verification(converted):
     assert meta["numTraining"] == len(SITE_ORDER) * CASES_PER_SITE
 
 
+@pytest.mark.slow
 def test_labels_are_plausible_at_every_site(cases):
     for site, items in cases.items():
         for item in items:
@@ -96,6 +99,7 @@ def test_labels_are_plausible_at_every_site(cases):
             assert not label[[0, -1]].any() and not label[:, [0, -1]].any()  # not cut by the field of view
 
 
+@pytest.mark.slow
 def test_sites_differ_in_geometry(cases):
     spacing = {site: items[0]["spacing"] for site, items in cases.items()}
     assert len({s[0] for s in spacing.values()}) >= 4
@@ -115,6 +119,7 @@ def wasserstein(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.abs(np.quantile(a, q) - np.quantile(b, q))))
 
 
+@pytest.mark.slow
 def test_prostate_intensities_shift_between_sites_more_than_within(cases):
     """After the pipeline's own uint8 normalisation, sites differ more than cases of one site do."""
     samples = [(site, item["uint8"][item["label"]].astype(float)) for site, items in cases.items() for item in items]
@@ -127,6 +132,7 @@ def test_prostate_intensities_shift_between_sites_more_than_within(cases):
     assert max(site_means.values()) - min(site_means.values()) > 40
 
 
+@pytest.mark.slow
 def test_endorectal_coil_brightens_the_posterior_gland(cases):
     """Posterior-third / anterior-third prostate brightness is higher at every endorectal-coil site."""
     def ratio(item):

@@ -30,7 +30,6 @@ from plans.plan_and_embed import main, plan_and_embed
 
 from toy_data import write_toy_dataset
 
-pytestmark = pytest.mark.slow  # embeds toy volumes with tiny SAM, some in subprocesses
 
 DATASET = "Dataset900_Toy"
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +88,7 @@ def test_fingerprint_per_case_and_domain(toy_root):
     assert table.loc["SiteB", "intensity p99.5"] > table.loc["SiteA", "intensity p99.5"]
 
 
-def test_slice_selection_modes():
+def test_slice_selection_keeps_foreground_with_a_margin_or_all_slices():
     assert select_slices([3, 4, 5, 7], 10, "foreground") == [3, 4, 5, 7]
     assert select_slices([3, 4, 5, 9], 10, "foreground")[-1] == 9  # the last foreground slice is kept
     assert select_slices([3, 4, 5, 7], 10, "foreground_margin") == list(range(1, 10))
@@ -123,6 +122,7 @@ def test_case_writer_is_atomic_and_writes_plain_npy(tmp_path):
     assert cache.complete_cases(tmp_path) == ["C1"] and not list(tmp_path.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_cache_layout_plan_and_manifest(fp32_cache, toy_root, tiny_checkpoint):
     pre, raw = toy_root / "pre" / DATASET, toy_root / "raw" / DATASET
     plan = load_plan(pre, "Fp32")
@@ -160,6 +160,7 @@ def test_cache_layout_plan_and_manifest(fp32_cache, toy_root, tiny_checkpoint):
                                  "SiteA_Case01": {"domain": "SiteA", "slices": 2}}
 
 
+@pytest.mark.slow
 def test_neck_equals_sam_predictor_and_taps_equal_global_blocks(fp32_cache, tiny_checkpoint):
     case = cache.open_case(fp32_cache["cache_dir"] / "SiteA_Case01")
     sam = tiny_sam(tiny_checkpoint)
@@ -189,6 +190,7 @@ def test_neck_equals_sam_predictor_and_taps_equal_global_blocks(fp32_cache, tiny
         assert not np.allclose(stored, outputs[index + 1], rtol=1e-2, atol=1e-2 * scale)
 
 
+@pytest.mark.slow
 def test_checkpoint_and_variant_errors_are_one_line(toy_root, tiny_checkpoint, tmp_path, capsys):
     common = ["-d", "900", "--raw", str(toy_root / "raw"), "--preprocessed", str(tmp_path / "pre")]
 
@@ -217,6 +219,7 @@ def test_checkpoint_and_variant_errors_are_one_line(toy_root, tiny_checkpoint, t
     assert not (tmp_path / "pre" / DATASET / "DeSAMPlans_tiny").exists()
 
 
+@pytest.mark.slow
 def test_lifecycle_resume_stale_inputs_and_write_once_plan(tmp_path, tiny_checkpoint):
     write_toy_dataset(tmp_path / "raw", shape=SHAPE)
     options = dict(encoder="tiny", domains=["SiteB"], slices="foreground")
@@ -304,6 +307,7 @@ def site_b_whole(toy_root, tiny_checkpoint) -> dict:
                  plans_name="SiteB")
 
 
+@pytest.mark.slow
 def test_two_parts_equal_one_part(toy_root, tiny_checkpoint, site_b_whole, tmp_path):
     options = dict(encoder="tiny", checkpoint=str(tiny_checkpoint), domains=["SiteB"], slices="foreground",
                    plans_name="SiteB", raw=str(toy_root / "raw"), preprocessed=str(tmp_path))
@@ -319,9 +323,10 @@ def torchrun_embed(toy_root: Path, preprocessed: Path, *flags: str) -> subproces
                "-m", "plans.plan_and_embed", "-d", "900", "--raw", str(toy_root / "raw"),
                "--preprocessed", str(preprocessed), "--device", "cpu", *flags]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=280, env=environment, cwd=REPO)
+    return subprocess.run(command, capture_output=True, encoding="utf-8", timeout=280, env=environment, cwd=REPO)
 
 
+@pytest.mark.slow
 @pytest.mark.torchrun
 @pytest.mark.timeout(300)
 def test_torchrun_two_ranks_equal_one_process(toy_root, tiny_checkpoint, site_b_whole, tmp_path):
@@ -337,6 +342,7 @@ def test_torchrun_two_ranks_equal_one_process(toy_root, tiny_checkpoint, site_b_
     assert not [p for p in two.iterdir() if p.name.startswith(".tmp")]
 
 
+@pytest.mark.slow
 @pytest.mark.torchrun
 @pytest.mark.timeout(300)
 def test_torchrun_rank_zero_error_stops_every_rank(toy_root, tmp_path):
@@ -348,6 +354,7 @@ def test_torchrun_rank_zero_error_stops_every_rank(toy_root, tmp_path):
     assert not (tmp_path / DATASET).exists()
 
 
+@pytest.mark.slow
 def test_float16_overflow_is_an_error_naming_the_case(toy_root, tiny_checkpoint, tmp_path):
     state = torch.load(tiny_checkpoint, weights_only=True)
     state["image_encoder.neck.3.weight"] = state["image_encoder.neck.3.weight"] * 1e6
@@ -358,6 +365,7 @@ def test_float16_overflow_is_an_error_naming_the_case(toy_root, tiny_checkpoint,
     assert list((tmp_path / "pre" / DATASET / "DeSAMPlans_tiny").iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_kill_9_mid_case_leaves_no_half_case(toy_root, tiny_checkpoint, tmp_path, capsys):
     pre = tmp_path / "pre"

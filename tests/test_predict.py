@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -17,49 +16,20 @@ import torch
 from desam_pipeline.data.orientation import from_slices, in_plane_shape, plan_orientation
 from desam_pipeline.data.preprocessing import preprocess_volume, resize_probabilities_back
 from desam_pipeline.inference import predict, predictor, slice_prediction
+from desam_pipeline.inference.features import SliceEncoder
+from desam_pipeline.inference.inputs import CaseInput, discover_inputs, read_case_volume
+from desam_pipeline.inference.model import load_model
+from desam_pipeline.inference.outputs import QUALITY_COLUMNS
+from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.io.atomic import read_json
-from desam_pipeline.network import DeSAM
+from desam_pipeline.io.results_layout import CHECKPOINT_BEST, CHECKPOINT_FINAL, find_model_folder, model_folder_name
 from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
-from plans.plan_and_embed import plan_and_embed
+from desam_pipeline.utilities.errors import DesamError
 
-from toy_data import TINY_TAPS, toy_volume, write_toy_dataset
+from toy_data import toy_volume
+from toy_runs import DATASET
 
-pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
-
-DATASET = "Dataset900_Toy"
 CPU = torch.device("cpu")
-
-
-def write_model_folder(results: Path, preprocessed: Path, checkpoint: Path, mode: str, folds: list[int]) -> Path:
-    """An untrained model folder in the trainer's layout: different random PDMM weights per fold."""
-    folder = results / DATASET / f"DeSAMTrainer__DeSAMPlans_tiny__{mode}__src-SiteA"
-    folder.mkdir(parents=True)
-    shutil.copyfile(preprocessed / DATASET / "DeSAMPlans_tiny.json", folder / "plans.json")
-    for name in ("dataset.json", "dataset_fingerprint.json"):
-        shutil.copyfile(preprocessed / DATASET / name, folder / name)
-    for fold in folds:
-        torch.manual_seed(100 + fold)
-        net = DeSAM.from_sam_checkpoint(checkpoint, "tiny", TINY_TAPS)
-        (folder / f"fold_{fold}").mkdir()
-        torch.save({"network": net.inference_state_dict(),
-                    "network_config": {**net.config, "encoder": "tiny", "mode": mode}},
-                   folder / f"fold_{fold}" / predictor.CHECKPOINT_FILE)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, tiny_checkpoint):
-    """Toy dataset (6-slice volumes), SiteA's foreground slices cached, box (2 folds) and grid (1 fold) models."""
-    root = tmp_path_factory.mktemp("predict")
-    raw, pre, res = (root / k for k in ("raw", "preprocessed", "results"))
-    write_toy_dataset(raw, cases_per_site=1, shape=(40, 36, 6))
-    plan_and_embed(DATASET, encoder="tiny", checkpoint=str(tiny_checkpoint), domains=["SiteA"],
-                   slices="foreground", device="cpu", raw=str(raw), preprocessed=str(pre))
-    return SimpleNamespace(
-        raw=raw / DATASET, pre=pre, res=res, checkpoint=tiny_checkpoint,
-        box=write_model_folder(res, pre, tiny_checkpoint, "box", [0, 1]),
-        grid=write_model_folder(res, pre, tiny_checkpoint, "grid", [0]),
-        roots=["--preprocessed", str(pre), "--results", str(res)])
 
 
 def run_cli(*args) -> int:
@@ -93,28 +63,29 @@ def quality(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / "quality.csv", dtype={"case": str})
 
 
-def manual_prediction(env, folder: Path, folds: list[str], path: Path, mode_kwargs=None):
+def manual_prediction(predict_env, folder: Path, folds: list[str], path: Path,
+                      settings: PredictionSettings = PredictionSettings()):
     """Per-fold probabilities by hand (same encoder features, slice_prediction.predict_slices), and their average."""
-    model = predictor.load_model(folder, folds, CPU)
-    settings = predictor.make_settings(model.plan, CPU)
-    volume, _ = predictor.read_case_volume(predictor.CaseInput("x", (path,)))
-    encoder = predictor.SliceEncoder(model.plan, env.checkpoint, CPU, settings.precision)
+    model = load_model(folder, folds, CPU)
+    run = predictor.resolve_run(model.plan, settings, CPU)
+    volume, _ = read_case_volume(CaseInput("x", (path,)))
+    encoder = SliceEncoder(model.plan, predict_env.checkpoint, CPU, run.precision)
     neck, taps = encoder(preprocess_volume(volume, model.plan), "x")
-    per_fold = [slice_prediction.predict_slices(net, neck, taps, model.mode, device=CPU,
-                                         precision=settings.precision, **(mode_kwargs or {}))
-                for net in model.networks]
+    per_fold = [slice_prediction.predict_slices(net, neck, taps, model.mode, settings, device=CPU,
+                                                precision=run.precision) for net in model.networks]
     return volume, per_fold
 
 
-def test_geometry_is_kept_exactly(env, tmp_path):
+@pytest.mark.slow
+def test_geometry_is_kept_exactly(predict_env, tmp_path):
     inputs, out = tmp_path / "in", tmp_path / "out"
     oblique = write_volume(inputs / "oblique_0000.nii.gz", (40, 28, 3), oblique_affine((0.7, 1.3, 3.5)))
     flipped = np.diag([-1.1, 0.45, 5.0, 1.0])
     flipped[:3, 3] = (20.0, -8.0, 3.0)
     anisotropic = write_volume(inputs / "aniso_0000.nii.gz", (33, 44, 2), flipped, seed=1, dtype=np.int16,
                                qform_code=2, sform_code=1)
-    code = run_cli("-i", inputs, "-o", out, "-m", env.box, "-f", "0", "--save-probabilities",
-                   "--postprocess", "none", *env.roots)
+    code = run_cli("-i", inputs, "-o", out, "-m", predict_env.box, "-f", "0", "--save-probabilities",
+                   "--postprocess", "none", *predict_env.roots)
     assert code == 0
     for case, reference in (("oblique", oblique), ("aniso", anisotropic)):
         result = nib.load(str(out / f"{case}.nii.gz"))
@@ -135,17 +106,18 @@ def test_geometry_is_kept_exactly(env, tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_folds_are_averaged(env, tmp_path):
+@pytest.mark.slow
+def test_every_fold_is_used_and_their_probabilities_averaged(predict_env, tmp_path):
     path = tmp_path / "in" / "case_0000.nii.gz"
     write_volume(path, (40, 36, 3), np.diag([0.8, 0.8, 3.0, 1.0]), seed=2)
     out = tmp_path / "out"
     # No -f: every fold with a final checkpoint (0 and 1) is used.
-    assert run_cli("-i", path, "-o", out, "-m", env.box, "--save-probabilities", *env.roots) == 0
-    volume, per_fold = manual_prediction(env, env.box, ["0", "1"], path)
+    assert run_cli("-i", path, "-o", out, "-m", predict_env.box, "--save-probabilities", *predict_env.roots) == 0
+    volume, per_fold = manual_prediction(predict_env, predict_env.box, ["0", "1"], path)
     (p0, q0), (p1, q1) = per_fold
     average = (p0 + p1) / 2
     assert not np.allclose(average, p0, atol=1e-3) and not np.allclose(average, p1, atol=1e-3)
-    orientation = plan_orientation(predictor.load_model(env.box, ["0"], CPU).plan)
+    orientation = plan_orientation(load_model(predict_env.box, ["0"], CPU).plan)
     expected = from_slices(resize_probabilities_back(average, in_plane_shape(volume.shape, 2, orientation)), 2,
                            orientation)
     saved = np.load(out / "case.npz")["probabilities"]
@@ -153,52 +125,55 @@ def test_folds_are_averaged(env, tmp_path):
     mask = np.asanyarray(nib.load(str(out / "case.nii.gz")).dataobj)
     assert np.array_equal(mask, (expected > 0.5).astype(np.uint8))
     table = quality(out)
-    assert list(table.columns) == predictor.QUALITY_COLUMNS
+    assert list(table.columns) == QUALITY_COLUMNS
     assert table["slice"].tolist() == [0, 1, 2] and set(table["case"]) == {"case"}
     assert np.allclose(table["predicted_iou"], (q0 + q1) / 2, atol=2e-6)
     assert np.allclose(table["case_mean_iou"], np.mean((q0 + q1) / 2), atol=2e-6)
 
 
-def test_grid_mode_threshold_and_box_mode_by_dataset(env, tmp_path):
+@pytest.mark.slow
+def test_grid_threshold_empties_slices_and_records_the_rule_and_d_finds_the_model(predict_env, tmp_path):
     path = tmp_path / "in" / "g_0000.nii.gz"
     write_volume(path, (40, 36, 2), np.diag([0.8, 0.8, 3.0, 1.0]), seed=3)
     outs = {}
     for threshold in ("-1", "2"):
         outs[threshold] = tmp_path / f"grid{threshold}"
         assert run_cli("-i", path, "-o", outs[threshold], "-d", "900", "--mode", "grid", "--grid", "2",
-                       "--grid-rule", "top1", "--iou-threshold", threshold, "--save-probabilities", *env.roots) == 0
+                       "--grid-rule", "top1", "--iou-threshold", threshold, "--save-probabilities", *predict_env.roots) == 0
     accepted = np.load(outs["-1"] / "g.npz")["probabilities"]
     rejected = np.load(outs["2"] / "g.npz")["probabilities"]
     assert (accepted > 0).all() and not rejected.any()
     assert not np.asanyarray(nib.load(str(outs["2"] / "g.nii.gz")).dataobj).any()
-    _, [(_, iou)] = manual_prediction(env, env.grid, ["0"], path, {"grid": 2, "iou_threshold": -1})
+    _, [(_, iou)] = manual_prediction(predict_env, predict_env.grid, ["0"], path,
+                                      PredictionSettings(grid=2, iou_threshold=-1, grid_rule="top1"))
     for out in outs.values():
         assert np.allclose(quality(out)["predicted_iou"], iou, atol=2e-6)
     reference = tmp_path / "reference"
     assert run_cli("-i", path, "-o", reference, "-d", "900", "--mode", "grid", "--grid", "2",
-                   "--iou-threshold", "-1", "--save-probabilities", *env.roots) == 0  # the default rule
+                   "--iou-threshold", "-1", "--save-probabilities", *predict_env.roots) == 0  # the default rule
     record = read_json(reference / "prediction.json")
     assert record["grid_rule"] == "reference" and record["grid"] == 2 and record["iou_threshold"] == -1
     assert record["encoder_runtime"] == "torch"  # the tiny ViT; LiteMedSAM in fp32 on CPU gets onnxruntime
     assert read_json(outs["-1"] / "prediction.json")["grid_rule"] == "top1"
     assert np.load(reference / "g.npz")["probabilities"].shape == (40, 36, 2)
     box_out = tmp_path / "box"
-    assert run_cli("-i", path, "-o", box_out, "-d", "900", "--mode", "box", "-f", "1", *env.roots) == 0
+    assert run_cli("-i", path, "-o", box_out, "-d", "900", "--mode", "box", "-f", "1", *predict_env.roots) == 0
     assert nib.load(str(box_out / "g.nii.gz")).shape == (40, 36, 2)
 
 
-def test_checkpoint_name_chooses_and_records_the_checkpoint(env, tmp_path):
+@pytest.mark.slow
+def test_checkpoint_name_chooses_and_records_the_checkpoint(predict_env, tmp_path):
     """fold 0's `best` checkpoint is fold 1's weights here: --checkpoint-name best -f 0 must predict what
     fold 1's final checkpoint predicts, and prediction.json says which checkpoint was used."""
     path = tmp_path / "in" / "c_0000.nii.gz"
     write_volume(path, (40, 36, 2), np.diag([0.8, 0.8, 3.0, 1.0]), seed=4)
-    best = env.box / "fold_0" / predictor.CHECKPOINT_NAMES["best"]
-    shutil.copyfile(env.box / "fold_1" / predictor.CHECKPOINT_FILE, best)
+    best = predict_env.box / "fold_0" / CHECKPOINT_BEST
+    shutil.copyfile(predict_env.box / "fold_1" / CHECKPOINT_FINAL, best)
     try:
         outs = {name: tmp_path / name for name in ("final0", "best0", "final1")}
         for name, fold, checkpoint in (("final0", "0", "final"), ("best0", "0", "best"), ("final1", "1", "final")):
-            assert run_cli("-i", path, "-o", outs[name], "-m", env.box, "-f", fold, "--checkpoint-name", checkpoint,
-                           "--save-probabilities", *env.roots) == 0
+            assert run_cli("-i", path, "-o", outs[name], "-m", predict_env.box, "-f", fold, "--checkpoint-name", checkpoint,
+                           "--save-probabilities", *predict_env.roots) == 0
         saved = {name: np.load(out / "c.npz")["probabilities"] for name, out in outs.items()}
         assert np.array_equal(saved["best0"], saved["final1"])
         assert not np.allclose(saved["best0"], saved["final0"], atol=1e-3)
@@ -206,24 +181,25 @@ def test_checkpoint_name_chooses_and_records_the_checkpoint(env, tmp_path):
         assert records["best0"]["checkpoint_name"] == "best" and records["best0"]["folds"] == ["0"]
         assert records["best0"]["checkpoint_file"] == "checkpoint_best.pth"
         assert records["final0"]["checkpoint_name"] == "final"
-        with pytest.raises(predictor.DesamError, match="checkpoint_best.pth: not found"):
-            predictor.load_model(env.box, ["1"], CPU, "best")
+        with pytest.raises(DesamError, match="checkpoint_best.pth: not found"):
+            load_model(predict_env.box, ["1"], CPU, "best")
     finally:
         best.unlink()
 
 
-def test_cached_features_give_the_same_masks(env, tmp_path):
-    image = env.raw / "imagesTr" / "SiteA_Case00_0000.nii.gz"
-    cached_z = read_json(env.pre / DATASET / "DeSAMPlans_tiny" / "SiteA_Case00" / "meta.json")["z"]
+@pytest.mark.slow
+def test_cached_features_give_the_same_masks(predict_env, tmp_path):
+    image = predict_env.raw / "imagesTr" / "SiteA_Case00_0000.nii.gz"
+    cached_z = read_json(predict_env.pre / DATASET / "DeSAMPlans_tiny" / "SiteA_Case00" / "meta.json")["z"]
     assert 0 < len(cached_z) < 6
-    model = predictor.load_model(env.box, ["0"], CPU)
-    settings = predictor.make_settings(model.plan, CPU, save_probabilities=True)
+    model = load_model(predict_env.box, ["0"], CPU)
+    run = predictor.resolve_run(model.plan, PredictionSettings(save_probabilities=True), CPU)
     outputs = {}
     for use_cache in (True, False):
-        engine = predictor.build_predictor(model, settings, preprocessed_root=env.pre, use_cache=use_cache)
+        engine = predictor.build_predictor(model, run, preprocessed_root=predict_env.pre, use_cache=use_cache)
         out = tmp_path / f"cache{use_cache}"
         # Another name, same content: the cache is found by content, not by file name.
-        result = engine.predict_case(predictor.CaseInput("renamed", (image,)), out)
+        result = engine.predict_case(CaseInput("renamed", (image,)), out)
         assert result.cached_slices == (len(cached_z) if use_cache else 0)
         assert engine.encoder.slices_encoded == 6 - result.cached_slices
         outputs[use_cache] = out
@@ -233,15 +209,16 @@ def test_cached_features_give_the_same_masks(env, tmp_path):
     assert np.allclose(probabilities[0], probabilities[1], atol=1e-5)
 
 
-def test_continue_skips_finished_cases_and_keeps_their_quality(env, tmp_path, capsys):
+@pytest.mark.slow
+def test_continue_skips_finished_cases_and_keeps_their_quality(predict_env, tmp_path, capsys):
     inputs, out = tmp_path / "in", tmp_path / "out"
     for seed, case in enumerate(("007", "b")):
         write_volume(inputs / f"{case}.nii.gz", (30, 30, 2), np.diag([1.0, 1.0, 2.0, 1.0]), seed=seed)
-    assert run_cli("-i", inputs / "007.nii.gz", "-o", out, "-m", env.box, "-f", "0", *env.roots) == 0
+    assert run_cli("-i", inputs / "007.nii.gz", "-o", out, "-m", predict_env.box, "-f", "0", *predict_env.roots) == 0
     first = out / "007.nii.gz"
     before = (first.read_bytes(), first.stat().st_mtime_ns)
     capsys.readouterr()
-    assert run_cli("-i", inputs, "-o", out, "-m", env.box, "-f", "0", "--continue", *env.roots) == 0
+    assert run_cli("-i", inputs, "-o", out, "-m", predict_env.box, "-f", "0", "--continue", *predict_env.roots) == 0
     assert "1 predicted" in capsys.readouterr().out
     assert (first.read_bytes(), first.stat().st_mtime_ns) == before
     assert (out / "b.nii.gz").is_file()
@@ -256,7 +233,8 @@ def _three_cases(folder: Path) -> list[str]:
     return cases
 
 
-def test_two_parts_write_every_case_once(env, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_two_parts_write_every_case_once(predict_env, tmp_path, monkeypatch):
     inputs, out = tmp_path / "in", tmp_path / "out"
     cases = _three_cases(inputs)
     written = []
@@ -268,24 +246,25 @@ def test_two_parts_write_every_case_once(env, tmp_path, monkeypatch):
 
     monkeypatch.setattr(predictor, "save_like", counting_save_like)
     for part in ("0", "1"):
-        assert run_cli("-i", inputs, "-o", out, "-m", env.box, "-f", "0", "--num-parts", "2", "--part-id", part,
-                       *env.roots) == 0
+        assert run_cli("-i", inputs, "-o", out, "-m", predict_env.box, "-f", "0", "--num-parts", "2", "--part-id", part,
+                       *predict_env.roots) == 0
         if part == "0":
             assert sorted(written) == ["c0.nii.gz", "c2.nii.gz"]
     assert sorted(written) == [f"{c}.nii.gz" for c in cases]
     assert quality(out).groupby("case").size().to_dict() == {c: 2 for c in cases}
 
 
+@pytest.mark.slow
 @pytest.mark.torchrun
 @pytest.mark.timeout(300)
-def test_torchrun_two_ranks_write_every_case_once(env, tmp_path):
+def test_torchrun_two_ranks_write_every_case_once(predict_env, tmp_path):
     inputs, out = tmp_path / "in", tmp_path / "out"
     cases = _three_cases(inputs)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "desam_pipeline.inference.predict", "-i", str(inputs), "-o", str(out), "-m", str(env.box),
-               "-f", "0", "--device", "cpu", *env.roots]
+               "-m", "desam_pipeline.inference.predict", "-i", str(inputs), "-o", str(out), "-m", str(predict_env.box),
+               "-f", "0", "--device", "cpu", *predict_env.roots]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=280, env=environment)
+    proc = subprocess.run(command, capture_output=True, encoding="utf-8", timeout=280, env=environment)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "part 1/2: 2 of 3 cases" in proc.stdout and "part 2/2: 1 of 3 cases" in proc.stdout
     assert "desam_predict: 3 predicted" in proc.stdout
@@ -293,7 +272,8 @@ def test_torchrun_two_ranks_write_every_case_once(env, tmp_path):
     assert quality(out).groupby("case").size().to_dict() == {c: 2 for c in cases}
 
 
-def test_bad_cases_are_reported_and_skipped(env, tmp_path, capsys):
+@pytest.mark.slow
+def test_bad_cases_are_reported_and_skipped(predict_env, tmp_path, capsys):
     inputs, out = tmp_path / "in", tmp_path / "out"
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     write_volume(inputs / "good_0000.nii.gz", (30, 30, 2), affine)
@@ -306,7 +286,7 @@ def test_bad_cases_are_reported_and_skipped(env, tmp_path, capsys):
     write_volume(inputs / "two_0001.nii.gz", (30, 30, 2), affine)
     (inputs / "corrupt_0000.nii.gz").write_bytes(b"not a nifti file")
     write_volume(inputs / "unnamed.nii.gz", (30, 30, 2), affine)
-    assert run_cli("-i", inputs, "-o", out, "-m", env.box, "-f", "0", *env.roots) == 1
+    assert run_cli("-i", inputs, "-o", out, "-m", predict_env.box, "-f", "0", *predict_env.roots) == 1
     captured = capsys.readouterr()
     assert "1 predicted" in captured.out and "6 failed" in captured.out
     for name in ("nan_0000.nii.gz", "flat_0000.nii.gz", "fourd_0000.nii.gz", "two_0001.nii.gz",
@@ -319,32 +299,42 @@ def test_bad_cases_are_reported_and_skipped(env, tmp_path, capsys):
     assert set(quality(out)["case"]) == {"good"}
 
 
-def test_wrong_sam_checkpoint_and_ambiguous_model_are_one_line_errors(env, tmp_path, capsys):
+@pytest.mark.slow
+def test_wrong_sam_checkpoint_and_ambiguous_model_are_one_line_errors(predict_env, tmp_path, capsys):
     path = tmp_path / "x.nii.gz"
     write_volume(path, (20, 20, 1), np.eye(4))
     other = save_sam_checkpoint(build_sam("tiny", seed=1), tmp_path / "other_tiny.pth")
-    assert run_cli("-i", path, "-o", tmp_path / "o", "-m", env.box, "--checkpoint", other, *env.roots) == 1
+    assert run_cli("-i", path, "-o", tmp_path / "o", "-m", predict_env.box, "--checkpoint", other, *predict_env.roots) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is not the plan's checkpoint_sha256" in err[0] and "other_tiny.pth" in err[0]
-    assert run_cli("-i", path, "-o", tmp_path / "o", "-d", "900", *env.roots) == 1
+    assert len(err) == 1 and "differs from the plan's checkpoint_sha256" in err[0] and "other_tiny.pth" in err[0]
+    assert run_cli("-i", path, "-o", tmp_path / "o", "-d", "900", *predict_env.roots) == 1
     assert "several model folders match" in capsys.readouterr().err
-    assert run_cli("-i", path, "-o", tmp_path / "o", "-m", env.box, "-f", "3", *env.roots) == 1
+    assert run_cli("-i", path, "-o", tmp_path / "o", "-m", predict_env.box, "-f", "3", *predict_env.roots) == 1
     assert "fold_3" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
-def test_input_discovery_naming(tmp_path):
+def test_inputs_are_found_by_nnunet_or_plain_naming_and_clashes_flagged(tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
     for name in ("b.nii.gz", "a.nii", "a.nii.gz", "notes.txt", ".tmp-1-c.nii.gz"):
         (plain / name).touch()
-    found = predictor.discover_inputs(plain)
+    found = discover_inputs(plain)
     assert [(c.case, c.problem is None) for c in found] == [("a", True), ("a", False), ("b", True)]
     nnunet = tmp_path / "nnunet"
     nnunet.mkdir()
     for name in ("x_0000.nii.gz", "y_0000.nii.gz", "y_0001.nii.gz", "z_0001.nii.gz"):
         (nnunet / name).touch()
-    found = {c.case: c for c in predictor.discover_inputs(nnunet, num_channels=1)}
+    found = {c.case: c for c in discover_inputs(nnunet, num_channels=1)}
     assert found["x"].problem is None and found["x"].files == (nnunet / "x_0000.nii.gz",)
     assert "y_0001.nii.gz" in found["y"].problem and "z_0001.nii.gz" in found["z"].problem
-    assert predictor.discover_inputs(nnunet / "x_0000.nii.gz")[0].case == "x"
+    assert discover_inputs(nnunet / "x_0000.nii.gz")[0].case == "x"
+
+
+def test_find_model_folder_picks_the_folder_of_the_given_source_site(tmp_path):
+    for source in ("RUNMC", "BMC"):
+        (tmp_path / model_folder_name("DeSAMTrainer", "DeSAMPlans_tiny", "grid", [source])).mkdir()
+    found = find_model_folder(tmp_path, ["BMC"], "grid")
+    assert found.name == model_folder_name("DeSAMTrainer", "DeSAMPlans_tiny", "grid", ["BMC"])
+    with pytest.raises(DesamError, match="several model folders"):
+        find_model_folder(tmp_path, None, "grid")

@@ -1,4 +1,5 @@
-"""desam_report: source x target matrices (CSV, Markdown, PNG) from synthetic per_case.csv files."""
+"""desam_report: source x target matrices (CSV, Markdown, PNG) from synthetic per_case.csv (and, under the full
+protocol, per_slice.csv) files."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,19 +17,30 @@ def model_folder(results, source, mode="grid", plans="DeSAMPlans_tiny"):
 
 
 def write_per_case(results, source, seed, mode="grid", protocol="full", nan_hd95=()):
-    """Three cases per target site with random metrics; returns the frame written."""
+    """Three cases per target site with random metrics (and under `full` 6 random slices each, the structure on
+    slices 1-4, with their per_slice.csv); returns the per-case frame written (with `slices` under `full`)."""
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, slices = [], []
     for site in SITES:
         for i in range(3):
             case = f"{site}_Case{i:02d}"
             rows.append({"case": case, "site": site, "dice": rng.uniform(0.3, 0.95),
                          "hd95": np.nan if case in nan_hd95 else rng.uniform(1, 30),
                          "assd": rng.uniform(0.5, 5), "nsd": rng.uniform(0.2, 0.9), "in_domain": site == source})
+            if protocol == "full":
+                iou = rng.uniform(0.2, 1.0, 6).round(2)
+                rows[-1] |= {"components": int(rng.integers(1, 40)), "mean_predicted_iou": iou.mean()}
+                slices.append(pd.DataFrame({"case": case, "site": site, "in_domain": site == source, "slice": range(6),
+                                            "reference": [False, True, True, True, True, False],
+                                            "predicted": rng.random(6) < 0.7, "predicted_iou": iou}))
     frame = pd.DataFrame(rows)
     target = model_folder(results, source, mode) / "evaluation" / protocol / "per_case.csv"
     target.parent.mkdir(parents=True)
     frame.to_csv(target, index=False)
+    if protocol == "full":
+        per_slice = pd.concat(slices, ignore_index=True)
+        per_slice.to_csv(target.parent / "per_slice.csv", index=False)
+        frame.attrs["slices"] = per_slice
     return frame
 
 
@@ -81,7 +93,7 @@ def test_report_outputs(results, capsys):
     nan_cell = cells.query("source == 'SiteA' and target == 'SiteB'").iloc[0]
     assert (nan_cell["cases"], nan_cell["hd95_n"], nan_cell["hd95_excluded"]) == (3, 2, 1)
 
-    markdown = (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text(encoding="utf-8")
     assert "protocol: full" in markdown and "grid mode" in markdown
     a_row = next(line for line in markdown.splitlines() if line.startswith("| SiteA |") and "*" in line)
     cells_a = [c.strip() for c in a_row.strip("|").split("|")]
@@ -96,11 +108,58 @@ def test_report_outputs(results, capsys):
     assert not list(out.glob(".tmp-*"))
 
 
+def pairwise_auc(slices: pd.DataFrame) -> float:
+    """Wins (ties half) of a slice with structure over an empty one, over all such pairs."""
+    positive = slices.loc[slices["reference"], "predicted_iou"].to_numpy()
+    negative = slices.loc[~slices["reference"], "predicted_iou"].to_numpy()
+    wins = (positive[:, None] > negative[None, :]).sum() + 0.5 * (positive[:, None] == negative[None, :]).sum()
+    return wins / (positive.size * negative.size)
+
+
+def test_detection_matrices_pool_the_slices_of_each_cell(results, capsys):
+    root, frames = results
+    assert run(["-d", "900"]) == 0
+    out = root / DATASET / "report" / "grid__full"
+    fp = pd.read_csv(out / "fp_slices_pct_matrix.csv").set_index("source")
+    auc = pd.read_csv(out / "gate_auc_matrix.csv").set_index("source")
+    components = pd.read_csv(out / "components_median_matrix.csv").set_index("source")
+    assert list(auc.columns) == ["protocol", *SITES, "mean unseen", "pooled unseen"]
+    for source, frame in frames.items():
+        slices = frame.attrs["slices"]
+        for site in SITES:
+            cell = slices[slices["site"] == site]
+            empty = cell[~cell["reference"]]
+            assert fp.at[source, site] == pytest.approx(100 * empty["predicted"].sum() / len(empty))
+            assert auc.at[source, site] == pytest.approx(pairwise_auc(cell))
+            assert components.at[source, site] == frame.loc[frame["site"] == site, "components"].median()
+        unseen = slices[slices["site"] != source]
+        assert auc.at[source, "pooled unseen"] == pytest.approx(pairwise_auc(unseen))
+        unseen_means = [auc.at[source, s] for s in SITES if s != source]
+        assert auc.at[source, "mean unseen"] == pytest.approx(np.mean(unseen_means))
+    markdown = (out / "report.md").read_text()
+    assert "## Slice detection" in markdown and "### Gate AUC" in markdown and "### False-positive slices" in markdown
+    assert f"{auc.at['SiteA', 'SiteA']:.3f}*" in markdown
+
+
+def test_full_protocol_needs_the_slice_detection(results, capsys):
+    root, _ = results
+    per_slice = model_folder(root, "SiteB") / "evaluation" / "full" / "per_slice.csv"
+    per_slice.unlink()
+    assert run(["-d", "900"]) == 1
+    assert f"{per_slice}: not found (rerun desam_evaluate for it" in capsys.readouterr().err
+    per_case = model_folder(root, "SiteA") / "evaluation" / "full" / "per_case.csv"
+    pd.read_csv(per_case).drop(columns=["components", "mean_predicted_iou"]).to_csv(per_case, index=False)
+    assert run(["-d", "900"]) == 1
+    assert (f"{per_case}: missing column(s) components, mean_predicted_iou (evaluated before slice detection; "
+            "rerun desam_evaluate") in capsys.readouterr().err
+
+
 def test_modes_and_protocols_are_separate(results, capsys):
     root, _ = results
     write_per_case(root, "SiteA", 3, mode="box", protocol="paper")
     assert run(["-d", DATASET, "--protocol", "paper"]) == 0
     assert (root / DATASET / "report" / "box__paper" / "dice_matrix.csv").is_file()
+    assert not list((root / DATASET / "report" / "box__paper").glob("gate_auc*"))  # slice detection: full only
     assert not (root / DATASET / "report" / "grid__paper").exists()
     box = pd.read_csv(root / DATASET / "report" / "box__paper" / "dice_matrix.csv")
     assert box["source"].tolist() == ["SiteA"] and (box["protocol"] == "paper").all()

@@ -14,20 +14,21 @@ import torch
 from desam_pipeline.data import cache
 from desam_pipeline.data.orientation import from_slices, in_plane_shape, plan_orientation
 from desam_pipeline.data.preprocessing import resize_probabilities_back
-from desam_pipeline.inference import predict, predictor
+from desam_pipeline.inference import predict
+from desam_pipeline.inference.model import load_model
 from desam_pipeline.io.results_layout import Checkpoint, model_folder_name, parse_model_folder_name
 from desam_pipeline.network import CoupledSAM
 from desam_pipeline.network.sam_models import build_sam, read_state_dict
 from desam_pipeline.training import train
 from desam_pipeline.training.registry import trainer_class, trainer_classes
 from desam_pipeline.training.sam_trainers import CoupledSAMTrainer
+from desam_pipeline.training.settings import TrainingSettings
 from evaluation.evaluate import main as evaluate_main
 from evaluation.report import main as report_main
 from plans.plan_and_embed import plan_and_embed
 
 from toy_data import write_toy_dataset
 
-pytestmark = pytest.mark.slow  # trains or embeds (tiny SAM, LiteMedSAM), runs nnU-Net or builds the phantom
 
 DATASET = "Dataset900_Toy"
 PLANS = "DeSAMPlans_tiny"
@@ -72,7 +73,8 @@ def test_registry_knows_the_built_in_trainers_and_subclasses():
         pass
 
     assert trainer_class("MyTrainer") is MyTrainer
-    trainer = MyTrainer(Path("pre"), Path("res"), PLANS, 0, sources=["SiteB", "SiteA"], mode="grid", device="cpu")
+    trainer = MyTrainer(Path("pre"), Path("res"), PLANS, 0, sources=["SiteB", "SiteA"],
+                        settings=TrainingSettings(mode="grid", device="cpu"))
     assert trainer.model_dir == Path("res") / f"MyTrainer__{PLANS}__grid__src-SiteA+SiteB"
     assert trainer.config()["trainer"] == "MyTrainer"
 
@@ -87,6 +89,7 @@ def test_folder_names_round_trip():
     assert parse_model_folder_name("report") is None and parse_model_folder_name("DeSAMTrainer__p__grid") is None
 
 
+@pytest.mark.slow
 def test_unknown_trainer_is_one_line_listing_the_known_ones(env, capsys):
     assert run(train.main, ["900", "0", "-tr", "NoSuchTrainer", *env["train"]]) == 1
     err = capsys.readouterr().err.strip()
@@ -97,6 +100,7 @@ def test_unknown_trainer_is_one_line_listing_the_known_ones(env, capsys):
 
 
 # ---------------------------------------------------------------- the coupled network is SAM's decoder
+@pytest.mark.slow
 def test_coupled_forward_equals_sam_mask_decoder(tiny_checkpoint):
     net = CoupledSAM.from_sam_checkpoint(tiny_checkpoint, "tiny").eval()
     sam_state = read_state_dict(tiny_checkpoint)
@@ -126,6 +130,7 @@ def test_coupled_forward_equals_sam_mask_decoder(tiny_checkpoint):
 
 
 # ---------------------------------------------------------------- coupled fine-tuning, end to end
+@pytest.mark.slow
 def test_coupled_trains_one_epoch_and_predicts_a_volume(env, tmp_path):
     common = ["--source", "SiteA", "--mode", "box", "--epochs", "1", "--batch-size", "2", "--num-workers", "0",
               "--device", "cpu", "--precision", "fp32", *env["train"]]
@@ -137,7 +142,7 @@ def test_coupled_trains_one_epoch_and_predicts_a_volume(env, tmp_path):
     pretrained = read_state_dict(env["checkpoint"])
     mask_head = "prim.mask_decoder.output_upscaling.0.weight"
     assert not torch.equal(checkpoint.network[mask_head], pretrained[mask_head[len("prim."):]])  # it trained
-    debug = json.loads((folder / "fold_0" / "debug.json").read_text())
+    debug = json.loads((folder / "fold_0" / "debug.json").read_text(encoding="utf-8"))
     assert set(debug["parameter_counts"]) == {"prim.prompt_encoder", "prim.mask_decoder", "trainable", "total"}
     assert (folder / "fold_0" / "validation" / "summary.json").is_file()
 
@@ -164,17 +169,18 @@ def test_coupled_trains_one_epoch_and_predicts_a_volume(env, tmp_path):
                                              multimask_output=False)[0] for s in range(len(neck))])
     expected = np.zeros((image.shape[2], 256, 256), np.float32)
     expected[np.asarray(arrays["meta"]["z"])] = torch.sigmoid(logits)[:, 0].numpy()
-    orientation = plan_orientation(json.loads((folder / "plans.json").read_text()))
+    orientation = plan_orientation(json.loads((folder / "plans.json").read_text(encoding="utf-8")))
     expected = resize_probabilities_back(expected, in_plane_shape(image.shape, 2, orientation))
     expected = from_slices(expected, 2, orientation)  # the cache holds slices as the plan orients them
     assert expected.std() > 0.01
     np.testing.assert_allclose(probabilities, expected, atol=0.03)   # the predictor runs bf16 on CPU
     assert ((probabilities > 0.5) == (expected > 0.5)).mean() > 0.98
     assert np.array_equal(np.asarray(mask.dataobj) > 0, probabilities > 0.5)
-    assert isinstance(predictor.load_model(folder, device="cpu").networks[0], CoupledSAM)
+    assert isinstance(load_model(folder, device="cpu").networks[0], CoupledSAM)
 
 
 # ---------------------------------------------------------------- zero-shot SAM, evaluated like any model
+@pytest.mark.slow
 def test_zero_shot_fold_is_evaluated_and_reported(env):
     assert run(train.main, ["900", "0", "-tr", "ZeroShotSAMTrainer", "--source", "SiteA", "--mode", "grid",
                             "--num-workers", "0", "--device", "cpu", *env["train"]]) == 0
@@ -191,15 +197,15 @@ def test_zero_shot_fold_is_evaluated_and_reported(env):
     assert run(evaluate_main, ["-d", "900", "--source", "SiteA", "--mode", "grid", "-tr", "ZeroShotSAMTrainer",
                                "--grid", "3", "--device", "cpu", *env["flags"]]) == 0
     per_case = pd.read_csv(folder / "evaluation" / "full" / "per_case.csv")
-    held = json.loads((fold / "debug.json").read_text())["val_cases"]
+    held = json.loads((fold / "debug.json").read_text(encoding="utf-8"))["val_cases"]
     assert sorted(per_case["case"]) == sorted(["SiteB_Case00", "SiteB_Case01", *held])
     assert per_case["dice"].between(0, 1).all()
     assert (folder / "predictions" / "SiteB" / "SiteB_Case00.nii.gz").is_file()
-    summary = json.loads((folder / "evaluation" / "full" / "summary.json").read_text())
+    summary = json.loads((folder / "evaluation" / "full" / "summary.json").read_text(encoding="utf-8"))
     assert summary["trainer"] == "ZeroShotSAMTrainer"
 
     assert run(report_main, ["-d", "900", "-tr", "ZeroShotSAMTrainer", f"--results={env['roots']['results']}"]) == 0
     report = env["roots"]["results"] / DATASET / "report" / "ZeroShotSAMTrainer__grid__full"
     dice = pd.read_csv(report / "dice_matrix.csv")
     assert dice["source"].tolist() == ["SiteA"]
-    assert "ZeroShotSAMTrainer" in (report / "report.md").read_text()
+    assert "ZeroShotSAMTrainer" in (report / "report.md").read_text(encoding="utf-8")

@@ -66,7 +66,7 @@ def test_reading_keeps_no_mapping_open(synthetic_cache):
     data = dataset(synthetic_cache)
     for index in range(len(data)):
         data[(0, index)]
-    maps = Path("/proc/self/maps").read_text()
+    maps = Path("/proc/self/maps").read_text(encoding="utf-8")
     assert str(folder) not in maps
 
 

@@ -18,7 +18,7 @@ def test_source_key_is_canonical():
     assert source_key(["RUNMC", "BMC", "RUNMC"]) == "src-BMC+RUNMC"
 
 
-def test_parse_fold():
+def test_a_fold_is_0_to_4_or_all():
     assert splits.parse_fold("3") == 3
     assert splits.parse_fold("all") == "all"
     for bad in ("5", "-1", "x"):
@@ -39,7 +39,7 @@ def test_folds_partition_the_cases_by_patient():
     assert splits.make_folds(CASES, seed=1) != folds
 
 
-def test_few_cases_give_fewer_folds():
+def test_fewer_cases_than_folds_give_one_fold_per_case():
     assert len(splits.make_folds(CASES[:3])) == 3
     assert splits.make_folds(CASES[:1]) == []
     with pytest.raises(DesamError, match="only fold 'all'"):
@@ -57,17 +57,17 @@ def test_file_is_keyed_by_source_and_user_edits_are_kept(tmp_path):
     site_a = [c for c in CASES if c.startswith("SiteA")]
     folds_a = splits.load_or_create_splits(tmp_path, "src-SiteA", site_a)
     folds_all = splits.load_or_create_splits(tmp_path, "src-ALL", CASES)
-    stored = json.loads((tmp_path / splits.SPLITS_FILE).read_text())
+    stored = json.loads((tmp_path / splits.SPLITS_FILE).read_text(encoding="utf-8"))
     assert stored == {"src-SiteA": folds_a, "src-ALL": folds_all}
 
     edited = [{"train": site_a[:5], "val": site_a[5:6]}]  # a hand-made single fold leaving one case out
     stored["src-SiteA"] = edited
-    (tmp_path / splits.SPLITS_FILE).write_text(json.dumps(stored))
+    (tmp_path / splits.SPLITS_FILE).write_text(json.dumps(stored), encoding="utf-8")
     assert splits.load_or_create_splits(tmp_path, "src-SiteA", site_a) == edited
     assert splits.fold_cases(edited, 0, site_a, "src-SiteA") == (site_a[:5], site_a[5:6])
 
     stored["src-SiteA"] = [{"train": site_a, "val": ["SiteC_Case00"]}]
-    (tmp_path / splits.SPLITS_FILE).write_text(json.dumps(stored))
+    (tmp_path / splits.SPLITS_FILE).write_text(json.dumps(stored), encoding="utf-8")
     with pytest.raises(DesamError, match="outside the source selection: SiteC_Case00"):
         splits.load_or_create_splits(tmp_path, "src-SiteA", site_a)
 
@@ -75,6 +75,6 @@ def test_file_is_keyed_by_source_and_user_edits_are_kept(tmp_path):
 def test_no_write_leaves_the_file_alone(tmp_path):
     splits.load_or_create_splits(tmp_path, "src-ALL", CASES, write=False)
     assert not (tmp_path / splits.SPLITS_FILE).exists()
-    (tmp_path / splits.SPLITS_FILE).write_text("[1, 2]")
+    (tmp_path / splits.SPLITS_FILE).write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(DesamError, match="expected an object"):
         splits.load_or_create_splits(tmp_path, "src-ALL", CASES)

@@ -22,19 +22,18 @@ from pathlib import Path
 from typing import Sequence
 
 from desam_pipeline.data import splits
-from desam_pipeline.data.preprocessing import SLICE_AXIS, SLICE_SIZE
+from desam_pipeline.data.plan_io import DEFAULT_CHOICES
+from desam_pipeline.inference.prediction_cache import prediction_file
 from desam_pipeline.io.atomic import read_json, write_json
 from desam_pipeline.utilities.errors import DesamError
 
 RECORD_FILE = "external_predictions.json"
-PREDICTIONS = "predictions"
 REQUIRED_KEYS = ("made_by", "description", "plans", "mode", "sources", "folds", "in_domain_fold_of_case", "schedule", "scoring_plan")
 
 
 def default_scoring_plan() -> dict:
     """desam's slice grid (axis, size, intensity window) for protocols and overlays that score on it."""
-    return {"slice_axis": SLICE_AXIS, "slice_size": SLICE_SIZE,
-            "intensity": {"low_percentile": 0.5, "high_percentile": 99.5}}
+    return {key: DEFAULT_CHOICES[key] for key in ("slice_axis", "slice_size", "intensity")}
 
 
 def is_external(folder: Path) -> bool:
@@ -58,18 +57,11 @@ def read_record(folder: Path) -> dict:
     path = Path(folder) / RECORD_FILE
     if not path.is_file():
         raise DesamError(f"{path}: not found; {Path(folder).name} is not a folder of external predictions")
-    try:
-        record = read_json(path)
-    except ValueError as exc:
-        raise DesamError(f"{path}: invalid JSON ({exc})") from exc
+    record = read_json(path)
     missing = [k for k in REQUIRED_KEYS if not isinstance(record, dict) or k not in record]
     if missing:
         raise DesamError(f"{path}: missing key(s) {', '.join(missing)}")
     return record
-
-
-def prediction_file(folder: Path, site: str, case: str) -> Path:
-    return Path(folder) / PREDICTIONS / site / f"{case}.nii.gz"
 
 
 def locate(results_dir: Path, name: str, sources: Sequence[str], folds: Sequence[str] | None) -> tuple[Path, dict]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from desam_pipeline.data.plan_io import load_plan, plan_hash
+from desam_pipeline.data.prompts import MODES
 from desam_pipeline.data.splits import parse_fold
 from desam_pipeline.io.atomic import write_json
 from desam_pipeline.io.nifti_io import file_sha256
@@ -26,7 +27,7 @@ from desam_pipeline.network import DeSAM, encoders, sam_models
 from desam_pipeline.network.pdmm import PDMM, SEResBlock
 from desam_pipeline.network.prim import UNUSED_DECODER_PARTS
 from desam_pipeline.training.train import find_plans_name
-from desam_pipeline.training.trainer import MODES, copy_plan_files
+from desam_pipeline.training.fold_files import copy_plan_files
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
 

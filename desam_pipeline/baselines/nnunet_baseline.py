@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from desam_pipeline.baselines.external_predictions import PREDICTIONS, RECORD_FILE, prediction_file, write_record
+from desam_pipeline.baselines.external_predictions import RECORD_FILE, write_record
+from desam_pipeline.inference.prediction_cache import PREDICTIONS, prediction_file
 from desam_pipeline.data import splits
 from desam_pipeline.data.raw_dataset import check_sites, domains, file_ending, label_path, list_cases, load_dataset_json
 from desam_pipeline.io.atomic import read_json, write_json
@@ -37,6 +38,13 @@ from desam_pipeline.utilities.paths import DATASET_PATTERN, Trees, add_root_argu
 
 INSTALL_HINT = "nnunetv2 is not installed; install the baseline extra: pip install -e .[baseline]"
 NNUNET_FOLDER = "nnunet"
+# The baseline's defaults (flags and `run_baseline` alike): a CPU-sized schedule of nnU-Net's 2d configuration.
+NNUNET_TRAINER = "nnUNetTrainer_5epochs"
+NNUNET_CONFIGURATION = "2d"
+NNUNET_PLANS = "nnUNetPlans"
+NNUNET_DEVICE = "cpu"
+NNUNET_PROCESSES = 1
+NNUNET_FOLDS = ("0",)
 
 
 # ---------------------------------------------------------------- nnU-Net's side: trees, commands
@@ -134,8 +142,8 @@ def schedule_text(schedule: dict) -> str:
 
 # ---------------------------------------------------------------- the command
 def run_baseline(dataset: str | int, sources: Sequence[str], folds: Sequence[str], *,
-                 trainer: str = "nnUNetTrainer_5epochs", configuration: str = "2d", plans: str = "nnUNetPlans",
-                 device: str = "cpu", processes: int = 1, tta: bool = True, raw: str | None = None,
+                 trainer: str = NNUNET_TRAINER, configuration: str = NNUNET_CONFIGURATION, plans: str = NNUNET_PLANS,
+                 device: str = NNUNET_DEVICE, processes: int = NNUNET_PROCESSES, tta: bool = True, raw: str | None = None,
                  preprocessed: str | None = None, results: str | None = None) -> Path:
     """Train (or reuse), predict and place the nnU-Net baseline; returns its results folder."""
     version = nnunet_version()
@@ -229,16 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "find them.")
     parser.add_argument("-d", "--dataset", required=True, help="dataset number or DatasetNNN_Name")
     parser.add_argument("--source", nargs="+", required=True, metavar="SITE", help="the site(s) to train on")
-    parser.add_argument("-f", "--folds", nargs="+", default=["0"], metavar="FOLD",
+    parser.add_argument("-f", "--folds", nargs="+", default=list(NNUNET_FOLDS), metavar="FOLD",
                         help="desam's folds to train (0-4 or all; default: 0); unseen sites use all of them")
-    parser.add_argument("-tr", "--trainer", default="nnUNetTrainer_5epochs",
-                        help="nnU-Net trainer class (default: nnUNetTrainer_5epochs, a CPU-sized schedule; "
+    parser.add_argument("-tr", "--trainer", default=NNUNET_TRAINER,
+                        help="nnU-Net trainer class (default: %(default)s, a CPU-sized schedule; "
                              "nnUNetTrainer is the full 1000 epochs)")
-    parser.add_argument("-c", "--configuration", default="2d", help="nnU-Net configuration (default: 2d)")
-    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="nnU-Net plans identifier")
-    parser.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cpu")
-    parser.add_argument("-np", "--num-processes", type=int, default=1,
-                        help="nnU-Net worker processes for preprocessing, augmentation and export (default: 1)")
+    parser.add_argument("-c", "--configuration", default=NNUNET_CONFIGURATION,
+                        help="nnU-Net configuration (default: %(default)s)")
+    parser.add_argument("-p", "--plans", default=NNUNET_PLANS, help="nnU-Net plans identifier")
+    parser.add_argument("--device", choices=("cpu", "cuda", "mps"), default=NNUNET_DEVICE)
+    parser.add_argument("-np", "--num-processes", type=int, default=NNUNET_PROCESSES,
+                        help="nnU-Net worker processes for preprocessing, augmentation and export (default: %(default)s)")
     parser.add_argument("--disable-tta", action="store_true", help="predict without nnU-Net's mirroring")
     add_root_arguments(parser, "raw", "preprocessed", "results")
     return parser

@@ -89,3 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{raw_dir}: OK")
     return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from desam_pipeline.io.atomic import read_json
 from desam_pipeline.utilities.errors import DesamError
 
 CHANNEL_SUFFIX = "_0000"
@@ -15,10 +16,7 @@ def read_dataset_json(path: Path, hint: str = "") -> dict:
     path = Path(path)
     if not path.is_file():
         raise DesamError(f"{path}: not found{hint}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DesamError(f"{path}: invalid JSON ({exc})") from exc
+    return read_json(path)
 
 
 def _is_int(value) -> bool:

@@ -23,8 +23,6 @@ SPLIT_SEED = 12345
 ALL = "all"
 
 
-
-
 def parse_fold(text: str | int) -> int | str:
     """`0`..`4` -> int, `all` -> "all"; anything else is a one-line error."""
     if str(text) == ALL:
@@ -51,6 +49,20 @@ def make_folds(cases: list[str], seed: int = SPLIT_SEED, num_folds: int = NUM_FO
     return folds
 
 
+def check_folds(folds: object, path: Path, key: str) -> None:
+    """A hand-edited split must be nnU-Net's list of {"train": [case ids], "val": [case ids]} folds."""
+    if not isinstance(folds, list):
+        raise DesamError(f"{path}: {key} must be a list of folds ({{\"train\": [...], \"val\": [...]}}), "
+                         f"got {folds!r}")
+    for k, fold in enumerate(folds):
+        if not isinstance(fold, dict) or not {"train", "val"} <= set(fold):
+            raise DesamError(f"{path}: {key} fold {k} needs 'train' and 'val' lists")
+        for part in ("train", "val"):
+            if not isinstance(fold[part], list) or not all(isinstance(c, str) for c in fold[part]):
+                raise DesamError(f"{path}: {key} fold {k} '{part}' must be a list of case ids (strings), "
+                                 f"got {fold[part]!r}")
+
+
 def load_or_create_splits(preprocessed_dir: Path, key: str, cases: list[str],
                           write: bool = True) -> list[dict]:
     """The folds of `key` from splits_final.json, created and saved (when `write`) if absent.
@@ -60,18 +72,14 @@ def load_or_create_splits(preprocessed_dir: Path, key: str, cases: list[str],
     path = Path(preprocessed_dir) / SPLITS_FILE
     stored = {}
     if path.is_file():
-        try:
-            stored = read_json(path)
-        except ValueError as exc:
-            raise DesamError(f"{path}: invalid JSON ({exc})") from exc
+        stored = read_json(path)
         if not isinstance(stored, dict):
             raise DesamError(f"{path}: expected an object keyed by source selection (e.g. 'src-ALL')")
     if key in stored:
         folds = stored[key]
+        check_folds(folds, path, key)
         known = set(cases)
         for k, fold in enumerate(folds):
-            if not isinstance(fold, dict) or not {"train", "val"} <= set(fold):
-                raise DesamError(f"{path}: {key} fold {k} needs 'train' and 'val' lists")
             unknown = sorted((set(fold["train"]) | set(fold["val"])) - known)
             if unknown:
                 raise DesamError(f"{path}: {key} fold {k} names cases outside the source selection: "

@@ -10,29 +10,10 @@ import torch
 from desam_pipeline.data import cache
 from desam_pipeline.data.plan_io import plan_hash
 from desam_pipeline.io.atomic import read_json
-from desam_pipeline.io.nifti_io import file_sha256
 from desam_pipeline.network import encoders
 from desam_pipeline.network.embedding import encode_slices, features_for_cache
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.paths import DATASET_PATTERN, get_root
-
-
-def resolve_sam_checkpoint(plan: dict, checkpoint: str | os.PathLike | None = None) -> Path:
-    """The SAM checkpoint given (else the plan's), which must be the file the plan was made with."""
-    if checkpoint is None:
-        path = Path(plan["checkpoint"])
-        if not path.is_file():
-            raise DesamError(f"{path}: the plan's SAM checkpoint is not there; pass --checkpoint "
-                             f"(the {plan['encoder']} file with sha256 {plan['checkpoint_sha256'][:12]}...)")
-    else:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise DesamError(f"{path}: SAM checkpoint not found")
-    digest = file_sha256(path)
-    if digest != plan["checkpoint_sha256"]:
-        raise DesamError(f"{path}: sha256 {digest[:12]}... is not the plan's checkpoint_sha256 "
-                         f"{plan['checkpoint_sha256'][:12]}... (the model was trained on another SAM's features)")
-    return path
 
 
 class SliceEncoder:

@@ -1,13 +1,16 @@
-"""How grid mode turns k x k point prompts into one mask per slice: `top1` (desam) or `reference`.
+"""How grid mode turns k x k point prompts into one mask per slice: `reference` or `top1` (desam's).
 
-- `top1` (default): PRIM's IoU head scores every point; PDMM runs once, on the best point's mask
-  embedding; the slice is empty unless that IoU exceeds the threshold (see `inference`).
+The default rule is `inference.settings.DEFAULT_GRID_RULE` (`reference`).
+
+- `top1`: PRIM's IoU head scores every point; PDMM runs once, on the best point's mask embedding; the
+  slice is empty unless that IoU exceeds the threshold (see `inference.slice_prediction`).
 - `reference`: the reference code's automatic mask generator with one 256x256 crop. Every point whose
   predicted IoU exceeds the threshold goes through the whole network; each mask's logits are resampled
-  as SAM's `postprocess_masks` does (bilinear to 1024, then to the 256 image) and thresholded at
-  sigmoid 0.5; duplicates are removed by box NMS at 0.7 on the predicted IoU; every kept mask is cleaned
-  with segment_anything's `remove_small_regions` (holes, then islands, under 1000 px); a second box NMS
-  at 0.7 ranks the masks the cleaning left unchanged first; the first mask is the answer.
+  as SAM's `postprocess_masks` does (bilinear to the prompt frame, 1024 for SAM's ViT and 256 for
+  LiteMedSAM, then to the 256 image) and thresholded at sigmoid 0.5; duplicates are removed by box NMS
+  at 0.7 on the predicted IoU; every kept mask is cleaned with segment_anything's `remove_small_regions`
+  (holes, then islands, under 1000 px); a second box NMS at 0.7 ranks the masks the cleaning left
+  unchanged first; the first mask is the answer.
   The generator's crop-edge filter never fires with a single full-image crop and its stability score is
   computed but unused, so both are left out.
 

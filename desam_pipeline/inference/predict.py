@@ -12,25 +12,29 @@ files stops before writing anything.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
+from desam_pipeline.data.prompts import MODES
 from desam_pipeline.inference import predictor
-from desam_pipeline.inference.cli_args import prediction_parser
+from desam_pipeline.inference.inputs import CaseInput, discover_inputs
+from desam_pipeline.inference.model import load_model
+from desam_pipeline.inference.outputs import QUALITY_DIR, merge_quality, output_path
 from desam_pipeline.inference.record import write_record
-from desam_pipeline.inference.slice_prediction import MODES
+from desam_pipeline.inference.settings import FILE_HANDLING, PredictionSettings
 from desam_pipeline.io.atomic import remove_stale_temporaries
+from desam_pipeline.io.results_layout import find_model_folder
 from desam_pipeline.utilities import distributed
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
 from desam_pipeline.utilities.runtime import select_device, shard, shard_spec, tune_malloc
+from desam_pipeline.utilities.setting_flags import add_setting_flags, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="desam_predict", description="Segment NIfTI volumes with a trained DeSAM model folder.",
-        parents=[prediction_parser()])
+        prog="desam_predict", description="Segment NIfTI volumes with a trained DeSAM model folder.")
+    add_setting_flags(parser, PredictionSettings, exclude=FILE_HANDLING)
     parser.add_argument("-i", "--input", required=True,
                         help="folder of <case>_0000.nii.gz (nnU-Net naming) or plain .nii.gz files, or one file")
     parser.add_argument("-o", "--output", required=True, help="output folder: <case>.nii.gz, quality.csv")
@@ -46,10 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with -d: the trainer class that trained the model (default: any)")
     parser.add_argument("-f", "--folds", nargs="+", default=None,
                         help="folds to average (default: every numbered fold with the chosen checkpoint, else 'all')")
-    parser.add_argument("--save-probabilities", action="store_true",
-                        help="also write <case>.npz with the fold-averaged probabilities")
-    parser.add_argument("--continue", dest="skip_existing", action="store_true",
-                        help="skip cases whose <case>.nii.gz already exists")
+    add_setting_flags(parser, PredictionSettings, names=FILE_HANDLING)
     parser.add_argument("--num-parts", type=int, default=None, help="split the cases into this many parts")
     parser.add_argument("--part-id", type=int, default=None, help="the part to predict (0-based)")
     add_root_arguments(parser, "preprocessed", "results")
@@ -65,23 +66,17 @@ def model_folder(args: argparse.Namespace) -> Path:
             raise DesamError(f"{', '.join(given)} select a model folder with -d; -m names one already")
         return Path(args.model_folder)
     trees = Trees(args.dataset, preprocessed=args.preprocessed, results=args.results)
-    return predictor.find_model_folder(trees.results, args.source, args.mode, args.plans_name, args.trainer)
+    return find_model_folder(trees.results, args.source, args.mode, args.plans_name, args.trainer)
 
 
-def refuse_overwriting_inputs(cases: list[predictor.CaseInput], out_dir: Path) -> None:
+def refuse_overwriting_inputs(cases: list[CaseInput], out_dir: Path) -> None:
     """No case's outputs may be one of the input files, however either is spelled (links, `..`, slashes)."""
     inputs = {path.resolve() for case in cases for path in case.files}
     for case in cases:
-        for target in (predictor.output_path(out_dir, case.case), out_dir / f"{case.case}.npz"):
+        for target in (output_path(out_dir, case.case), out_dir / f"{case.case}.npz"):
             if target.resolve() in inputs:
                 raise DesamError(f"{target}: the output of case {case.case} would overwrite an input file; "
                                  f"choose another output folder")
-
-
-def check_iou_threshold(value: float) -> None:
-    """A finite number (below 0 keeps every slice, 1 or more empties them all); NaN would empty all silently."""
-    if not math.isfinite(value):
-        raise DesamError(f"--iou-threshold must be a finite number, got {value}")
 
 
 def summarise(results: list[predictor.CaseResult], out_dir: Path, part: str) -> int:
@@ -105,34 +100,31 @@ def main(argv: list[str] | None = None) -> int:
     input_path, out_dir = Path(args.input), Path(args.output)
     if out_dir.resolve() == input_path.resolve():
         raise DesamError(f"{out_dir}: the output folder must not be the input folder")
-    check_iou_threshold(args.iou_threshold)
-    device = select_device(args.device)
-    model = predictor.load_model(model_folder(args), args.folds, device, args.checkpoint_name)
-    settings = predictor.make_settings(
-        model.plan, device, args.batch_size, grid=args.grid, iou_threshold=args.iou_threshold,
-        grid_rule=args.grid_rule, postprocess=args.postprocess, save_probabilities=args.save_probabilities,
-        skip_existing=args.skip_existing)
-    cases = predictor.discover_inputs(input_path, model.num_channels)
+    settings = settings_from_args(PredictionSettings, args).validate()
+    device = select_device(settings.device)
+    model = load_model(model_folder(args), args.folds, device, settings.checkpoint_name)
+    run = predictor.resolve_run(model.plan, settings, device)
+    cases = discover_inputs(input_path, model.num_channels)
     refuse_overwriting_inputs(cases, out_dir)
-    for folder in (out_dir, out_dir / predictor.QUALITY_DIR):
+    for folder in (out_dir, out_dir / QUALITY_DIR):
         remove_stale_temporaries(folder)
-    engine = predictor.build_predictor(model, settings, args.checkpoint, args.preprocessed)
+    engine = predictor.build_predictor(model, run, args.preprocessed)
     mine = shard(cases, num_parts, part_id)
     part = f" part {part_id + 1}/{num_parts}" if num_parts > 1 else ""
     with distributed.process_group() as in_group:
         print(f"desam_predict{part}: {len(mine)} of {len(cases)} cases, model {model.folder.name} ({model.mode} "
-              f"mode, folds {', '.join(model.folds)}), {device.type} {settings.precision}, batch "
-              f"{settings.batch_size}, {len(engine.cache_index)} cached cases of the plan", flush=True)
+              f"mode, folds {', '.join(model.folds)}), {device.type} {run.precision}, batch "
+              f"{run.batch_size}, {len(engine.cache_index)} cached cases of the plan", flush=True)
         if not in_group or distributed.rank() == 0:
-            write_record(out_dir, model, settings)
+            write_record(out_dir, model, run)
         results = engine.predict_cases(mine, out_dir, show_progress=not in_group or part_id == 0)
         if not in_group:
-            predictor.merge_quality(out_dir)
+            merge_quality(out_dir)
             return summarise(results, out_dir, part)
         results = [r for part_results in distributed.gather(results) for r in part_results]
         if distributed.rank() != 0:
             return int(any(r.status == "failed" for r in results))
-        predictor.merge_quality(out_dir)
+        merge_quality(out_dir)
         return summarise(results, out_dir, "")
 
 

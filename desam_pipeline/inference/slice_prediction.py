@@ -16,12 +16,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from desam_pipeline.data.preprocessing import SLICE_SIZE
 from desam_pipeline.data.prompts import MODES, grid_points, whole_box
 from desam_pipeline.inference.grid_rules import GRID_RULES, point_logits, reference_slice
+from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.network import DeSAM
 from desam_pipeline.network.grid_iou import prompt_ious
+from desam_pipeline.network.registry import mask_size
 from desam_pipeline.utilities.runtime import autocast
+
+# Slices per forward pass where the caller has no plan (the predictor and the trainer pass theirs).
+SLICE_BATCH = 8
 
 
 def _chunk(array, start: int, stop: int, device: torch.device) -> torch.Tensor:
@@ -34,7 +38,7 @@ def _chunk(array, start: int, stop: int, device: torch.device) -> torch.Tensor:
 
 def _grid_chunk(net: DeSAM, neck: torch.Tensor, taps: list[torch.Tensor], points: torch.Tensor,
                 iou_threshold: float, average: bool, batch_size: int,
-                probabilities: np.ndarray, best_iou: np.ndarray, grid_rule: str = "top1") -> None:
+                probabilities: np.ndarray, best_iou: np.ndarray, grid_rule: str) -> None:
     """Grid-mode prediction of one chunk of slices, written into `probabilities` and `best_iou`."""
     labels = torch.ones(points.shape[:2], dtype=torch.int64, device=points.device)
     chosen, chosen_embeddings = [], []
@@ -44,7 +48,7 @@ def _grid_chunk(net: DeSAM, neck: torch.Tensor, taps: list[torch.Tensor], points
         best_iou[s] = float(iou[best])
         if grid_rule == "reference":
             probabilities[s] = reference_slice(net, neck[s:s + 1], [t[s:s + 1] for t in taps], (points, labels),
-                                               iou, iou_threshold, batch_size, SLICE_SIZE)
+                                               iou, iou_threshold, batch_size, probabilities.shape[-1])
             continue
         if best_iou[s] <= iou_threshold:
             continue
@@ -55,7 +59,7 @@ def _grid_chunk(net: DeSAM, neck: torch.Tensor, taps: list[torch.Tensor], points
             continue
         accepted = torch.nonzero(iou > iou_threshold)[:, 0]
         branches = net.pdmm.encode_taps([t[s:s + 1] for t in taps])
-        total = torch.zeros((SLICE_SIZE, SLICE_SIZE), dtype=torch.float32, device=neck.device)
+        total = torch.zeros(probabilities.shape[1:], dtype=torch.float32, device=neck.device)
         for start in range(0, accepted.shape[0], batch_size):
             logits = point_logits(net, neck[s:s + 1], branches, (points, labels), accepted[start:start + batch_size])
             total += torch.sigmoid(logits.float())[:, 0].sum(0)
@@ -66,21 +70,21 @@ def _grid_chunk(net: DeSAM, neck: torch.Tensor, taps: list[torch.Tensor], points
         probabilities[chosen] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
 
 
-def predict_slices(net: DeSAM, neck, taps: Sequence, mode: str = "grid", grid: int = 9,
-                   iou_threshold: float = 0.5, average: bool = False, batch_size: int = 8,
-                   device: torch.device | str | None = None, precision: str = "fp32", grid_rule: str = "top1"
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground probabilities (S,256,256) float32 and the best predicted IoU per slice (S,) float32.
+def predict_slices(net: DeSAM, neck, taps: Sequence, mode: str, settings: PredictionSettings = PredictionSettings(),
+                   *, average: bool = False, batch_size: int = SLICE_BATCH, device: torch.device | str | None = None,
+                   precision: str = "fp32", size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground probabilities (S,size,size) float32 and the best predicted IoU per slice (S,) float32.
 
     neck (S,256,g,g) and the three taps (S,C,H,W), shallow to deep, as tensors (or memory-mapped
     arrays) on any device; they are moved to `device` (default: the network's) `batch_size` slices
-    at a time, so memory does not grow with S. mode "grid": `grid` x `grid` points per slice, PDMM
-    once per slice on the top-IoU point, zero probabilities where no IoU > `iou_threshold`;
-    `average=True` averages the probabilities of all accepted points instead; `grid_rule="reference"`
-    gives the reference code's mask instead (`grid_rules`). mode "box": the
-    whole-image box, the IoU being the IoU head's output for it. `precision` is a
-    `runtime.autocast` precision (fp32, bf16, fp16).
+    at a time, so memory does not grow with S. mode "grid": the settings' `grid` x `grid` points per
+    slice and `grid_rule` (`reference`: the reference code's mask, see `grid_rules`; `top1`: PDMM once per
+    slice on the top-IoU point, zero probabilities where no IoU > `iou_threshold`, or with
+    `average=True` the mean probabilities of all accepted points). mode "box": the whole-image box, the
+    IoU being the IoU head's output for it. `precision` is a `runtime.autocast` precision (fp32, bf16,
+    fp16). `size` is the plan's slice size; by default the network's mask size.
     """
+    grid, iou_threshold, grid_rule = settings.grid, settings.iou_threshold, settings.grid_rule
     if mode not in MODES:
         raise ValueError(f"unknown prediction mode {mode!r}; choose one of {', '.join(MODES)}")
     if grid_rule not in GRID_RULES:
@@ -89,7 +93,8 @@ def predict_slices(net: DeSAM, neck, taps: Sequence, mode: str = "grid", grid: i
         raise ValueError(f"expected 3 taps, got {len(taps)}")
     device = torch.device(device) if device is not None else next(net.parameters()).device
     count = neck.shape[0]
-    probabilities = np.zeros((count, SLICE_SIZE, SLICE_SIZE), np.float32)
+    size = mask_size(net) if size is None else int(size)
+    probabilities = np.zeros((count, size, size), np.float32)
     best_iou = np.zeros(count, np.float32)
     points = torch.as_tensor(grid_points(grid, net.prim.frame), device=device)[:, None, :]
     was_training = net.training

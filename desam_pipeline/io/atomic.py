@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from filelock import FileLock
 
-from desam_pipeline.utilities.errors import naming
+from desam_pipeline.utilities.errors import DesamError, naming
 
 TMP_PREFIX = ".tmp-"
 
@@ -73,11 +73,15 @@ def save_torch(obj: Any, target: str | os.PathLike) -> None:
 def write_json(data: Any, target: str | os.PathLike) -> None:
     """Write JSON atomically, indented for people to read and edit."""
     with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file's content; text that is not JSON (or not UTF-8) is a one-line DesamError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DesamError(f"{path}: invalid JSON ({exc})") from exc
 
 
 def temporary_owner(name: str) -> int | None:

@@ -20,6 +20,7 @@ from desam_pipeline.io.atomic import save_torch
 from desam_pipeline.utilities.errors import DesamError
 
 DEFAULT_TRAINER = "DeSAMTrainer"
+MODEL_PLAN = "plans.json"  # the plan's copy in a model folder (it stands alone)
 CHECKPOINT_FINAL = "checkpoint_final.pth"
 CHECKPOINT_LATEST = "checkpoint_latest.pth"
 CHECKPOINT_BEST = "checkpoint_best.pth"
@@ -80,6 +81,31 @@ def model_folders(results_dataset_dir: str | os.PathLike) -> list[tuple[Path, Mo
         if parsed is not None and child.is_dir():
             found.append((child, parsed))
     return found
+
+
+def find_model_folder(results_dataset_dir: str | os.PathLike, sources: list[str] | None = None,
+                      mode: str | None = None, plans_name: str | None = None, trainer: str | None = None) -> Path:
+    """The single model folder of a dataset (any trainer class) matching the given source sites, mode,
+    plans name and trainer.
+
+    Left-out criteria match anything; none or several matches are a one-line error listing them.
+    """
+    folder = Path(results_dataset_dir)
+    if not folder.is_dir():
+        raise DesamError(f"{folder}: no results for this dataset; train a model first (desam_train)")
+    key = source_key(sources) if sources else None
+    models = model_folders(folder)
+    found = [child for child, name in models
+             if plans_name in (None, name.plans) and mode in (None, name.mode) and key in (None, name.source)
+             and trainer in (None, name.trainer)]
+    if len(found) == 1:
+        return found[0]
+    available = ", ".join(child.name for child, _ in models) or "none"
+    if not found:
+        raise DesamError(f"{folder}: no model folder for source {sources or 'any'}, mode {mode or 'any'}, "
+                         f"plans {plans_name or 'any'}, trainer {trainer or 'any'} (available: {available})")
+    raise DesamError(f"{folder}: several model folders match ({', '.join(c.name for c in found)}); "
+                     f"choose one with --source, --mode, --plans-name or -tr, or pass -m")
 
 
 @dataclass

@@ -4,9 +4,9 @@ The mask comes from the decoder's mask head as in `MaskDecoder.forward(multimask
 the first mask token's hypernetwork output times the upscaled image tokens, i.e. low-resolution
 logits of 4x the embedding size (256x256 for the 64x64 embedding), with the IoU head's first output.
 Like DeSAM it works on cached neck features and takes (and ignores) the taps, so the trainer and
-`inference.predict_slices` drive both networks alike: `prim` scores prompts (its IoU path is PRIM's,
-so `grid_iou.prompt_ious` applies) and hands on the decoder's own mask logits, and the mask-module
-slot `pdmm` passes them through.
+`inference.slice_prediction.predict_slices` drive both networks alike: `prim` scores prompts (its IoU
+path is PRIM's, so `grid_iou.prompt_ious` applies) and hands on the decoder's own mask logits, and the
+mask-module slot `pdmm` passes them through.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from desam_pipeline.network import encoders, sam_models, weights
-from desam_pipeline.network.pdmm import PDMM
+from desam_pipeline.network.pdmm import DEFAULT_LAYOUT, PDMM
 from desam_pipeline.network.prim import PRIM, UNUSED_DECODER_PARTS, Points
 
 
@@ -22,7 +22,7 @@ class DeSAM(nn.Module):
     """
 
     def __init__(self, tap_shapes: Sequence[Sequence[int]], prompt_frame: int, embedding_grid: int,
-                 norm: str = "instance", norm_affine: bool = False, pdmm: str = "desam") -> None:
+                 norm: str = "instance", norm_affine: bool = False, pdmm: str = DEFAULT_LAYOUT) -> None:
         super().__init__()
         self.config = dict(tap_shapes=[[int(v) for v in shape] for shape in tap_shapes],
                            prompt_frame=int(prompt_frame), embedding_grid=int(embedding_grid),
@@ -32,7 +32,7 @@ class DeSAM(nn.Module):
 
     @classmethod
     def for_encoder(cls, encoder: str, tap_shapes: Sequence[Sequence[int]], norm: str = "instance",
-                    norm_affine: bool = False, pdmm: str = "desam") -> "DeSAM":
+                    norm_affine: bool = False, pdmm: str = DEFAULT_LAYOUT) -> "DeSAM":
         """A randomly initialised DeSAM for `encoder`'s family (prompt frame, grid) and these taps."""
         geometry = encoders.family(encoder)
         return cls(tap_shapes, geometry.prompt_frame, geometry.embedding_grid, norm=norm, norm_affine=norm_affine,
@@ -40,7 +40,7 @@ class DeSAM(nn.Module):
 
     @classmethod
     def from_sam_checkpoint(cls, path: str | os.PathLike, encoder: str, tap_shapes: Sequence[Sequence[int]],
-                            norm: str = "instance", norm_affine: bool = False, pdmm: str = "desam") -> "DeSAM":
+                            norm: str = "instance", norm_affine: bool = False, pdmm: str = DEFAULT_LAYOUT) -> "DeSAM":
         """DeSAM for `encoder` and its taps with PRIM loaded strictly from a SAM or LiteMedSAM .pth file.
 
         `prompt_encoder.*` and `mask_decoder.*` must match exactly, except SAM's mask upscaling and
@@ -60,7 +60,7 @@ class DeSAM(nn.Module):
         error naming `source`. A config without `pdmm` (written before the option) is the "desam" layout."""
         net = cls(config["tap_shapes"], config["prompt_frame"], config["embedding_grid"],
                   norm=config.get("norm", "instance"), norm_affine=bool(config.get("norm_affine", False)),
-                  pdmm=config.get("pdmm", "desam"))
+                  pdmm=config.get("pdmm", DEFAULT_LAYOUT))
         weights.load_inference_state(net, state, source, f"DeSAM state for taps {net.config['tap_shapes']} and "
                                                          f"the {net.config['pdmm']!r} PDMM layout")
         return net

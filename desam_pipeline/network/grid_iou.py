@@ -279,8 +279,9 @@ def prompt_ious(model: nn.Module, neck: Tensor, points: Points | None = None, bo
     points, boxes)[1][:, 0]` up to float rounding, at a fraction of its cost.
 
     model: a DeSAM or its PRIM; neck: (1, 256, 64, 64) or (256, 64, 64); points (coords (P, n, 2)
-    as (x, y), labels (P, n)) and/or boxes (P, 4), in the 1024 frame, as for PRIM. Autocast is
-    switched off inside: it runs in the decoder's dtype (float32) on the neck's device.
+    as (x, y), labels (P, n)) and/or boxes (P, 4), in the network's prompt frame (`prim.frame`: 1024 for
+    SAM's ViT, 256 for LiteMedSAM), as for PRIM. Autocast is switched off inside: it runs in the decoder's
+    dtype (float32) on the neck's device.
     """
     prim: PRIM = getattr(model, "prim", model)
     decoder = prim.mask_decoder

@@ -30,6 +30,7 @@ from desam_pipeline.utilities.errors import DesamError
 
 NORMS = ("instance", "batch")
 LAYOUTS = ("desam", "reference")
+DEFAULT_LAYOUT = "desam"
 SE_REDUCTION = 16
 LEAKY_SLOPE = 0.01
 
@@ -109,7 +110,7 @@ class PDMM(nn.Module):
     """
 
     def __init__(self, tap_shapes: Sequence[Sequence[int]], embedding_grid: int, norm: str = "instance",
-                 norm_affine: bool = False, layout: str = "desam") -> None:
+                 norm_affine: bool = False, layout: str = DEFAULT_LAYOUT) -> None:
         super().__init__()
         self.layout = check_layout(layout)
         bias = layout == "desam"

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 LOSS_WEIGHTS = {"paper": (1.0, 1.0, 10.0), "reference": (1.0, 0.0, 1.0)}  # (Dice, BCE, IoU) per loss setting
 LOSSES = tuple(LOSS_WEIGHTS)
-DEFAULT_WEIGHTS = LOSS_WEIGHTS["paper"]
+DEFAULT_LOSS = "paper"
+DEFAULT_WEIGHTS = LOSS_WEIGHTS[DEFAULT_LOSS]
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -43,7 +44,7 @@ def squared_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float 
 
 def desam_loss(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor | None = None,
                iou_target: torch.Tensor | None = None, weights: tuple[float, float, float] = DEFAULT_WEIGHTS,
-               loss: str = "paper") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               loss: str = DEFAULT_LOSS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted Dice + BCE (+ L1 IoU when `iou_pred` is given, grid mode) and the detached parts.
 
     `loss` picks the Dice: `paper` soft Dice, `reference` squared-denominator Dice (see the module).

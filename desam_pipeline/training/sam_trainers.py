@@ -7,7 +7,12 @@ or whole box) is predicted, evaluated and reported like any trained model.
 """
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 from desam_pipeline.network import CoupledSAM
+from desam_pipeline.network.pdmm import DEFAULT_LAYOUT
+from desam_pipeline.training.settings import TrainingSettings
 from desam_pipeline.training.trainer import DeSAMTrainer
 from desam_pipeline.utilities.errors import DesamError
 
@@ -15,10 +20,11 @@ from desam_pipeline.utilities.errors import DesamError
 class CoupledSAMTrainer(DeSAMTrainer):
     """DeSAMTrainer on `CoupledSAM`: prompt encoder frozen, the whole mask decoder trained. It has no PDMM."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        if kwargs.get("pdmm", "desam") != "desam":
+    def __init__(self, preprocessed_dir: Path, results_dir: Path, plans_name: str, fold: int | str,
+                 sources: list[str] | None = None, settings: TrainingSettings | None = None) -> None:
+        if settings is not None and settings.pdmm != DEFAULT_LAYOUT:
             raise DesamError(f"{type(self).__name__} has no PDMM; --pdmm applies to DeSAM trainers only")
-        super().__init__(*args, **kwargs)
+        super().__init__(preprocessed_dir, results_dir, plans_name, fold, sources, settings)
 
     def build_network(self) -> CoupledSAM:
         return CoupledSAM.from_sam_checkpoint(self.plan["checkpoint"], self.plan["encoder"])
@@ -29,5 +35,7 @@ class ZeroShotSAMTrainer(CoupledSAMTrainer):
 
     MIN_EPOCHS = 0
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **{**kwargs, "epochs": 0})
+    def __init__(self, preprocessed_dir: Path, results_dir: Path, plans_name: str, fold: int | str,
+                 sources: list[str] | None = None, settings: TrainingSettings | None = None) -> None:
+        settings = dataclasses.replace(settings or TrainingSettings(), epochs=0)
+        super().__init__(preprocessed_dir, results_dir, plans_name, fold, sources, settings)

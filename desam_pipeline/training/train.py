@@ -11,23 +11,21 @@ from pathlib import Path
 
 import torch
 
-from desam_pipeline.data.slice_selection import SLICE_MODES
 from desam_pipeline.io.atomic import read_json
 from desam_pipeline.io.results_layout import DEFAULT_TRAINER
-from desam_pipeline.network.pdmm import LAYOUTS
-from desam_pipeline.training.losses import LOSS_WEIGHTS, LOSSES
 from desam_pipeline.training.registry import trainer_class, trainer_classes
-from desam_pipeline.training.trainer import MODES
+from desam_pipeline.training.settings import TrainingSettings
 from desam_pipeline.utilities.distributed import process_group
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
-from desam_pipeline.utilities.runtime import PRECISIONS, device_parser, select_device
+from desam_pipeline.utilities.runtime import select_device
+from desam_pipeline.utilities.setting_flags import add_setting_flags, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="desam_train", description="Train DeSAM (PRIM + PDMM) on cached SAM features for one fold.",
-        parents=[device_parser()])
+        prog="desam_train", description="Train DeSAM (PRIM + PDMM) on cached SAM features for one fold.")
+    add_setting_flags(parser, TrainingSettings, names=["device"])
     parser.add_argument("dataset", help="dataset number or DatasetNNN_Name")
     parser.add_argument("fold", help="fold 0-4, or 'all' (train on every source case, no validation)")
     parser.add_argument("--source", nargs="+", metavar="SITE", default=None,
@@ -35,36 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-tr", "--trainer", default=DEFAULT_TRAINER, metavar="NAME",
                         help=f"trainer class, which also names the model folder (default {DEFAULT_TRAINER}; "
                              f"built in: {', '.join(trainer_classes())}; ZeroShotSAMTrainer trains 0 epochs)")
-    parser.add_argument("--mode", choices=MODES, default="grid",
-                        help="grid: one sampled point per slice + IoU loss (DeSAM-P); box: whole-image box (DeSAM-B)")
+    add_setting_flags(parser, TrainingSettings, names=["mode"])
     parser.add_argument("--plans-name", default=None,
                         help="plan to train on (default: the only plan of the dataset)")
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=8, help="global batch size (split over DDP ranks)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="initial Adam learning rate (poly decay 0.9)")
-    parser.add_argument("--loss", choices=LOSSES, default="paper",
-                        help="paper: soft Dice + BCE + L1 IoU, weights (1, 1, 10) as the paper states (default); "
-                             "reference: what the reference code optimises, squared-denominator Dice (MONAI, "
-                             "smoothing 1e-5) + 1 x L1 IoU, no cross-entropy; recorded in the checkpoints")
-    parser.add_argument("--loss-weights", type=float, nargs=3, metavar=("DICE", "BCE", "IOU"), default=None,
-                        help=f"loss weights (default: the --loss setting's, {LOSS_WEIGHTS['paper']} for paper; "
-                             "IoU unused in box mode)")
-    parser.add_argument("--pdmm", choices=LAYOUTS, default="desam",
-                        help="PDMM layout: desam (biases in the SE gates and the 1x1 head, so they can learn; "
-                             "the default, tied with reference in the accuracy benchmark) or reference (no "
-                             "biases, as the reference code: every SE gate is a fixed 0.5); recorded in the "
-                             "checkpoints")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-augmented-views", dest="augmented_views", action="store_false",
-                        help="train on the original slices only, ignoring augmented views in the cache (one cache "
-                             "with views then serves runs with and without them)")
-    parser.add_argument("--train-slices", choices=SLICE_MODES, default="all",
-                        help="which cached slices train (and validate per epoch), by the embedding's rules: all "
-                             "(default: every cached slice), foreground_margin or foreground; a cache of every "
-                             "slice can so train on the slices a default plan would cache; recorded in the "
-                             "checkpoints")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="autocast precision (default auto: fp16 with loss scaling on CUDA, bf16 on CPU)")
+    add_setting_flags(parser, TrainingSettings, exclude=["device", "mode", "num_workers"])
     restart = parser.add_mutually_exclusive_group()
     restart.add_argument("-c", "--continue", dest="continue_training", action="store_true",
                          help="resume from the newest checkpoint of this fold (a finished fold: nothing to do)")
@@ -72,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="train a finished fold again from scratch, removing its checkpoints first")
     parser.add_argument("--val-only", action="store_true",
                         help="only run the final validation of checkpoint_final.pth")
-    parser.add_argument("--num-workers", type=int, default=2,
-                        help="data loader worker processes (0: load in the training process)")
+    add_setting_flags(parser, TrainingSettings, names=["num_workers"])
     add_root_arguments(parser, "preprocessed", "results")
     return parser
 
@@ -93,7 +64,7 @@ def find_plans_name(preprocessed_dir: Path, requested: str | None) -> str:
 def _is_plan(path: Path) -> bool:
     try:
         content = read_json(path)
-    except ValueError:
+    except DesamError:
         return False
     return isinstance(content, dict) and content.get("plans_name") == path.stem
 
@@ -113,12 +84,8 @@ def run(args: argparse.Namespace) -> None:
     preprocessed = trees.preprocessed
     if not preprocessed.is_dir():
         raise DesamError(f"{preprocessed}: not found; run desam_plan_and_embed -d {args.dataset} first")
-    trainer = trainer_cls(
-        preprocessed, trees.results, find_plans_name(preprocessed, args.plans_name), args.fold,
-        sources=args.source, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        loss_weights=args.loss_weights, seed=args.seed, device=args.device, precision=args.precision,
-        num_workers=args.num_workers, loss=args.loss, pdmm=args.pdmm, augmented_views=args.augmented_views,
-        train_slices=args.train_slices)
+    trainer = trainer_cls(preprocessed, trees.results, find_plans_name(preprocessed, args.plans_name), args.fold,
+                          sources=args.source, settings=settings_from_args(TrainingSettings, args))
     if args.val_only:
         trainer.run_validation_only()
     else:

@@ -1,1 +1,2 @@
-"""Foundations every layer may use: errors, tree roots, devices and precision, processes, metrics."""
+"""Foundations every layer may use: errors, tree roots, devices and precision, settings flags, processes,
+metrics."""

@@ -11,6 +11,7 @@ import os
 from datetime import timedelta
 from typing import Any, Callable, Iterator, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from desam_pipeline.utilities.errors import DesamError
@@ -84,3 +85,16 @@ def gather(value: T) -> list[T]:
 def barrier() -> None:
     if in_group():
         dist.barrier()
+
+
+def all_reduce(sums: dict[str, float], op: str = "sum", device: torch.device | str = "cpu") -> dict[str, float]:
+    """The sums (or with op "max" the maxima) of every rank's values, key by key; the values alone outside a group.
+
+    nccl reduces on the rank's `device`, gloo on the CPU."""
+    if not in_group():
+        return sums
+    keys = sorted(sums)
+    values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64,
+                          device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return dict(zip(keys, values.tolist()))

@@ -35,6 +35,7 @@ from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binar
 from desam_pipeline.utilities.errors import DesamError
 
 METRICS = ("dice", "hd95", "assd", "nsd")
+DEFAULT_NSD_TOLERANCE_MM = 1.0
 CROP_MARGIN = 1
 GEOMETRY_TOLERANCE = 1e-4
 
@@ -98,7 +99,7 @@ def dice(reference: np.ndarray, prediction: np.ndarray) -> float:
 
 
 def compute_metrics(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float],
-                    nsd_tolerance: float = 1.0) -> dict[str, float]:
+                    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM) -> dict[str, float]:
     """dice, hd95 (mm), assd (mm) and nsd (at `nsd_tolerance` mm) of two binary masks, with the
     empty-mask conventions of the module docstring."""
     reference, prediction = _as_bool(reference), _as_bool(prediction)

@@ -21,6 +21,13 @@ def versions() -> dict[str, str]:
     return found
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     """Python, numpy and torch global RNG states, as plain lists and tensors (weights_only-loadable)."""
     numpy_state = np.random.get_state(legacy=False)

@@ -1,25 +1,28 @@
 """Device, precision, allocator and shard choices shared by the embed, train and predict stages."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import ctypes.util
 import os
-from typing import Iterator, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 
 from desam_pipeline.utilities.errors import DesamError
+from desam_pipeline.utilities.setting_flags import setting
 
 T = TypeVar("T")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_DEVICE = "auto"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def select_device(choice: str = "auto") -> torch.device:
+def select_device(choice: str = DEFAULT_DEVICE) -> torch.device:
     """`auto` picks CUDA when present (the local rank's GPU under torchrun), else CPU."""
-    if choice not in ("auto", "cpu", "cuda"):
+    if choice not in DEVICES:
         raise DesamError(f"unknown device {choice!r}; choose auto, cpu or cuda")
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -87,8 +90,12 @@ def shard(items: Sequence[T], num_parts: int, part_id: int) -> list[T]:
     return list(items)[part_id::num_parts]
 
 
-def device_parser() -> argparse.ArgumentParser:
-    """--device: auto (CUDA when available, else CPU), cpu or cuda."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    return parser
+def device_setting() -> Any:
+    """The `--device` setting of every command that computes: auto (CUDA when available, else CPU), cpu or cuda."""
+    return setting(DEFAULT_DEVICE, choices=DEVICES)
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """The device alone, for a command with no other settings object (desam_plan_and_embed)."""
+    device: str = device_setting()

@@ -1,0 +1,103 @@
+"""A trained model folder read for prediction: its plan, dataset.json, mode and one network per fold."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from desam_pipeline.data.plan_io import read_plan_file
+from desam_pipeline.inference.settings import DEFAULT_CHECKPOINT_NAME
+from desam_pipeline.io.atomic import read_json
+from desam_pipeline.io.results_layout import CHECKPOINT_NAMES, MODEL_PLAN, Checkpoint
+from desam_pipeline.network.registry import rebuild_network
+from desam_pipeline.utilities.errors import DesamError
+
+
+@dataclass
+class Model:
+    """A trained model folder: its plan, dataset.json, mode and one network per fold (on one device)."""
+    folder: Path
+    plan: dict
+    dataset_json: dict
+    mode: str
+    folds: list[str]
+    networks: list[nn.Module] = field(repr=False)
+    checkpoint_name: str = DEFAULT_CHECKPOINT_NAME
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.dataset_json.get("channel_names", {"0": ""})) or 1
+
+
+def checkpoint_file(checkpoint_name: str) -> str:
+    """The file name of a fold's `final` or `best` checkpoint."""
+    if checkpoint_name not in CHECKPOINT_NAMES:
+        raise DesamError(f"unknown checkpoint name {checkpoint_name!r}; choose one of {', '.join(CHECKPOINT_NAMES)}")
+    return CHECKPOINT_NAMES[checkpoint_name]
+
+
+def available_folds(model_folder: str | os.PathLike, checkpoint_name: str = DEFAULT_CHECKPOINT_NAME) -> list[str]:
+    """Fold names (`0`, `1`, ..., `all`) that have the named checkpoint; numbered folds first."""
+    folder, name = Path(model_folder), checkpoint_file(checkpoint_name)
+    names = [c.name[len("fold_"):] for c in folder.glob("fold_*") if (c / name).is_file()]
+    return sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+
+
+def default_folds(model_folder: str | os.PathLike, checkpoint_name: str = DEFAULT_CHECKPOINT_NAME) -> list[str]:
+    """The cross-validation folds when there are any (as nnU-Net), else fold `all`."""
+    folds = available_folds(model_folder, checkpoint_name)
+    numbered = [f for f in folds if f.isdigit()]
+    if not folds:
+        raise DesamError(f"{model_folder}: no fold_*/{checkpoint_file(checkpoint_name)}; "
+                         "train at least one fold to the end")
+    return numbered or folds
+
+
+def _model_file(folder: Path, name: str) -> Path:
+    path = folder / name
+    if not path.is_file():
+        raise DesamError(f"{path}: not found; is {folder} a DeSAM model folder (written by desam_train)?")
+    return path
+
+
+def load_fold_network(path: Path, plan: dict) -> tuple[nn.Module, str]:
+    """The trained network of one fold checkpoint (the class its network_config names), and its mode."""
+    checkpoint = Checkpoint.load(path)
+    config = checkpoint.network_config
+    try:
+        encoder, mode = config["encoder"], config["mode"]
+    except KeyError as exc:
+        raise DesamError(f"{path}: not a readable desam checkpoint (network_config lacks {exc})") from exc
+    taps = config.get("tap_shapes")  # DeSAM's; CoupledSAM has no taps
+    if encoder != plan["encoder"] or (taps is not None and taps != plan["tap_shapes"]):
+        raise DesamError(f"{path}: trained for encoder {encoder}" + (f" (taps {taps})" if taps is not None else "")
+                         + f", but the model folder's plan is {plan['encoder']} (taps {plan['tap_shapes']})")
+    net = rebuild_network(checkpoint.network, config, path)
+    return net.eval().requires_grad_(False), mode
+
+
+def load_model(model_folder: str | os.PathLike, folds: list[str] | None = None,
+               device: torch.device | str = "cpu", checkpoint_name: str = DEFAULT_CHECKPOINT_NAME) -> Model:
+    """Read a model folder's plans.json, dataset.json and the `final` (or `best`) checkpoints of `folds`
+    (default: all)."""
+    folder = Path(model_folder)
+    if not folder.is_dir():
+        raise DesamError(f"{folder}: model folder not found")
+    plan = read_plan_file(_model_file(folder, MODEL_PLAN))
+    dataset_json = read_json(_model_file(folder, "dataset.json"))
+    folds = [str(f) for f in folds] if folds else default_folds(folder, checkpoint_name)
+    networks, modes = [], set()
+    for fold in folds:
+        path = folder / f"fold_{fold}" / checkpoint_file(checkpoint_name)
+        if not path.is_file():
+            have = ", ".join(available_folds(folder, checkpoint_name)) or "none"
+            raise DesamError(f"{path}: not found (folds with a {checkpoint_name} checkpoint: {have})")
+        net, mode = load_fold_network(path, plan)
+        networks.append(net.to(device))
+        modes.add(mode)
+    if len(modes) != 1:
+        raise DesamError(f"{folder}: folds {', '.join(folds)} were trained in different modes ({sorted(modes)})")
+    return Model(folder, plan, dataset_json, modes.pop(), folds, networks, checkpoint_name)

@@ -1,0 +1,77 @@
+"""The trainer's final validation: each held-out case predicted from the embedding cache and scored in 3D on
+the plan's slice grid, its mask written as NIfTI, and `summary.json` with the prediction settings used.
+
+Slices outside the cache hold no foreground (the plan caches foreground slices plus a margin, or all
+slices), so they are background in both reference and prediction. The in-plane spacing is the original
+one scaled by original size / slice size (`data.slice_grid`). Masks are written on that grid
+(`desam_predict` writes them in the original geometry). Which cases to validate and on which ranks is
+the trainer's business; this module scores one case and summarises many.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from desam_pipeline.data import cache
+from desam_pipeline.data.orientation import from_slices, plan_orientation
+from desam_pipeline.data.slice_grid import place_slices, slice_grid_affine, slice_grid_spacing
+from desam_pipeline.inference.postprocessing import postprocess
+from desam_pipeline.inference.settings import MASK_THRESHOLD, PredictionSettings
+from desam_pipeline.inference.slice_prediction import predict_slices
+from desam_pipeline.io.atomic import atomic_path
+from desam_pipeline.io.results_layout import CHECKPOINT_FINAL
+from desam_pipeline.utilities.metrics import METRICS, compute_metrics
+
+VALIDATION = "validation"  # the folder in fold_<k>/
+SUMMARY = "summary.json"
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def validate_case(network: torch.nn.Module, case_dir: Path, plan: dict, mode: str, settings: PredictionSettings,
+                  out_dir: Path, batch_size: int, device: torch.device, precision: str,
+                  domain: str | None = None) -> dict:
+    """Metrics of one cached case (None where undefined) and its domain (the cache's, else `domain`); the
+    mask goes to `out_dir/<case>.nii.gz`. A case without cached slices is left out: no score rather than
+    a free Dice of 1."""
+    arrays = cache.open_case(case_dir)
+    meta = arrays["meta"]
+    domain = meta.get("domain", domain)
+    if not meta["z"]:
+        tqdm.write(f"validation case {case_dir.name} has no cached slices; left out of the mean", file=sys.stdout)
+        return {"domain": domain, **{k: None for k in METRICS}}
+    axis, size, orientation = int(plan["slice_axis"]), int(plan["slice_size"]), plan_orientation(plan)
+    probabilities, _ = predict_slices(network, arrays["neck"], [arrays[f"tap{i}"] for i in range(3)], mode, settings,
+                                      batch_size=batch_size, device=device, precision=precision, size=size)
+    shape = [int(s) for s in meta["shape"]]
+    # slices first, in-plane axes in array order; every slice of the volume, the uncached ones empty
+    prediction = place_slices(from_slices(probabilities > MASK_THRESHOLD, 0, orientation), meta["z"], shape[axis])
+    prediction = postprocess(prediction, settings.postprocess, slice_axis=0) > 0
+    reference = place_slices(from_slices(np.asarray(arrays["label"]) > 0, 0, orientation), meta["z"], shape[axis])
+    metrics = compute_metrics(reference, prediction, slice_grid_spacing(meta["spacing"], shape, axis, size))
+    with atomic_path(out_dir / f"{case_dir.name}.nii.gz") as tmp:
+        affine = slice_grid_affine(meta["affine"], shape, axis, size)
+        nib.save(nib.Nifti1Image(np.moveaxis(prediction, 0, axis).astype(np.uint8), affine), str(tmp))
+    return {"domain": domain, **{k: _finite_or_none(float(v)) for k, v in metrics.items()}}
+
+
+def summarise(cases: dict[str, dict], fold: int | str, mode: str, plan: dict, settings: PredictionSettings) -> dict:
+    """summary.json: per-case metrics, their means (with how many cases each leaves out) and how they were made."""
+    metric_names = [k for k in next(iter(cases.values())) if k != "domain"]
+    mean = {}
+    for name in metric_names:
+        values = [v[name] for v in cases.values() if v[name] is not None]
+        mean[name] = float(np.mean(values)) if values else None
+        mean[f"{name}_cases_excluded"] = len(cases) - len(values)
+    size = int(plan["slice_size"])
+    return {"fold": fold, "mode": mode, "checkpoint": CHECKPOINT_FINAL,
+            "grid": f"cached {size}x{size} slices; in-plane spacing scaled by original size / {size}",
+            "prediction": {k: v for k, v in settings.choices().items() if k != "checkpoint_name"},
+            "cases": cases, "mean": mean}
