@@ -162,19 +162,21 @@ def timed_modules(clock: Clock, net) -> Iterator[None]:
 def decoder_figures(model_folder: Path, features, grid: int) -> dict:
     """Per configuration: decode seconds per slice in total and per module."""
     from desam_pipeline.inference import predictor
+    from desam_pipeline.inference.model import load_model
+    from desam_pipeline.inference.settings import PredictionSettings
     cpu = torch.device("cpu")
     neck, taps = features
-    model = predictor.load_model(model_folder, None, cpu)
+    model = load_model(model_folder, None, cpu)
     figures = {}
     for mode, rule, threshold in CONFIGS:
         model.mode = mode
-        settings = predictor.make_settings(model.plan, cpu, grid=grid, iou_threshold=threshold, grid_rule=rule)
+        run = predictor.resolve_run(model.plan, PredictionSettings(device="cpu", grid=grid, iou_threshold=threshold,
+                                                                   grid_rule=rule), cpu)
         clock = Clock()
         with timed_modules(clock, model.networks[0]):
             start = time.perf_counter()
-            for b in range(0, len(neck), settings.batch_size):
-                predictor.decode(model, neck[b:b + settings.batch_size],
-                                 [t[b:b + settings.batch_size] for t in taps], settings)
+            for b in range(0, len(neck), run.batch_size):
+                predictor.decode(model, neck[b:b + run.batch_size], [t[b:b + run.batch_size] for t in taps], run)
             total = time.perf_counter() - start
         name = mode if mode == "box" else f"grid_{rule}_threshold_{threshold:g}"
         figures[name] = {"decode_s_per_slice": total / len(neck),
@@ -187,9 +189,9 @@ def decoder_figures(model_folder: Path, features, grid: int) -> dict:
 def module_flops(model_folder: Path, grid: int) -> dict:
     """GFLOP per slice of each decoder module (per point for PRIM's dense pass and PDMM's decode)."""
     from desam_pipeline.data.prompts import grid_points
-    from desam_pipeline.inference import predictor
+    from desam_pipeline.inference.model import load_model
     from desam_pipeline.network.grid_iou import prompt_ious
-    net = predictor.load_model(model_folder, None, "cpu").networks[0]
+    net = load_model(model_folder, None, "cpu").networks[0]
     neck = torch.randn(1, 256, 64, 64)
     taps = [torch.randn(1, *shape) for shape in net.config["tap_shapes"]]
     points = torch.as_tensor(grid_points(grid, net.prim.frame))[:, None, :]
