@@ -159,8 +159,8 @@ def timed_modules(clock: Clock, net) -> Iterator[None]:
             delattr(module, name)
 
 
-def decoder_figures(model_folder: Path, features, grid: int) -> dict:
-    """Per configuration: decode seconds per slice in total and per module."""
+def decoder_figures(model_folder: Path, features, grid: int, encoder_s: float) -> dict:
+    """Per configuration: decode seconds per slice in total and per module (printed as each is measured)."""
     from desam_pipeline.inference import predictor
     from desam_pipeline.inference.model import load_model
     from desam_pipeline.inference.settings import PredictionSettings
@@ -183,6 +183,7 @@ def decoder_figures(model_folder: Path, features, grid: int) -> dict:
                          **{label: seconds / len(neck) for label, seconds in clock.seconds.items()},
                          "rest": (total - sum(clock.seconds.values())) / len(neck),
                          "calls": dict(clock.calls)}
+        print_decode(name, figures[name], encoder_s)
     return figures
 
 
@@ -259,9 +260,8 @@ def training_figures(checkpoint: Path, tap_shapes: list, batch: int) -> dict:
             "step_gflops": total_flops / step_s / 1e9}
 
 
-def print_prediction(figures: dict, gflop: dict, slices: int) -> None:
-    encoder = figures["encoder"]
-    print(f"\nencoder (LiteMedSAM, {slices} slices, fp32, one slice per call): "
+def print_encoder(encoder: dict, slices: int) -> None:
+    print(f"encoder (LiteMedSAM, {slices} slices, fp32, one slice per call): "
           f"{encoder['encoder_gflop_per_slice']:.1f} GFLOP/slice; ONNX Runtime "
           f"{encoder['encoder_onnxruntime_s_per_slice']:.3f} s/slice "
           f"({encoder['encoder_gflop_per_slice'] / encoder['encoder_onnxruntime_s_per_slice']:.0f} GFLOP/s)"
@@ -269,18 +269,17 @@ def print_prediction(figures: dict, gflop: dict, slices: int) -> None:
              f"({encoder['encoder_gflop_per_slice'] / encoder['encoder_torch_s_per_slice']:.0f} GFLOP/s), "
              f"x{encoder['onnxruntime_speedup']:.2f}, neck relative L2 {encoder['onnxruntime_neck_relative_l2']:.1e}"
              if "encoder_torch_s_per_slice" in encoder else "")
-          + f"; one-time export + session {encoder['onnx_export_and_session_s']:.1f} s")
-    print("GFLOP per slice (PRIM dense and PDMM decode: per point): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in gflop.items()))
-    for name, row in figures["decode"].items():
-        print(f"\n{name}: decode {row['decode_s_per_slice']:.3f} s/slice "
-              f"(+ encoder {encoder['encoder_onnxruntime_s_per_slice']:.3f}) = "
-              f"{(row['decode_s_per_slice'] + encoder['encoder_onnxruntime_s_per_slice']):.3f} s/slice")
-        for label, seconds in row.items():
-            if label in ("decode_s_per_slice", "calls"):
-                continue
-            calls = row["calls"].get(label, "")
-            print(f"  {label:34s} {seconds:7.3f} s/slice" + (f"  ({calls} calls)" if calls else ""))
+          + f"; one-time export + session {encoder['onnx_export_and_session_s']:.1f} s", flush=True)
+
+
+def print_decode(name: str, row: dict, encoder_s: float) -> None:
+    print(f"\n{name}: decode {row['decode_s_per_slice']:.3f} s/slice (+ encoder {encoder_s:.3f}) = "
+          f"{row['decode_s_per_slice'] + encoder_s:.3f} s/slice")
+    for label, seconds in row.items():
+        if label in ("decode_s_per_slice", "calls"):
+            continue
+        calls = row["calls"].get(label, "")
+        print(f"  {label:34s} {seconds:7.3f} s/slice" + (f"  ({calls} calls)" if calls else ""), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,13 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         plan = read_json(model_folder / "plans.json")
         slices = volume_slices(args, plan)
         figures["encoder"], features = encoder_figures(plan, slices, args.skip_torch_encoder)
-        figures["decode"] = decoder_figures(model_folder, features, args.grid)
+        print_encoder(figures["encoder"], len(slices))
         figures["gflop_per_slice"] = module_flops(model_folder, args.grid)
-    print_prediction(figures, figures["gflop_per_slice"], len(slices))
+        print("GFLOP per slice (PRIM dense and PDMM decode: per point): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in figures["gflop_per_slice"].items()), flush=True)
+        figures["decode"] = decoder_figures(model_folder, features, args.grid,
+                                            figures["encoder"]["encoder_onnxruntime_s_per_slice"])
     if not args.skip_training:
         figures["training"] = {}
         for name, taps, batch in (("litemedsam", LITE_TAPS, 4), ("litemedsam", LITE_TAPS, 8),
-                                  ("vit_h_shaped", VIT_H_TAPS, 8)):
+                                  ("vit_h_shaped", VIT_H_TAPS, 4), ("vit_h_shaped", VIT_H_TAPS, 8)):
             row = training_figures(packaged_checkpoint(), taps, batch)
             figures["training"][f"{name}_batch{batch}"] = row
             print(f"\ntraining step, {name} features, batch {batch}, bf16 autocast: {row['step_s']:.2f} s "
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['step_gflops']:.0f} GFLOP/s)")
             for label in ("forward PRIM", "forward PDMM tap branches", "forward PDMM decode", "loss", "backward",
                           "Adam step"):
-                print(f"  {label:28s} {row[label]:7.3f} s")
+                print(f"  {label:28s} {row[label]:7.3f} s", flush=True)
     figures["peak"] = measure_peak(3)
     print(f"\nmatmul peak, {figures['threads']} threads: fp32 {figures['peak']['peak_fp32_gflops']} GFLOP/s, "
           f"bf16 {figures['peak']['peak_bf16_gflops']} GFLOP/s")
