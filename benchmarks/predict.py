@@ -2,14 +2,18 @@
 
     python -m benchmarks.predict [--encoder vit_b|tiny|litemedsam] [--volumes N] [--slices S] [--precision bf16|fp32]
                                  [--batch-size B] [--folds F] [--grid K] [--device cpu|cuda] [--repeats R]
+                                 [--model-folder M]
 
-Everything is a whole process (start-up and weight loading included): (a) loads the encoder and
-runs its forward over every slice of the N volumes, preprocessed as the predictor does; (b) is
-`desam_predict` on the same volumes in box mode and (c) in grid mode (K x K points, IoU threshold
--1 so that every slice runs PDMM, the costliest case: an untrained IoU head would otherwise
-reject every slice and skip PDMM). The untrained model folder of F folds is written here
-(a random SAM ViT saved as a .pth, or litemedsam's packaged weights; nothing downloaded); same
-precision and batch size, no embedding cache. Prints b/a, c/a and c/b in wall and CPU seconds; the last line is one JSON object.
+Everything is a whole process (start-up and weight loading included): (a) loads the encoder and runs its
+forward over every slice of the N volumes, preprocessed as the predictor does, through the runtime
+desam_predict uses (`encoders.runtime`: ONNX Runtime for LiteMedSAM in fp32 on CPU, else torch);
+(a') the same in torch eager where that differs (the encoder speed-up); (b) is `desam_predict` in box
+mode; (c) grid mode with the default rule and IoU threshold; (d) and (e) grid mode with every point
+accepted (IoU threshold -1), `top1` and `reference` rules, K x K points. The model folder of F untrained
+folds is written here (a random SAM ViT saved as a .pth, or litemedsam's packaged weights; nothing
+downloaded), or `--model-folder` names a trained one (its box runs use the same weights); same precision and
+batch size, no embedding cache. Prints b/a, c/a and e/d in wall and CPU seconds; the last line is one JSON
+object.
 """
 from __future__ import annotations
 
@@ -78,10 +82,12 @@ def write_model_folders(results: Path, encoder: str, checkpoint: Path, precision
 
 
 def bare_forward(encoder: str, checkpoint: str, slices_file: str, precision: str, batch_size: int,
-                 device_name: str) -> None:
-    """Process (a): load the encoder and run its forward over the slices, nothing else."""
+                 device_name: str, runtime: str) -> None:
+    """Process (a): load the encoder and run its forward over the slices, nothing else; `runtime` "auto" as
+    desam_predict runs it (`embedding.encode_slices`), "torch" the module in torch eager."""
     import torch
 
+    from desam_pipeline.network.embedding import encode_slices
     from desam_pipeline.network.encoders import encoder_input, load_image_encoder
     from desam_pipeline.utilities.runtime import autocast, select_device, tune_malloc
 
@@ -93,7 +99,10 @@ def bare_forward(encoder: str, checkpoint: str, slices_file: str, precision: str
         for name in volumes.files:
             slices = volumes[name]
             for start in range(0, len(slices), batch_size):
-                image_encoder(encoder_input(image_encoder, slices[start:start + batch_size], device))
+                if runtime == "torch":
+                    image_encoder(encoder_input(image_encoder, slices[start:start + batch_size], device))
+                else:
+                    encode_slices(image_encoder, slices[start:start + batch_size], device, precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -108,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=1)
     parser.add_argument("--grid", type=int, default=9)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--repeats", type=int, default=1, help="run a, b, c this many times; keep the fastest")
-    parser.add_argument("--bare", nargs=2, metavar=("CHECKPOINT", "SLICES_NPZ"), help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=1, help="run every process this many times; keep the fastest")
+    parser.add_argument("--model-folder", help="a trained grid-mode model folder for the grid runs (default: untrained)")
+    parser.add_argument("--bare", nargs=3, metavar=("CHECKPOINT", "SLICES_NPZ", "RUNTIME"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.batch_size is None:
         from desam_pipeline.data.plan_io import DEFAULT_CHOICES
@@ -120,14 +130,19 @@ def main(argv: list[str] | None = None) -> int:
 
         args.precision = family(args.encoder).cpu_precision if args.device == "cpu" else "bf16"
     if args.bare:
-        bare_forward(args.encoder, args.bare[0], args.bare[1], args.precision, args.batch_size, args.device)
+        bare_forward(args.encoder, args.bare[0], args.bare[1], args.precision, args.batch_size, args.device,
+                     args.bare[2])
         return 0
+
+    import torch
 
     from desam_pipeline.data.preprocessing import preprocess_volume
     from desam_pipeline.io.nifti_io import read_volume, voxel_spacing
-    from desam_pipeline.network.encoders import default_checkpoint
+    from desam_pipeline.network.encoders import default_checkpoint, family, runtime
     from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
 
+    encoder_runtime = runtime(family(args.encoder), torch.device(args.device), args.precision)
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="desam-bench-predict-") as scratch:
         scratch = Path(scratch)
         inputs = write_volumes(scratch / "in", args.volumes, args.slices)
@@ -135,43 +150,63 @@ def main(argv: list[str] | None = None) -> int:
             build_sam(args.encoder, seed=0), scratch / f"sam_{args.encoder}.pth")
         models = write_model_folders(scratch / "results", args.encoder, checkpoint, args.precision,
                                      args.batch_size, args.folds)
+        if args.model_folder:
+            models["grid"] = Path(args.model_folder)
         plan = json.loads((models["box"] / "plans.json").read_text(encoding="utf-8"))
         # One array per volume: like the predictor, the bare forward never batches across volumes.
         slices_file = scratch / "slices.npz"
         np.savez(slices_file, *[preprocess_volume(volume, plan, voxel_spacing(image))
                                 for volume, image in map(read_volume, inputs)])
-        bare_command = [sys.executable, "-m", "benchmarks.predict", "--encoder", args.encoder, "--precision",
-                        args.precision, "--device", args.device, "--batch-size", str(args.batch_size),
-                        "--bare", str(checkpoint), str(slices_file)]
-        runs: dict[str, list[tuple[float, float, float]]] = {"bare": [], "box": [], "grid": []}
+
+        def bare(runtime_choice: str) -> list[str]:
+            return [sys.executable, "-m", "benchmarks.predict", "--encoder", args.encoder, "--precision",
+                    args.precision, "--device", args.device, "--batch-size", str(args.batch_size),
+                    "--bare", str(checkpoint), str(slices_file), runtime_choice]
+
+        def predict(model: Path, *flags: str) -> list[str]:
+            out = scratch / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            return [sys.executable, "-m", "desam_pipeline.inference.predict", "-i", str(scratch / "in"), "-o", str(out),
+                    "-m", str(model), "--device", args.device, "--grid", str(args.grid),
+                    "--preprocessed", str(scratch / "no-cache"), *flags]
+
+        # built just before each run: predict() empties the output folder
+        commands = {"bare": lambda: bare("auto"), "box": lambda: predict(models["box"]),
+                    "grid": lambda: predict(models["grid"]),
+                    "grid_top1_all": lambda: predict(models["grid"], "--grid-rule", "top1", "--iou-threshold", "-1"),
+                    "grid_reference_all": lambda: predict(models["grid"], "--grid-rule", "reference",
+                                                          "--iou-threshold", "-1")}
+        if encoder_runtime != "torch":
+            commands["bare_torch"] = lambda: bare("torch")
+        runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in commands}
         for repeat in range(args.repeats):
-            runs["bare"].append(timed(bare_command))
-            for mode in ("box", "grid"):
-                out = scratch / f"out-{mode}"
-                shutil.rmtree(out, ignore_errors=True)
-                runs[mode].append(timed([sys.executable, "-m", "desam_pipeline.inference.predict", "-i", str(scratch / "in"),
-                                         "-o", str(out), "-m", str(models[mode]), "--device", args.device,
-                                         "--grid", str(args.grid), "--iou-threshold", "-1",
-                                         "--preprocessed", str(scratch / "no-cache")]))
+            for name, command in commands.items():
+                runs[name].append(timed(command()))
             print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {runs[k][-1][0]:.1f} s wall / {runs[k][-1][1]:.1f} s CPU"
                                                       for k in runs), flush=True)
 
     slices = args.volumes * args.slices
     figures = {"encoder": args.encoder, "precision": args.precision, "device": args.device, "volumes": args.volumes,
                "slices": slices, "batch_size": args.batch_size, "folds": args.folds, "grid": args.grid,
+               "encoder_runtime": encoder_runtime, "trained_model": bool(args.model_folder),
                "cpu_threads": os.cpu_count()}
+    ratios = {"box_vs_bare": ("box", "bare"), "grid_vs_bare": ("grid", "bare"),
+              "reference_vs_top1_all_points": ("grid_reference_all", "grid_top1_all"),
+              "encoder_speedup_vs_torch": ("bare_torch", "bare")}
     for index, clock in ((0, "wall"), (1, "cpu")):
         best = {k: min(run[index] for run in runs[k]) for k in runs}
         figures.update({f"{k}_{clock}_s": round(v, 2) for k, v in best.items()})
         figures.update({f"{k}_{clock}_s_per_slice": round(v / slices, 3) for k, v in best.items()})
-        figures[f"box_vs_bare_{clock}"] = round(best["box"] / best["bare"], 3)
-        figures[f"grid_vs_bare_{clock}"] = round(best["grid"] / best["bare"], 3)
-        figures[f"grid_vs_box_{clock}"] = round(best["grid"] / best["box"], 3)
-        print(f"{args.encoder} {args.precision} on {args.device}, {args.volumes} volumes x {args.slices} slices, "
-              f"batch {args.batch_size}, {args.folds} fold(s), {clock}: box/bare = {figures[f'box_vs_bare_{clock}']:.3f}, "
-              f"grid/bare = {figures[f'grid_vs_bare_{clock}']:.3f}, grid/box = {figures[f'grid_vs_box_{clock}']:.3f} "
-              f"(bare {best['bare']:.1f} s, box {best['box']:.1f} s, grid {best['grid']:.1f} s)")
+        for name, (top, bottom) in ratios.items():
+            if top in best:
+                figures[f"{name}_{clock}"] = round(best[top] / best[bottom], 3)
+        print(f"{args.encoder} {args.precision} on {args.device} ({encoder_runtime}), {args.volumes} volume(s) x "
+              f"{args.slices} slices, batch {args.batch_size}, {args.folds} fold(s), {args.grid}x{args.grid} grid, "
+              f"{clock}: " + ", ".join(f"{name} {figures[f'{name}_{clock}']:.3f}" for name in ratios
+                                       if f"{name}_{clock}" in figures)
+              + " (" + ", ".join(f"{k} {v:.1f} s" for k, v in best.items()) + ")")
     figures.update({f"{k}_peak_rss_mb": round(max(run[2] for run in runs[k])) for k in runs})
+    figures["load_average_start"], figures["load_average_end"] = round(load_start, 2), round(os.getloadavg()[0], 2)
     print("peak RSS: " + ", ".join(f"{k} {figures[f'{k}_peak_rss_mb']} MiB" for k in runs))
     print(json.dumps(figures))
     return 0

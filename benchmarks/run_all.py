@@ -1,6 +1,7 @@
 """`make bench`: run every benchmark script as its own process and print one table of figures.
 
-Each benchmark prints, as its last line, one JSON object of figures; this collects them.
+Each benchmark prints, as its last line, one JSON object of figures; this collects them, then prints the
+ratios the performance goals (issue #23) are stated in, each with its target and whether it is met.
 """
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ import pandas as pd
 
 BENCHMARKS = ("benchmarks.phantom", "benchmarks.embed", "benchmarks.train", "benchmarks.grid_iou", "benchmarks.predict",
               "benchmarks.hd95")
+# (benchmark, figure, "<=" or ">=", target, what it says); the ratios are paired runs of one benchmark process.
+GOALS = (
+    ("predict", "reference_vs_top1_all_points_wall", "<=", 1.2, "reference grid rule / top1, every point accepted"),
+    ("predict", "box_vs_bare_wall", "<=", 1.10, "desam_predict box / bare encoder forward"),
+    ("predict", "grid_vs_bare_wall", "<=", 1.20, "desam_predict grid (default rule) / bare encoder forward"),
+    ("predict", "encoder_speedup_vs_torch_wall", ">=", 1.5, "encoder forward speed-up over torch eager fp32"),
+    ("train", "vit_b_data_wait_fraction", "<=", 0.10, "training data wait / step, vit_b features"),
+    ("train", "vit_h_data_wait_fraction", "<=", 0.10, "training data wait / step, vit_h features"),
+)
 
 
 def run_benchmark(module: str) -> dict:
@@ -32,6 +42,19 @@ def run_benchmark(module: str) -> dict:
     return figures
 
 
+def goal_lines(rows: list[dict]) -> list[str]:
+    """One line per goal whose figure was measured: the ratio, the target and whether it is met."""
+    figures = {(row["benchmark"], row["figure"]): row["value"] for row in rows}
+    lines = []
+    for benchmark, figure, sense, target, text in GOALS:
+        value = figures.get((benchmark, figure))
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        met = value <= target if sense == "<=" else value >= target
+        lines.append(f"{text}: {value:.3f} (goal {sense} {target}) {'met' if met else 'NOT met'}")
+    return lines
+
+
 def main() -> int:
     rows = []
     for module in BENCHMARKS:
@@ -40,6 +63,8 @@ def main() -> int:
             rows.append({"benchmark": module.split(".")[-1], "figure": name, "value": value})
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))
+    print("\ngoals (issue #23; the encoder speed-up is measured where desam_predict runs another runtime):")
+    print("\n".join(goal_lines(rows)) or "none measured")
     return int(any(row["figure"] == "error" for row in rows))
 
 

@@ -11,9 +11,11 @@ from torchvision.ops import batched_nms
 
 from desam_pipeline.data.prompts import grid_points
 from desam_pipeline.inference import slice_prediction
-from desam_pipeline.inference.grid_rules import first_mask, reference_slice, resample_like_sam
+from desam_pipeline.inference.grid_rules import (FirstMaskScan, first_mask, point_logits, reference_slice,
+                                                resample_like_sam)
 from desam_pipeline.inference.settings import PredictionSettings
-from desam_pipeline.network import DeSAM
+from desam_pipeline.network import CoupledSAM, DeSAM
+from desam_pipeline.network.grid_iou import prompt_ious
 from desam_pipeline.network.sam_models import build_sam
 
 from toy_data import TINY_FRAME, TINY_TAPS
@@ -56,6 +58,9 @@ def test_first_mask_is_the_generators_first_record():
     answer = first_mask(masks, iou)
     assert np.array_equal(answer, generator_answer(masks, iou))
     assert np.array_equal(answer, masks[2].numpy())
+    scan = FirstMaskScan()  # fed best first, it stops at the first clean survivor
+    assert [scan.add(mask) for mask in masks[:3]] == [False, False, True]
+    assert np.array_equal(scan.result((256, 256)), answer)
     # without the clean mask both remaining ones count as changed: the higher IoU, hole filled, wins
     rest = masks[[0, 1, 3]], iou[[0, 1, 3]]
     assert np.array_equal(first_mask(*rest), generator_answer(*rest))
@@ -100,5 +105,85 @@ def test_reference_rule_through_predict_slices_equals_the_generator_per_point(ne
         slice_prediction.predict_slices(net, neck, taps, "grid", PredictionSettings(grid_rule="vote"))
     with torch.no_grad():
         direct = reference_slice(net, neck[:1], [t[:1] for t in taps], (points, labels),
-                                 torch.full((9,), 0.0), -1.0, 4, 256)
+                                 prompt_ious(net, neck[:1], points=(points, labels)), -1.0, 4, 256)
     assert np.array_equal(direct, probabilities[0])
+
+
+def every_point_answer(net, neck, taps, points, labels, threshold: float) -> tuple[np.ndarray, torch.Tensor]:
+    """The reference rule as it ran before the tap branches were shared: every point through the whole network
+    (`net.forward`, taps copied per point), accepted on its own IoU, SAM's resampling, segment_anything's
+    generator; and the points' dense IoUs."""
+    count = points.shape[0]
+    with torch.no_grad():
+        logits, iou = net(neck.expand(count, -1, -1, -1), [t.expand(count, -1, -1, -1).clone() for t in taps],
+                          points=(points, labels))
+    accepted = iou[:, 0] > threshold
+    masks = torch.sigmoid(resample_like_sam(logits, 256, net.prim.frame))[:, 0] > 0.5
+    if not accepted.any():
+        return np.zeros((256, 256), bool), iou[:, 0]
+    return generator_answer(masks[accepted], iou[accepted, 0]), iou[:, 0]
+
+
+def decoded_rows(net) -> list[int]:
+    """Rows PDMM's prompt-dependent part decodes, recorded at its bottleneck (empty for CoupledSAM)."""
+    rows = []
+    if hasattr(net.pdmm, "bottleneck"):
+        net.pdmm.bottleneck.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("network", ["desam", "desam_clean_masks", "coupled"])
+def test_reference_rule_equals_every_point_through_the_whole_network(tiny_checkpoint, network):
+    """Shared tap branches, best-first chunks and the early stop give today's masks: the random DeSAM's noisy
+    masks are all changed by the clean-up (every accepted point decoded), a head biased to the full slice makes
+    the best point's mask clean (one decoded), CoupledSAM has no branches at all."""
+    torch.manual_seed(5)
+    if network == "coupled":
+        net = CoupledSAM.from_sam_checkpoint(tiny_checkpoint, "tiny").eval()
+    else:
+        net = DeSAM.from_sam_checkpoint(tiny_checkpoint, "tiny", TINY_TAPS).eval()
+    if network == "desam_clean_masks":
+        with torch.no_grad():
+            net.pdmm.head.weight.mul_(1e-3)
+            net.pdmm.head.bias.fill_(20.0)
+    generator = torch.Generator().manual_seed(2)
+    neck = torch.randn(2, 256, 64, 64, generator=generator)
+    taps = [torch.randn(2, 32, 64, 64, generator=generator) for _ in range(3)]
+    points = torch.as_tensor(grid_points(3, TINY_FRAME))[:, None, :]
+    labels = torch.ones(9, 1, dtype=torch.int64)
+    rows = decoded_rows(net)
+    for s, every_point in ((0, True), (1, False)):
+        fast = prompt_ious(net, neck[s:s + 1], points=(points, labels))
+        middle = fast.sort().values[3:5]
+        cut = -1.0 if every_point else float(middle.mean())  # every point, or the best five
+        expected, dense = every_point_answer(net, neck[s:s + 1], [t[s:s + 1] for t in taps], points, labels, cut)
+        gaps = (dense[:, None] - dense[None, :]).abs() + torch.eye(9)
+        assert gaps.min() > 1e-5 and (dense - cut).abs().min() > 1e-5  # no tie for float rounding to break
+        rows.clear()
+        with torch.no_grad():
+            answer = reference_slice(net, neck[s:s + 1], [t[s:s + 1] for t in taps], (points, labels), fast,
+                                     cut, 4, 256)
+        assert np.array_equal(answer > 0.5, expected)
+        if network == "desam_clean_masks":
+            assert rows == [1] and expected.all()
+        elif network == "desam":
+            assert rows == ([1, 2, 4, 2] if every_point else [1, 2, 2])
+
+
+@pytest.mark.slow
+def test_decoding_shared_branches_equals_the_whole_pdmm(net):
+    """PDMM's prompt-dependent part on one slice's branches, expanded to several points, gives the logits of
+    the whole PDMM with the taps copied per point."""
+    generator = torch.Generator().manual_seed(4)
+    neck = torch.randn(1, 256, 64, 64, generator=generator)
+    taps = [torch.randn(1, 32, 64, 64, generator=generator) for _ in range(3)]
+    points = torch.as_tensor(grid_points(2, TINY_FRAME))[:, None, :]
+    labels = torch.ones(4, 1, dtype=torch.int64)
+    with torch.no_grad():
+        shared = point_logits(net, neck, net.pdmm.encode_taps(taps), (points, labels), torch.arange(4))
+        whole, _ = net(neck.expand(4, -1, -1, -1), [t.expand(4, -1, -1, -1).clone() for t in taps],
+                       points=(points, labels))
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
+    assert torch.equal(shared > 0, whole > 0)
+    assert shared.std(0).max() > 1e-3  # the points' masks differ: the prompt reaches the decoder

@@ -36,13 +36,15 @@ def features():
 
 
 class Spy:
-    """Records PRIM's inputs/outputs and PDMM's inputs/outputs through forward hooks."""
+    """Records PRIM's inputs/outputs and PDMM's inputs/outputs through forward hooks, and the rows PDMM's
+    prompt-dependent part decodes (its bottleneck's input, reached by `forward` and `decode` alike)."""
 
     def __init__(self, net: DeSAM) -> None:
-        self.prim, self.pdmm = [], []
+        self.prim, self.pdmm, self.decoded = [], [], []
         self.handles = [
             net.prim.register_forward_hook(self._prim, with_kwargs=True),
-            net.pdmm.register_forward_hook(self._pdmm, with_kwargs=True)]
+            net.pdmm.register_forward_hook(self._pdmm, with_kwargs=True),
+            net.pdmm.bottleneck.register_forward_hook(lambda module, args, out: self.decoded.append(args[0].shape[0]))]
 
     def _prim(self, module, args, kwargs, out):
         self.prim.append(dict(neck=args[0], points=kwargs.get("points"), embedding=out[0], iou=out[1]))
@@ -51,7 +53,7 @@ class Spy:
         self.pdmm.append(dict(taps=args[0], embedding=args[1], logits=out))
 
     def pdmm_rows(self) -> int:
-        return sum(call["embedding"].shape[0] for call in self.pdmm)
+        return sum(self.decoded)
 
     def __enter__(self) -> "Spy":
         return self

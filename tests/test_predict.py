@@ -154,6 +154,7 @@ def test_grid_threshold_empties_slices_and_records_the_rule_and_d_finds_the_mode
                    "--iou-threshold", "-1", "--save-probabilities", *predict_env.roots) == 0  # the default rule
     record = read_json(reference / "prediction.json")
     assert record["grid_rule"] == "reference" and record["grid"] == 2 and record["iou_threshold"] == -1
+    assert record["encoder_runtime"] == "torch"  # the tiny ViT; LiteMedSAM in fp32 on CPU gets onnxruntime
     assert read_json(outs["-1"] / "prediction.json")["grid_rule"] == "top1"
     assert np.load(reference / "g.npz")["probabilities"].shape == (40, 36, 2)
     box_out = tmp_path / "box"

@@ -4,7 +4,9 @@ Grid mode (the `top1` rule; `grid_rules` has the reference's) scores a k x k gri
 PRIM's IoU head and runs PDMM ONCE per slice, on the mask embedding of the best-scoring point (PDMM's
 masks are nearly prompt-independent by design). The k*k IoUs come from `network.grid_iou.prompt_ious`,
 the same maths as k*k dense PRIM passes at a fraction of the cost; the dense PRIM then runs only for
-the chosen point(s) to give their mask embedding. A slice whose best predicted IoU is not above the threshold is empty. Box mode runs one
+the chosen point(s) to give their mask embedding. A slice whose best predicted IoU is not above the threshold
+is empty. Where several points of a slice are decoded (`average`, the `reference` rule), PDMM's tap branches
+are computed once per slice and only its prompt-dependent part runs per point, in batches. Box mode runs one
 forward pass per chunk of slices with the whole-image box.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from desam_pipeline.data.prompts import MODES, grid_points, whole_box
-from desam_pipeline.inference.grid_rules import GRID_RULES, reference_slice
+from desam_pipeline.inference.grid_rules import GRID_RULES, point_logits, reference_slice
 from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.network import DeSAM
 from desam_pipeline.network.grid_iou import prompt_ious
@@ -56,13 +58,11 @@ def _grid_chunk(net: DeSAM, neck: torch.Tensor, taps: list[torch.Tensor], points
             chosen_embeddings.append(embedding[0])
             continue
         accepted = torch.nonzero(iou > iou_threshold)[:, 0]
+        branches = net.pdmm.encode_taps([t[s:s + 1] for t in taps])
         total = torch.zeros(probabilities.shape[1:], dtype=torch.float32, device=neck.device)
         for start in range(0, accepted.shape[0], batch_size):
-            part = accepted[start:start + batch_size]
-            embedding, _ = net.prim(neck[s:s + 1].expand(part.shape[0], -1, -1, -1),
-                                    points=(points[part], labels[part]))
-            slice_taps = [t[s:s + 1].expand(part.shape[0], -1, -1, -1) for t in taps]
-            total += torch.sigmoid(net.pdmm(slice_taps, embedding).float())[:, 0].sum(0)
+            logits = point_logits(net, neck[s:s + 1], branches, (points, labels), accepted[start:start + batch_size])
+            total += torch.sigmoid(logits.float())[:, 0].sum(0)
         probabilities[s] = (total / accepted.shape[0]).cpu().numpy()
     if chosen:
         index = torch.tensor(chosen, device=neck.device)

@@ -43,6 +43,13 @@ class CoupledPRIM(PRIM):
 class PassThrough(nn.Module):
     """The mask-module slot of CoupledSAM: the decoder's logits are already the mask; taps are unused."""
 
+    def encode_taps(self, taps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Nothing to precompute: PDMM's tap branches have no counterpart here."""
+        return []
+
+    def decode(self, branches: Sequence[torch.Tensor], mask_logits: torch.Tensor) -> torch.Tensor:
+        return mask_logits
+
     def forward(self, taps: Sequence[torch.Tensor], mask_logits: torch.Tensor) -> torch.Tensor:
         return mask_logits
 

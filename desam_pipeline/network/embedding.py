@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from desam_pipeline.network import encoders
+from desam_pipeline.network import encoders, onnx_encoder
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.runtime import autocast
 
@@ -20,10 +20,14 @@ def encode_slices(image_encoder: nn.Module, slices_uint8: np.ndarray, device: to
                   precision: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(B, 256, 256) uint8 -> neck (B, 256, h, w) and the taps [(B, C, H, W)] shallow to deep, as float32.
 
-    The slices are fed as the encoder's family wants them (`encoders.encoder_input`).
+    The slices are fed as the encoder's family wants them (`encoders.encoder_input`), to torch or ONNX Runtime
+    as `encoders.runtime` says.
     """
     with torch.inference_mode(), autocast(device, precision):
-        return encoders.encode(image_encoder, encoders.encoder_input(image_encoder, slices_uint8, device))
+        x = encoders.encoder_input(image_encoder, slices_uint8, device)
+        if encoders.runtime(encoders.family_of(image_encoder), device, precision) == "onnxruntime":
+            return onnx_encoder.encode(image_encoder, x)
+        return encoders.encode(image_encoder, x)
 
 
 def features_for_cache(neck: torch.Tensor, taps: list[torch.Tensor], dtype: np.dtype,

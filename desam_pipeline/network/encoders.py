@@ -31,18 +31,23 @@ from desam_pipeline.utilities.errors import DesamError
 
 @dataclass(frozen=True)
 class Family:
-    """What one encoder family fixes: its prompt frame and neck grid (PromptEncoder geometry) and CPU precision."""
+    """What one encoder family fixes: its prompt frame and neck grid (PromptEncoder geometry), CPU precision, and
+    the runtime of its fp32 forward on CPU (`torch` or `onnxruntime`, see `network.onnx_encoder`)."""
     name: str
     prompt_frame: int
     embedding_grid: int
     cpu_precision: str
+    cpu_fp32_runtime: str = "torch"
 
 
 # cpu_precision: ViT in bf16 is 2-3x faster with the neck 0.8% off fp32; LiteMedSAM's bf16 neck is
 # about 3% off for 1.2x speed (benchmarks/embed.py), so it stays in fp32.
+# cpu_fp32_runtime: ONNX Runtime runs TinyViT about 2x faster than torch on CPU at the same outputs
+# (benchmarks/PROFILE.md); SAM's ViT stays in torch (bf16 on CPU, and vit_h's weights exceed ONNX's 2 GB).
 FAMILIES = {
     "vit": Family("vit", prompt_frame=1024, embedding_grid=64, cpu_precision="bf16"),
-    "tinyvit": Family("tinyvit", prompt_frame=256, embedding_grid=64, cpu_precision="fp32"),
+    "tinyvit": Family("tinyvit", prompt_frame=256, embedding_grid=64, cpu_precision="fp32",
+                      cpu_fp32_runtime="onnxruntime"),
 }
 ENCODER_FAMILY = {**{name: "vit" for name in sam_models.ENCODERS}, "litemedsam": "tinyvit"}
 ENCODERS = tuple(ENCODER_FAMILY)
@@ -78,8 +83,6 @@ def build_image_encoder(encoder: str) -> nn.Module:
     if family(encoder).name == "tinyvit":
         return build_lite_medsam().image_encoder
     return sam_models.build_sam(encoder).image_encoder
-
-
 
 
 def default_checkpoint(encoder: str) -> Path | None:
@@ -122,6 +125,16 @@ def load_image_encoder(encoder: str, checkpoint: str | os.PathLike) -> nn.Module
 
 def is_vit(image_encoder: nn.Module) -> bool:
     return isinstance(image_encoder, ImageEncoderViT)
+
+
+def family_of(image_encoder: nn.Module) -> Family:
+    """The family of a built encoder."""
+    return FAMILIES["vit" if is_vit(image_encoder) else "tinyvit"]
+
+
+def runtime(encoder_family: Family, device: torch.device, precision: str) -> str:
+    """Which runtime encodes: the family's `cpu_fp32_runtime` for an fp32 forward on CPU, else torch."""
+    return encoder_family.cpu_fp32_runtime if device.type == "cpu" and precision == "fp32" else "torch"
 
 
 def tap_blocks(image_encoder: nn.Module) -> list[int]:

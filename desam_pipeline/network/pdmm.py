@@ -138,13 +138,24 @@ class PDMM(nn.Module):
         self.decoder2 = srb(128, 64)
         self.head = nn.Conv2d(64, 1, kernel_size=1, bias=bias)
 
-    def forward(self, taps: Sequence[torch.Tensor], mask_embedding: torch.Tensor) -> torch.Tensor:
-        """taps: the three cached feature maps, shallow to deep; mask_embedding: PRIM's (B,256,g,g)."""
+    def encode_taps(self, taps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The three tap branches [shallow (B,64,4g,4g), middle (B,128,2g,2g), deep (B,256,g,g)]: everything
+        that does not depend on the prompt, so grid mode computes it once per slice for all its points."""
         if len(taps) != 3 or any(tuple(t.shape[1:]) != shape for t, shape in zip(taps, self.tap_shapes)):
             raise ValueError(f"PDMM expects 3 taps of shapes {self.tap_shapes}, got "
                              f"{[tuple(t.shape[1:]) for t in taps]}")
         shallow, middle, deep = taps
-        x = self.bottleneck(torch.cat([mask_embedding, self.deep(deep)], dim=1))
-        x = self.decoder1(torch.cat([self.up1(x), self.middle(middle)], dim=1))
-        x = self.decoder2(torch.cat([self.up2(x), self.shallow(shallow)], dim=1))
+        return [self.shallow(shallow), self.middle(middle), self.deep(deep)]
+
+    def decode(self, branches: Sequence[torch.Tensor], mask_embedding: torch.Tensor) -> torch.Tensor:
+        """Mask logits (B,1,4g,4g) from `encode_taps`' branches and PRIM's (B,256,g,g) mask embedding: the
+        prompt-dependent part (bottleneck fusion, decoder, head). Branches of batch 1 may be expanded to B."""
+        shallow, middle, deep = branches
+        x = self.bottleneck(torch.cat([mask_embedding, deep], dim=1))
+        x = self.decoder1(torch.cat([self.up1(x), middle], dim=1))
+        x = self.decoder2(torch.cat([self.up2(x), shallow], dim=1))
         return self.head(x)
+
+    def forward(self, taps: Sequence[torch.Tensor], mask_embedding: torch.Tensor) -> torch.Tensor:
+        """taps: the three cached feature maps, shallow to deep; mask_embedding: PRIM's (B,256,g,g)."""
+        return self.decode(self.encode_taps(taps), mask_embedding)

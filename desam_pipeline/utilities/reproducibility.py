@@ -13,7 +13,7 @@ import torch
 def versions() -> dict[str, str]:
     """Versions of Python and the packages that decide a run's numbers, recorded in debug.json."""
     found = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for package in ("segment-anything", "desam"):
+    for package in ("segment-anything", "onnxruntime", "desam"):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
