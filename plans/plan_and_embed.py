@@ -33,7 +33,7 @@ from desam_pipeline.utilities.paths import Trees, add_root_arguments
 from desam_pipeline.utilities.runtime import (DEFAULT_DEVICE, PRECISIONS, DeviceSettings, resolve_precision,
                                               select_device, shard, shard_spec, tune_malloc)
 from desam_pipeline.utilities.setting_flags import add_setting_flags
-from plans.fingerprint import write_fingerprint
+from plans.fingerprint import intensity_windows, write_fingerprint
 from plans.planner import DEFAULT_ENCODER, OFFICIAL_CHECKPOINTS, default_choices, make_plan, save_plan
 
 TINY_CHECKPOINT_NAME = "sam_tiny.pth"
@@ -74,7 +74,7 @@ def prepare_case(raw_dir: Path, dataset_json: dict, case: str, input_hash: str, 
         "input_sha256": input_hash,
         "plan_sha256": plan_digest,
     }
-    image = preprocess_volume(volume, plan)[z]
+    image = preprocess_volume(volume, plan, raw_dataset.modality_of_site(dataset_json, meta["domain"]))[z]
     views = augmented_views.views_for(plan, meta["domain"])
     if views:
         meta["views"] = views
@@ -113,8 +113,10 @@ def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint
                         device: torch.device, overwrite: bool, **flags) -> tuple[dict, nn.Module]:
     """Load the encoder and write the plan once; flags left None keep the existing plan's choices.
 
-    `flags` are slices, precision and batch_size (the last two set this device's entry), and
-    augmented_views with view_sites (the sites whose cases get that many augmented views).
+    `flags` are slices, precision and batch_size (the last two set this device's entry),
+    augmented_views with view_sites (the sites whose cases get that many augmented views), and the
+    dataset's windows (modality -> CT window, from the fingerprint) and label_classes (several structures),
+    each written only when not empty.
     """
     existing = load_plan(out_dir, plans_name) if plan_path(out_dir, plans_name).is_file() else None
     checkpoint_path = resolve_checkpoint(encoder, checkpoint, existing, out_dir)
@@ -131,6 +133,10 @@ def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint
             raise DesamError(f"--batch-size must be at least 1, got {flags['batch_size']}")
         choices["batch_size"] = {**base["batch_size"], device.type: flags["batch_size"]}
     plan = make_plan(plans_name, encoder, checkpoint_path, checkpoint_sha, image_encoder, base=existing, **choices)
+    intensity = {key: value for key, value in plan["intensity"].items() if key != "windows"}
+    plan["intensity"] = intensity | ({"windows": flags["windows"]} if flags.get("windows") else {})
+    if flags.get("label_classes"):
+        plan["label_classes"] = flags["label_classes"]
     views = augmented_views.plan_entry(flags.get("augmented_views"), flags.get("view_sites"), existing)
     if views:
         plan["augmented_views"] = views
@@ -171,7 +177,9 @@ def set_up(raw_dir: Path, out_dir: Path, domains: list[str] | None, encoder: str
     remove_stale_temporaries(out_dir)
     write_json(dataset_json, out_dir / "dataset.json")
     fingerprint = write_fingerprint(raw_dir, out_dir)
-    plan, image_encoder = write_or_check_plan(out_dir, plans_name, encoder, checkpoint, device, overwrite, **flags)
+    plan, image_encoder = write_or_check_plan(out_dir, plans_name, encoder, checkpoint, device, overwrite,
+                                              windows=intensity_windows(fingerprint),
+                                              label_classes=raw_dataset.label_classes(dataset_json), **flags)
     return {"plan": plan, "fingerprint": fingerprint, "dataset_json": dataset_json, "cases": cases}, image_encoder
 
 

@@ -52,6 +52,9 @@ class PredictionSettings:
         DEFAULT_POSTPROCESS, choices=POSTPROCESSING,
         help="paper: per slice fill holes and drop islands under 1000 px at 256x256; "
              "largest: keep the largest 3D connected component")
+    modality: str | None = setting(
+        None, help="the inputs' modality (e.g. CT or MR): a plan with a CT intensity window clips CT to it; default: "
+                   "the model's dataset's, when it has one (desam_evaluate takes each site's from dataset.json)")
     save_probabilities: bool = setting(
         False, action="store_true", help="also write <case>.npz with the fold-averaged probabilities")
     skip_existing: bool = setting(False, flags=("--continue",), action="store_true",

@@ -35,7 +35,7 @@ from desam_pipeline.data.plan_io import load_plan, plan_hash, verify_sam_checkpo
 from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.io.atomic import remove_stale_temporaries, write_json
 from desam_pipeline.io.results_layout import CHECKPOINT_BEST, CHECKPOINT_FINAL, CHECKPOINT_LATEST, Checkpoint, \
-    model_folder_name, source_key
+    class_folder, model_folder_name, source_key
 from desam_pipeline.network import DeSAM, encoders
 from desam_pipeline.training import fold_files, validation
 from desam_pipeline.training.losses import desam_loss
@@ -47,6 +47,17 @@ from desam_pipeline.utilities import distributed
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.reproducibility import rng_state, seed_everything, set_rng_state, versions
 from desam_pipeline.utilities.runtime import autocast, select_device
+
+
+def check_structure(plan: dict, label: int | None, plans_name: str) -> None:
+    """A plan with several structures (`label_classes`) trains one at a time (`--label`), a binary plan none."""
+    classes = plan.get("label_classes") or {}
+    values = ", ".join(f"{value} {name}" for name, value in classes.items())
+    if classes and label not in classes.values():
+        raise DesamError(f"plan {plans_name} has several structures ({values}); train each with --label VALUE"
+                         + (f" ({label} is none of them)" if label is not None else ""))
+    if not classes and label is not None:
+        raise DesamError(f"plan {plans_name} has one structure (label > 0); --label is for datasets with several")
 
 
 class DeSAMTrainer:
@@ -73,6 +84,8 @@ class DeSAMTrainer:
         self.device = select_device(self.settings.device)
         self.precision = training_precision(self.settings.precision, self.device)
         self.model_dir = Path(results_dir) / model_folder_name(type(self).__name__, plans_name, self.mode, self.sources)
+        if self.settings.label is not None:  # one structure of several: its own model folder inside
+            self.model_dir = class_folder(self.model_dir, self.settings.label)
         self.fold_dir = self.model_dir / f"fold_{self.fold}"
         self.history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
         self.best_ema = -math.inf
@@ -100,6 +113,7 @@ class DeSAMTrainer:
             return
         self.plan = load_plan(self.preprocessed_dir, self.plans_name)
         self.plan_sha256 = plan_hash(self.plan)
+        check_structure(self.plan, self.settings.label, self.plans_name)
         self.cache_dir = cache.cache_dir(self.preprocessed_dir, self.plans_name)
         self.case_domains, source_cases = fold_files.source_cases(self.preprocessed_dir, self.sources)
         key = source_key(self.sources)
@@ -128,9 +142,11 @@ class DeSAMTrainer:
         seed, slices = self.settings.seed, self.settings.train_slices
         self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
                                                   seed, slice_data.TRAIN_STREAM, frame=frame,
-                                                  use_views=self.settings.augmented_views, slices=slices)
+                                                  use_views=self.settings.augmented_views, slices=slices,
+                                                  label_value=self.settings.label)
         self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode,
-                                                seed, slice_data.VAL_STREAM, frame=frame, slices=slices)
+                                                seed, slice_data.VAL_STREAM, frame=frame, slices=slices,
+                                                label_value=self.settings.label)
         if len(self.train_data) == 0:
             raise DesamError(f"{self.cache_dir}: the training cases of fold {self.fold} have no cached slices")
         pin, workers, timeout = self.device.type == "cuda", self.settings.num_workers, self.settings.loader_timeout_s
@@ -383,7 +399,8 @@ class DeSAMTrainer:
         for case in tqdm(mine, desc="validation", unit="case", disable=not self.is_main, file=sys.stdout):
             results[case] = validation.validate_case(
                 self.network, self.cache_dir / case, self.plan, self.mode, settings, out_dir,
-                self.local_batch_size, self.device, self.precision, self.case_domains.get(case))
+                self.local_batch_size, self.device, self.precision, self.case_domains.get(case),
+                self.settings.label)
         results = {k: v for part in distributed.gather(results) for k, v in part.items()}
         if not self.is_main:
             return
