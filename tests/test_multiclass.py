@@ -163,7 +163,7 @@ def test_mean_over_structures_and_structure_table():
 
 
 # ---------------------------------------------------------------- end to end on a tiny two-modality dataset
-def write_two_structure_dataset(raw_root: Path, cases: int = 3, shape=(40, 36, 8)) -> Path:
+def write_two_structure_dataset(raw_root: Path, cases: int = 2, shape=(40, 36, 6)) -> Path:
     """CT (HU, water 0, air -1000) and MR cases with two blobs: 1 liver (left), 2 spleen (right)."""
     rng = np.random.default_rng(1)
     folder = raw_root / "Dataset903_TwoOrgans"
@@ -173,7 +173,7 @@ def write_two_structure_dataset(raw_root: Path, cases: int = 3, shape=(40, 36, 8
     domains = {}
     for modality, (air, body, liver, spleen) in {"CT": (-1000, 0, 60, 160), "MR": (0, 300, 120, 700)}.items():
         for i in range(cases):
-            dz = (z - 3.5) / 2.8
+            dz = (z - 2.5) / 1.8
             left = ((x - 12 - rng.uniform(-2, 2)) / 6) ** 2 + ((y - 18) / 7) ** 2 + dz ** 2 <= 1
             right = ((x - 28 - rng.uniform(-2, 2)) / 5) ** 2 + ((y - 18) / 6) ** 2 + dz ** 2 <= 1
             label = np.where(left, 1, np.where(right, 2, 0)).astype(np.uint8)
@@ -222,15 +222,16 @@ def test_two_structures_end_to_end(trees, tmp_path):
     with pytest.raises(SystemExit):  # a multi-structure plan trains one structure at a time
         train.main(["903", "0", "--source", "CT", "--epochs", "1", "--num-workers", "0"])
     for value in ("1", "2"):
-        run(train.main, ["903", "0", "--source", "CT", "--mode", "grid", "--label", value, "--epochs", "1",
+        run(train.main, ["903", "0", "--source", "CT", "--mode", "box", "--label", value, "--epochs", "1",
                          "--batch-size", "2", "--lr", "1e-3", "--num-workers", "0"])
-    model = trees["results"] / "Dataset903_TwoOrgans" / "DeSAMTrainer__DeSAMPlans_tiny__grid__src-CT"
+    model = trees["results"] / "Dataset903_TwoOrgans" / "DeSAMTrainer__DeSAMPlans_tiny__box__src-CT"
     assert list(class_folders(model)) == [1, 2]
     assert (class_folder(model, 2) / "fold_0" / "checkpoint_final.pth").is_file()
 
     out = tmp_path / "predicted"
-    run(predict.main, ["-i", str(trees["raw"] / "Dataset903_TwoOrgans" / "imagesTr"), "-o", str(out), "-m", str(model),
-                       "--modality", "MR", "--grid", "2", "--save-probabilities"])
+    mr_file = trees["raw"] / "Dataset903_TwoOrgans" / "imagesTr" / "MR_0000_0000.nii.gz"
+    run(predict.main, ["-i", str(mr_file), "-o", str(out), "-m", str(model),
+                       "--modality", "MR", "--save-probabilities"])
     mask = np.asarray(nib.load(out / "MR_0000.nii.gz").dataobj)
     assert mask.shape == volume.shape and set(np.unique(mask)) <= {0, 1, 2}
     probabilities = np.load(out / "MR_0000.npz")["probabilities"]
@@ -239,14 +240,13 @@ def test_two_structures_end_to_end(trees, tmp_path):
     assert np.array_equal(mask > 0, held.any(axis=0))
     assert (class_folder(out, 1) / "quality" / "MR_0000.csv").is_file()
 
-    run(evaluate.main, ["-d", "903", "--source", "CT", "--mode", "grid", "--protocol", "full", "paper", "-f", "0",
-                        "--grid", "2"])
+    run(evaluate.main, ["-d", "903", "--source", "CT", "--mode", "box", "--protocol", "full", "paper", "-f", "0"])
     for protocol in ("full", "paper"):
         evaluation = model / "evaluation" / protocol
         liver = pd.read_csv(evaluation / "liver" / "per_case.csv", dtype={"case": str})
         spleen = pd.read_csv(evaluation / "spleen" / "per_case.csv", dtype={"case": str})
         mean = pd.read_csv(evaluation / "per_case.csv", dtype={"case": str})
-        assert set(mean["site"]) == {"CT", "MR"} and len(mean) == len(liver) == 4  # 3 MR + 1 held-out CT
+        assert set(mean["site"]) == {"CT", "MR"} and len(mean) == len(liver) == 3  # 2 MR + 1 held-out CT
         assert np.allclose(mean["dice"], (liver["dice"] + spleen["dice"]) / 2, equal_nan=True)
         assert (evaluation / "liver" / "per_site.csv").is_file()
     assert (model / "evaluation" / "full" / "spleen" / "per_slice.csv").is_file()

@@ -16,6 +16,7 @@ window: the modality comes from `--modality`, else from the model's dataset when
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -161,10 +162,14 @@ class Predictor:
 
     def __init__(self, model: Model, encoder: SliceEncoder, run: PredictionRun,
                  cache_index: CacheIndex | None = None, modality: str | None = None):
-        """`modality`: the inputs' (see `resolve_modality`)."""
+        """`modality`: the inputs' (see `resolve_modality`, which runs at the first case)."""
         self.model, self.encoder, self.run = model, encoder, run
         self.cache_index = cache_index or CacheIndex(None, model.plan)
-        self.modality = resolve_modality(model, modality or run.settings.modality)
+        self.requested_modality = modality or run.settings.modality
+
+    @functools.cached_property
+    def modality(self) -> str | None:
+        return resolve_modality(self.model, self.requested_modality)
 
     def predict_case(self, case: CaseInput, out_dir: Path, progress: tqdm | None = None) -> CaseResult:
         """Predict one case and write its outputs; a bad input is a DesamError naming the file."""

@@ -5,7 +5,7 @@
 A dataset with several structures (a plan with `label_classes`) gets one DeSAM per structure, each a
 complete model folder of its own inside the model folder, named after the class value:
 
-    <model folder>/label_<value>/{plans.json, dataset.json, fold_<k>/checkpoint_*.pth}
+    <model folder>/{plans.json, dataset.json, label_<value>/{plans.json, dataset.json, fold_<k>/checkpoint_*.pth}}
 
 The trainer writes both, the predictor, `desam_evaluate` and `desam_report` read them; nothing
 else builds or parses a model folder name or a checkpoint's keys.

@@ -201,6 +201,8 @@ class DeSAMTrainer:
         if self.is_main:
             self.fold_dir.mkdir(parents=True, exist_ok=True)
             fold_files.copy_plan_files(self.preprocessed_dir, self.plans_name, self.model_dir)
+            if self.settings.label is not None:  # the multi-structure model folder stands alone too
+                fold_files.copy_plan_files(self.preprocessed_dir, self.plans_name, self.model_dir.parent)
             write_json(self.debug_info(), self.fold_dir / fold_files.DEBUG_FILE)
             resumed = continue_training and (self.fold_dir / fold_files.LOG_FILE).is_file()
             fold_files.append_log(self.fold_dir, f"{'resumed' if resumed else 'started'}: {self.model_dir.name}/fold_"
