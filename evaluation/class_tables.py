@@ -8,6 +8,7 @@ metric over the structures (NaN when any structure's is NaN), summarised per sit
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping
 
 import pandas as pd
@@ -17,6 +18,15 @@ from desam_pipeline.utilities.metrics import METRICS
 CASE_KEYS = ("case", "site", "in_domain", "folds")
 MEAN_COLUMNS = (*METRICS, "mean_predicted_iou")
 CLASS_MEAN = "mean"
+PER_CASE = "per_case.csv"
+
+
+def structure_names(protocol_dir: Path) -> list[str]:
+    """The structures scored in one protocol folder of an evaluation (its subfolders with a per_case.csv), sorted;
+    empty for a dataset with one structure."""
+    if not protocol_dir.is_dir():
+        return []
+    return sorted(child.name for child in protocol_dir.iterdir() if (child / PER_CASE).is_file())
 
 
 def structure_dataset_json(dataset_json: dict, name: str) -> dict:
