@@ -4,7 +4,7 @@ PY := .venv/bin/python
 # and an unpinned torch would download a different multi-GB build.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast demo bench bench-accuracy clean-demo
+.PHONY: install test test-fast demo demo-abdominal bench bench-accuracy clean-demo
 
 .venv/.installed: setup.py Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -25,6 +25,10 @@ test-fast: install
 # ARGS passes flags, e.g. ARGS="--checkpoint /path/sam_vit_b_01ec64.pth" for a SAM ViT instead of LiteMedSAM.
 demo: install
 	$(PY) -m evaluation.demo $(ARGS)
+
+# CT -> MR and MR -> CT on the abdominal phantom, one DeSAM per organ (docs/abdominal.md).
+demo-abdominal: install
+	$(PY) -m evaluation.demo_abdominal
 
 bench: install
 	$(PY) -m benchmarks.run_all

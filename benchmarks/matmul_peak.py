@@ -41,7 +41,6 @@ def _seconds(run: Callable[[], object]) -> float:
 
 def onnx_gemm_session(k: int, n: int, threads: int):
     """An ONNX Runtime session of one MatMul (m x k by a constant k x n, float32)."""
-    import onnx
     import onnxruntime
     from onnx import TensorProto, helper, numpy_helper
 

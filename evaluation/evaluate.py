@@ -15,7 +15,8 @@ model can say "no structure here": slice detection, false-positive slices, conne
 how well PRIM's predicted IoU separates slices and ranks cases (per_slice.csv holds the slices; see
 `evaluation.detection_tables` and docs/metrics.md); `paper` is the reference protocol of the paper (see
 `evaluation.paper_protocol`), which scores structure-holding slices only. Which cases are scored is decided in
-`evaluation.evaluation_cases`, what is written per protocol in `evaluation.evaluation_outputs`.
+`evaluation.evaluation_cases`, what is written per protocol in `evaluation.evaluation_outputs`. A dataset with
+several structures is evaluated per structure and as the mean over them (`evaluation.class_tables`).
 """
 from __future__ import annotations
 
@@ -30,18 +31,19 @@ from tqdm import tqdm
 from desam_pipeline.baselines.external_predictions import check_predictions, locate
 from desam_pipeline.data.plan_io import read_plan_file
 from desam_pipeline.data.prompts import MODES
-from desam_pipeline.data.raw_dataset import file_ending, label_path, load_dataset_json
+from desam_pipeline.data.raw_dataset import file_ending, label_classes, label_path, load_dataset_json
 from desam_pipeline.inference.inputs import CaseInput
 from desam_pipeline.inference.model import checkpoint_file
 from desam_pipeline.inference.outputs import quality_path
 from desam_pipeline.inference.prediction_cache import PREDICTIONS, SavedCase, ensure_predictions, group_folder
 from desam_pipeline.inference.settings import FILE_HANDLING, PredictionSettings
-from desam_pipeline.io.results_layout import DEFAULT_TRAINER, MODEL_PLAN
+from desam_pipeline.io.results_layout import DEFAULT_TRAINER, MODEL_PLAN, class_folder
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.metrics import DEFAULT_NSD_TOLERANCE_MM
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
 from desam_pipeline.utilities.runtime import tune_malloc
 from desam_pipeline.utilities.setting_flags import add_setting_flags, settings_from_args
+from evaluation.class_tables import mean_over_structures, structure_dataset_json, structure_table
 from evaluation.detection_tables import SLICE_COLUMNS, read_predicted_iou
 from evaluation.evaluate_folder import read_pair, score_pair
 from evaluation.evaluation_cases import (EvalCase, check_sources, choose_folds, evaluation_cases, foreground_labels,
@@ -49,6 +51,7 @@ from evaluation.evaluation_cases import (EvalCase, check_sources, choose_folds, 
 from evaluation.evaluation_outputs import EVALUATION, per_site_markdown, write_evaluation
 from evaluation.paper_protocol import paper_metrics
 from evaluation.settings import EvaluationSettings
+from evaluation.tables import markdown_section
 
 CONVERT_HINT = "convert it first (desam_convert_prostate_multisite, desam_convert_msd or desam_make_phantom)"
 
@@ -87,14 +90,17 @@ def score_case(reference_path: Path, prediction_file: Path, protocol: str, label
 
 def score_cases(folder: Path, cases: list[EvalCase], raw_dir: Path, dataset_json: dict, protocol: str,
                 slice_axis: int, nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
-                progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+                progress: bool = True, structure: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The per_case table (case, site, in_domain, folds, dice, hd95, assd, nsd, then `full`: CASE_DETECTION,
     `paper`: slices_scored, then mean_predicted_iou) and, under `full`, the per-slice rows of every case
-    (case, site, in_domain, slice, reference, predicted, predicted_iou; None under `paper`)."""
-    labels = foreground_labels(dataset_json)
+    (case, site, in_domain, slice, reference, predicted, predicted_iou; None under `paper`).
+
+    `structure`: score the structure with this label value (its predicted IoU from its own quality folder)."""
+    labels = foreground_labels(dataset_json) if structure is None else [structure]
     rows, slice_rows = [], []
     for case in tqdm(cases, desc=f"score ({protocol})", unit="case", disable=not progress, dynamic_ncols=True):
-        quality = quality_path(group_folder(folder, case.site), case.case)
+        site_dir = group_folder(folder, case.site)
+        quality = quality_path(site_dir if structure is None else class_folder(site_dir, structure), case.case)
         scores, slices = score_case(label_path(raw_dir, case.case, dataset_json), prediction_path(folder, case),
                                     protocol, labels, slice_axis, nsd_tolerance, quality)
         identity = {"case": case.case, "site": case.site, "in_domain": case.in_domain}
@@ -152,8 +158,6 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str | None,
         title = f"{trees.dataset}: {external['description']}, trained on {'+'.join(sources)}"
     written = {}
     for protocol in dict.fromkeys(settings.protocols):
-        per_case, per_slice = score_cases(folder, cases, raw_dir, dataset_json, protocol, int(plan["slice_axis"]),
-                                          settings.nsd_tolerance, progress)
         context = {"protocol": protocol, "dataset": trees.dataset, "model_folder": folder.name, "trainer": trainer,
                    "mode": mode, "source": sources, "plans_name": plans, "folds": chosen_folds,
                    **prediction.choices(), "checkpoint_file": checkpoint_file(prediction.checkpoint_name),
@@ -163,7 +167,26 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str | None,
         if external is not None:
             context |= {"external": external["description"], "schedule": external["schedule"]}
         out_dir = folder / EVALUATION / protocol
-        per_site = write_evaluation(per_case, per_slice, out_dir, context, title, raw_dir, dataset_json, folder, plan)
+        structures = label_classes(dataset_json)
+        if structures:
+            by_structure, site_tables = {}, {}
+            for name, value in structures.items():
+                per_case, per_slice = score_cases(folder, cases, raw_dir, dataset_json, protocol,
+                                                  int(plan["slice_axis"]), settings.nsd_tolerance, progress, value)
+                site_tables[name] = write_evaluation(per_case, per_slice, out_dir / name,
+                                                     context | {"labels": [value], "structure": name},
+                                                     f"{title}, {name}", raw_dir,
+                                                     structure_dataset_json(dataset_json, name), folder, plan)
+                by_structure[name] = per_case
+            per_site = write_evaluation(mean_over_structures(by_structure), None, out_dir,
+                                        context | {"structures": structures}, f"{title}, mean over structures",
+                                        raw_dir, dataset_json, folder, plan)
+            print(markdown_section(f"{title}: Dice per structure", structure_table(site_tables), protocol))
+        else:
+            per_case, per_slice = score_cases(folder, cases, raw_dir, dataset_json, protocol, int(plan["slice_axis"]),
+                                              settings.nsd_tolerance, progress)
+            per_site = write_evaluation(per_case, per_slice, out_dir, context, title, raw_dir, dataset_json, folder,
+                                        plan)
         print(per_site_markdown(per_site, title, protocol))
         print(f"desam_evaluate: {protocol} evaluation written to {out_dir}", file=sys.stderr)
         written[protocol] = out_dir

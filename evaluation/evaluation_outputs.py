@@ -10,7 +10,7 @@ import pandas as pd
 
 from desam_pipeline.data.orientation import LEGACY_ORIENTATION, from_slices, plan_orientation, to_slices
 from desam_pipeline.data.preprocessing import preprocess_volume
-from desam_pipeline.data.raw_dataset import image_path, label_path
+from desam_pipeline.data.raw_dataset import image_path, label_path, modality_of_site
 from desam_pipeline.data.slice_grid import slice_grid_spacing
 from desam_pipeline.inference.prediction_cache import prediction_file
 from desam_pipeline.io.atomic import write_json
@@ -167,7 +167,8 @@ def write_overlays(per_case: pd.DataFrame, out_dir: Path, raw_dir: Path, dataset
         target = contained(out_dir, f"{site}_{tag}_{case}.png")
         if protocol == "paper":
             # the protocol's 256x256 slices, back in array order: resized whatever the plan's in-plane rule
-            sam_slices = preprocess_volume(image, {**plan, "in_plane": {"rule": "resize"}})
+            sam_slices = preprocess_volume(image, {**plan, "in_plane": {"rule": "resize"}},
+                                           modality=modality_of_site(dataset_json, site))
             slices = to_slices(from_slices(sam_slices, axis, plan_orientation(plan)), axis, LEGACY_ORIENTATION)
             ref256 = reference_label_grid(reference, axis)
             pred256 = zero_border(to_slice_grid(prediction, axis)) > 0

@@ -8,6 +8,9 @@ dice_matrix.csv, hd95_matrix.csv, report.md and dice_heatmap.png, hd95_heatmap.p
 also the slice detection read from each model's per_slice.csv: fp_slices_pct (false-positive slices as % of the
 slices without ground truth), components_median and gate_auc (PRIM's predicted IoU as a detector of the
 structure), each as <statistic>_matrix.csv and a section of report.md.
+A dataset with several structures (evaluation/<protocol>/<structure>/, `evaluation.class_tables`) gets one
+report per structure, in `<structure>/` of the report folder (slice detection included), and the report folder
+itself tabulates the mean over the structures (Dice and HD95; slice detection stays per structure).
 Folders of external predictions (desam_pipeline.baselines.external_predictions, e.g. the nnU-Net baseline, whose
 configuration is its mode) are tabulated the same way; report.md states how they were made (trainer, schedule).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -26,6 +30,7 @@ from desam_pipeline.io.safe_names import contained
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.metrics import METRICS
 from desam_pipeline.utilities.paths import Trees, add_root_arguments
+from evaluation.class_tables import PER_CASE, structure_names
 from evaluation.detection_tables import PER_SLICE, detection_matrix
 from evaluation.plots import heatmap_png
 from evaluation.tables import (MEAN_UNSEEN, METRIC_LABELS, POOLED_UNSEEN, PROTOCOLS, cross_domain_cells,
@@ -45,22 +50,32 @@ DETECTION_MATRICES = {
 RERUN = "rerun desam_evaluate for it (saved predictions are reused)"
 
 
-def find_models(results_dir: Path, protocol: str, trainer: str = DEFAULT_TRAINER) -> list[dict]:
+def find_models(results_dir: Path, protocol: str, trainer: str = DEFAULT_TRAINER,
+                structure: str | None = None) -> list[dict]:
     """Every model folder of the dataset trained by `trainer`: source, mode, plans, folder and its
-    per_case.csv (None when that protocol was not evaluated yet)."""
+    per_case.csv (of `structure` when given; None when that protocol was not evaluated yet)."""
     models = []
     for folder, name in model_folders(results_dir):
         if name.trainer == trainer:
-            per_case = folder / "evaluation" / protocol / "per_case.csv"
+            per_case = folder / "evaluation" / protocol / (structure or "") / PER_CASE
             models.append({"plans": name.plans, "mode": name.mode, "source": name.sites, "folder": folder,
                            "per_case": per_case if per_case.is_file() else None})
     return models
 
 
-def report_folder(results_dir: Path, mode: str, protocol: str, trainer: str = DEFAULT_TRAINER) -> Path:
-    """`report/<mode>__<protocol>` for DeSAMTrainer, `report/<trainer>__<mode>__<protocol>` for any other."""
+def report_folder(results_dir: Path, mode: str, protocol: str, trainer: str = DEFAULT_TRAINER,
+                  structure: str | None = None) -> Path:
+    """`report/<mode>__<protocol>` for DeSAMTrainer, `report/<trainer>__<mode>__<protocol>` for any other; a
+    structure's report in its subfolder."""
     prefix = "" if trainer == DEFAULT_TRAINER else f"{trainer}__"
-    return contained(results_dir / "report", f"{prefix}{mode}__{protocol}")
+    return contained(results_dir / "report", f"{prefix}{mode}__{protocol}", *([structure] if structure else []))
+
+
+def evaluated_structures(models: list[dict], protocol: str) -> list[str]:
+    """The structures any of the models was evaluated on (several-structure datasets), sorted; else empty."""
+    found = {name for m in models if m["per_case"] is not None
+             for name in structure_names(m["folder"] / "evaluation" / protocol)}
+    return sorted(found)
 
 
 def read_table(path: Path, required: tuple[str, ...], hint: str = "") -> pd.DataFrame:
@@ -77,9 +92,10 @@ def read_table(path: Path, required: tuple[str, ...], hint: str = "") -> pd.Data
     return frame
 
 
-def read_per_case(path: Path, protocol: str = "paper") -> pd.DataFrame:
-    """A per_case.csv with the columns the report needs (under `full` also those of slice detection)."""
-    if protocol == "full":
+def read_per_case(path: Path, protocol: str = "paper", detection: bool = True) -> pd.DataFrame:
+    """A per_case.csv with the columns the report needs (under `full`, with `detection`, also those of slice
+    detection)."""
+    if protocol == "full" and detection:
         return read_table(path, (*REQUIRED_COLUMNS, *DETECTION_COLUMNS),
                           f" (evaluated before slice detection; {RERUN})")
     return read_table(path, REQUIRED_COLUMNS)
@@ -135,23 +151,33 @@ def detection_sections(per_case: dict[str, pd.DataFrame], per_slice: dict[str, p
 
 
 def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plans: str | None = None,
-                 trainer: str = DEFAULT_TRAINER) -> Path:
-    """Build and write one mode's report folder for one trainer class; return it."""
-    models = find_models(results_dir, protocol, trainer)
+                 trainer: str = DEFAULT_TRAINER, structure: str | None = None, mean_of: Sequence[str] = ()) -> Path:
+    """Build and write one mode's report folder for one trainer class; return it. `structure`: that structure's
+    report (a dataset with several); `mean_of`: the structures whose mean the models' per_case.csv hold (no slice
+    detection then: it is per structure)."""
+    models = find_models(results_dir, protocol, trainer, structure)
     sources = select_models(models, dataset, mode, protocol, plans, trainer)
     external = [f"- `{m['folder'].name}`: {read_record(m['folder'])['description']}" for m in models
                 if m["mode"] == mode and m["per_case"] in sources.values() and is_external(m["folder"])]
-    per_case = {source: read_per_case(path, protocol) for source, path in sources.items()}
+    detection = protocol == "full" and not mean_of
+    per_case = {source: read_per_case(path, protocol, detection) for source, path in sources.items()}
     cells = cross_domain_cells(per_case)
-    out = report_folder(results_dir, mode, protocol, trainer)
+    out = report_folder(results_dir, mode, protocol, trainer, structure)
     write_csv(label_protocol(cells.assign(mode=mode), protocol), out / "cells.csv")
     model = f"{mode} mode" if trainer == DEFAULT_TRAINER else f"{trainer}, {mode} mode"
+    if structure:
+        model += f", {structure}"
+    elif mean_of:
+        model += ", mean over structures"
     sections = [f"# {dataset}: source x target, {model}", "", f"*{protocol_caption(protocol)}*", "",
                 f"Rows: the source site(s) a model was trained on; columns: target sites. `*` marks in-domain "
                 f"cells (the source's own held-out cases). `{MEAN_UNSEEN}`: mean over the targets that are not "
                 f"in-domain, each target weighted equally; `{POOLED_UNSEEN}`: one mean over every case of those "
                 "targets pooled together (how the reference code reports). Means leave out cases whose value is NaN "
                 "(see the case counts below and cells.csv).", ""]
+    if mean_of:
+        sections += [f"Each cell: the mean over the structures ({', '.join(mean_of)}) of each case's metric; every "
+                     "structure's own report, with its slice detection, is in its folder beside this file.", ""]
     if external:
         sections += ["Predictions made outside desam (schedule as trained):", "", *external, ""]
     for metric, higher_is_better in REPORT_METRICS.items():
@@ -163,7 +189,7 @@ def write_report(dataset: str, results_dir: Path, mode: str, protocol: str, plan
                     title=f"{dataset}: mean {label.split(' (')[0]}, {model}\n{protocol_caption(protocol)}",
                     colorbar_label=f"mean {label}", higher_is_better=higher_is_better,
                     fmt="{:.3f}" if metric == "dice" else "{:.2f}")
-    if protocol == "full":
+    if detection:
         per_slice = {source: read_table(path.parent / PER_SLICE, SLICE_COLUMNS, f" ({RERUN})")
                      for source, path in sources.items()}
         sections += detection_sections(per_case, per_slice, out, protocol)
@@ -207,10 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         raise DesamError(f"{results_dir}: no {args.trainer} model evaluated under protocol {args.protocol} (trained "
                          f"model folders: {trained}); run `desam_evaluate -d {trees.dataset} --source SITE --mode grid "
                          f"--protocol {args.protocol}{flag}` first")
+    structures = evaluated_structures(models, args.protocol)
     for mode in modes:
-        out = write_report(trees.dataset, results_dir, mode, args.protocol, args.plans, args.trainer)
-        print((out / "report.md").read_text(encoding="utf-8"))
-        print(f"report written to {out}", file=sys.stderr)
+        for structure in (*structures, None):
+            out = write_report(trees.dataset, results_dir, mode, args.protocol, args.plans, args.trainer, structure,
+                               structures if structure is None else ())
+            print((out / "report.md").read_text(encoding="utf-8"))
+            print(f"report written to {out}", file=sys.stderr)
     return 0
 
 

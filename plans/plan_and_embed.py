@@ -34,7 +34,7 @@ from desam_pipeline.utilities.paths import Trees, add_root_arguments
 from desam_pipeline.utilities.runtime import (DEFAULT_DEVICE, PRECISIONS, DeviceSettings, resolve_precision,
                                               select_device, shard, shard_spec, tune_malloc)
 from desam_pipeline.utilities.setting_flags import add_setting_flags
-from plans.fingerprint import write_fingerprint
+from plans.fingerprint import intensity_windows, write_fingerprint
 from plans.planner import (DEFAULT_ENCODER, DEFAULT_IN_PLANE, IN_PLANE_RULES, OFFICIAL_CHECKPOINTS, default_choices,
                            in_plane_choice, make_plan, save_plan)
 
@@ -76,7 +76,8 @@ def prepare_case(raw_dir: Path, dataset_json: dict, case: str, input_hash: str, 
         "input_sha256": input_hash,
         "plan_sha256": plan_digest,
     }
-    image = preprocess_volume(volume, plan, meta["spacing"])[z]
+    modality = raw_dataset.modality_of_site(dataset_json, meta["domain"])
+    image = preprocess_volume(volume, plan, meta["spacing"], modality)[z]
     views = augmented_views.views_for(plan, meta["domain"])
     if views:
         meta["views"] = views
@@ -117,8 +118,9 @@ def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint
     """Load the encoder and write the plan once; flags left None keep the existing plan's choices.
 
     `flags` are slices, in_plane (a rule, resolved on the fingerprint of `cases`, the planned sites'),
-    precision and batch_size (the last two set this device's entry), and augmented_views with view_sites
-    (the sites whose cases get that many augmented views).
+    precision and batch_size (the last two set this device's entry), augmented_views with view_sites (the
+    sites whose cases get that many augmented views), and the dataset's windows (modality -> CT window, from
+    the fingerprint) and label_classes (several structures), each written only when not empty.
     """
     existing = load_plan(out_dir, plans_name) if plan_path(out_dir, plans_name).is_file() else None
     checkpoint_path = resolve_checkpoint(encoder, checkpoint, existing, out_dir)
@@ -138,6 +140,10 @@ def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint
             raise DesamError(f"--batch-size must be at least 1, got {flags['batch_size']}")
         choices["batch_size"] = {**base["batch_size"], device.type: flags["batch_size"]}
     plan = make_plan(plans_name, encoder, checkpoint_path, checkpoint_sha, image_encoder, base=existing, **choices)
+    intensity = {key: value for key, value in plan["intensity"].items() if key != "windows"}
+    plan["intensity"] = intensity | ({"windows": flags["windows"]} if flags.get("windows") else {})
+    if flags.get("label_classes"):
+        plan["label_classes"] = flags["label_classes"]
     views = augmented_views.plan_entry(flags.get("augmented_views"), flags.get("view_sites"), existing)
     if views:
         plan["augmented_views"] = views
@@ -179,7 +185,8 @@ def set_up(raw_dir: Path, out_dir: Path, domains: list[str] | None, encoder: str
     write_json(dataset_json, out_dir / "dataset.json")
     fingerprint = write_fingerprint(raw_dir, out_dir)
     plan, image_encoder = write_or_check_plan(out_dir, plans_name, encoder, checkpoint, device, overwrite,
-                                              fingerprint, cases, **flags)
+                                              fingerprint, cases, windows=intensity_windows(fingerprint),
+                                              label_classes=raw_dataset.label_classes(dataset_json), **flags)
     return {"plan": plan, "fingerprint": fingerprint, "dataset_json": dataset_json, "cases": cases}, image_encoder
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from evaluation.class_tables import mean_over_structures
 from evaluation.report import main
 
 DATASET = "Dataset900_Toy"
@@ -16,9 +17,10 @@ def model_folder(results, source, mode="grid", plans="DeSAMPlans_tiny"):
     return results / DATASET / f"DeSAMTrainer__{plans}__{mode}__src-{source}"
 
 
-def write_per_case(results, source, seed, mode="grid", protocol="full", nan_hd95=()):
+def write_per_case(results, source, seed, mode="grid", protocol="full", nan_hd95=(), structure=""):
     """Three cases per target site with random metrics (and under `full` 6 random slices each, the structure on
-    slices 1-4, with their per_slice.csv); returns the per-case frame written (with `slices` under `full`)."""
+    slices 1-4, with their per_slice.csv), in `structure`'s folder when given; returns the per-case frame written
+    (with `slices` under `full`)."""
     rng = np.random.default_rng(seed)
     rows, slices = [], []
     for site in SITES:
@@ -34,8 +36,8 @@ def write_per_case(results, source, seed, mode="grid", protocol="full", nan_hd95
                                             "reference": [False, True, True, True, True, False],
                                             "predicted": rng.random(6) < 0.7, "predicted_iou": iou}))
     frame = pd.DataFrame(rows)
-    target = model_folder(results, source, mode) / "evaluation" / protocol / "per_case.csv"
-    target.parent.mkdir(parents=True)
+    target = model_folder(results, source, mode) / "evaluation" / protocol / structure / "per_case.csv"
+    target.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(target, index=False)
     if protocol == "full":
         per_slice = pd.concat(slices, ignore_index=True)
@@ -190,3 +192,31 @@ def test_clashing_plans_and_bad_csv(results, capsys):
     assert "per_case.csv: missing column(s) hd95, assd, nsd, in_domain" in err
     assert run(["-d", DATASET, "--plans", "DeSAMPlans_tiny"]) == 0
     assert run(["-d", DATASET, "--plans-name", "DeSAMPlans_tiny"]) == 0  # the other commands' spelling
+
+
+def test_several_structures_one_report_each_and_their_mean(trees, capsys):
+    """Per structure: its own report (slice detection included); the report folder: the mean over structures,
+    read from the mean per_case.csv that desam_evaluate writes (no detection columns there)."""
+    root = trees["results"]
+    frames = {}
+    for s, source in enumerate(("SiteA", "SiteB")):
+        frames[source] = {name: write_per_case(root, source, 10 * s + k, structure=name)
+                          for k, name in enumerate(("liver", "spleen"))}
+        mean = mean_over_structures({k: pd.DataFrame(f.to_dict("list")) for k, f in frames[source].items()})
+        assert "components" not in mean.columns
+        mean.to_csv(model_folder(root, source) / "evaluation" / "full" / "per_case.csv", index=False)
+    assert run(["-d", "900"]) == 0
+    out = root / DATASET / "report" / "grid__full"
+    for name in ("liver", "spleen"):
+        dice = pd.read_csv(out / name / "dice_matrix.csv").set_index("source")
+        expected = frames["SiteB"][name].groupby("site")["dice"].mean()
+        assert dice.at["SiteB", "SiteA"] == pytest.approx(expected["SiteA"], abs=1e-12)
+        assert (out / name / "gate_auc_matrix.csv").is_file()
+        assert f"grid mode, {name}" in (out / name / "report.md").read_text(encoding="utf-8")
+    dice = pd.read_csv(out / "dice_matrix.csv").set_index("source")
+    per_structure = [f.query("site == 'SiteC'")["dice"].mean() for f in frames["SiteA"].values()]
+    assert dice.at["SiteA", "SiteC"] == pytest.approx(np.mean(per_structure), abs=1e-12)
+    assert not (out / "gate_auc_matrix.csv").exists()  # slice detection is per structure
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "mean over structures" in markdown and "(liver, spleen)" in markdown
+    assert "report written to" in capsys.readouterr().err

@@ -43,6 +43,8 @@ LATER_CHOICES = ("slice_orientation", "in_plane")
 # with (see orientation.plan_orientation, preprocessing.in_plane); re-planning writes them and re-embeds.
 REQUIRED_KEYS = ("plans_name", "encoder", "family", "checkpoint", "checkpoint_sha256", "tap_blocks", "tap_shapes",
                  "neck_shape", *(key for key in DEFAULT_CHOICES if key not in LATER_CHOICES))
+# Optional keys, written only where they apply, so other plans (and their hashes) stay as they were:
+# intensity.windows (modality -> fixed [low, high], CT) and label_classes (name -> value, several structures).
 # Keys that do not change the cached values: renaming, moving the checkpoint or changing the
 # batch size leaves every cached case valid.
 NOT_HASHED = ("plans_name", "checkpoint", "batch_size")
@@ -80,9 +82,18 @@ def _per_device(test) -> Callable[[object], bool]:
         all(test(value[kind]) for kind in DEVICE_TYPES)
 
 
+def _window(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value) and value[0] < value[1]
+
+
 def _percentiles(value) -> bool:
     return isinstance(value, dict) and all(_is_number(value.get(k)) for k in ("low_percentile", "high_percentile")) \
-        and 0 <= value["low_percentile"] < value["high_percentile"] <= 100
+        and 0 <= value["low_percentile"] < value["high_percentile"] <= 100 \
+        and (isinstance(value.get("windows", {}), dict) and all(_window(w) for w in value.get("windows", {}).values()))
+
+
+def _classes(value) -> bool:
+    return isinstance(value, dict) and len(value) > 1 and all(_is_int(v) and 0 < v < 256 for v in value.values())
 
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -102,7 +113,9 @@ FIELD_RULES: dict[str, tuple[str, Callable[[object], bool]]] = {
     "slice_axis": ("0, 1 or 2", lambda v: _is_int(v) and 0 <= v <= 2),
     "slice_orientation": (f"one of {', '.join(ORIENTATIONS)}", lambda v: v in ORIENTATIONS),
     "slice_size": ("a positive integer", lambda v: _is_int(v) and v > 0),
-    "intensity": ("an object with low_percentile < high_percentile, both in 0..100", _percentiles),
+    "intensity": ("an object with low_percentile < high_percentile, both in 0..100, and optional windows "
+                  "(modality -> [low, high])", _percentiles),
+    "label_classes": ("an object of two or more class name -> value (1..255)", _classes),
     "slices": (f"one of {', '.join(SLICE_MODES)}", lambda v: v in SLICE_MODES),
     "slice_margin": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
     "cache_dtype": (f"one of {', '.join(CACHE_DTYPES)}", lambda v: v in CACHE_DTYPES),

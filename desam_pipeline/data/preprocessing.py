@@ -4,6 +4,11 @@ Volume -> clip to the 0.5/99.5 percentiles -> 0..255 uint8 (exact zeros stay 0) 
 slices resized to 256x256 (bicubic image, nearest label), or, under the plan's `spacing` in-plane rule,
 resampled to the plan's millimetres per pixel and centred on the 256x256 canvas (`slice_frame`). What the image encoder is then fed
 depends on its family (see `network.encoders`).
+
+CT (a modality with a window in the plan's `intensity.windows`, e.g. {"CT": [low, high]} from the
+foreground intensity percentiles of the fingerprint, as nnU-Net does) is clipped to that fixed window
+instead, the same for every case, with no special zero (0 HU is water). Labels are {0, 1} (label > 0),
+or keep their class values when the plan lists `label_classes` (a dataset with several structures).
 """
 from __future__ import annotations
 
@@ -31,6 +36,22 @@ def intensity_to_uint8(volume: np.ndarray, low_percentile: float = 0.5,
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
+def window_to_uint8(volume: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clip a volume to a fixed intensity window (e.g. CT in HU) and scale it to 0..255 uint8."""
+    volume = np.asarray(volume, dtype=np.float32)
+    scaled = (np.clip(volume, low, high) - low) / (high - low) * 255.0
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def volume_to_uint8(volume: np.ndarray, intensity: dict, modality: str | None = None) -> np.ndarray:
+    """The plan's intensity scaling of one volume: the modality's window when the plan has one (CT), else the
+    volume's own percentiles (`intensity_to_uint8`, as plans without windows always did)."""
+    window = intensity.get("windows", {}).get(modality) if modality else None
+    if window is not None:
+        return window_to_uint8(volume, *window)
+    return intensity_to_uint8(volume, intensity["low_percentile"], intensity["high_percentile"])
+
+
 def slices_first(volume: np.ndarray, axis: int = SLICE_AXIS) -> np.ndarray:
     """(X, Y, Z) -> (Z, X, Y): one 2D slice per leading index."""
     return np.moveaxis(volume, axis, 0)
@@ -52,6 +73,14 @@ def resize_label_slices(slices: np.ndarray, size: int | tuple[int, int] = SLICE_
     out = resize((slices > 0).astype(np.uint8), (slices.shape[0], *_shape(size)), order=0,
                  mode="edge", anti_aliasing=False, preserve_range=True)
     return (out > 0).astype(np.uint8)
+
+
+def resize_class_slices(slices: np.ndarray, size: int | tuple[int, int] = SLICE_SIZE) -> np.ndarray:
+    """(S, H, W) class labels -> (S, size, size) (or (S, *size)) uint8 keeping each voxel's class, nearest
+    neighbour."""
+    out = resize(np.asarray(slices).astype(np.uint8), (slices.shape[0], *_shape(size)), order=0,
+                 mode="edge", anti_aliasing=False, preserve_range=True)
+    return np.round(out).astype(np.uint8)
 
 
 def in_plane(plan: dict | None) -> dict:
@@ -133,10 +162,12 @@ def _place(slices: np.ndarray, frame: SliceFrame) -> np.ndarray:
     return canvas
 
 
-def to_frame(slices: np.ndarray, frame: SliceFrame, label: bool = False) -> np.ndarray:
-    """(S, H, W) uint8 image (bicubic) or label (nearest) slices -> (S, size, size) on the frame's canvas."""
+def to_frame(slices: np.ndarray, frame: SliceFrame, label: bool = False, classes: bool = False) -> np.ndarray:
+    """(S, H, W) uint8 image (bicubic) or label (nearest; {0, 1}, or the class values with `classes`) slices
+    -> (S, size, size) on the frame's canvas."""
     if label:
-        return _place(resize_label_slices(slices, frame.resized), frame)
+        resize_slices = resize_class_slices if classes else resize_label_slices
+        return _place(resize_slices(slices, frame.resized), frame)
     return _place(resize_image_slices(slices, frame.resized), frame)
 
 
@@ -156,20 +187,23 @@ def volume_frame(shape: tuple[int, ...], spacing: tuple[float, ...], plan: dict)
     return slice_frame(in_plane_shape(shape, axis, orientation), in_plane_values(tuple(spacing), axis, orientation), plan)
 
 
-def preprocess_volume(volume: np.ndarray, plan: dict, spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
-                      ) -> np.ndarray:
+def preprocess_volume(volume: np.ndarray, plan: dict, spacing: tuple[float, ...] = (1.0, 1.0, 1.0),
+                      modality: str | None = None) -> np.ndarray:
     """(X, Y, Z) intensities of voxel `spacing` mm -> (Z, size, size) uint8 slices in the plan's orientation,
-    clipped, scaled and placed by the plan's in-plane rule."""
-    scaled = intensity_to_uint8(volume, plan["intensity"]["low_percentile"], plan["intensity"]["high_percentile"])
+    clipped and scaled (`volume_to_uint8`: the window of `modality` where the plan has one) and placed by the
+    plan's in-plane rule."""
+    scaled = volume_to_uint8(volume, plan["intensity"], modality)
     frame = volume_frame(volume.shape, spacing, plan)
     return to_frame(to_slices(scaled, plan["slice_axis"], plan_orientation(plan)), frame)
 
 
 def preprocess_label(label: np.ndarray, plan: dict | None = None, spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
                      ) -> np.ndarray:
-    """(X, Y, Z) labels -> (Z, size, size) uint8 in {0, 1} in the plan's orientation (nearest neighbour)."""
+    """(X, Y, Z) labels -> (Z, size, size) uint8 in the plan's orientation (nearest neighbour): {0, 1}, or the
+    class values when the plan has `label_classes`."""
     axis = plan["slice_axis"] if plan else SLICE_AXIS
     orientation = plan_orientation(plan)
     frame = slice_frame(in_plane_shape(label.shape, axis, orientation), in_plane_values(tuple(spacing), axis, orientation),
                         plan)
-    return to_frame(to_slices(label, axis, orientation), frame, label=True)
+    return to_frame(to_slices(label, axis, orientation), frame, label=True,
+                    classes=bool(plan and plan.get("label_classes")))

@@ -103,6 +103,21 @@ def domains(dataset_json: dict, path: str | os.PathLike = "dataset.json") -> dic
     return dict(dataset_json.get("domains", {}))
 
 
+def modality_of_site(dataset_json: dict, site: str | None) -> str | None:
+    """A site's imaging modality: dataset.json's "modalities" (site -> modality, written by the abdominal
+    converter), else the single channel's name (e.g. "CT"); None when neither says."""
+    listed = dataset_json.get("modalities")
+    if isinstance(listed, dict) and site in listed:
+        return listed[site]
+    return dataset_json.get("channel_names", {}).get("0")
+
+
+def label_classes(dataset_json: dict) -> dict[str, int]:
+    """name -> value of the foreground labels when there are several (a multi-structure dataset), else {}."""
+    foreground = {name: value for name, value in dataset_json.get("labels", {}).items() if value != 0}
+    return dict(sorted(foreground.items(), key=lambda item: item[1])) if len(foreground) > 1 else {}
+
+
 def cases_of_sites(dataset_json: dict, sites: list[str] | None, cases: list[str]) -> list[str]:
     """Cases belonging to the given sites (all cases when `sites` is None); unknown sites are an error."""
     if not sites:

@@ -14,6 +14,8 @@ one of the K), drawn the same way from a generator of its own, so caches without
 `use_views=False` reads the originals only, so one cache with views also serves runs without them.
 `slices` narrows the cached slices with the embedding's own rules (`slice_selection.select_slices`), so a cache of
 every slice (`--slices all`) can train on exactly the slices a default plan would have cached.
+`label_value` trains one structure of a multi-structure cache (labels keep their classes): the target is
+label == value, and every other structure is background.
 """
 from __future__ import annotations
 
@@ -47,13 +49,18 @@ def read_slice(path: Path, index: int) -> np.ndarray:
         del array
 
 
-def cached_positions(case_dir: Path, z: Sequence[int], slices: str) -> list[int]:
+def structure_target(label: np.ndarray, label_value: int | None) -> np.ndarray:
+    """The training target of a cached label slice: as cached (label > 0), or label == `label_value`."""
+    return label if label_value is None else (np.asarray(label) == label_value).astype(np.uint8)
+
+
+def cached_positions(case_dir: Path, z: Sequence[int], slices: str, label_value: int | None = None) -> list[int]:
     """Positions in the case's cache of the slices `select_slices(..., slices)` picks among the cached ones
-    (their foreground read from the cached labels)."""
+    (their foreground, of structure `label_value` when given, read from the cached labels)."""
     if slices == "all":
         return list(range(len(z)))
     labels = np.load(case_dir / "label.npy", mmap_mode="r")
-    foreground_z = [int(z[s]) for s in range(len(z)) if np.any(labels[s])]
+    foreground_z = [int(z[s]) for s in range(len(z)) if np.any(structure_target(labels[s], label_value))]
     chosen = set(select_slices(foreground_z, max(z) + 1, slices)) if len(z) else set()
     return [s for s in range(len(z)) if int(z[s]) in chosen]
 
@@ -70,11 +77,12 @@ class SliceDataset(Dataset):
     """
 
     def __init__(self, case_dirs: Sequence[Path], mode: str, seed: int, stream: int = TRAIN_STREAM, *,
-                 sampling: str, frame: int, use_views: bool = True, slices: str = "all"):
+                 sampling: str, frame: int, use_views: bool = True, slices: str = "all",
+                 label_value: int | None = None):
         """`frame`: side of the prompt frame the points and boxes are drawn in (the network's `prim.frame`);
         `use_views`: draw among a case's cached augmented views (training stream only); `slices`: which of
         the cached slices to use, by the embedding's rule (`all`: every cached slice); `sampling`: see the
-        class docstring."""
+        class docstring; `label_value`: the structure to train (None: label > 0)."""
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if slices not in SLICE_MODES:
@@ -83,15 +91,16 @@ class SliceDataset(Dataset):
             raise DesamError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
         self.case_dirs = [Path(d) for d in case_dirs]
         self.mode, self.seed, self.stream, self.frame = mode, int(seed), int(stream), int(frame)
+        self.label_value = label_value
         self.entries: list[tuple[int, int]] = []
         self.views: list[int] = []  # augmented views per case, drawn from in the training stream only
         self.positives: list[tuple[int, int]] = []  # entries whose slice holds the object
         for c, case_dir in enumerate(self.case_dirs):
             meta = read_json(case_dir / "meta.json")
-            positions = cached_positions(case_dir, meta["z"], slices)
+            positions = cached_positions(case_dir, meta["z"], slices, label_value)
             self.entries.extend((c, s) for s in positions)
             labels = np.load(case_dir / "label.npy", mmap_mode="r")
-            self.positives.extend((c, s) for s in positions if np.any(labels[s]))
+            self.positives.extend((c, s) for s in positions if np.any(structure_target(labels[s], label_value)))
             self.views.append(int(meta.get("views", 0)) if self.stream == TRAIN_STREAM and use_views else 0)
         self.sampling = sampling
         self.balanced = sampling == "balanced" and mode == "grid" and bool(self.positives)
@@ -117,7 +126,7 @@ class SliceDataset(Dataset):
             view = int(np.random.default_rng([self.seed, self.stream, int(epoch), int(index), 1]).integers(
                 self.views[c] + 1))
         sample = {name: read_slice(case_dir / f"{cache.view_array(name, view)}.npy", s) for name in FEATURES}
-        label = read_slice(case_dir / "label.npy", s)
+        label = structure_target(read_slice(case_dir / "label.npy", s), self.label_value)
         sample["label"] = label
         sample["index"] = np.int64(index)
         sample["view"] = np.int64(view)

@@ -1,6 +1,10 @@
-"""A trained model folder read for prediction: its plan, dataset.json, mode and one network per fold."""
+"""A trained model folder read for prediction: its plan, dataset.json, mode and one network per fold.
+
+A multi-structure model folder (one model folder per structure inside it, `results_layout.class_folders`) is
+read as a Model whose `classes` hold one Model per structure (each with its `label_value`)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +15,7 @@ from torch import nn
 from desam_pipeline.data.plan_io import read_plan_file
 from desam_pipeline.inference.settings import DEFAULT_CHECKPOINT_NAME
 from desam_pipeline.io.atomic import read_json
-from desam_pipeline.io.results_layout import CHECKPOINT_NAMES, MODEL_PLAN, Checkpoint
+from desam_pipeline.io.results_layout import CHECKPOINT_NAMES, MODEL_PLAN, Checkpoint, class_folders
 from desam_pipeline.network.registry import rebuild_network
 from desam_pipeline.utilities.errors import DesamError
 
@@ -26,10 +30,23 @@ class Model:
     folds: list[str]
     networks: list[nn.Module] = field(repr=False)
     checkpoint_name: str = DEFAULT_CHECKPOINT_NAME
+    label_value: int | None = None          # the structure this model segments (None: label > 0)
+    classes: list["Model"] = field(default_factory=list, repr=False)  # one per structure, else empty
 
     @property
     def num_channels(self) -> int:
         return len(self.dataset_json.get("channel_names", {"0": ""})) or 1
+
+    @property
+    def structures(self) -> list["Model"]:
+        """The single-structure models to run: the per-structure ones, else this one."""
+        return self.classes or [self]
+
+    def with_folds(self, folds: list[str]) -> "Model":
+        """The same model restricted to some of its loaded folds (in each structure's model alike)."""
+        networks = [self.networks[self.folds.index(f)] for f in folds] if self.networks else []
+        return dataclasses.replace(self, folds=list(folds), networks=networks,
+                                   classes=[c.with_folds(folds) for c in self.classes])
 
 
 def checkpoint_file(checkpoint_name: str) -> str:
@@ -40,8 +57,13 @@ def checkpoint_file(checkpoint_name: str) -> str:
 
 
 def available_folds(model_folder: str | os.PathLike, checkpoint_name: str = DEFAULT_CHECKPOINT_NAME) -> list[str]:
-    """Fold names (`0`, `1`, ..., `all`) that have the named checkpoint; numbered folds first."""
+    """Fold names (`0`, `1`, ..., `all`) that have the named checkpoint (in every structure's model folder of a
+    multi-structure one); numbered folds first."""
     folder, name = Path(model_folder), checkpoint_file(checkpoint_name)
+    per_class = class_folders(folder)
+    if per_class:
+        common = set.intersection(*(set(available_folds(f, checkpoint_name)) for f in per_class.values()))
+        return sorted(common, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
     names = [c.name[len("fold_"):] for c in folder.glob("fold_*") if (c / name).is_file()]
     return sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
 
@@ -86,6 +108,13 @@ def load_model(model_folder: str | os.PathLike, folds: list[str] | None = None,
     folder = Path(model_folder)
     if not folder.is_dir():
         raise DesamError(f"{folder}: model folder not found")
+    per_class = class_folders(folder)
+    if per_class:
+        folds = [str(f) for f in folds] if folds else default_folds(folder, checkpoint_name)
+        classes = [dataclasses.replace(load_model(path, folds, device, checkpoint_name), label_value=value)
+                   for value, path in per_class.items()]
+        first = classes[0]
+        return Model(folder, first.plan, first.dataset_json, first.mode, folds, [], checkpoint_name, classes=classes)
     plan = read_plan_file(_model_file(folder, MODEL_PLAN))
     dataset_json = read_json(_model_file(folder, "dataset.json"))
     folds = [str(f) for f in folds] if folds else default_folds(folder, checkpoint_name)

@@ -8,11 +8,11 @@ fold or another grid rule all predict again; a file that was merely touched or c
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from desam_pipeline.data.raw_dataset import modality_of_site
 from desam_pipeline.inference.inputs import CaseInput
 from desam_pipeline.inference.model import checkpoint_file, load_model
 from desam_pipeline.inference.outputs import merge_quality, output_path
@@ -20,6 +20,7 @@ from desam_pipeline.inference.predictor import Predictor, build_predictor, resol
 from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.io.atomic import read_json, write_json
 from desam_pipeline.io.nifti_io import file_sha256
+from desam_pipeline.io.results_layout import class_folders
 from desam_pipeline.io.safe_names import contained
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.runtime import select_device
@@ -63,14 +64,21 @@ def prediction_key(folder: Path, folds: Sequence[str], settings: PredictionSetti
         return hashes[path]
 
     name = checkpoint_file(settings.checkpoint_name)
-    return {"inputs": [digest(Path(p)) for p in inputs], "folds": list(folds),
-            "checkpoints": {fold: digest(Path(folder) / f"fold_{fold}" / name) for fold in folds},
+    per_class = class_folders(folder)
+    if per_class:
+        checkpoints = {f"{value}/{fold}": digest(path / f"fold_{fold}" / name)
+                       for value, path in per_class.items() for fold in folds}
+    else:
+        checkpoints = {fold: digest(Path(folder) / f"fold_{fold}" / name) for fold in folds}
+    return {"inputs": [digest(Path(p)) for p in inputs], "folds": list(folds), "checkpoints": checkpoints,
             **settings.choices()}
 
 
 def ensure_predictions(folder: Path, cases: list[SavedCase], settings: PredictionSettings,
                        preprocessed_root: str | None = None, progress: bool = True) -> dict[str, int]:
     """Predict the cases without a saved prediction of the same key, through the predictor; returns counts.
+
+    A group named after a site of the model's dataset is predicted with that site's modality (dataset.json).
 
     Cases that fail are forgotten (predicted again next time) and reported together in one DesamError
     after the others are done."""
@@ -93,9 +101,8 @@ def ensure_predictions(folder: Path, cases: list[SavedCase], settings: Predictio
         groups.setdefault((case.folds, case.group), []).append(case)
     failed = []
     for (folds, group), members in groups.items():
-        networks = [model.networks[model.folds.index(f)] for f in folds]
-        part = Predictor(dataclasses.replace(model, folds=list(folds), networks=networks), engine.encoder, run,
-                         engine.cache_index)
+        part = Predictor(model.with_folds(list(folds)), engine.encoder, run, engine.cache_index,
+                         modality_of_site(model.dataset_json, group))
         out_dir = group_folder(folder, group)
         print(f"desam_evaluate: {group}: {len(members)} case(s) with fold(s) {', '.join(folds)}", flush=True)
         for result in part.predict_cases([c.input for c in members], out_dir, show_progress=progress):

@@ -54,6 +54,9 @@ class PredictionSettings:
              f"holes; min_size: drop 3D components under {MIN_OBJECT_ML:g} ml; largest+fill, min_size+fill: both "
              "steps; paper: per slice fill holes and drop islands under 1000 px at 256x256, as the reference; none; "
              "recorded beside the results")
+    modality: str | None = setting(
+        None, help="the inputs' modality (e.g. CT or MR): a plan with a CT intensity window clips CT to it; default: "
+                   "the model's dataset's, when it has one (desam_evaluate takes each site's from dataset.json)")
     save_probabilities: bool = setting(
         False, action="store_true", help="also write <case>.npz with the fold-averaged probabilities")
     skip_existing: bool = setting(False, flags=("--continue",), action="store_true",

@@ -2,6 +2,11 @@
 
     <results>/<Dataset>/<TrainerClass>__<plans>__<mode>__src-<SITES|ALL>/fold_<k>/checkpoint_*.pth
 
+A dataset with several structures (a plan with `label_classes`) gets one DeSAM per structure, each a
+complete model folder of its own inside the model folder, named after the class value:
+
+    <model folder>/{plans.json, dataset.json, label_<value>/{plans.json, dataset.json, fold_<k>/checkpoint_*.pth}}
+
 The trainer writes both, the predictor, `desam_evaluate` and `desam_report` read them; nothing
 else builds or parses a model folder name or a checkpoint's keys.
 """
@@ -31,6 +36,7 @@ CHECKPOINTS = (CHECKPOINT_FINAL, CHECKPOINT_LATEST, CHECKPOINT_BEST)
 CHECKPOINT_NAMES = {"final": CHECKPOINT_FINAL, "best": CHECKPOINT_BEST}
 # A fold converted from a model trained by the reference code (desam_import_official): the source file and hash.
 IMPORT_RECORD = "imported_from.json"
+CLASS_PREFIX = "label_"
 _FOLDER = re.compile(r"^(?P<trainer>[A-Za-z_][A-Za-z0-9_]*?)__(?P<plans>.+)__(?P<mode>[A-Za-z0-9]+)"
                      r"__(?P<source>src-.+)$")
 
@@ -109,6 +115,21 @@ def find_model_folder(results_dataset_dir: str | os.PathLike, sources: list[str]
                          f"plans {plans_name or 'any'}, trainer {trainer or 'any'} (available: {available})")
     raise DesamError(f"{folder}: several model folders match ({', '.join(c.name for c in found)}); "
                      f"choose one with --source, --mode, --plans-name or -tr, or pass -m")
+
+
+def class_folder(model_folder: str | os.PathLike, value: int) -> Path:
+    """The model folder of the structure with label `value` inside a multi-structure model folder."""
+    return Path(model_folder) / f"{CLASS_PREFIX}{int(value)}"
+
+
+def class_folders(model_folder: str | os.PathLike) -> dict[int, Path]:
+    """label value -> its structure's model folder, sorted by value; empty for a single-structure model folder."""
+    folder = Path(model_folder)
+    if not folder.is_dir():
+        return {}
+    found = {int(child.name[len(CLASS_PREFIX):]): child for child in folder.iterdir()
+             if child.is_dir() and child.name.startswith(CLASS_PREFIX) and child.name[len(CLASS_PREFIX):].isdigit()}
+    return dict(sorted(found.items()))
 
 
 @dataclass

@@ -20,10 +20,10 @@ from desam_pipeline.utilities.setting_flags import setting
 
 # Settings that must match for `-c` to continue the same run exactly (with the trainer's plans_name, fold, sources).
 RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources",
-               "pdmm", "augmented_views", "train_slices", "sampling")
+               "pdmm", "augmented_views", "train_slices", "sampling", "label")
 # What checkpoints written before a key existed ran with.
 RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True, "train_slices": "all",
-                   "sampling": "slices"}
+                   "sampling": "slices", "label": None}
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,10 @@ class TrainingSettings:
         "balanced", choices=SAMPLINGS,
         help="grid mode: balanced = clicks on and off the object 1:1 whatever share of the slices is empty; "
              "slices = every slice once, its click on or off 1:1 (default: %(default)s); recorded in the checkpoints")
+    label: int | None = setting(
+        None, type=int, metavar="VALUE",
+        help="a dataset with several structures: train the DeSAM of the structure with this label value (target "
+             "label == VALUE), into <model folder>/label_<VALUE>/; one run per structure")
     precision: str = setting("auto", choices=PRECISIONS,
                              help="autocast precision (default auto: fp16 with loss scaling on CUDA, bf16 on CPU)")
     num_workers: int = setting(2, type=int, help="data loader worker processes (0: load in the training process)")

@@ -35,7 +35,7 @@ from desam_pipeline.data.plan_io import load_plan, plan_hash, verify_sam_checkpo
 from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.io.atomic import remove_stale_temporaries, write_json
 from desam_pipeline.io.results_layout import CHECKPOINT_BEST, CHECKPOINT_FINAL, CHECKPOINT_LATEST, Checkpoint, \
-    model_folder_name, source_key
+    class_folder, model_folder_name, source_key
 from desam_pipeline.network import DeSAM, encoders
 from desam_pipeline.training import fold_files, validation
 from desam_pipeline.training.losses import desam_loss
@@ -48,6 +48,17 @@ from desam_pipeline.utilities import distributed
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.reproducibility import rng_state, seed_everything, set_rng_state, versions
 from desam_pipeline.utilities.runtime import autocast, select_device
+
+
+def check_structure(plan: dict, label: int | None, plans_name: str) -> None:
+    """A plan with several structures (`label_classes`) trains one at a time (`--label`), a binary plan none."""
+    classes = plan.get("label_classes") or {}
+    values = ", ".join(f"{value} {name}" for name, value in classes.items())
+    if classes and label not in classes.values():
+        raise DesamError(f"plan {plans_name} has several structures ({values}); train each with --label VALUE"
+                         + (f" ({label} is none of them)" if label is not None else ""))
+    if not classes and label is not None:
+        raise DesamError(f"plan {plans_name} has one structure (label > 0); --label is for datasets with several")
 
 
 class DeSAMTrainer:
@@ -74,6 +85,8 @@ class DeSAMTrainer:
         self.device = select_device(self.settings.device)
         self.precision = training_precision(self.settings.precision, self.device)
         self.model_dir = Path(results_dir) / model_folder_name(type(self).__name__, plans_name, self.mode, self.sources)
+        if self.settings.label is not None:  # one structure of several: its own model folder inside
+            self.model_dir = class_folder(self.model_dir, self.settings.label)
         self.fold_dir = self.model_dir / f"fold_{self.fold}"
         self.history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
         self.best_ema = -math.inf
@@ -100,6 +113,7 @@ class DeSAMTrainer:
             return
         self.plan = load_plan(self.preprocessed_dir, self.plans_name)
         self.plan_sha256, self.cache_dir = plan_hash(self.plan), cache.cache_dir(self.preprocessed_dir, self.plans_name)
+        check_structure(self.plan, self.settings.label, self.plans_name)
         self.case_domains, source_cases = fold_files.source_cases(self.preprocessed_dir, self.sources)
         key = source_key(self.sources)
         folds = splits.load_or_create_splits(self.preprocessed_dir, key, source_cases, write=self.is_main)
@@ -129,9 +143,10 @@ class DeSAMTrainer:
         self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
                                                   seed, slice_data.TRAIN_STREAM, frame=frame,
                                                   use_views=self.settings.augmented_views, slices=slices,
-                                                  sampling=self.settings.sampling)
+                                                  sampling=self.settings.sampling, label_value=self.settings.label)
         self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode, seed,
-                                                slice_data.VAL_STREAM, frame=frame, slices=slices, sampling="slices")
+                                                slice_data.VAL_STREAM, frame=frame, slices=slices, sampling="slices",
+                                                label_value=self.settings.label)
         if len(self.train_data) == 0:
             raise DesamError(f"{self.cache_dir}: the training cases of fold {self.fold} have no cached slices")
         pin, workers, timeout = self.device.type == "cuda", self.settings.num_workers, self.settings.loader_timeout_s
@@ -186,6 +201,8 @@ class DeSAMTrainer:
         if self.is_main:
             self.fold_dir.mkdir(parents=True, exist_ok=True)
             fold_files.copy_plan_files(self.preprocessed_dir, self.plans_name, self.model_dir)
+            if self.settings.label is not None:  # the multi-structure model folder stands alone too
+                fold_files.copy_plan_files(self.preprocessed_dir, self.plans_name, self.model_dir.parent)
             write_json(self.debug_info(), self.fold_dir / fold_files.DEBUG_FILE)
             resumed = continue_training and (self.fold_dir / fold_files.LOG_FILE).is_file()
             fold_files.append_log(self.fold_dir, f"{'resumed' if resumed else 'started'}: {self.model_dir.name}/fold_"
@@ -389,7 +406,8 @@ class DeSAMTrainer:
         for case in tqdm(mine, desc="validation", unit="case", disable=not self.is_main, file=sys.stdout):
             results[case] = validation.validate_case(
                 self.network, self.cache_dir / case, self.plan, self.mode, settings, out_dir,
-                self.local_batch_size, self.device, self.precision, self.case_domains.get(case))
+                self.local_batch_size, self.device, self.precision, self.case_domains.get(case),
+                self.settings.label)
         results = {k: v for part in distributed.gather(results) for k, v in part.items()}
         if not self.is_main:
             return

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from desam_pipeline.data import cache
 from desam_pipeline.data.orientation import from_slices, plan_orientation
 from desam_pipeline.data.preprocessing import grid_affine, grid_spacing, in_plane
+from desam_pipeline.data.slice_data import structure_target
 from desam_pipeline.data.slice_grid import place_slices
 from desam_pipeline.inference.postprocessing import postprocess
 from desam_pipeline.inference.settings import MASK_THRESHOLD, PredictionSettings
@@ -39,10 +40,10 @@ def _finite_or_none(value: float) -> float | None:
 
 def validate_case(network: torch.nn.Module, case_dir: Path, plan: dict, mode: str, settings: PredictionSettings,
                   out_dir: Path, batch_size: int, device: torch.device, precision: str,
-                  domain: str | None = None) -> dict:
+                  domain: str | None = None, label_value: int | None = None) -> dict:
     """Metrics of one cached case (None where undefined) and its domain (the cache's, else `domain`); the
     mask goes to `out_dir/<case>.nii.gz`. A case without cached slices is left out: no score rather than
-    a free Dice of 1."""
+    a free Dice of 1. `label_value`: the structure the network segments (None: label > 0)."""
     arrays = cache.open_case(case_dir)
     meta = arrays["meta"]
     domain = meta.get("domain", domain)
@@ -56,7 +57,8 @@ def validate_case(network: torch.nn.Module, case_dir: Path, plan: dict, mode: st
     # slices first, in-plane axes in array order; every slice of the volume, the uncached ones empty
     prediction = place_slices(from_slices(probabilities > MASK_THRESHOLD, 0, orientation), meta["z"], shape[axis])
     prediction = postprocess(prediction, settings.postprocess, slice_axis=0) > 0
-    reference = place_slices(from_slices(np.asarray(arrays["label"]) > 0, 0, orientation), meta["z"], shape[axis])
+    target = structure_target(np.asarray(arrays["label"]), label_value) > 0
+    reference = place_slices(from_slices(target, 0, orientation), meta["z"], shape[axis])
     spacing = grid_spacing(shape, meta["spacing"], plan)
     metrics = compute_metrics(reference, prediction, (spacing[axis], *[s for a, s in enumerate(spacing) if a != axis]))
     with atomic_path(out_dir / f"{case_dir.name}.nii.gz") as tmp:

@@ -1,0 +1,118 @@
+"""`make demo-abdominal`: cross-modality abdominal segmentation (CT -> MR and MR -> CT) on the offline phantom.
+
+abdominal phantom -> convert -> verify -> plan and embed (both modalities, CT clipped to its foreground window)
+-> per direction: one DeSAM per organ (`desam_train --label`), fold 0 of the source modality -> evaluate on
+the other modality (full and paper protocols, per organ and mean) -> per-organ Dice table. Encoder:
+LiteMedSAM (pretrained, packaged). The training settings were chosen on the source modality's held-out case
+(fold 0 validation), never on the target modality. Trees go under ./desam_data/ unless DESAM_RAW /
+DESAM_PREPROCESSED / DESAM_RESULTS are set; finished stages are reused.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from dataset_conversion import convert_abdominal, make_abdominal_phantom
+from desam_pipeline.data import dataset_checks
+from desam_pipeline.io.results_layout import DEFAULT_TRAINER, class_folder, model_folder_name
+from desam_pipeline.network.encoders import PACKAGED
+from desam_pipeline.training import train
+from desam_pipeline.utilities.errors import cli_entry
+from desam_pipeline.utilities.paths import dataset_name
+from evaluation import evaluate
+from evaluation.class_tables import CLASS_MEAN
+from evaluation.demo import DATA_DIR, demo_roots, run
+from plans import plan_and_embed
+
+DATASET_ID = 3
+DATASET = dataset_name(DATASET_ID, convert_abdominal.DEFAULT_NAME)
+ORGANS = {name: value for name, value in convert_abdominal.LABELS.items() if value}
+DIRECTIONS = (("CT", "MR"), ("MR", "CT"))
+CASES_PER_MODALITY = 3  # 6 would not fit: LiteMedSAM embeds about 1.1 s per slice on 2 quiet cores
+MODE = "grid"
+EPOCHS = 8
+BATCH_SIZE = 8
+LR = "1e-3"
+GRID = 3
+GRID_RULE = "top1"
+FOLD = "0"
+PROTOCOLS = ("full", "paper")
+PLANS_NAME = f"DeSAMPlans_{PACKAGED}"
+
+
+def model_folder(results: Path, source: str) -> Path:
+    return results / DATASET / model_folder_name(DEFAULT_TRAINER, PLANS_NAME, MODE, [source])
+
+
+def organ_dice(model: Path, target: str) -> pd.DataFrame:
+    """organ x protocol: mean Dice over the target modality's cases, and the mean over organs."""
+    table = {}
+    for protocol in PROTOCOLS:
+        column = {}
+        for organ in ORGANS:
+            per_case = pd.read_csv(model / "evaluation" / protocol / organ / "per_case.csv", dtype={"site": str})
+            column[organ] = per_case.loc[per_case["site"] == target, "dice"].mean()
+        column[CLASS_MEAN] = sum(column.values()) / len(ORGANS)
+        table[f"dice_{protocol}"] = column
+    return pd.DataFrame(table)
+
+
+def held_out_dice(model: Path) -> dict[str, float]:
+    """organ -> Dice of fold 0's final validation on the source modality's held-out case(s)."""
+    import json
+    found = {}
+    for organ, value in ORGANS.items():
+        summary = class_folder(model, value) / f"fold_{FOLD}" / "validation" / "summary.json"
+        found[organ] = json.loads(summary.read_text(encoding="utf-8"))["mean"]["dice"] if summary.is_file() else None
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog="python -m evaluation.demo_abdominal", description=__doc__.splitlines()[0])
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    build_parser().parse_args(argv)
+    start = time.perf_counter()
+    roots = demo_roots()
+    phantom = DATA_DIR.resolve() / "abdominal_phantom"
+    if not (phantom / "phantom.json").is_file():
+        run(make_abdominal_phantom.main, "desam_make_abdominal_phantom",
+            [str(phantom), "--cases-per-site", str(CASES_PER_MODALITY)])
+    if not (roots["raw"] / DATASET / "dataset.json").is_file():
+        run(convert_abdominal.main, "desam_convert_abdominal", [str(phantom), "-d", str(DATASET_ID)])
+    run(dataset_checks.main, "desam_verify_dataset", ["-d", str(DATASET_ID)])
+    run(plan_and_embed.main, "desam_plan_and_embed", ["-d", str(DATASET_ID), "--encoder", PACKAGED])
+    tables = {}
+    for source, target in DIRECTIONS:
+        model = model_folder(roots["results"], source)
+        for organ, value in ORGANS.items():
+            fold = class_folder(model, value) / f"fold_{FOLD}"
+            if not (fold / "checkpoint_final.pth").is_file():
+                resume = ["-c"] if (fold / "checkpoint_latest.pth").is_file() else []
+                run(train.main, "desam_train", [str(DATASET_ID), FOLD, "--source", source, "--mode", MODE,
+                                                "--label", str(value), "--plans-name", PLANS_NAME,
+                                                "--epochs", str(EPOCHS), "--batch-size", str(BATCH_SIZE),
+                                                "--lr", LR, *resume])
+        run(evaluate.main, "desam_evaluate", ["-d", str(DATASET_ID), "--source", source, "--mode", MODE,
+                                              "--plans-name", PLANS_NAME, "--protocol", *PROTOCOLS, "-f", FOLD,
+                                              "--grid", str(GRID), "--grid-rule", GRID_RULE])
+        tables[(source, target)] = (organ_dice(model, target), held_out_dice(model))
+    print("\nPer-organ Dice on the unseen modality (mean over its cases; full protocol: every slice, original "
+          "geometry; paper: foreground slices at 256x256, border zeroed)")
+    for (source, target), (table, held_out) in tables.items():
+        print(f"\n{source} -> {target} (trained on {source}, fold {FOLD}; held-out {source} Dice per organ: "
+              + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in held_out.items()) + ")")
+        print(table.round(3).to_string())
+    print("\nreference (real data, SLAug, AAAI 2023): 88.63 Dice CT -> MR, 83.05 MR -> CT; no DeSAM figure exists")
+    print(f"\ndemo-abdominal finished in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
