@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -18,6 +19,7 @@ from segment_anything.modeling import ImageEncoderViT
 from desam_pipeline.data import cache
 from desam_pipeline.data.orientation import from_slices, plan_orientation
 from desam_pipeline.inference import slice_prediction
+from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.network import DeSAM
 from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
 from desam_pipeline.training import train
@@ -350,3 +352,14 @@ def test_epoch_record_carries_the_gate_auc_in_grid_mode_only():
                                    "epoch_time", "data_wait")}
     restored = restored_history(old)
     assert np.isnan(restored["gate_auc"]).all() and len(restored["gate_auc"]) == 2 and restored["lr"] == [1.0, 2.0]
+
+
+def test_final_validation_predicts_with_the_runs_grid_rule():
+    """--val-grid-rule reaches the final validation's prediction settings (and so its summary.json); the default
+    is desam_predict's rule."""
+    chosen = DeSAMTrainer.validation_settings(SimpleNamespace(settings=TrainingSettings(val_grid_rule="top1")))
+    assert chosen.grid_rule == "top1"
+    default = DeSAMTrainer.validation_settings(SimpleNamespace(settings=TrainingSettings()))
+    assert default == PredictionSettings() and default.grid_rule == "reference"
+    with pytest.raises(DesamError, match="validation grid rule"):
+        TrainingSettings(val_grid_rule="vote").validate()

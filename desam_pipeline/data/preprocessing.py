@@ -13,6 +13,7 @@ or keep their class values when the plan lists `label_classes` (a dataset with s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from skimage.transform import resize
@@ -162,13 +163,10 @@ def _place(slices: np.ndarray, frame: SliceFrame) -> np.ndarray:
     return canvas
 
 
-def to_frame(slices: np.ndarray, frame: SliceFrame, label: bool = False, classes: bool = False) -> np.ndarray:
-    """(S, H, W) uint8 image (bicubic) or label (nearest; {0, 1}, or the class values with `classes`) slices
-    -> (S, size, size) on the frame's canvas."""
-    if label:
-        resize_slices = resize_class_slices if classes else resize_label_slices
-        return _place(resize_slices(slices, frame.resized), frame)
-    return _place(resize_image_slices(slices, frame.resized), frame)
+def to_frame(slices: np.ndarray, frame: SliceFrame, resize_slices: Callable = resize_image_slices) -> np.ndarray:
+    """(S, H, W) slices -> (S, size, size) on the frame's canvas, resized by `resize_slices` (bicubic image;
+    `resize_label_slices` or `resize_class_slices` for labels)."""
+    return _place(resize_slices(slices, frame.resized), frame)
 
 
 def from_frame(probabilities: np.ndarray, frame: SliceFrame, shape_hw: tuple[int, int]) -> np.ndarray:
@@ -205,5 +203,5 @@ def preprocess_label(label: np.ndarray, plan: dict | None = None, spacing: tuple
     orientation = plan_orientation(plan)
     frame = slice_frame(in_plane_shape(label.shape, axis, orientation), in_plane_values(tuple(spacing), axis, orientation),
                         plan)
-    return to_frame(to_slices(label, axis, orientation), frame, label=True,
-                    classes=bool(plan and plan.get("label_classes")))
+    resize_slices = resize_class_slices if plan and plan.get("label_classes") else resize_label_slices
+    return to_frame(to_slices(label, axis, orientation), frame, resize_slices)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from desam_pipeline.data.prompts import MODES
 from desam_pipeline.data.slice_data import DEFAULT_LOADER_TIMEOUT_S, SAMPLINGS
 from desam_pipeline.data.slice_selection import SLICE_MODES
+from desam_pipeline.inference.grid_rules import GRID_RULES
+from desam_pipeline.inference.settings import DEFAULT_GRID_RULE
 from desam_pipeline.network.pdmm import DEFAULT_LAYOUT, LAYOUTS
 from desam_pipeline.training.losses import DEFAULT_LOSS, LOSS_WEIGHTS, LOSSES
 from desam_pipeline.utilities.errors import DesamError
@@ -69,6 +71,10 @@ class TrainingSettings:
         None, type=int, metavar="VALUE",
         help="a dataset with several structures: train the DeSAM of the structure with this label value (target "
              "label == VALUE), into <model folder>/label_<VALUE>/; one run per structure")
+    val_grid_rule: str = setting(
+        DEFAULT_GRID_RULE, choices=GRID_RULES,
+        help="grid mode: the grid rule of the final validation (default: %(default)s, desam_predict's); recorded "
+             "in validation/summary.json")
     precision: str = setting("auto", choices=PRECISIONS,
                              help="autocast precision (default auto: fp16 with loss scaling on CUDA, bf16 on CPU)")
     num_workers: int = setting(2, type=int, help="data loader worker processes (0: load in the training process)")
@@ -79,6 +85,7 @@ class TrainingSettings:
         for name, value, known in (("mode", self.mode, MODES), ("loss", self.loss, LOSSES),
                                    ("PDMM layout", self.pdmm, LAYOUTS), ("train slices", self.train_slices, SLICE_MODES),
                                    ("sampling", self.sampling, SAMPLINGS), ("precision", self.precision, PRECISIONS),
+                                   ("validation grid rule", self.val_grid_rule, GRID_RULES),
                                    ("device", self.device, DEVICES)):
             if value not in known:
                 raise DesamError(f"unknown {name} {value!r}; choose one of {', '.join(known)}")
