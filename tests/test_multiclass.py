@@ -18,7 +18,7 @@ from desam_pipeline.data.raw_dataset import label_classes, modality_of_site
 from desam_pipeline.data.slice_data import cached_positions, structure_target
 from desam_pipeline.inference.class_merge import merge_structures
 from desam_pipeline.io.results_layout import class_folder, class_folders
-from desam_pipeline.training.trainer import check_structure
+from desam_pipeline.data.plan_io import check_structure
 from desam_pipeline.utilities.errors import DesamError
 from evaluation.class_tables import mean_over_structures, structure_table
 from plans.fingerprint import FOREGROUND_SAMPLES, foreground_sample, intensity_windows, modality_windows

@@ -170,3 +170,14 @@ def verify_sam_checkpoint(plan: dict, checkpoint: str | os.PathLike | None = Non
         raise DesamError(f"{path}: sha256 {digest[:12]}... differs from the plan's checkpoint_sha256 "
                          f"{plan['checkpoint_sha256'][:12]}...; this is not the SAM checkpoint the cache was made with")
     return path
+
+
+def check_structure(plan: dict, label: int | None, plans_name: str) -> None:
+    """A plan with several structures (`label_classes`) trains one at a time (`--label`), a binary plan none."""
+    classes = plan.get("label_classes") or {}
+    values = ", ".join(f"{value} {name}" for name, value in classes.items())
+    if classes and label not in classes.values():
+        raise DesamError(f"plan {plans_name} has several structures ({values}); train each with --label VALUE"
+                         + (f" ({label} is none of them)" if label is not None else ""))
+    if not classes and label is not None:
+        raise DesamError(f"plan {plans_name} has one structure (label > 0); --label is for datasets with several")

@@ -15,7 +15,7 @@ from desam_pipeline.data import cache
 from desam_pipeline.data.plan_io import plan_hash, plan_path
 from desam_pipeline.data.raw_dataset import domains
 from desam_pipeline.io import process_lock
-from desam_pipeline.io.atomic import atomic_path, read_json
+from desam_pipeline.io.atomic import atomic_path, read_json, remove_stale_temporaries
 from desam_pipeline.io.results_layout import CHECKPOINT_FINAL, CHECKPOINTS, MODEL_PLAN
 from desam_pipeline.training.validation import SUMMARY, VALIDATION
 from desam_pipeline.utilities import distributed
@@ -109,6 +109,14 @@ def check_finished(fold_dir: Path, continue_training: bool, overwrite: bool) -> 
 
 def validation_written(fold_dir: Path) -> bool:
     return (fold_dir / VALIDATION / SUMMARY).is_file()
+
+
+def tidy_fold(model_dir: Path, fold_dir: Path, overwrite: bool) -> None:
+    """Before training: the temporaries an interrupted run left removed, and with `overwrite` the fold cleared."""
+    for folder in (model_dir, fold_dir, fold_dir / VALIDATION):
+        remove_stale_temporaries(folder)
+    if overwrite:
+        clear_fold(fold_dir)
 
 
 def clear_fold(fold_dir: Path) -> None:

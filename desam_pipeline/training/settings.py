@@ -80,6 +80,13 @@ class TrainingSettings:
     num_workers: int = setting(2, type=int, help="data loader worker processes (0: load in the training process)")
     loader_timeout_s: float = DEFAULT_LOADER_TIMEOUT_S
 
+    def local_batch_size(self, world_size: int) -> int:
+        """Each of `world_size` processes' share of the global batch; a DesamError when it does not divide."""
+        if self.batch_size % world_size:
+            raise DesamError(f"batch size {self.batch_size} does not divide over {world_size} processes; "
+                             f"use a multiple of {world_size}")
+        return self.batch_size // world_size
+
     def validate(self, min_epochs: int = 1) -> "TrainingSettings":
         """Itself, or a one-line DesamError naming the setting that is out of range."""
         for name, value, known in (("mode", self.mode, MODES), ("loss", self.loss, LOSSES),

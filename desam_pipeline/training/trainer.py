@@ -31,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from desam_pipeline.data import cache, slice_data, splits
-from desam_pipeline.data.plan_io import load_plan, plan_hash, verify_sam_checkpoint
+from desam_pipeline.data.plan_io import check_structure, load_plan, plan_hash, verify_sam_checkpoint
 from desam_pipeline.inference.settings import PredictionSettings
-from desam_pipeline.io.atomic import remove_stale_temporaries, write_json
+from desam_pipeline.io.atomic import write_json
 from desam_pipeline.io.results_layout import CHECKPOINT_BEST, CHECKPOINT_FINAL, CHECKPOINT_LATEST, Checkpoint, \
     class_folder, model_folder_name, source_key
 from desam_pipeline.network import DeSAM, encoders
@@ -48,17 +48,6 @@ from desam_pipeline.utilities import distributed
 from desam_pipeline.utilities.errors import DesamError
 from desam_pipeline.utilities.reproducibility import rng_state, seed_everything, set_rng_state, versions
 from desam_pipeline.utilities.runtime import autocast, select_device
-
-
-def check_structure(plan: dict, label: int | None, plans_name: str) -> None:
-    """A plan with several structures (`label_classes`) trains one at a time (`--label`), a binary plan none."""
-    classes = plan.get("label_classes") or {}
-    values = ", ".join(f"{value} {name}" for name, value in classes.items())
-    if classes and label not in classes.values():
-        raise DesamError(f"plan {plans_name} has several structures ({values}); train each with --label VALUE"
-                         + (f" ({label} is none of them)" if label is not None else ""))
-    if not classes and label is not None:
-        raise DesamError(f"plan {plans_name} has one structure (label > 0); --label is for datasets with several")
 
 
 class DeSAMTrainer:
@@ -78,10 +67,7 @@ class DeSAMTrainer:
         self.distributed = distributed.in_group()
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.rank = distributed.rank()
-        if self.settings.batch_size % self.world_size:
-            raise DesamError(f"batch size {self.settings.batch_size} does not divide over {self.world_size} processes; "
-                             f"use a multiple of {self.world_size}")
-        self.local_batch_size = self.settings.batch_size // self.world_size
+        self.local_batch_size = self.settings.local_batch_size(self.world_size)
         self.device = select_device(self.settings.device)
         self.precision = training_precision(self.settings.precision, self.device)
         self.model_dir = Path(results_dir) / model_folder_name(type(self).__name__, plans_name, self.mode, self.sources)
@@ -97,6 +83,10 @@ class DeSAMTrainer:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def print(self, text: str) -> None:
+        if self.is_main:
+            tqdm.write(text, file=sys.stdout)
 
     def config(self) -> dict:
         """Every hyper-parameter of the run, as resolved (debug.json, checkpoints, resume checks)."""
@@ -182,10 +172,7 @@ class DeSAMTrainer:
         fold_files.check_finished(self.fold_dir, continue_training, overwrite)
         self.initialize()
         if self.is_main:
-            for folder in (self.model_dir, self.fold_dir, self.fold_dir / validation.VALIDATION):
-                remove_stale_temporaries(folder)
-            if overwrite:
-                fold_files.clear_fold(self.fold_dir)
+            fold_files.tidy_fold(self.model_dir, self.fold_dir, overwrite)
         distributed.barrier()
         if continue_training:
             newest = fold_files.newest_checkpoint(self.fold_dir)
@@ -200,9 +187,9 @@ class DeSAMTrainer:
                 self.print(f"resuming from {newest.name} after epoch {self.start_epoch}")
         if self.is_main:
             self.fold_dir.mkdir(parents=True, exist_ok=True)
-            fold_files.copy_plan_files(self.preprocessed_dir, self.plans_name, self.model_dir)
-            if self.settings.label is not None:  # the multi-structure model folder stands alone too
-                fold_files.copy_plan_files(self.preprocessed_dir, self.plans_name, self.model_dir.parent)
+            # a structure's model folder, and the multi-structure folder around it, each stand alone
+            for folder in (self.model_dir, *([self.model_dir.parent] if self.settings.label is not None else [])):
+                fold_files.copy_plan_files(self.preprocessed_dir, self.plans_name, folder)
             write_json(self.debug_info(), self.fold_dir / fold_files.DEBUG_FILE)
             resumed = continue_training and (self.fold_dir / fold_files.LOG_FILE).is_file()
             fold_files.append_log(self.fold_dir, f"{'resumed' if resumed else 'started'}: {self.model_dir.name}/fold_"
@@ -340,11 +327,6 @@ class DeSAMTrainer:
                           reduce_validation(val, self.device), time.perf_counter() - start,
                           distributed.all_reduce({"wait": data_wait}, "max", self.device)["wait"])
 
-    # ---------------------------------------------------------------- output
-    def print(self, text: str) -> None:
-        if self.is_main:
-            tqdm.write(text, file=sys.stdout)
-
     # ---------------------------------------------------------------- files
     def debug_info(self) -> dict:
         return {**self.config(), "dataset": self.preprocessed_dir.name, "plan_sha256": self.plan_sha256,
@@ -401,13 +383,10 @@ class DeSAMTrainer:
             self.print(f"fold {self.fold}: no held-out cases, no final validation")
             return
         out_dir, settings = self.fold_dir / validation.VALIDATION, self.validation_settings()
-        results = {}
-        mine = self.val_cases[self.rank::self.world_size]
-        for case in tqdm(mine, desc="validation", unit="case", disable=not self.is_main, file=sys.stdout):
-            results[case] = validation.validate_case(
-                self.network, self.cache_dir / case, self.plan, self.mode, settings, out_dir,
-                self.local_batch_size, self.device, self.precision, self.case_domains.get(case),
-                self.settings.label)
+        mine = [self.cache_dir / case for case in self.val_cases[self.rank::self.world_size]]
+        results = validation.validate_cases(self.network, mine, self.plan, self.mode, settings, out_dir,
+                                            self.local_batch_size, self.device, self.precision, self.case_domains,
+                                            self.settings.label, show_progress=self.is_main)
         results = {k: v for part in distributed.gather(results) for k, v in part.items()}
         if not self.is_main:
             return

@@ -67,6 +67,17 @@ def validate_case(network: torch.nn.Module, case_dir: Path, plan: dict, mode: st
     return {"domain": domain, **{k: _finite_or_none(float(v)) for k, v in metrics.items()}}
 
 
+def validate_cases(network: torch.nn.Module, case_dirs: list[Path], plan: dict, mode: str,
+                   settings: PredictionSettings, out_dir: Path, batch_size: int, device: torch.device, precision: str,
+                   domains: dict[str, str], label_value: int | None = None, show_progress: bool = True
+                   ) -> dict[str, dict]:
+    """`validate_case` of each cached case folder, with a progress bar; case id -> metrics."""
+    return {case_dir.name: validate_case(network, case_dir, plan, mode, settings, out_dir, batch_size, device,
+                                         precision, domains.get(case_dir.name), label_value)
+            for case_dir in tqdm(case_dirs, desc="validation", unit="case", disable=not show_progress,
+                                 file=sys.stdout)}
+
+
 def summarise(cases: dict[str, dict], fold: int | str, mode: str, plan: dict, settings: PredictionSettings) -> dict:
     """summary.json: per-case metrics, their means (with how many cases each leaves out) and how they were made."""
     metric_names = [k for k in next(iter(cases.values())) if k != "domain"]
