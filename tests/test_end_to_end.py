@@ -3,7 +3,7 @@
 phantom (2 sites x 2 cases, volumes cut to 8 slices around the prostate) -> convert -> verify ->
 plan and embed (tiny SAM, source site) -> train 1 epoch in grid mode -> evaluate (full protocol)
 -> report; then the tables must exist and hold numbers, and the masks must be neither empty nor the
-whole volume and overlap the ground truth.
+whole volume, lie on the input's geometry and be what the tables scored.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 from dataset_conversion import convert_prostate_multisite, make_phantom
 from desam_pipeline.data import dataset_checks
 from desam_pipeline.training import train
+from desam_pipeline.utilities.metrics import dice
 from evaluation import evaluate, report
 from plans import plan_and_embed
 
@@ -53,14 +54,12 @@ def test_miniature_pipeline_end_to_end(trees, tmp_path):
     run(convert_prostate_multisite.main, [str(phantom), "-d", "1"])
     run(dataset_checks.main, ["-d", "1"])
     run(plan_and_embed.main, ["-d", "1", "--encoder", "tiny", "--domains", "RUNMC"])
-    # lr 1e-3 (as the demo) with the per-sample loss and per-slice sampling: one epoch of the tiny random encoder
-    # then gives masks of 17-20% of the volume with Dice 0.23-0.32 (measured). Under the defaults (batch loss,
-    # balanced sampling) the same epoch leaves speckle or nothing (Dice 0, measured): automatic detection needs
-    # more steps than a test affords, so its rules are tested in test_grid_rules and test_detection instead. The
-    # masks are scored as predicted (--postprocess none): the largest component of such a speckled mask is as
-    # often off the gland as on it (Dice 0 at BMC, measured).
-    # The final validation takes top1: under `reference` such a model's junk masks send all 81 points of every
-    # slice through PDMM (over 10 minutes here).
+    # One epoch of the tiny random encoder learns nothing reliable: whether its masks beat chance depends on the
+    # seed (measured on this code: seed 0 Dice 0 at every case, seed 1 above chance with a lower validation
+    # Dice), so this test checks the pipeline's wiring, not accuracy (the demo and the accuracy benchmark
+    # measure that with LiteMedSAM). The per-sample loss and per-slice clicks make the masks non-empty here
+    # (measured); top1 keeps the final validation short (under `reference` such a model's junk masks send
+    # all 81 points of every slice through PDMM); masks are scored as predicted.
     run(train.main, ["1", "0", "--source", "RUNMC", "--mode", "grid", "--epochs", "1", "--batch-size", "2",
                      "--lr", "1e-3", "--num-workers", "0", "--loss", "paper", "--sampling", "slices",
                      "--val-grid-rule", "top1"])
@@ -79,10 +78,12 @@ def test_miniature_pipeline_end_to_end(trees, tmp_path):
     for row in per_case.itertuples():
         predicted = np.asarray(nib.load(model / "predictions" / row.site / f"{row.case}.nii.gz").dataobj) > 0
         truth = np.asarray(nib.load(labels / f"{row.case}.nii.gz").dataobj) > 0
-        f, g = predicted.mean(), truth.mean()
+        f = predicted.mean()
         assert 0 < f < 0.5, f"{row.case}: predicted mask covers {f:.1%} of the volume"
-        # better than chance: a mask of the same size placed at random scores Dice 2fg / (f + g)
-        assert row.dice > 2 * f * g / (f + g), f"{row.case}: Dice {row.dice:.3f} is no better than chance"
+        image = nib.load(trees["raw"] / "Dataset001_ProstateMultiSite" / "imagesTr" / f"{row.case}_0000.nii.gz")
+        saved = nib.load(model / "predictions" / row.site / f"{row.case}.nii.gz")
+        assert saved.shape == image.shape and np.allclose(saved.affine, image.affine)  # the input's geometry
+        assert row.dice == pytest.approx(dice(truth, predicted))  # the table scores the saved mask
     per_site = pd.read_csv(model / "evaluation" / "full" / "per_site.csv")
     dice_rows = per_site[per_site["metric"] == "dice"].set_index("site")
     assert {"BMC", "RUNMC"} <= set(dice_rows.index)
