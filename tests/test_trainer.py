@@ -18,7 +18,9 @@ from segment_anything.modeling import ImageEncoderViT
 
 from desam_pipeline.data import cache
 from desam_pipeline.data.orientation import from_slices, plan_orientation
+from desam_pipeline.data.slice_grid import place_slices
 from desam_pipeline.inference import slice_prediction
+from desam_pipeline.inference.postprocessing import postprocess
 from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.network import DeSAM
 from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
@@ -68,7 +70,7 @@ def test_two_epoch_run_writes_every_output(trained_fold, toy_cache):
     (val_case,) = debug["val_cases"]
     summary = json.loads((trained_fold / "validation" / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["cases"]) == {val_case}
-    assert summary["prediction"] == {"grid": 9, "iou_threshold": 0.5, "grid_rule": "reference", "postprocess": "none"}
+    assert summary["prediction"] == {"grid": 9, "iou_threshold": 0.5, "grid_rule": "reference", "postprocess": "largest"}
     assert {"dice", "hd95"} <= set(summary["cases"][val_case]) and "dice" in summary["mean"]
     mask = nib.load(str(trained_fold / "validation" / f"{val_case}.nii.gz"))
     assert mask.shape == (256, 256, SHAPE[2])
@@ -206,8 +208,13 @@ def test_model_folder_alone_rebuilds_the_network(trained_fold, toy_cache, tmp_pa
     written = np.asarray(nib.load(str(trained_fold / "validation" / f"{val_case}.nii.gz")).dataobj)
     # the cached slices are in SAM's orientation; the written mask is back in the volume's (x, y) order
     assert plan_orientation(plan) == "simpleitk"
-    np.testing.assert_array_equal(written[:, :, arrays["meta"]["z"]],
-                                  from_slices(probabilities > 0.5, 2, "simpleitk").astype(np.uint8))
+    # then, as the validation does, every slice of the volume (uncached ones empty) post-processed by the rule
+    # its summary records
+    rule = json.loads((trained_fold / "validation" / "summary.json").read_text(encoding="utf-8"))
+    meta = arrays["meta"]
+    volume = place_slices(from_slices(probabilities > 0.5, 0, "simpleitk"), meta["z"], meta["shape"][2])
+    expected = np.moveaxis(postprocess(volume, rule["prediction"]["postprocess"], slice_axis=0) > 0, 0, 2)
+    np.testing.assert_array_equal(written, expected.astype(np.uint8))
 
 
 def run_torchrun(toy_cache: Path, results: str, *extra: str) -> None:
