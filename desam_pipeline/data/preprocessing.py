@@ -179,9 +179,10 @@ def from_frame(probabilities: np.ndarray, frame: SliceFrame, shape_hw: tuple[int
                   preserve_range=True).astype(np.float32)
 
 
-def volume_frame(shape: tuple[int, ...], spacing: tuple[float, ...], plan: dict) -> SliceFrame:
-    """The frame of every slice of a volume of `shape` with voxel `spacing` (mm) under the plan."""
-    axis, orientation = int(plan["slice_axis"]), plan_orientation(plan)
+def volume_frame(shape: tuple[int, ...], spacing: tuple[float, ...], plan: dict | None) -> SliceFrame:
+    """The frame of every slice of a volume of `shape` with voxel `spacing` (mm) under the plan (None: the
+    default slice axis and size, resized)."""
+    axis, orientation = int(plan["slice_axis"]) if plan else SLICE_AXIS, plan_orientation(plan)
     return slice_frame(in_plane_shape(shape, axis, orientation), in_plane_values(tuple(spacing), axis, orientation), plan)
 
 
@@ -200,8 +201,6 @@ def preprocess_label(label: np.ndarray, plan: dict | None = None, spacing: tuple
     """(X, Y, Z) labels -> (Z, size, size) uint8 in the plan's orientation (nearest neighbour): {0, 1}, or the
     class values when the plan has `label_classes`."""
     axis = plan["slice_axis"] if plan else SLICE_AXIS
-    orientation = plan_orientation(plan)
-    frame = slice_frame(in_plane_shape(label.shape, axis, orientation), in_plane_values(tuple(spacing), axis, orientation),
-                        plan)
     resize_slices = resize_class_slices if plan and plan.get("label_classes") else resize_label_slices
-    return to_frame(to_slices(label, axis, orientation), frame, resize_slices)
+    return to_frame(to_slices(label, axis, plan_orientation(plan)), volume_frame(label.shape, spacing, plan),
+                    resize_slices)
