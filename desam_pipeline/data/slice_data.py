@@ -54,13 +54,19 @@ def structure_target(label: np.ndarray, label_value: int | None) -> np.ndarray:
     return label if label_value is None else (np.asarray(label) == label_value).astype(np.uint8)
 
 
-def cached_positions(case_dir: Path, z: Sequence[int], slices: str, label_value: int | None = None) -> list[int]:
-    """Positions in the case's cache of the slices `select_slices(..., slices)` picks among the cached ones
-    (their foreground, of structure `label_value` when given, read from the cached labels)."""
+def slices_with_object(case_dir: Path, label_value: int | None = None) -> list[bool]:
+    """Per cached slice of the case, whether its cached label holds the object (structure `label_value`
+    when given), read slice by slice from the mapped label array."""
+    labels = np.load(case_dir / "label.npy", mmap_mode="r")
+    return [bool(np.any(structure_target(labels[s], label_value))) for s in range(len(labels))]
+
+
+def cached_positions(z: Sequence[int], has_object: Sequence[bool], slices: str) -> list[int]:
+    """Positions in a case's cache (slice numbers `z`, object flags `has_object`) of the slices
+    `select_slices(..., slices)` picks among the cached ones."""
     if slices == "all":
         return list(range(len(z)))
-    labels = np.load(case_dir / "label.npy", mmap_mode="r")
-    foreground_z = [int(z[s]) for s in range(len(z)) if np.any(structure_target(labels[s], label_value))]
+    foreground_z = [int(z[s]) for s in range(len(z)) if has_object[s]]
     chosen = set(select_slices(foreground_z, max(z) + 1, slices)) if len(z) else set()
     return [s for s in range(len(z)) if int(z[s]) in chosen]
 
@@ -97,10 +103,10 @@ class SliceDataset(Dataset):
         self.positives: list[tuple[int, int]] = []  # entries whose slice holds the object
         for c, case_dir in enumerate(self.case_dirs):
             meta = read_json(case_dir / "meta.json")
-            positions = cached_positions(case_dir, meta["z"], slices, label_value)
+            has_object = slices_with_object(case_dir, label_value)
+            positions = cached_positions(meta["z"], has_object, slices)
             self.entries.extend((c, s) for s in positions)
-            labels = np.load(case_dir / "label.npy", mmap_mode="r")
-            self.positives.extend((c, s) for s in positions if np.any(structure_target(labels[s], label_value)))
+            self.positives.extend((c, s) for s in positions if has_object[s])
             self.views.append(int(meta.get("views", 0)) if self.stream == TRAIN_STREAM and use_views else 0)
         self.sampling = sampling
         self.balanced = sampling == "balanced" and mode == "grid" and bool(self.positives)
