@@ -112,7 +112,7 @@ def train_argv(arm: Arm, ctx: Context) -> list[str]:
     return [ctx.dataset, FOLD, "--source", SOURCE, "--mode", arm.mode, "-tr", arm.trainer,
             "--plans-name", ctx.plans_name, "--epochs", str(ctx.epochs), "--batch-size", str(ctx.batch_size),
             "--lr", ctx.lr, "--seed", str(arm.seed), "--loss", arm.loss, "--train-slices", ctx.train_slices,
-            "--val-grid-rule", arm.grid_rule,
+            "--val-grid", str(ctx.grid), "--val-grid-rule", arm.grid_rule,
             "--num-workers", "0", "-c",
             *([] if arm.views else ["--no-augmented-views"]), *arm.train_flags, "--preprocessed",
             str(ctx.preprocessed), "--results", str(ctx.results(arm))]
@@ -180,6 +180,6 @@ def describe(arm: Arm, ctx: Context) -> str:
     if arm.base:
         return f"the trained model of {arm.base}; {scored}"
     flags = [f"-tr {arm.trainer}", f"--mode {arm.mode}", f"--seed {arm.seed}", f"--loss {arm.loss}",
-             f"--train-slices {ctx.train_slices}", f"--val-grid-rule {arm.grid_rule}",
+             f"--train-slices {ctx.train_slices}", f"--val-grid {ctx.grid}", f"--val-grid-rule {arm.grid_rule}",
              *([] if arm.views else ["--no-augmented-views"]), *arm.train_flags]
     return f"desam_train {' '.join(flags)}; {scored}"

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         resume = ["-c"] if (model / f"fold_{FOLD}" / "checkpoint_latest.pth").is_file() else []
         run(train.main, "desam_train", [str(DATASET_ID), FOLD, "--source", SOURCE, "--mode", MODE,
                                         "--plans-name", plans_name, "--epochs", str(EPOCHS),
-                                        "--batch-size", str(BATCH_SIZE), "--lr", LR, *resume])
+                                        "--batch-size", str(BATCH_SIZE), "--lr", LR, "--val-grid", str(GRID),
+                                        "--val-grid-rule", GRID_RULE, *resume])
     run(evaluate.main, "desam_evaluate", ["-d", str(DATASET_ID), "--source", SOURCE, "--mode", MODE,
                                           "--plans-name", plans_name, "--protocol", *PROTOCOLS, "-f", FOLD,
                                           "--grid", str(GRID), "--grid-rule", GRID_RULE, *checkpoint_flags])

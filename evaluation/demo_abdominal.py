@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 run(train.main, "desam_train", [str(DATASET_ID), FOLD, "--source", source, "--mode", MODE,
                                                 "--label", str(value), "--plans-name", PLANS_NAME,
                                                 "--epochs", str(EPOCHS), "--batch-size", str(BATCH_SIZE),
-                                                "--lr", LR, *resume])
+                                                "--lr", LR, "--val-grid", str(GRID), "--val-grid-rule", GRID_RULE,
+                                                *resume])
         run(evaluate.main, "desam_evaluate", ["-d", str(DATASET_ID), "--source", source, "--mode", MODE,
                                               "--plans-name", PLANS_NAME, "--protocol", *PROTOCOLS, "-f", FOLD,
                                               "--grid", str(GRID), "--grid-rule", GRID_RULE])

@@ -102,6 +102,11 @@ def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, m
     assert [debug[a]["seed"] for a in debug] == [0, 1, 0]
     assert {debug[a]["train_slices"] for a in debug} == {"all"}  # the benchmark's default: every slice
     assert {debug[a]["loss"] for a in debug} == {DEFAULT_LOSS}
+    # the final validation predicts as the arm is scored: the benchmark's grid and the arm's rule
+    validation = json.loads(next((results / "desam_p_s0").rglob("fold_0/validation/summary.json")).read_text(
+        encoding="utf-8"))
+    assert (validation["prediction"]["grid"], validation["prediction"]["grid_rule"]) == (accuracy.MINIATURE["grid"],
+                                                                                          "top1")
 
     # a rerun skips every finished arm and trains nothing; an arm scored before slice detection existed (no
     # per_slice.csv) is scored again from its saved predictions

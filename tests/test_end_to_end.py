@@ -62,7 +62,7 @@ def test_miniature_pipeline_end_to_end(trees, tmp_path):
     # all 81 points of every slice through PDMM); masks are scored as predicted.
     run(train.main, ["1", "0", "--source", "RUNMC", "--mode", "grid", "--epochs", "1", "--batch-size", "2",
                      "--lr", "1e-3", "--num-workers", "0", "--loss", "paper", "--sampling", "slices",
-                     "--val-grid-rule", "top1"])
+                     "--val-grid", "2", "--val-grid-rule", "top1"])
     run(evaluate.main, ["-d", "1", "--source", "RUNMC", "--mode", "grid", "--protocol", "full", "-f", "0",
                         "--grid", "2", "--postprocess", "none"])
     run(report.main, ["-d", "1", "--mode", "grid", "--protocol", "full"])

@@ -361,12 +361,15 @@ def test_epoch_record_carries_the_gate_auc_in_grid_mode_only():
     assert np.isnan(restored["gate_auc"]).all() and len(restored["gate_auc"]) == 2 and restored["lr"] == [1.0, 2.0]
 
 
-def test_final_validation_predicts_with_the_runs_grid_rule():
-    """--val-grid-rule reaches the final validation's prediction settings (and so its summary.json); the default
-    is desam_predict's rule."""
-    chosen = DeSAMTrainer.validation_settings(SimpleNamespace(settings=TrainingSettings(val_grid_rule="top1")))
-    assert chosen.grid_rule == "top1"
+def test_final_validation_predicts_with_the_runs_grid_and_rule():
+    """--val-grid and --val-grid-rule reach the final validation's prediction settings (and so its summary.json);
+    the defaults are desam_predict's."""
+    chosen = DeSAMTrainer.validation_settings(
+        SimpleNamespace(settings=TrainingSettings(val_grid=3, val_grid_rule="top1")))
+    assert (chosen.grid, chosen.grid_rule) == (3, "top1")
     default = DeSAMTrainer.validation_settings(SimpleNamespace(settings=TrainingSettings()))
-    assert default == PredictionSettings() and default.grid_rule == "reference"
+    assert default == PredictionSettings() and (default.grid, default.grid_rule) == (9, "reference")
     with pytest.raises(DesamError, match="validation grid rule"):
         TrainingSettings(val_grid_rule="vote").validate()
+    with pytest.raises(DesamError, match="validation grid"):
+        TrainingSettings(val_grid=0).validate()

@@ -13,7 +13,7 @@ from desam_pipeline.data.prompts import MODES
 from desam_pipeline.data.slice_data import DEFAULT_LOADER_TIMEOUT_S, SAMPLINGS
 from desam_pipeline.data.slice_selection import SLICE_MODES
 from desam_pipeline.inference.grid_rules import GRID_RULES
-from desam_pipeline.inference.settings import DEFAULT_GRID_RULE
+from desam_pipeline.inference.settings import DEFAULT_GRID, DEFAULT_GRID_RULE
 from desam_pipeline.network.pdmm import DEFAULT_LAYOUT, LAYOUTS
 from desam_pipeline.training.losses import DEFAULT_LOSS, LOSS_WEIGHTS, LOSSES
 from desam_pipeline.utilities.errors import DesamError
@@ -71,6 +71,10 @@ class TrainingSettings:
         None, type=int, metavar="VALUE",
         help="a dataset with several structures: train the DeSAM of the structure with this label value (target "
              "label == VALUE), into <model folder>/label_<VALUE>/; one run per structure")
+    val_grid: int = setting(
+        DEFAULT_GRID, type=int, metavar="K",
+        help="grid mode: K x K points per slice in the final validation (default: %(default)s, desam_predict's); "
+             "recorded in validation/summary.json")
     val_grid_rule: str = setting(
         DEFAULT_GRID_RULE, choices=GRID_RULES,
         help="grid mode: the grid rule of the final validation (default: %(default)s, desam_predict's); recorded "
@@ -96,6 +100,8 @@ class TrainingSettings:
                                    ("device", self.device, DEVICES)):
             if value not in known:
                 raise DesamError(f"unknown {name} {value!r}; choose one of {', '.join(known)}")
+        if self.val_grid < 1:
+            raise DesamError(f"validation grid ({self.val_grid}) must be >= 1")
         if self.epochs < min_epochs or self.batch_size < 1 or not self.lr > 0:
             raise DesamError(f"epochs ({self.epochs}) must be >= {min_epochs}, batch size ({self.batch_size}) >= 1 "
                              f"and lr ({self.lr}) > 0")

@@ -164,8 +164,9 @@ class DeSAMTrainer:
         return torch.optim.Adam([p for p in self.network.parameters() if p.requires_grad], lr=self.settings.lr)
 
     def validation_settings(self) -> PredictionSettings:
-        """How the final validation predicts: the prediction defaults (`inference.settings`) with the run's grid rule."""
-        return PredictionSettings(grid_rule=self.settings.val_grid_rule)
+        """How the final validation predicts: the prediction defaults (`inference.settings`) with the run's grid
+        size and rule."""
+        return PredictionSettings(grid=self.settings.val_grid, grid_rule=self.settings.val_grid_rule)
 
     # ---------------------------------------------------------------- hooks
     def on_train_start(self, continue_training: bool, overwrite: bool = False) -> None:
