@@ -81,7 +81,8 @@ def test_views_are_cached_for_the_source_cases_only(cached):
 @pytest.mark.slow
 def test_the_training_stream_draws_views_and_validation_does_not(cached):
     source = case_dir(cached, "SiteA_Case00")
-    train_data = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.TRAIN_STREAM, sampling="slices", frame=TINY_FRAME)
+    train_data = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.TRAIN_STREAM, sampling="slices",
+                                         frame=TINY_FRAME, hard_negatives=0.0)
     drawn = []
     for epoch in range(12):
         for index in range(len(train_data)):
@@ -91,9 +92,11 @@ def test_the_training_stream_draws_views_and_validation_does_not(cached):
             drawn.append(view)
     assert set(drawn) == set(range(VIEWS + 1))
     assert [int(train_data[(3, 1)]["view"]) for _ in range(3)] == [drawn[3 * len(train_data) + 1]] * 3
-    val_data = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.VAL_STREAM, sampling="slices", frame=TINY_FRAME)
+    val_data = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.VAL_STREAM, sampling="slices",
+                                       frame=TINY_FRAME, hard_negatives=0.0)
     assert {int(val_data[(e, i)]["view"]) for e in range(5) for i in range(len(val_data))} == {0}
-    plain = slice_data.SliceDataset([case_dir(cached, "SiteB_Case00")], "box", seed=0, sampling="slices", frame=TINY_FRAME)
+    plain = slice_data.SliceDataset([case_dir(cached, "SiteB_Case00")], "box", seed=0, sampling="slices",
+                                    frame=TINY_FRAME, hard_negatives=0.0)
     assert {int(plain[(e, 0)]["view"]) for e in range(10)} == {0}
 
 
@@ -112,7 +115,8 @@ def test_training_runs_with_and_without_views(cached, source):
 @pytest.mark.slow
 def test_no_augmented_views_trains_on_the_originals_of_a_cache_with_views(cached):
     source = case_dir(cached, "SiteA_Case00")
-    ignoring = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.TRAIN_STREAM, sampling="slices", frame=TINY_FRAME,
+    ignoring = slice_data.SliceDataset([source], "box", seed=0, stream=slice_data.TRAIN_STREAM, sampling="slices",
+                                       frame=TINY_FRAME, hard_negatives=0.0,
                                      use_views=False)
     for epoch in range(8):
         for index in range(len(ignoring)):

@@ -15,7 +15,7 @@ from desam_pipeline.data.plan_io import DEFAULT_CHOICES, plan_problems
 from desam_pipeline.data.preprocessing import (intensity_to_uint8, preprocess_label, preprocess_volume,
                                                volume_to_uint8, window_to_uint8)
 from desam_pipeline.data.raw_dataset import label_classes, modality_of_site
-from desam_pipeline.data.slice_data import cached_positions, slices_with_object, structure_target
+from desam_pipeline.data.slice_data import cached_positions, label_summary, structure_target
 from desam_pipeline.inference.class_merge import merge_structures
 from desam_pipeline.io.results_layout import class_folder, class_folders
 from desam_pipeline.data.plan_io import check_structure
@@ -111,15 +111,18 @@ def test_labels_keep_classes_only_in_multi_structure_plans():
 
 def test_cached_positions_follow_the_structure(tmp_path):
     labels = np.zeros((5, 4, 4), np.uint8)
-    labels[1, 0, 0] = 1
-    labels[3, 0, 0] = 2
+    labels[1, 0, 0] = labels[1, 1, 1] = 1
+    labels[3, 0, 0] = labels[3, 2, 1] = 2
     np.save(tmp_path / "label.npy", labels)
     z = [10, 11, 12, 13, 14]
-    assert slices_with_object(tmp_path) == [False, True, False, True, False]
-    assert slices_with_object(tmp_path, 2) == [False, False, False, True, False]
-    assert cached_positions(z, slices_with_object(tmp_path), "foreground") == [1, 3]
-    assert cached_positions(z, slices_with_object(tmp_path, 2), "foreground") == [3]
-    assert cached_positions(z, slices_with_object(tmp_path, 2), "all") == list(range(5))
+    every, footprint = label_summary(tmp_path)
+    second, footprint_2 = label_summary(tmp_path, 2)
+    assert every == [False, True, False, True, False] and second == [False, False, False, True, False]
+    assert sorted(zip(*np.nonzero(footprint))) == [(0, 0), (1, 1), (2, 1)]  # where any slice holds a structure
+    assert sorted(zip(*np.nonzero(footprint_2))) == [(0, 0), (2, 1)]
+    assert cached_positions(z, every, "foreground") == [1, 3]
+    assert cached_positions(z, second, "foreground") == [3]
+    assert cached_positions(z, second, "all") == list(range(5))
 
 
 def test_merge_by_highest_probability_within_masks():

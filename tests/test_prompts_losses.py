@@ -186,3 +186,25 @@ def test_batch_loss_regresses_the_iou_with_squared_error():
     assert float(batch_parts["iou"]) == pytest.approx((0.04 + 0.01 + 0.25) / 3)
     assert float(paper_parts["iou"]) == pytest.approx((0.2 + 0.1 + 0.5) / 3)
     assert LOSS_WEIGHTS["batch"] == (1.0, 1.0, 10.0)
+
+
+def test_hard_negatives_fall_inside_the_footprint_at_the_asked_rate():
+    """Clicks off the object are drawn inside `near` (the object's footprint) with `near_probability`, never on
+    the object, and uniformly over the whole background otherwise (where the footprint is a small share)."""
+    labels = np.zeros((2000, 256, 256), np.uint8)
+    labels[1000:, 120:136, 120:136] = 1                      # half the slices show the object
+    near = np.zeros_like(labels, dtype=bool)
+    near[:, 110:146, 110:146] = True                         # where it lies in the case (its slices' union)
+    rng = np.random.default_rng(3)
+    coords, _, iou_target = sample_training_points(labels, rng, frame=1024, on_object=False, near=near,
+                                                   near_probability=0.5)
+    assert (iou_target == 0).all()
+    rows, cols = _to_pixels(coords[:, 0])
+    inside = near[np.arange(2000), rows, cols]
+    assert (labels[np.arange(2000), rows, cols] == 0).all()
+    share = near[0].sum() / near[0].size                    # 2% of a slice: what a uniform draw would give
+    assert abs(inside.mean() - (0.5 + 0.5 * share)) < 0.04  # 2000 draws: standard error 0.011
+    assert abs(inside[1000:].mean() - inside[:1000].mean()) < 0.08  # on empty slices and beside the object alike
+    plain, _, _ = sample_training_points(labels, np.random.default_rng(3), frame=1024, on_object=False)
+    rows, cols = _to_pixels(plain[:, 0])
+    assert near[np.arange(2000), rows, cols].mean() < 0.05  # the uniform draw almost never clicks there

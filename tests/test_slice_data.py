@@ -47,7 +47,8 @@ def synthetic_cache(tmp_path_factory):
 
 def dataset(synthetic_cache, mode="grid", seed=3):
     folder, _ = synthetic_cache
-    return slice_data.SliceDataset([folder / case for case in SLICES], mode, seed, sampling="slices", frame=TINY_FRAME)
+    return slice_data.SliceDataset([folder / case for case in SLICES], mode, seed, sampling="slices",
+                                   frame=TINY_FRAME, hard_negatives=0.0)
 
 
 def test_items_are_the_cached_slices(synthetic_cache):
@@ -120,7 +121,8 @@ def test_ranks_together_draw_the_single_process_global_batches(synthetic_cache):
     """Rank r's t-th batch of size B/W, over all ranks, is exactly the t-th global batch of one process."""
     folder, _ = synthetic_cache
     data = slice_data.SliceDataset([folder / "A_00", folder / "A_01"], "grid", 1,
-                                   sampling="slices", frame=TINY_FRAME)  # 7 slices -> 8 with padding
+                                   sampling="slices", frame=TINY_FRAME,
+                                   hard_negatives=0.0)  # 7 slices -> 8 with padding
     world, global_batch = 2, 4
 
     def run(world_size, rank, batch):
@@ -160,7 +162,7 @@ class StallingDataset(slice_data.SliceDataset):
 @pytest.mark.parametrize("kind, message", [(DyingDataset, "exited unexpectedly"), (StallingDataset, "timed out")])
 def test_a_dead_or_stalled_worker_is_an_error_not_a_hang(synthetic_cache, kind, message):
     folder, _ = synthetic_cache
-    data = kind([folder / "A_00"], "grid", 0, sampling="slices", frame=TINY_FRAME)
+    data = kind([folder / "A_00"], "grid", 0, sampling="slices", frame=TINY_FRAME, hard_negatives=0.0)
     loader = slice_data.make_loader(data, slice_data.train_sampler(data, 0), 1, num_workers=1, timeout_s=5)
     start = time.perf_counter()
     with pytest.raises(DesamError, match=f"data loader failed: .*{message}.*--num-workers 0"):
@@ -182,7 +184,8 @@ def test_train_slices_picks_the_cached_slices_a_default_plan_would_cache(tmp_pat
         writer.append(arrays)
         writer.commit({"case": "C_00", "domain": "C", "z": z, "shape": [256, 256, 200], "spacing": [1.0] * 3,
                        "affine": np.eye(4).tolist(), "input_sha256": "", "plan_sha256": ""})
-    chosen = {rule: slice_data.SliceDataset([tmp_path / "C_00"], "grid", 0, sampling="slices", frame=TINY_FRAME, slices=rule)
+    chosen = {rule: slice_data.SliceDataset([tmp_path / "C_00"], "grid", 0, sampling="slices", frame=TINY_FRAME,
+                                            hard_negatives=0.0, slices=rule)
               for rule in ("all", "foreground_margin", "foreground")}
     assert [s for _, s in chosen["all"].entries] == list(range(depth))
     assert [s for _, s in chosen["foreground_margin"].entries] == list(range(3, 10))
@@ -191,7 +194,8 @@ def test_train_slices_picks_the_cached_slices_a_default_plan_would_cache(tmp_pat
     np.testing.assert_array_equal(item["neck"], arrays["neck"][5])
     assert item["label"].any()
     with pytest.raises(DesamError, match="unknown slice selection"):
-        slice_data.SliceDataset([tmp_path / "C_00"], "grid", 0, sampling="slices", frame=TINY_FRAME, slices="middle")
+        slice_data.SliceDataset([tmp_path / "C_00"], "grid", 0, sampling="slices", frame=TINY_FRAME,
+                                hard_negatives=0.0, slices="middle")
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +212,7 @@ def cache_with_empty_slices(tmp_path_factory):
 
 def test_balanced_sampling_draws_clicks_on_and_off_the_object_one_to_one(cache_with_empty_slices):
     cases = [cache_with_empty_slices / c for c in ("A_00", "A_01")]
-    data = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, sampling="balanced")
+    data = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, hard_negatives=0.0, sampling="balanced")
     positives = (5 - 2) + (6 - 2)
     assert len(data) == 2 * positives
     targets = [float(data[(epoch, i)]["iou_target"]) for epoch in range(3) for i in range(len(data))]
@@ -221,7 +225,7 @@ def test_balanced_sampling_draws_clicks_on_and_off_the_object_one_to_one(cache_w
 def test_slices_sampling_gives_mostly_background_targets_when_many_slices_are_empty(cache_with_empty_slices):
     """The bias the balanced sampler removes: an empty slice can only give a click off the object."""
     cases = [cache_with_empty_slices / c for c in ("A_00", "A_01")]
-    data = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, sampling="slices")
+    data = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, hard_negatives=0.0, sampling="slices")
     assert len(data) == 11
     targets = [float(data[(epoch, i)]["iou_target"]) for epoch in range(20) for i in range(len(data))]
     assert np.mean(targets) < 0.45
@@ -229,8 +233,8 @@ def test_slices_sampling_gives_mostly_background_targets_when_many_slices_are_em
 
 def test_balanced_draws_are_keyed_by_epoch_and_index(cache_with_empty_slices):
     cases = [cache_with_empty_slices / c for c in ("A_00", "A_01")]
-    first = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, sampling="balanced")
-    second = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, sampling="balanced")
+    first = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, hard_negatives=0.0, sampling="balanced")
+    second = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, hard_negatives=0.0, sampling="balanced")
     for key in ((0, 9), (2, 12), (1, 3)):
         np.testing.assert_array_equal(first[key]["coords"], second[key]["coords"])
         np.testing.assert_array_equal(first[key]["label"], second[key]["label"])
@@ -238,10 +242,35 @@ def test_balanced_draws_are_keyed_by_epoch_and_index(cache_with_empty_slices):
 
 def test_box_mode_ignores_balanced_sampling(cache_with_empty_slices):
     cases = [cache_with_empty_slices / c for c in ("A_00", "A_01")]
-    data = slice_data.SliceDataset(cases, "box", 0, frame=TINY_FRAME, sampling="balanced")
+    data = slice_data.SliceDataset(cases, "box", 0, frame=TINY_FRAME, hard_negatives=0.0, sampling="balanced")
     assert len(data) == 11
 
 
 def test_unknown_sampling_is_refused(cache_with_empty_slices):
     with pytest.raises(DesamError, match="unknown sampling"):
-        slice_data.SliceDataset([cache_with_empty_slices / "A_00"], "grid", 0, frame=TINY_FRAME, sampling="fair")
+        slice_data.SliceDataset([cache_with_empty_slices / "A_00"], "grid", 0, frame=TINY_FRAME, hard_negatives=0.0,
+                                sampling="fair")
+
+
+def test_hard_negative_clicks_fall_where_the_case_holds_the_object(cache_with_empty_slices):
+    """hard_negatives=1: every click off the object lies inside the case's footprint (where any of its slices holds
+    the object), on the empty end slices too; 0: the whole background, mostly outside it."""
+    cases = [cache_with_empty_slices / c for c in ("A_00", "A_01")]
+    footprints = [np.load(c / "label.npy").any(axis=0) for c in cases]
+
+    def inside_share(hard: float) -> tuple[float, int]:
+        data = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, hard_negatives=hard, sampling="balanced")
+        inside, empty = [], 0
+        for epoch in range(4):
+            for i in range(len(data.positives), len(data)):
+                sample = data[(epoch, i)]
+                case, _ = data._draw(epoch, i)[0]
+                col, row = (sample["coords"][0] * 256 / TINY_FRAME).astype(int)
+                inside.append(footprints[case][row, col])
+                assert sample["iou_target"] == 0 and sample["label"][row, col] == 0
+                empty += not sample["label"].any()
+        return float(np.mean(inside)), empty
+
+    hard, empty = inside_share(1.0)
+    assert hard == 1.0 and empty > 0
+    assert inside_share(0.0)[0] < 0.9

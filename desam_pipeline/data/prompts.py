@@ -27,15 +27,20 @@ def pixel_to_frame(rows: np.ndarray, cols: np.ndarray, frame: int, size: int = S
 
 def sample_training_points(labels: np.ndarray, rng: np.random.Generator,
                            foreground_probability: float = 0.5, *, frame: int,
-                           on_object: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                           on_object: bool | None = None, near: np.ndarray | None = None,
+                           near_probability: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One positive click per slice of `labels` (B,256,256), on the object with `foreground_probability`.
 
     The pixel is drawn uniformly among the slice's foreground (label > 0) or background pixels.
     `on_object` forces the side (the balanced sampler decides it per sample); a side the slice does not
     have falls back to the other: slices without foreground get a background point, slices that are all
-    foreground a foreground one. Returns coords float32 (B,1,2) (x, y) in the `frame` square, point labels
-    int64 (B,1) all 1 (SAM is always told "object here"), and the IoU target float32 (B,): 1 on the object,
-    0 off it.
+    foreground a foreground one. `near` (B,256,256) bool marks where the object may be (its footprint over
+    the case's slices): a click off the object is drawn, with `near_probability`, among the background pixels
+    inside it (when there are any). Such hard negatives teach the IoU head that a click where the object
+    usually lies is not on it when the slice does not show it; clicks drawn over the whole background
+    almost never fall there, so the head can learn the object's usual position instead of its presence.
+    Returns coords float32 (B,1,2) (x, y) in the `frame` square, point labels int64 (B,1) all 1 (SAM is
+    always told "object here"), and the IoU target float32 (B,): 1 on the object, 0 off it.
     """
     batch = labels.shape[0]
     coords = np.empty((batch, 1, 2), np.float32)
@@ -45,7 +50,11 @@ def sample_training_points(labels: np.ndarray, rng: np.random.Generator,
         count = int(foreground.sum())
         on = count == foreground.size or (count > 0 and (rng.random() < foreground_probability if on_object is None
                                                          else on_object))
-        pool = np.flatnonzero(foreground if on else ~foreground)
+        region = foreground if on else ~foreground
+        hard = near is not None and not on and rng.random() < near_probability
+        if hard and np.any(region & near[b]):
+            region = region & near[b]
+        pool = np.flatnonzero(region)
         row, col = divmod(int(pool[rng.integers(pool.size)]), labels.shape[2])
         coords[b, 0] = pixel_to_frame(row, col, frame, labels.shape[2])
         iou_target[b] = float(on)

@@ -54,11 +54,17 @@ def structure_target(label: np.ndarray, label_value: int | None) -> np.ndarray:
     return label if label_value is None else (np.asarray(label) == label_value).astype(np.uint8)
 
 
-def slices_with_object(case_dir: Path, label_value: int | None = None) -> list[bool]:
-    """Per cached slice of the case, whether its cached label holds the object (structure `label_value`
-    when given), read slice by slice from the mapped label array."""
+def label_summary(case_dir: Path, label_value: int | None = None) -> tuple[list[bool], np.ndarray]:
+    """Per cached slice of the case, whether its cached label holds the object (structure `label_value` when
+    given), and the object's footprint: (H,W) bool, where any cached slice of the case has it. Read slice by
+    slice from the mapped label array."""
     labels = np.load(case_dir / "label.npy", mmap_mode="r")
-    return [bool(np.any(structure_target(labels[s], label_value))) for s in range(len(labels))]
+    has_object, footprint = [], np.zeros(labels.shape[1:], bool)
+    for s in range(len(labels)):
+        target = np.asarray(structure_target(labels[s], label_value)) > 0
+        has_object.append(bool(target.any()))
+        footprint |= target
+    return has_object, footprint
 
 
 def cached_positions(z: Sequence[int], has_object: Sequence[bool], slices: str) -> list[int]:
@@ -84,11 +90,13 @@ class SliceDataset(Dataset):
 
     def __init__(self, case_dirs: Sequence[Path], mode: str, seed: int, stream: int = TRAIN_STREAM, *,
                  sampling: str, frame: int, use_views: bool = True, slices: str = "all",
-                 label_value: int | None = None):
+                 label_value: int | None = None, hard_negatives: float):
         """`frame`: side of the prompt frame the points and boxes are drawn in (the network's `prim.frame`);
         `use_views`: draw among a case's cached augmented views (training stream only); `slices`: which of
         the cached slices to use, by the embedding's rule (`all`: every cached slice); `sampling`: see the
-        class docstring; `label_value`: the structure to train (None: label > 0)."""
+        class docstring; `label_value`: the structure to train (None: label > 0); `hard_negatives`: grid mode,
+        the probability that a click off the object is drawn inside the case's object footprint
+        (`prompts.sample_training_points`)."""
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if slices not in SLICE_MODES:
@@ -101,9 +109,12 @@ class SliceDataset(Dataset):
         self.entries: list[tuple[int, int]] = []
         self.views: list[int] = []  # augmented views per case, drawn from in the training stream only
         self.positives: list[tuple[int, int]] = []  # entries whose slice holds the object
+        self.footprints: list[np.ndarray] = []  # per case, where any of its slices holds the object
+        self.hard_negatives = float(hard_negatives)
         for c, case_dir in enumerate(self.case_dirs):
             meta = read_json(case_dir / "meta.json")
-            has_object = slices_with_object(case_dir, label_value)
+            has_object, footprint = label_summary(case_dir, label_value)
+            self.footprints.append(footprint)
             positions = cached_positions(meta["z"], has_object, slices)
             self.entries.extend((c, s) for s in positions)
             self.positives.extend((c, s) for s in positions if has_object[s])
@@ -138,8 +149,9 @@ class SliceDataset(Dataset):
         sample["view"] = np.int64(view)
         rng = np.random.default_rng([self.seed, self.stream, int(epoch), int(index)])
         if self.mode == "grid":
-            coords, point_labels, iou_target = prompts.sample_training_points(label[None], rng, frame=self.frame,
-                                                                              on_object=on_object)
+            coords, point_labels, iou_target = prompts.sample_training_points(
+                label[None], rng, frame=self.frame, on_object=on_object, near=self.footprints[c][None],
+                near_probability=self.hard_negatives)
             sample["coords"], sample["point_labels"], sample["iou_target"] = coords[0], point_labels[0], iou_target[0]
         else:
             sample["box"] = prompts.whole_box(1, self.frame)[0]

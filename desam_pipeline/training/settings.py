@@ -22,10 +22,10 @@ from desam_pipeline.utilities.setting_flags import setting
 
 # Settings that must match for `-c` to continue the same run exactly (with the trainer's plans_name, fold, sources).
 RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources",
-               "pdmm", "augmented_views", "train_slices", "sampling", "label")
+               "pdmm", "augmented_views", "train_slices", "sampling", "label", "hard_negatives")
 # What checkpoints written before a key existed ran with.
 RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True, "train_slices": "all",
-                   "sampling": "slices", "label": None}
+                   "sampling": "slices", "label": None, "hard_negatives": 0.0}
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,12 @@ class TrainingSettings:
         "balanced", choices=SAMPLINGS,
         help="grid mode: balanced = clicks on and off the object 1:1 whatever share of the slices is empty; "
              "slices = every slice once, its click on or off 1:1 (default: %(default)s); recorded in the checkpoints")
+    hard_negatives: float = setting(
+        0.5, type=float, metavar="P",
+        help="grid mode: the share of clicks off the object drawn where the object lies in the case's other slices "
+             "(its footprint), the rest over the whole background (default: %(default)s; 0: the reference's uniform "
+             "draw); without them the IoU head learns where the object usually is rather than whether it is there; "
+             "recorded in the checkpoints")
     label: int | None = setting(
         None, type=int, metavar="VALUE",
         help="a dataset with several structures: train the DeSAM of the structure with this label value (target "
@@ -100,6 +106,8 @@ class TrainingSettings:
                                    ("device", self.device, DEVICES)):
             if value not in known:
                 raise DesamError(f"unknown {name} {value!r}; choose one of {', '.join(known)}")
+        if not 0.0 <= self.hard_negatives <= 1.0:
+            raise DesamError(f"hard negatives ({self.hard_negatives}) must be a probability in [0, 1]")
         if self.val_grid < 1:
             raise DesamError(f"validation grid ({self.val_grid}) must be >= 1")
         if self.epochs < min_epochs or self.batch_size < 1 or not self.lr > 0:

@@ -128,15 +128,14 @@ class DeSAMTrainer:
     def build_data_loaders(self) -> None:
         """Set train_data, val_data (each held-out slice once, whatever the training sampling), train_sampler,
         train_loader and val_loader (None without held-out cases)."""
-        frame = encoders.family(self.plan["encoder"]).prompt_frame
-        seed, slices = self.settings.seed, self.settings.train_slices
-        self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
-                                                  seed, slice_data.TRAIN_STREAM, frame=frame,
-                                                  use_views=self.settings.augmented_views, slices=slices,
-                                                  sampling=self.settings.sampling, label_value=self.settings.label)
+        seed, settings = self.settings.seed, self.settings
+        common = dict(frame=encoders.family(self.plan["encoder"]).prompt_frame, slices=settings.train_slices,
+                      label_value=settings.label, hard_negatives=settings.hard_negatives)
+        self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode, seed,
+                                                  slice_data.TRAIN_STREAM, use_views=settings.augmented_views,
+                                                  sampling=settings.sampling, **common)
         self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode, seed,
-                                                slice_data.VAL_STREAM, frame=frame, slices=slices, sampling="slices",
-                                                label_value=self.settings.label)
+                                                slice_data.VAL_STREAM, sampling="slices", **common)
         if len(self.train_data) == 0:
             raise DesamError(f"{self.cache_dir}: the training cases of fold {self.fold} have no cached slices")
         pin, workers, timeout = self.device.type == "cuda", self.settings.num_workers, self.settings.loader_timeout_s
