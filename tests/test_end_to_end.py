@@ -18,6 +18,7 @@ import pytest
 from dataset_conversion import convert_prostate_multisite, make_phantom
 from desam_pipeline.data import dataset_checks
 from desam_pipeline.training import train
+from desam_pipeline.training.validation import SLICE_FIGURES
 from desam_pipeline.utilities.metrics import dice
 from evaluation import evaluate, report
 from plans import plan_and_embed
@@ -70,6 +71,10 @@ def test_miniature_pipeline_end_to_end(trees, tmp_path):
     dataset = trees["results"] / "Dataset001_ProstateMultiSite"
     model = next(dataset.glob("DeSAMTrainer__*__grid__src-RUNMC"))
     assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+    validation = json.loads((model / "fold_0" / "validation" / "summary.json").read_text(encoding="utf-8"))
+    assert (validation["prediction"]["grid"], validation["prediction"]["grid_rule"]) == (2, "top1")
+    assert all(set(SLICE_FIGURES) <= set(case) for case in validation["cases"].values())
+    assert "gate_pass_empty_pct" in validation["mean"]
     per_case = pd.read_csv(model / "evaluation" / "full" / "per_case.csv")
     assert set(per_case.loc[~per_case["in_domain"], "site"]) == {"BMC"}
     assert (per_case["site"] == "BMC").sum() == 2 and per_case["in_domain"].sum() == 1

@@ -71,7 +71,8 @@ def test_two_epoch_run_writes_every_output(trained_fold, toy_cache):
     summary = json.loads((trained_fold / "validation" / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["cases"]) == {val_case}
     assert summary["prediction"] == {"grid": 9, "iou_threshold": 0.5, "grid_rule": "reference", "postprocess": "largest"}
-    assert {"dice", "hd95"} <= set(summary["cases"][val_case]) and "dice" in summary["mean"]
+    assert {"dice", "hd95", "fp_slices_pct"} <= set(summary["cases"][val_case]) and "dice" in summary["mean"]
+    assert summary["cases"][val_case]["gate_auc"] is None  # box mode: no gate
     mask = nib.load(str(trained_fold / "validation" / f"{val_case}.nii.gz"))
     assert mask.shape == (256, 256, SHAPE[2])
     np.testing.assert_allclose(nib.affines.voxel_sizes(mask.affine), [0.8 * 40 / 256, 0.8 * 36 / 256, 3.0])

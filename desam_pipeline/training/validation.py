@@ -28,10 +28,12 @@ from desam_pipeline.inference.settings import MASK_THRESHOLD, PredictionSettings
 from desam_pipeline.inference.slice_prediction import predict_slices
 from desam_pipeline.io.atomic import atomic_path
 from desam_pipeline.io.results_layout import CHECKPOINT_FINAL
+from desam_pipeline.utilities.detection import gate_auc, slice_detection, slice_presence
 from desam_pipeline.utilities.metrics import METRICS, compute_metrics
 
 VALIDATION = "validation"  # the folder in fold_<k>/
 SUMMARY = "summary.json"
+SLICE_FIGURES = ("fp_slices_pct", "gate_pass_empty_pct", "gate_auc")  # per case, beside the metrics (slice_figures)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -49,9 +51,9 @@ def validate_case(network: torch.nn.Module, case_dir: Path, plan: dict, mode: st
     domain = meta.get("domain", domain)
     if not meta["z"]:
         tqdm.write(f"validation case {case_dir.name} has no cached slices; left out of the mean", file=sys.stdout)
-        return {"domain": domain, **{k: None for k in METRICS}}
+        return {"domain": domain, **{k: None for k in (*METRICS, *SLICE_FIGURES)}}
     axis, size, orientation = int(plan["slice_axis"]), int(plan["slice_size"]), plan_orientation(plan)
-    probabilities, _ = predict_slices(network, arrays["neck"], [arrays[f"tap{i}"] for i in range(3)], mode, settings,
+    probabilities, best_iou = predict_slices(network, arrays["neck"], [arrays[f"tap{i}"] for i in range(3)], mode, settings,
                                       batch_size=batch_size, device=device, precision=precision, size=size)
     shape = [int(s) for s in meta["shape"]]
     # slices first, in-plane axes in array order; every slice of the volume, the uncached ones empty
@@ -64,7 +66,25 @@ def validate_case(network: torch.nn.Module, case_dir: Path, plan: dict, mode: st
     with atomic_path(out_dir / f"{case_dir.name}.nii.gz") as tmp:
         affine = grid_affine(meta["affine"], shape, meta["spacing"], plan)
         nib.save(nib.Nifti1Image(np.moveaxis(prediction, 0, axis).astype(np.uint8), affine), str(tmp))
-    return {"domain": domain, **{k: _finite_or_none(float(v)) for k, v in metrics.items()}}
+    return {"domain": domain, **{k: _finite_or_none(float(v)) for k, v in metrics.items()},
+            **slice_figures(slice_presence(reference, 0), slice_presence(prediction, 0),
+                            slice_presence(target, 0), best_iou if mode == "grid" else None, settings.iou_threshold)}
+
+
+def slice_figures(reference: np.ndarray, predicted: np.ndarray, cached_reference: np.ndarray,
+                  best_iou: np.ndarray | None, iou_threshold: float) -> dict[str, float | None]:
+    """What automatic mode does on the case's empty slices: the share of the volume's slices without the object
+    that got a mask (`fp_slices_pct`), and in grid mode, over the cached slices, the share of empty ones whose best
+    predicted IoU passes the gate (`gate_pass_empty_pct`) and the gate's ROC AUC (None where undefined)."""
+    detection = slice_detection(reference, predicted)
+    figures = dict.fromkeys(SLICE_FIGURES)
+    figures["fp_slices_pct"] = _finite_or_none(100 * (1 - detection["slice_specificity"]))
+    if best_iou is not None:
+        empty = ~np.asarray(cached_reference, bool)
+        passed = np.asarray(best_iou) > iou_threshold
+        figures["gate_pass_empty_pct"] = _finite_or_none(100 * passed[empty].mean()) if empty.any() else None
+        figures["gate_auc"] = _finite_or_none(gate_auc(best_iou, cached_reference))
+    return figures
 
 
 def validate_cases(network: torch.nn.Module, case_dirs: list[Path], plan: dict, mode: str,

@@ -1,0 +1,36 @@
+"""The final validation's slice figures: what automatic mode does on the held-out case's empty slices."""
+from __future__ import annotations
+
+import numpy as np
+
+from desam_pipeline.training.validation import SLICE_FIGURES, slice_figures, summarise
+
+
+def test_the_gate_passing_every_empty_slice_is_reported_even_when_pdmm_leaves_them_empty():
+    """The demo model of 2026-12-05: every cached slice's best IoU about 0.99, so the gate passed all the empty
+    slices, while PDMM drew nothing there (no false-positive slice): only the gate's pass rate shows it."""
+    reference = np.array([False, True, True, False, False])
+    predicted = reference.copy()
+    best_iou = np.array([0.991, 0.997, 0.998, 0.993, 0.990])
+    figures = slice_figures(reference, predicted, reference, best_iou, 0.5)
+    assert figures == {"fp_slices_pct": 0.0, "gate_pass_empty_pct": 100.0, "gate_auc": 1.0}
+    gated = slice_figures(reference, predicted | np.array([True, False, False, False, False]), reference,
+                          np.array([0.2, 0.9, 0.4, 0.6, 0.1]), 0.5)
+    # 1 of 3 empty slices masked; 1 of 3 passes 0.5; AUC: 0.9 beats all 3 empty, 0.4 beats 0.2 and 0.1: 5/6
+    assert np.allclose([gated["fp_slices_pct"], gated["gate_pass_empty_pct"], gated["gate_auc"]],
+                       [100 / 3, 100 / 3, 5 / 6], rtol=0, atol=1e-9)
+
+
+def test_box_mode_has_no_gate_and_the_summary_averages_the_slice_figures():
+    reference = np.array([False, True, False])
+    box = slice_figures(reference, np.array([True, True, False]), reference, None, 0.5)
+    assert box == {"fp_slices_pct": 50.0, "gate_pass_empty_pct": None, "gate_auc": None}
+    cases = {"A": {"domain": "S", "dice": 0.8, **box}, "B": {"domain": "S", "dice": 0.6, **dict.fromkeys(SLICE_FIGURES)}}
+    mean = summarise(cases, 0, "box", {"slice_size": 256, "in_plane": {"rule": "resize"}}, _Settings())["mean"]
+    assert mean["fp_slices_pct"] == 50.0 and mean["fp_slices_pct_cases_excluded"] == 1
+    assert mean["gate_auc"] is None and mean["gate_auc_cases_excluded"] == 2
+
+
+class _Settings:
+    def choices(self) -> dict:
+        return {"grid": 9}
