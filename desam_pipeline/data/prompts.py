@@ -51,9 +51,10 @@ def sample_training_points(labels: np.ndarray, rng: np.random.Generator,
         on = count == foreground.size or (count > 0 and (rng.random() < foreground_probability if on_object is None
                                                          else on_object))
         region = foreground if on else ~foreground
-        hard = near is not None and not on and rng.random() < near_probability
-        if hard and np.any(region & near[b]):
-            region = region & near[b]
+        if near is not None and not on and rng.random() < near_probability:
+            inside = region & near[b]
+            if inside.any():
+                region = inside
         pool = np.flatnonzero(region)
         row, col = divmod(int(pool[rng.integers(pool.size)]), labels.shape[2])
         coords[b, 0] = pixel_to_frame(row, col, frame, labels.shape[2])

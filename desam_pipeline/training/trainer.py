@@ -128,18 +128,18 @@ class DeSAMTrainer:
     def build_data_loaders(self) -> None:
         """Set train_data, val_data (each held-out slice once, whatever the training sampling), train_sampler,
         train_loader and val_loader (None without held-out cases)."""
-        seed, settings = self.settings.seed, self.settings
+        settings = self.settings
         common = dict(frame=encoders.family(self.plan["encoder"]).prompt_frame, slices=settings.train_slices,
                       label_value=settings.label, hard_negatives=settings.hard_negatives)
-        self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode, seed,
-                                                  slice_data.TRAIN_STREAM, use_views=settings.augmented_views,
-                                                  sampling=settings.sampling, **common)
-        self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode, seed,
-                                                slice_data.VAL_STREAM, sampling="slices", **common)
+        self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
+                                                  settings.seed, slice_data.TRAIN_STREAM, sampling=settings.sampling,
+                                                  use_views=settings.augmented_views, **common)
+        self.val_data = slice_data.SliceDataset([self.cache_dir / c for c in self.val_cases], self.mode,
+                                                settings.seed, slice_data.VAL_STREAM, sampling="slices", **common)
         if len(self.train_data) == 0:
             raise DesamError(f"{self.cache_dir}: the training cases of fold {self.fold} have no cached slices")
-        pin, workers, timeout = self.device.type == "cuda", self.settings.num_workers, self.settings.loader_timeout_s
-        self.train_sampler = slice_data.train_sampler(self.train_data, seed, self.world_size, self.rank)
+        pin, workers, timeout = self.device.type == "cuda", settings.num_workers, settings.loader_timeout_s
+        self.train_sampler = slice_data.train_sampler(self.train_data, settings.seed, self.world_size, self.rank)
         self.train_loader = slice_data.make_loader(self.train_data, self.train_sampler, self.local_batch_size,
                                                    workers, pin, timeout)
         self.val_loader = slice_data.make_loader(
