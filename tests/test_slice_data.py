@@ -259,16 +259,17 @@ def test_hard_negative_clicks_fall_where_the_case_holds_the_object(cache_with_em
     footprints = [np.load(c / "label.npy").any(axis=0) for c in cases]
 
     def inside_share(hard: float) -> tuple[float, int]:
-        data = slice_data.SliceDataset(cases, "grid", 0, frame=TINY_FRAME, hard_negatives=hard, sampling="balanced")
         inside, empty = [], 0
-        for epoch in range(4):
-            for i in range(len(data.positives), len(data)):
-                sample = data[(epoch, i)]
-                case, _ = data._draw(epoch, i)[0]
-                col, row = (sample["coords"][0] * 256 / TINY_FRAME).astype(int)
-                inside.append(footprints[case][row, col])
-                assert sample["iou_target"] == 0 and sample["label"][row, col] == 0
-                empty += not sample["label"].any()
+        for case, footprint in zip(cases, footprints):  # one case per dataset: every click is that case's
+            data = slice_data.SliceDataset([case], "grid", 0, frame=TINY_FRAME, hard_negatives=hard,
+                                           sampling="balanced")
+            for epoch in range(4):
+                for i in range(len(data.positives), len(data)):
+                    sample = data[(epoch, i)]
+                    col, row = (sample["coords"][0] * 256 / TINY_FRAME).astype(int)
+                    inside.append(footprint[row, col])
+                    assert sample["iou_target"] == 0 and sample["label"][row, col] == 0
+                    empty += not sample["label"].any()
         return float(np.mean(inside)), empty
 
     hard, empty = inside_share(1.0)

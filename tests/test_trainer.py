@@ -370,7 +370,7 @@ def test_final_validation_predicts_with_the_runs_grid_and_rule():
     assert (chosen.grid, chosen.grid_rule) == (3, "top1")
     default = DeSAMTrainer.validation_settings(SimpleNamespace(settings=TrainingSettings()))
     assert default == PredictionSettings() and (default.grid, default.grid_rule) == (9, "reference")
-    with pytest.raises(DesamError, match="validation grid rule"):
+    with pytest.raises(DesamError, match="unknown --val-grid-rule 'vote'"):
         TrainingSettings(val_grid_rule="vote").validate()
-    with pytest.raises(DesamError, match="validation grid"):
+    with pytest.raises(DesamError, match="--val-grid must be at least 1, got 0"):
         TrainingSettings(val_grid=0).validate()

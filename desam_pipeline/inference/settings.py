@@ -28,6 +28,15 @@ FILE_HANDLING = ("save_probabilities", "skip_existing")
 MASK_THRESHOLD = 0.5
 
 
+def check_grid(grid: int, rule: str, flag: str) -> None:
+    """The one check of a grid size and rule, for prediction (`--grid`, `--grid-rule`) and the trainer's final
+    validation (`--val-grid`, `--val-grid-rule`): a one-line DesamError naming the flag."""
+    if grid < 1:
+        raise DesamError(f"{flag} must be at least 1, got {grid}")
+    if rule not in GRID_RULES:
+        raise DesamError(f"unknown {flag}-rule {rule!r}; choose one of {', '.join(GRID_RULES)}")
+
+
 @dataclass(frozen=True)
 class PredictionSettings:
     """The choices a prediction depends on; `batch_size` None takes the plan's for the device."""
@@ -69,12 +78,9 @@ class PredictionSettings:
                              f"{', '.join(CHECKPOINT_NAMES)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise DesamError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.grid < 1:
-            raise DesamError(f"--grid must be at least 1, got {self.grid}")
         if not math.isfinite(self.iou_threshold):  # below 0 keeps every slice, 1 or more empties them all
             raise DesamError(f"--iou-threshold must be a finite number, got {self.iou_threshold}")
-        if self.grid_rule not in GRID_RULES:
-            raise DesamError(f"unknown --grid-rule {self.grid_rule!r}; choose one of {', '.join(GRID_RULES)}")
+        check_grid(self.grid, self.grid_rule, "--grid")
         if self.postprocess not in POSTPROCESSING:
             raise DesamError(f"unknown --postprocess {self.postprocess!r}; choose one of {', '.join(POSTPROCESSING)}")
         return self

@@ -13,7 +13,7 @@ from desam_pipeline.data.prompts import MODES
 from desam_pipeline.data.slice_data import DEFAULT_LOADER_TIMEOUT_S, SAMPLINGS
 from desam_pipeline.data.slice_selection import SLICE_MODES
 from desam_pipeline.inference.grid_rules import GRID_RULES
-from desam_pipeline.inference.settings import DEFAULT_GRID, DEFAULT_GRID_RULE
+from desam_pipeline.inference.settings import DEFAULT_GRID, DEFAULT_GRID_RULE, check_grid
 from desam_pipeline.network.pdmm import DEFAULT_LAYOUT, LAYOUTS
 from desam_pipeline.training.losses import DEFAULT_LOSS, LOSS_WEIGHTS, LOSSES
 from desam_pipeline.utilities.errors import DesamError
@@ -102,14 +102,12 @@ class TrainingSettings:
         for name, value, known in (("mode", self.mode, MODES), ("loss", self.loss, LOSSES),
                                    ("PDMM layout", self.pdmm, LAYOUTS), ("train slices", self.train_slices, SLICE_MODES),
                                    ("sampling", self.sampling, SAMPLINGS), ("precision", self.precision, PRECISIONS),
-                                   ("validation grid rule", self.val_grid_rule, GRID_RULES),
                                    ("device", self.device, DEVICES)):
             if value not in known:
                 raise DesamError(f"unknown {name} {value!r}; choose one of {', '.join(known)}")
         if not 0.0 <= self.hard_negatives <= 1.0:
             raise DesamError(f"hard negatives ({self.hard_negatives}) must be a probability in [0, 1]")
-        if self.val_grid < 1:
-            raise DesamError(f"validation grid ({self.val_grid}) must be >= 1")
+        check_grid(self.val_grid, self.val_grid_rule, "--val-grid")
         if self.epochs < min_epochs or self.batch_size < 1 or not self.lr > 0:
             raise DesamError(f"epochs ({self.epochs}) must be >= {min_epochs}, batch size ({self.batch_size}) >= 1 "
                              f"and lr ({self.lr}) > 0")
