@@ -15,8 +15,10 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
 install: .venv/.installed
 
+# Two pytest-xdist workers of one thread each (tests/conftest.py): on 2 cores the suite's many small torch
+# calls gain more from two processes than from torch's second thread.
 test: install
-	$(PY) -m pytest -q --durations=10 tests
+	$(PY) -m pytest -q -n 2 --durations=10 tests
 
 # The inner loop: everything but the tests marked slow or torchrun (pytest.ini), under a minute.
 test-fast: install

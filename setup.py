@@ -24,7 +24,8 @@ setup(
         "onnxruntime>=1.17",  # LiteMedSAM's encoder on CPU, about 2x torch's speed (network.onnx_encoder)
         "onnx>=1.15",  # torch.onnx.export's TorchScript exporter needs it to write the model
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "medpy==0.5.2"], "baseline": ["nnunetv2>=2.5"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3", "medpy==0.5.2"],
+                    "baseline": ["nnunetv2>=2.5"]},
     entry_points={
         "console_scripts": [
             "desam_make_phantom=dataset_conversion.make_phantom:main",

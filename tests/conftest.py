@@ -2,11 +2,15 @@
 runs several test files use, built once per session (an embedding cache, a trained fold, model folders)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+if "PYTEST_XDIST_WORKER" in os.environ:  # `make test -n 2`: one thread per worker (and its subprocesses), set
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, so 2 workers fill 2 cores
 
 sys.path.insert(0, str(Path(__file__).parent))
 
