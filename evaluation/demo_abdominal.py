@@ -37,7 +37,10 @@ MODE = "grid"
 EPOCHS = 8
 BATCH_SIZE = 8
 LR = "1e-3"
-GRID = 3
+# Chosen on the source's held-out case (CT_0001, the CT models of 3 epochs, top1): a 3x3 grid puts no point on
+# the kidneys or the spleen (Dice 0 for all three, liver 0.954); 5x5 gives 0.970 / 0.692 / 0.914 / 0.908
+# (liver, right kidney, left kidney, spleen), 9x9 0.970 / 0.661 / 0.917 / 0.908, at 2.2x and 3.9x 3x3's time.
+GRID = 5
 GRID_RULE = "top1"
 FOLD = "0"
 PROTOCOLS = ("full", "paper")
