@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from desam_pipeline.data import augmented_views, cache, raw_dataset
 from desam_pipeline.data.dataset_checks import require_valid_dataset
-from desam_pipeline.data.plan_io import default_plans_name, load_plan, plan_hash, plan_path
+from desam_pipeline.data.plan_io import VIEW_KINDS, default_plans_name, load_plan, plan_hash, plan_path
 from desam_pipeline.data.preprocessing import preprocess_label, preprocess_volume
 from desam_pipeline.data.slice_selection import SLICE_MODES, foreground_slices, select_slices
 from desam_pipeline.io.atomic import remove_stale_temporaries, write_json
@@ -78,11 +78,13 @@ def prepare_case(raw_dir: Path, dataset_json: dict, case: str, input_hash: str, 
     }
     modality = raw_dataset.modality_of_site(dataset_json, meta["domain"])
     image = preprocess_volume(volume, plan, meta["spacing"], modality)[z]
+    labels = preprocess_label(label, plan, meta["spacing"])[z]
     views = augmented_views.views_for(plan, meta["domain"])
     if views:
         meta["views"] = views
-    return {"meta": meta, "image": image, "label": preprocess_label(label, plan, meta["spacing"])[z],
-            "views": augmented_views.make_views(image, views, case, plan["augmented_views"]["seed"]) if views else []}
+    return {"meta": meta, "image": image, "label": labels,
+            "views": augmented_views.make_views(image, views, case, plan["augmented_views"]["seed"],
+                                                augmented_views.view_kind(plan), labels) if views else []}
 
 
 def embed_case(prepared: dict, image_encoder: nn.Module, plan: dict, cache_dir: Path,
@@ -119,8 +121,8 @@ def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint
 
     `flags` are slices, in_plane (a rule, resolved on the fingerprint of `cases`, the planned sites'),
     precision and batch_size (the last two set this device's entry), augmented_views with view_sites (the
-    sites whose cases get that many augmented views), and the dataset's windows (modality -> CT window, from
-    the fingerprint) and label_classes (several structures), each written only when not empty.
+    sites whose cases get that many augmented views) and view_kind, and the dataset's windows (modality -> CT
+    window, from the fingerprint) and label_classes (several structures), each written only when not empty.
     """
     existing = load_plan(out_dir, plans_name) if plan_path(out_dir, plans_name).is_file() else None
     checkpoint_path = resolve_checkpoint(encoder, checkpoint, existing, out_dir)
@@ -144,7 +146,8 @@ def write_or_check_plan(out_dir: Path, plans_name: str, encoder: str, checkpoint
     plan["intensity"] = intensity | ({"windows": flags["windows"]} if flags.get("windows") else {})
     if flags.get("label_classes"):
         plan["label_classes"] = flags["label_classes"]
-    views = augmented_views.plan_entry(flags.get("augmented_views"), flags.get("view_sites"), existing)
+    views = augmented_views.plan_entry(flags.get("augmented_views"), flags.get("view_sites"), existing,
+                                       flags.get("view_kind"))
     if views:
         plan["augmented_views"] = views
     save_plan(plan, out_dir, overwrite)
@@ -195,7 +198,8 @@ def plan_and_embed(dataset: str | int, encoder: str = DEFAULT_ENCODER, checkpoin
                    precision: str | None = None, batch_size: int | None = None, device: str = DEFAULT_DEVICE,
                    num_parts: int | None = None, part_id: int | None = None, overwrite: bool = False,
                    raw: str | None = None, preprocessed: str | None = None,
-                   augmented_views: int | None = None, in_plane: str | None = None) -> dict:
+                   augmented_views: int | None = None, view_kind: str | None = None,
+                   in_plane: str | None = None) -> dict:
     """Verify, fingerprint, plan and embed one part of a dataset; return a summary of what was done.
 
     Choices left as None come from the existing plan of that name, else from the defaults. Under
@@ -216,7 +220,7 @@ def plan_and_embed(dataset: str | int, encoder: str = DEFAULT_ENCODER, checkpoin
                                                 torch_device, overwrite, slices=slices, in_plane=in_plane,
                                                 precision=precision,
                                                 batch_size=batch_size, augmented_views=augmented_views,
-                                                view_sites=domains)
+                                                view_sites=domains, view_kind=view_kind)
             return planned
 
         planned = distributed.on_rank_zero(plan_on_rank_zero)
@@ -310,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--augmented-views", type=int, metavar="K",
                         help="also cache K intensity-augmented views of each slice of the embedded cases (of "
                              "--domains, the training sources) for training; 0 removes them (default: the plan's)")
+    parser.add_argument("--view-kind", choices=VIEW_KINDS,
+                        help="with --augmented-views: nnunet (noise, blur, brightness, contrast, gamma; the "
+                             "default) or location_scale (random intensity curves per slice and per label class, "
+                             "after SLAug, for sources and targets of different contrast such as CT and MR)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing plan that has other choices")
     add_root_arguments(parser, "raw", "preprocessed")
     return parser
@@ -322,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                    plans_name=args.plans_name, slices=args.slices, in_plane=args.in_plane, precision=args.precision,
                    batch_size=args.batch_size, device=args.device, num_parts=args.num_parts,
                    part_id=args.part_id, overwrite=args.overwrite, raw=args.raw, preprocessed=args.preprocessed,
-                   augmented_views=args.augmented_views)
+                   augmented_views=args.augmented_views, view_kind=args.view_kind)
     return 0
 
 

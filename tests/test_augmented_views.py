@@ -1,5 +1,6 @@
-"""Augmented views: batchgenerators' intensity transforms on the uint8 slices, cached per view for the
-source cases, seeded per case, drawn by the trainer's dataset; a cache without views trains as before."""
+"""Augmented views: batchgenerators' intensity transforms or SLAug's location-scale curves on the uint8 slices,
+cached per view for the source cases, seeded per case, drawn by the trainer's dataset; a cache without views
+trains as before."""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,13 @@ import numpy as np
 import pytest
 
 from desam_pipeline.data import cache, slice_data
-from desam_pipeline.data.augmented_views import make_views, views_for
-from desam_pipeline.data.plan_io import DEFAULT_CHOICES
+from desam_pipeline.data import raw_dataset
+from desam_pipeline.data.augmented_views import make_views, plan_entry, view_kind, views_for
+from desam_pipeline.data.plan_io import DEFAULT_CHOICES, REQUIRED_KEYS, plan_hash, plan_problems
 from desam_pipeline.data.preprocessing import preprocess_label, preprocess_volume
 from desam_pipeline.training import train
-from plans.plan_and_embed import plan_and_embed
+from desam_pipeline.utilities.errors import DesamError
+from plans.plan_and_embed import plan_and_embed, prepare_case
 
 from toy_data import TINY_FRAME, toy_volume, write_toy_dataset
 
@@ -56,6 +59,59 @@ def test_views_change_intensities_but_keep_the_structure_and_are_seeded():
     state = np.random.get_state()[1].copy()
     make_views(slices, 1, "x")
     np.testing.assert_array_equal(np.random.get_state()[1], state)  # the global generator is left alone
+
+
+def location_scale_case() -> tuple[np.ndarray, np.ndarray]:
+    """Toy slices whose blob (label 1) is brighter than the rest of the body on every labelled slice."""
+    image, label = toy_volume(np.random.default_rng(5), (64, 60, 6), empty_slices=1)
+    return preprocess_volume(image, dict(DEFAULT_CHOICES)), preprocess_label(label)
+
+
+def test_location_scale_global_views_keep_each_slices_order_and_local_views_can_invert_a_structure():
+    slices, labels = location_scale_case()
+    views = make_views(slices, 8, "SiteA_Case00", kind="location_scale", labels=labels)
+    assert views.shape == (8, *slices.shape) and views.dtype == np.uint8
+    np.testing.assert_array_equal(views, make_views(slices, 8, "SiteA_Case00", kind="location_scale", labels=labels))
+    assert not np.array_equal(views, make_views(slices, 8, "SiteA_Case01", kind="location_scale", labels=labels))
+    flipped = kept = 0
+    for k, view in enumerate(views, start=1):
+        assert np.all(view[slices == 0] == 0) and np.mean(view != slices) > 0.2
+        for s in range(len(slices)):
+            body = slices[s] > 0
+            order = np.argsort(slices[s][body], kind="stable")
+            steps = np.diff(view[s][body][order].astype(int))
+            if k % 2:  # global: one increasing curve and a positive scale per slice keep the tissues' order
+                assert steps.min() >= 0
+            elif labels[s].any():  # local: the structure gets its own curve and shift
+                inside, outside = view[s][labels[s] > 0].mean(), view[s][body & (labels[s] == 0)].mean()
+                flipped += inside < outside
+                kept += inside > outside
+    assert flipped and kept  # some local views turn the bright blob darker than its surroundings, some not
+    with pytest.raises(ValueError, match="need the labels"):
+        make_views(slices, 1, "SiteA_Case00", kind="location_scale")
+
+
+def test_the_plan_records_the_view_kind_only_when_it_is_not_the_default():
+    nnunet = plan_entry(2, ["SiteA"], None)
+    assert "kind" not in nnunet and view_kind({"augmented_views": nnunet}) == "nnunet"
+    location = plan_entry(2, ["SiteA"], None, "location_scale")
+    assert location["kind"] == "location_scale" and view_kind({"augmented_views": location}) == "location_scale"
+    assert location["transforms"] != nnunet["transforms"]
+    assert plan_hash({"augmented_views": location}) != plan_hash({"augmented_views": nnunet})
+    assert plan_entry(None, None, {"augmented_views": location}) == location
+    with pytest.raises(DesamError, match="--view-kind needs --augmented-views"):
+        plan_entry(None, None, None, "location_scale")
+    with pytest.raises(DesamError, match="unknown --view-kind 'swap'"):
+        plan_entry(2, None, None, "swap")
+    assert any(problem.startswith("augmented_views must be") for problem in
+               plan_problems({**bare_plan(), "augmented_views": {**location, "kind": "swap"}}))
+    assert not any(problem.startswith("augmented_views") for problem in
+                   plan_problems({**bare_plan(), "augmented_views": location}))
+
+
+def bare_plan() -> dict:
+    """A plan with every required key present (values are not checked by these tests)."""
+    return {key: None for key in REQUIRED_KEYS}
 
 
 @pytest.mark.slow
@@ -136,3 +192,14 @@ def test_no_augmented_views_trains_on_the_originals_of_a_cache_with_views(cached
                     "--device", "cpu", "--num-workers", "0", "--plans-name", PLANS, "-c",
                     "--preprocessed", str(cached / "pre"), "--results", str(cached / "results_no_views")])
     assert stop.value.code == 1
+
+
+@pytest.mark.slow
+def test_embedding_makes_location_scale_views_from_the_cases_labels(cached):
+    plan = json.loads((cached / "pre" / DATASET / f"{PLANS}.json").read_text(encoding="utf-8"))
+    plan["augmented_views"] = plan_entry(VIEWS, ["SiteA"], None, "location_scale")
+    raw_dir = cached / "raw" / DATASET
+    prepared = prepare_case(raw_dir, raw_dataset.load_dataset_json(raw_dir), "SiteA_Case00", "x", plan, "y")
+    assert prepared["label"].any()
+    np.testing.assert_array_equal(prepared["views"], make_views(prepared["image"], VIEWS, "SiteA_Case00",
+                                                                kind="location_scale", labels=prepared["label"]))

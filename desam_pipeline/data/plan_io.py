@@ -44,7 +44,8 @@ LATER_CHOICES = ("slice_orientation", "in_plane")
 REQUIRED_KEYS = ("plans_name", "encoder", "family", "checkpoint", "checkpoint_sha256", "tap_blocks", "tap_shapes",
                  "neck_shape", *(key for key in DEFAULT_CHOICES if key not in LATER_CHOICES))
 # Optional keys, written only where they apply, so other plans (and their hashes) stay as they were:
-# intensity.windows (modality -> fixed [low, high], CT) and label_classes (name -> value, several structures).
+# intensity.windows (modality -> fixed [low, high], CT), label_classes (name -> value, several structures) and
+# augmented_views (cached intensity-augmented views of the source cases; its `kind` only when not "nnunet").
 # Keys that do not change the cached values: renaming, moving the checkpoint or changing the
 # batch size leaves every cached case valid.
 NOT_HASHED = ("plans_name", "checkpoint", "batch_size")
@@ -92,6 +93,19 @@ def _percentiles(value) -> bool:
         and (isinstance(value.get("windows", {}), dict) and all(_window(w) for w in value.get("windows", {}).values()))
 
 
+# Augmented view kinds (see data.augmented_views): nnU-Net's intensity transforms, or SLAug's global and local
+# location-scale augmentation (random intensity curves, per label class in the local views).
+VIEW_KINDS = ("nnunet", "location_scale")
+DEFAULT_VIEW_KIND = "nnunet"
+
+
+def _views(value) -> bool:
+    return isinstance(value, dict) and _is_int(value.get("count")) and value["count"] > 0 \
+        and _is_int(value.get("seed")) and value.get("kind", DEFAULT_VIEW_KIND) in VIEW_KINDS \
+        and (value.get("sites") is None or (isinstance(value["sites"], list)
+                                            and all(isinstance(site, str) for site in value["sites"])))
+
+
 def _classes(value) -> bool:
     return isinstance(value, dict) and len(value) > 1 and all(_is_int(v) and 0 < v < 256 for v in value.values())
 
@@ -116,6 +130,8 @@ FIELD_RULES: dict[str, tuple[str, Callable[[object], bool]]] = {
     "intensity": ("an object with low_percentile < high_percentile, both in 0..100, and optional windows "
                   "(modality -> [low, high])", _percentiles),
     "label_classes": ("an object of two or more class name -> value (1..255)", _classes),
+    "augmented_views": (f"an object with count >= 1, seed, sites (a list or null) and kind (one of "
+                        f"{', '.join(VIEW_KINDS)})", _views),
     "slices": (f"one of {', '.join(SLICE_MODES)}", lambda v: v in SLICE_MODES),
     "slice_margin": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
     "cache_dtype": (f"one of {', '.join(CACHE_DTYPES)}", lambda v: v in CACHE_DTYPES),
