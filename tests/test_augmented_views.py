@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from desam_pipeline.data import cache, slice_data
-from desam_pipeline.data import raw_dataset
+from desam_pipeline.data import cache, raw_dataset, slice_data
 from desam_pipeline.data.augmented_views import make_views, plan_entry, view_kind, views_for
 from desam_pipeline.data.plan_io import DEFAULT_CHOICES, REQUIRED_KEYS, plan_hash, plan_problems
 from desam_pipeline.data.preprocessing import preprocess_label, preprocess_volume

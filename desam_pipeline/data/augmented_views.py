@@ -46,6 +46,9 @@ LOCATION_SCALE = ["odd views, global: per slice one random increasing Bezier int
                   "monotonic: background always, structures with p 0.5), scale 0.9-1.1, shift N(0, 0.5)"]
 DESCRIPTIONS = {"nnunet": TRANSFORMS, "location_scale": LOCATION_SCALE}
 BEZIER_SAMPLES = 1001
+_T = np.linspace(0.0, 1.0, BEZIER_SAMPLES)
+# The cubic Bernstein polynomials at BEZIER_SAMPLES points: a curve's samples are its control points times this.
+BEZIER_BASIS = np.stack([(1 - _T) ** 3, 3 * _T * (1 - _T) ** 2, 3 * _T ** 2 * (1 - _T), _T ** 3])
 SHIFT_PERCENTILE = 20  # a shift keeps the region's 20th to 80th percentile inside 0..1 (SLAug's slide limit)
 
 
@@ -121,18 +124,19 @@ def make_views(slices: np.ndarray, count: int, case: str, seed: int = VIEW_SEED,
     slices = np.asarray(slices)
     if slices.ndim != 3 or slices.dtype != np.uint8:
         raise ValueError(f"{case}: expected (S, H, W) uint8 slices, got {slices.shape} {slices.dtype}")
+    views = np.empty((count, *slices.shape), np.uint8)
     if kind == "location_scale":
         if labels is None or np.shape(labels) != slices.shape:
             raise ValueError(f"{case}: location_scale views need the labels, shaped like the slices {slices.shape}")
-        return np.stack([_location_scale_view(slices, np.asarray(labels), view_seed(seed, case, k + 1), k % 2 == 1)
-                         for k in range(count)]) if count else np.empty((0, *slices.shape), np.uint8)
+        for k in range(count):
+            views[k] = _location_scale_view(slices, np.asarray(labels), view_seed(seed, case, k + 1), k % 2 == 1)
+        return views
     if kind != DEFAULT_VIEW_KIND:
         raise ValueError(f"unknown augmented view kind {kind!r}: expected one of {', '.join(VIEW_KINDS)}")
     data = slices[:, None].astype(np.float32)
     mean = data.mean(axis=(2, 3), keepdims=True)
     std = np.maximum(data.std(axis=(2, 3), keepdims=True), 1e-3)
     zscored = (data - mean) / std
-    views = np.empty((count, *slices.shape), np.uint8)
     transforms = _pipeline()
     for k in range(count):
         with _seeded_global_generators(view_seed(seed, case, k + 1)):
@@ -151,9 +155,7 @@ def _bezier_curve(rng: np.random.Generator, values: np.ndarray, monotonic: bool)
         return values
     xs = np.array([low, *rng.uniform(low, high, 2), high])
     ys = np.array([low, *rng.uniform(low, high, 2), high])
-    t = np.linspace(0.0, 1.0, BEZIER_SAMPLES)
-    basis = np.stack([(1 - t) ** 3, 3 * t * (1 - t) ** 2, 3 * t ** 2 * (1 - t), t ** 3])
-    curve_x, curve_y = np.sort(xs @ basis), ys @ basis
+    curve_x, curve_y = np.sort(xs @ BEZIER_BASIS), ys @ BEZIER_BASIS
     return np.interp(values, curve_x, np.sort(curve_y) if monotonic else curve_y)
 
 
