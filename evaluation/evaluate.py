@@ -9,7 +9,8 @@ is reused when its file exists and `predictions/prediction_settings.json` says i
 the same folds (same checkpoint files) and the same post-processing, grid and IoU threshold.
 
 Per protocol, `<model folder>/evaluation/<protocol>/` receives per_case.csv, per_site.csv,
-summary.json, per_site_boxplot.png and overlays/<site>_{best,median,worst}_<case>.png. Protocols:
+summary.json, per_site_boxplot.png and overlays/<site>_<tags>_<case>.png (tags: worst, median, best;
+a case that is several, e.g. `worst-median-best` at a site of one case, is drawn once). Protocols:
 `full` scores every slice in the original geometry (NIfTI spacing) and also measures whether the
 model can say "no structure here": slice detection, false-positive slices, connected components and
 how well PRIM's predicted IoU separates slices and ranks cases (per_slice.csv holds the slices; see

@@ -136,15 +136,19 @@ def summary_document(per_case: pd.DataFrame, per_site: pd.DataFrame, context: di
     return document
 
 
-def pick_overlay_cases(per_case: pd.DataFrame) -> list[tuple[str, str, str, float]]:
-    """(site, tag, case, dice) for the best, median (lower) and worst Dice case of each site."""
+def pick_overlay_cases(per_case: pd.DataFrame) -> list[tuple[str, tuple[str, ...], str, float]]:
+    """(site, tags, case, dice) for the worst, median (lower) and best Dice case of each site; a case that
+    is several of these (a site of one or two cases) comes once with all its tags, so it is drawn once."""
     picked = []
     for site, frame in per_case.groupby("site", sort=True):
         ranked = frame[np.isfinite(frame["dice"].astype(float))].sort_values(["dice", "case"], kind="stable")
         if ranked.empty:
             continue
-        rows = {"worst": ranked.iloc[0], "median": ranked.iloc[(len(ranked) - 1) // 2], "best": ranked.iloc[-1]}
-        picked += [(site, tag, row["case"], float(row["dice"])) for tag, row in rows.items()]
+        tags: dict[int, list[str]] = {}
+        for tag, position in (("worst", 0), ("median", (len(ranked) - 1) // 2), ("best", len(ranked) - 1)):
+            tags.setdefault(position, []).append(tag)
+        picked += [(site, tuple(names), ranked.iloc[p]["case"], float(ranked.iloc[p]["dice"]))
+                   for p, names in tags.items()]
     return picked
 
 
@@ -159,12 +163,12 @@ def write_overlays(per_case: pd.DataFrame, out_dir: Path, raw_dir: Path, dataset
     labels = foreground_labels(dataset_json)
     axis = int(plan["slice_axis"])
     written = []
-    for site, tag, case, dice in pick_overlay_cases(per_case):
+    for site, tags, case, dice in pick_overlay_cases(per_case):
         image, image_nii = read_volume(image_path(raw_dir, case, dataset_json))
         reference = foreground(read_volume(label_path(raw_dir, case, dataset_json))[0], labels)
         prediction = foreground(read_volume(prediction_file(folder, site, case))[0], labels)
         spacing = voxel_spacing(image_nii)
-        target = contained(out_dir, f"{site}_{tag}_{case}.png")
+        target = contained(out_dir, f"{site}_{'-'.join(tags)}_{case}.png")
         if protocol == "paper":
             # the protocol's 256x256 slices, back in array order: resized whatever the plan's in-plane rule
             sam_slices = preprocess_volume(image, {**plan, "in_plane": {"rule": "resize"}},

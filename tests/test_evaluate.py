@@ -116,9 +116,11 @@ def test_paper_empty_reference_is_not_scored():
 def test_overlay_cases_best_median_worst():
     frame = pd.DataFrame({"case": ["a", "b", "c", "d", "e"], "site": ["X", "X", "X", "X", "Y"],
                           "dice": [0.5, 0.9, np.nan, 0.1, 0.3]})
-    picked = {(site, tag): case for site, tag, case, _ in pick_overlay_cases(frame)}
-    assert picked == {("X", "worst"): "d", ("X", "median"): "a", ("X", "best"): "b",
-                      ("Y", "worst"): "e", ("Y", "median"): "e", ("Y", "best"): "e"}
+    picked = {(site, tags): case for site, tags, case, _ in pick_overlay_cases(frame)}
+    assert picked == {("X", ("worst",)): "d", ("X", ("median",)): "a", ("X", ("best",)): "b",
+                      ("Y", ("worst", "median", "best")): "e"}  # a case drawn once, with all its tags
+    two = {(site, tags): case for site, tags, case, _ in pick_overlay_cases(frame[frame["case"].isin(["a", "b"])])}
+    assert two == {("X", ("worst", "median")): "a", ("X", ("best",)): "b"}
 
 
 # ---------------------------------------------------------------- a trained tiny model
@@ -252,8 +254,7 @@ def test_full_protocol_scores_every_test_case_and_writes_tables_summary_and_pngs
 
     assert_png(out / "per_site_boxplot.png")
     overlays = sorted(p.name for p in (out / "overlays").glob("*.png"))
-    assert overlays == sorted(f"{site}_{tag}_{case}.png" for case, (site, _) in expected.items()
-                              for tag in ("best", "median", "worst"))
+    assert overlays == sorted(f"{site}_worst-median-best_{case}.png" for case, (site, _) in expected.items())
     for name in overlays:
         assert_png(out / "overlays" / name)
 
