@@ -1,0 +1,56 @@
+"""benchmarks.gate_separation: per structure and site, the gate's AUC, medians and slices passing the threshold,
+read from the `full` evaluation's per-slice tables; a folder without them is refused in one line."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from benchmarks import gate_separation
+
+
+def write_evaluation(folder, structures: dict, tables: dict, threshold: float = 0.5) -> None:
+    full = folder / "evaluation" / "full"
+    full.mkdir(parents=True)
+    (full / "summary.json").write_text(json.dumps({"iou_threshold": threshold, "structures": structures}))
+    for name, rows in tables.items():
+        (full / name).mkdir(exist_ok=True)
+        pd.DataFrame(rows, columns=["case", "site", "in_domain", "slice", "reference", "predicted", "predicted_iou"]
+                     ).to_csv(full / name / "per_slice.csv", index=False)
+
+
+def slices(site: str, in_domain: bool, with_iou: list[float], without_iou: list[float]) -> list[tuple]:
+    return ([(f"{site}_1", site, in_domain, i, True, True, v) for i, v in enumerate(with_iou)]
+            + [(f"{site}_1", site, in_domain, 10 + i, False, True, v) for i, v in enumerate(without_iou)])
+
+
+def test_separation_per_structure_and_site(tmp_path):
+    model = tmp_path / "model"
+    # liver: ranked and calibrated at home, inverted on the target; spleen: ranked but all above the threshold
+    liver = slices("CT", True, [0.9, 0.8], [0.1, 0.2, 0.3]) + slices("MR", False, [0.55], [0.6, 0.7])
+    spleen = slices("CT", True, [0.9, 0.95], [0.6, 0.7]) + slices("MR", False, [0.7], [0.7])
+    write_evaluation(model, {"liver": 1, "spleen": 2}, {"liver": liver, "spleen": spleen}, threshold=0.5)
+    table = gate_separation.separation(model).set_index(["structure", "site"])
+    assert table.at[("liver", "CT"), "gate AUC"] == 1.0 and table.at[("liver", "MR"), "gate AUC"] == 0.0
+    assert table.at[("spleen", "MR"), "gate AUC"] == 0.5  # a tie counts half
+    assert (table.at[("liver", "CT"), "slices with"], table.at[("liver", "CT"), "slices without"]) == (2, 3)
+    assert table.at[("liver", "CT"), "median IoU without"] == pytest.approx(0.2)
+    passing = table["without passing 0.5"]
+    assert passing[("liver", "CT")] == 0 and passing[("liver", "MR")] == 2
+    assert passing[("spleen", "CT")] == 2  # ranked (AUC 1) yet not calibrated
+    assert bool(table.at[("liver", "CT"), "in_domain"]) and not bool(table.at[("liver", "MR"), "in_domain"])
+
+
+def test_binary_model_and_missing_tables(tmp_path, capsys):
+    binary = tmp_path / "binary"
+    write_evaluation(binary, {}, {"": slices("RUNMC", True, [0.9], [0.95, 0.1])}, threshold=0.8)
+    table = gate_separation.separation(binary)
+    assert list(table["structure"]) == [""] and table.at[0, "gate AUC"] == 0.5
+    assert table.at[0, "without passing 0.8"] == 1 and table.at[0, "with passing 0.8"] == 1
+    (binary / "evaluation" / "full" / "per_slice.csv").unlink()
+    for folder, message in ((binary, "per_slice.csv: no per-slice table"),
+                            (tmp_path / "none", "summary.json: no full evaluation")):
+        with pytest.raises(SystemExit) as stop:
+            gate_separation.main([str(folder)])
+        assert stop.value.code == 1 and message in capsys.readouterr().err
