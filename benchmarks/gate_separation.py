@@ -20,6 +20,7 @@ from desam_pipeline.utilities.detection import gate_auc
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from evaluation.detection_tables import PER_SLICE
 from evaluation.evaluation_outputs import EVALUATION
+from evaluation.tables import to_markdown
 
 
 def full_evaluation(model: Path) -> tuple[float, dict[str, pd.DataFrame]]:
@@ -68,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    table = pd.concat([separation(model) for model in args.models], ignore_index=True).round(3)
-    print(table.to_markdown(index=False) if args.markdown else table.to_string(index=False))
+    table = pd.concat([separation(model) for model in args.models], ignore_index=True)
+    print(to_markdown(table, floatfmt=".3f") if args.markdown else table.round(3).to_string(index=False))
     return 0
 
 

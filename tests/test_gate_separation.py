@@ -48,6 +48,12 @@ def test_binary_model_and_missing_tables(tmp_path, capsys):
     table = gate_separation.separation(binary)
     assert list(table["structure"]) == [""] and table.at[0, "gate AUC"] == 0.5
     assert table.at[0, "without passing 0.8"] == 1 and table.at[0, "with passing 0.8"] == 1
+    with pytest.raises(SystemExit) as done:
+        gate_separation.main([str(binary), "--markdown"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("| model | structure | site |") and printed[2].startswith("| binary |  | RUNMC |")
+    assert "| 0.500 |" in printed[2]  # the AUC, three decimals
     (binary / "evaluation" / "full" / "per_slice.csv").unlink()
     for folder, message in ((binary, "per_slice.csv: no per-slice table"),
                             (tmp_path / "none", "summary.json: no full evaluation")):
