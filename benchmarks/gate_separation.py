@@ -3,8 +3,10 @@
 Reads the `full` evaluation's per-slice table of each model folder (`evaluation/full/per_slice.csv`, or
 `evaluation/full/<structure>/per_slice.csv` for several structures) and prints, per structure and site: the
 slices with and without the structure, the median predicted IoU (the best grid point's) of each kind, the gate's
-ROC AUC over those slices, and how many slices of each kind pass the evaluation's IoU threshold. The AUC says
-whether the head ranks slices; the medians against the threshold say whether its values are calibrated.
+ROC AUC over those slices, the IoU threshold the evaluation gated with, and how many slices of each kind pass it.
+The AUC says whether the head ranks slices; the medians against the threshold say whether its values are
+calibrated. An evaluation with `--iou-threshold calibrated` gated each structure with its folds' thresholds stored
+in their checkpoints (their mean is shown).
 
     python -m benchmarks.gate_separation MODEL_FOLDER [MODEL_FOLDER ...] [--markdown]
 """
@@ -14,8 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from desam_pipeline.inference.model import stored_gate_thresholds
+from desam_pipeline.inference.settings import CALIBRATED
 from desam_pipeline.utilities.detection import gate_auc
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from evaluation.detection_tables import PER_SLICE
@@ -23,8 +28,19 @@ from evaluation.evaluation_outputs import EVALUATION
 from evaluation.tables import to_markdown
 
 
-def full_evaluation(model: Path) -> tuple[float, dict[str, pd.DataFrame]]:
-    """The IoU threshold and {structure: per-slice table} of a model folder's `full` evaluation ("" names the
+def structure_thresholds(model: Path, summary: dict, names: list[str]) -> dict[str, float]:
+    """The IoU threshold each structure was gated with: the summary's number, or under `calibrated` the mean of the
+    thresholds stored in the structure's fold checkpoints."""
+    if summary["iou_threshold"] != CALIBRATED:
+        return dict.fromkeys(names, float(summary["iou_threshold"]))
+    stored = stored_gate_thresholds(model, summary["folds"], summary["checkpoint_name"])
+    structures = summary.get("structures") or {}
+    return {name: float(np.mean([np.nan if t is None else t for t in stored[str(structures[name]) if name else ""]]))
+            for name in names}
+
+
+def full_evaluation(model: Path) -> dict[str, tuple[float, pd.DataFrame]]:
+    """{structure: (its IoU threshold, its per-slice table)} of a model folder's `full` evaluation ("" names the
     structure of a binary dataset)."""
     full = model / EVALUATION / "full"
     summary_file = full / "summary.json"
@@ -37,15 +53,15 @@ def full_evaluation(model: Path) -> tuple[float, dict[str, pd.DataFrame]]:
     missing = [f / PER_SLICE for f in folders.values() if not (f / PER_SLICE).is_file()]
     if missing:
         raise DesamError(f"{missing[0]}: no per-slice table (evaluated before slice detection existed)")
-    return float(summary["iou_threshold"]), {name: pd.read_csv(folder / PER_SLICE, dtype={"site": str, "case": str})
-                                             for name, folder in folders.items()}
+    thresholds = structure_thresholds(model, summary, list(folders))
+    return {name: (thresholds[name], pd.read_csv(folder / PER_SLICE, dtype={"site": str, "case": str}))
+            for name, folder in folders.items()}
 
 
 def separation(model: Path) -> pd.DataFrame:
     """One row per structure and site: slice counts, median predicted IoU, gate AUC, slices passing the gate."""
-    threshold, tables = full_evaluation(model)
     rows = []
-    for structure, table in tables.items():
+    for structure, (threshold, table) in full_evaluation(model).items():
         for site, part in table.groupby("site", sort=True):
             present, empty = part[part["reference"]], part[~part["reference"]]
             rows.append({"model": model.name, "structure": structure, "site": site,
@@ -53,9 +69,9 @@ def separation(model: Path) -> pd.DataFrame:
                          "slices with": len(present), "slices without": len(empty),
                          "median IoU with": present["predicted_iou"].median(),
                          "median IoU without": empty["predicted_iou"].median(),
-                         "gate AUC": gate_auc(part["predicted_iou"], part["reference"]),
-                         f"with passing {threshold:g}": int((present["predicted_iou"] > threshold).sum()),
-                         f"without passing {threshold:g}": int((empty["predicted_iou"] > threshold).sum())})
+                         "gate AUC": gate_auc(part["predicted_iou"], part["reference"]), "threshold": threshold,
+                         "with passing": int((present["predicted_iou"] > threshold).sum()),
+                         "without passing": int((empty["predicted_iou"] > threshold).sum())})
     return pd.DataFrame(rows)
 
 

@@ -34,10 +34,10 @@ from desam_pipeline.data.plan_io import read_plan_file
 from desam_pipeline.data.prompts import MODES
 from desam_pipeline.data.raw_dataset import file_ending, label_classes, label_path, load_dataset_json
 from desam_pipeline.inference.inputs import CaseInput
-from desam_pipeline.inference.model import checkpoint_file
+from desam_pipeline.inference.model import checkpoint_file, stored_gate_thresholds
 from desam_pipeline.inference.outputs import quality_path
 from desam_pipeline.inference.prediction_cache import PREDICTIONS, SavedCase, ensure_predictions, group_folder
-from desam_pipeline.inference.settings import FILE_HANDLING, PredictionSettings
+from desam_pipeline.inference.settings import CALIBRATED, FILE_HANDLING, PredictionSettings
 from desam_pipeline.io.results_layout import DEFAULT_TRAINER, MODEL_PLAN, class_folder
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.metrics import DEFAULT_NSD_TOLERANCE_MM
@@ -167,6 +167,8 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str | None,
                    "predictions": {"folder": str(folder / PREDICTIONS), **counts}}
         if external is not None:
             context |= {"external": external["description"], "schedule": external["schedule"]}
+        elif mode == "grid" and prediction.iou_threshold == CALIBRATED:
+            context["gate_thresholds"] = stored_gate_thresholds(folder, chosen_folds, prediction.checkpoint_name)
         out_dir = folder / EVALUATION / protocol
         structures = label_classes(dataset_json)
         if structures:

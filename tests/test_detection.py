@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from desam_pipeline.utilities.detection import (components, gate_auc, rank_correlation, slice_detection,
+from desam_pipeline.utilities.detection import (calibrate_gate, components, gate_auc, rank_correlation, slice_detection,
                                                  slice_presence)
 from desam_pipeline.utilities.errors import DesamError
 from evaluation.detection_tables import case_detection, detection_matrix, group_detection, read_predicted_iou
@@ -114,6 +114,30 @@ def test_gate_auc_extremes_and_degenerate_cases():
 
 
 # ---------------------------------------------------------------- rank correlation
+def test_calibrated_gate_sits_in_the_gap_a_ranking_head_leaves_below_a_fixed_threshold():
+    """The abdominal CT right-kidney model of 2026-12-07: its held-out slices ranked (AUC 0.97) but scored about
+    0.33 with the kidney and 0.09 without, so a fixed 0.5 passed none. Calibration puts the threshold in the gap."""
+    scores = [0.08, 0.09, 0.10, 0.31, 0.33, 0.35]
+    present = [False, False, False, True, True, True]
+    calibration = calibrate_gate(scores, present)
+    assert calibration["threshold"] == pytest.approx(0.205)
+    assert (calibration["youden_j"], calibration["sensitivity"], calibration["specificity"]) == (1.0, 1.0, 1.0)
+    assert (calibration["slices_with"], calibration["slices_without"]) == (3, 3)
+    # one empty slice above one with the structure: J = 1 - 1/3 at two thresholds; the wider gap (0.10-0.31) wins
+    overlap = calibrate_gate([0.08, 0.09, 0.32, 0.31, 0.33, 0.35], present)
+    assert overlap["threshold"] == pytest.approx(0.2) and overlap["youden_j"] == pytest.approx(2 / 3)
+    assert calibrate_gate([0.2, np.nan, 0.3], [False, False, True])["threshold"] == pytest.approx(0.25)  # NaN left out
+
+
+def test_no_calibration_without_both_kinds_of_slice_or_any_separation():
+    assert calibrate_gate([0.2, 0.3], [True, True]) is None
+    assert calibrate_gate([0.2, 0.3], [False, False]) is None
+    assert calibrate_gate([0.5, 0.5, 0.5], [False, True, True]) is None  # one score: nothing to place
+    assert calibrate_gate([0.9, 0.8, 0.1], [False, False, True]) is None  # ranked backwards: J <= 0 everywhere
+    with pytest.raises(ValueError, match="3 scores for 2 slices"):
+        calibrate_gate([0.1, 0.2, 0.3], [True, False])
+
+
 def test_rank_correlation():
     assert rank_correlation([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
     assert rank_correlation([0.1, 0.5, 0.9], [0.2, 0.4, 0.95]) == pytest.approx(1.0)

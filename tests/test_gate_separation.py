@@ -8,12 +8,14 @@ import pandas as pd
 import pytest
 
 from benchmarks import gate_separation
+from desam_pipeline.io.results_layout import CHECKPOINT_FINAL, Checkpoint, class_folder
 
 
-def write_evaluation(folder, structures: dict, tables: dict, threshold: float = 0.5) -> None:
+def write_evaluation(folder, structures: dict, tables: dict, threshold: float | str = 0.5) -> None:
     full = folder / "evaluation" / "full"
     full.mkdir(parents=True)
-    (full / "summary.json").write_text(json.dumps({"iou_threshold": threshold, "structures": structures}))
+    (full / "summary.json").write_text(json.dumps({"iou_threshold": threshold, "structures": structures,
+                                                   "folds": ["0"], "checkpoint_name": "final"}))
     for name, rows in tables.items():
         (full / name).mkdir(exist_ok=True)
         pd.DataFrame(rows, columns=["case", "site", "in_domain", "slice", "reference", "predicted", "predicted_iou"]
@@ -36,7 +38,8 @@ def test_separation_per_structure_and_site(tmp_path):
     assert table.at[("spleen", "MR"), "gate AUC"] == 0.5  # a tie counts half
     assert (table.at[("liver", "CT"), "slices with"], table.at[("liver", "CT"), "slices without"]) == (2, 3)
     assert table.at[("liver", "CT"), "median IoU without"] == pytest.approx(0.2)
-    passing = table["without passing 0.5"]
+    passing = table["without passing"]
+    assert (table["threshold"] == 0.5).all()
     assert passing[("liver", "CT")] == 0 and passing[("liver", "MR")] == 2
     assert passing[("spleen", "CT")] == 2  # ranked (AUC 1) yet not calibrated
     assert bool(table.at[("liver", "CT"), "in_domain"]) and not bool(table.at[("liver", "MR"), "in_domain"])
@@ -47,7 +50,7 @@ def test_binary_model_and_missing_tables(tmp_path, capsys):
     write_evaluation(binary, {}, {"": slices("RUNMC", True, [0.9], [0.95, 0.1])}, threshold=0.8)
     table = gate_separation.separation(binary)
     assert list(table["structure"]) == [""] and table.at[0, "gate AUC"] == 0.5
-    assert table.at[0, "without passing 0.8"] == 1 and table.at[0, "with passing 0.8"] == 1
+    assert table.at[0, "without passing"] == 1 and table.at[0, "with passing"] == 1 and table.at[0, "threshold"] == 0.8
     with pytest.raises(SystemExit) as done:
         gate_separation.main([str(binary), "--markdown"])
     assert done.value.code == 0
@@ -60,3 +63,19 @@ def test_binary_model_and_missing_tables(tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             gate_separation.main([str(folder)])
         assert stop.value.code == 1 and message in capsys.readouterr().err
+
+
+def test_calibrated_thresholds_are_read_from_each_structures_fold_checkpoint(tmp_path):
+    """Under --iou-threshold calibrated each structure passes slices against its own stored threshold."""
+    model = tmp_path / "model"
+    liver = slices("CT", True, [0.3, 0.35], [0.1, 0.2])
+    spleen = slices("CT", True, [0.9], [0.6, 0.7])
+    write_evaluation(model, {"liver": 1, "spleen": 2}, {"liver": liver, "spleen": spleen}, threshold="calibrated")
+    for value, threshold in ((1, 0.25), (2, 0.8)):
+        (class_folder(model, value) / "fold_0").mkdir(parents=True)
+        Checkpoint(network={}, network_config={}, gate_calibration={"threshold": threshold, "grid": 5}).save(
+            class_folder(model, value) / "fold_0" / CHECKPOINT_FINAL)
+    table = gate_separation.separation(model).set_index("structure")
+    assert table.at["liver", "threshold"] == 0.25 and table.at["spleen", "threshold"] == 0.8
+    assert (table.at["liver", "with passing"], table.at["liver", "without passing"]) == (2, 0)
+    assert (table.at["spleen", "with passing"], table.at["spleen", "without passing"]) == (1, 0)

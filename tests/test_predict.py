@@ -22,7 +22,8 @@ from desam_pipeline.inference.model import load_model
 from desam_pipeline.inference.outputs import QUALITY_COLUMNS
 from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.io.atomic import read_json
-from desam_pipeline.io.results_layout import CHECKPOINT_BEST, CHECKPOINT_FINAL, find_model_folder, model_folder_name
+from desam_pipeline.io.results_layout import CHECKPOINT_BEST, CHECKPOINT_FINAL, Checkpoint, find_model_folder, \
+    model_folder_name
 from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
 from desam_pipeline.utilities.errors import DesamError
 
@@ -339,3 +340,41 @@ def test_find_model_folder_picks_the_folder_of_the_given_source_site(tmp_path):
     assert found.name == model_folder_name("DeSAMTrainer", "DeSAMPlans_tiny", "grid", ["BMC"])
     with pytest.raises(DesamError, match="several model folders"):
         find_model_folder(tmp_path, None, "grid")
+
+
+def test_calibrated_threshold_predicts_with_each_folds_stored_threshold(predict_env, tmp_path, capsys):
+    """--iou-threshold calibrated gates with the threshold stored in the fold's checkpoint: the same masks as that
+    number given by hand; a checkpoint without one, or one calibrated at another grid size, is a one-line error
+    before anything is written."""
+    path = tmp_path / "in" / "k_0000.nii.gz"
+    write_volume(path, (40, 36, 6), np.diag([0.8, 0.8, 3.0, 1.0]), seed=5)
+    refused = tmp_path / "refused"
+    assert run_cli("-i", path, "-o", refused, "-m", predict_env.grid, "--grid", "2", "--grid-rule", "top1",
+                   "--iou-threshold", "calibrated", *predict_env.roots) != 0
+    assert "no calibrated gate threshold" in capsys.readouterr().err
+    assert not list(refused.glob("*.nii.gz")) and not (refused / "prediction.json").exists()
+
+    _, [(_, iou)] = manual_prediction(predict_env, predict_env.grid, ["0"], path,
+                                      PredictionSettings(grid=2, iou_threshold=-1, grid_rule="top1"))
+    threshold = float(np.median(iou))  # some slices pass, some do not
+    assert (iou > threshold).any() and (iou <= threshold).any()
+    folder = tmp_path / "results" / DATASET / predict_env.grid.name
+    shutil.copytree(predict_env.grid, folder)
+    final = folder / "fold_0" / CHECKPOINT_FINAL
+    checkpoint = Checkpoint.load(final)
+    checkpoint.gate_calibration = {"threshold": threshold, "grid": 2}
+    checkpoint.save(final)
+    outs = {name: tmp_path / name for name in ("calibrated", "number")}
+    for name, value in (("calibrated", "calibrated"), ("number", str(threshold))):
+        assert run_cli("-i", path, "-o", outs[name], "-m", folder, "--grid", "2", "--grid-rule", "top1",
+                       "--iou-threshold", value, "--save-probabilities", *predict_env.roots) == 0
+    calibrated, number = (np.load(out / "k.npz")["probabilities"] for out in outs.values())
+    assert np.array_equal(calibrated, number)
+    kept = np.asarray(nib.load(str(outs["number"] / "k.nii.gz")).dataobj).any(axis=(0, 1))
+    assert 0 < kept.sum() < kept.size  # the threshold decided: some slices emptied, some kept
+    record = read_json(outs["calibrated"] / "prediction.json")
+    assert record["iou_threshold"] == "calibrated" and record["gate_thresholds"] == {"": [threshold]}
+
+    assert run_cli("-i", path, "-o", tmp_path / "grid3", "-m", folder, "--grid", "3", "--iou-threshold", "calibrated",
+                   *predict_env.roots) != 0
+    assert "calibrated at a 2x2 grid" in capsys.readouterr().err

@@ -110,7 +110,8 @@ def test_a_setting_field_becomes_a_flag_and_back():
 
 @pytest.mark.parametrize("settings, message", [
     (PredictionSettings(grid=0), "--grid must be at least 1"),
-    (PredictionSettings(iou_threshold=float("nan")), "--iou-threshold must be a finite number"),
+    (PredictionSettings(iou_threshold=float("nan")), "--iou-threshold must be a finite number or calibrated"),
+    (PredictionSettings(iou_threshold="high"), "--iou-threshold must be a finite number or calibrated, got 'high'"),
     (PredictionSettings(grid_rule="vote"), "unknown --grid-rule 'vote'"),
     (PredictionSettings(batch_size=0), "--batch-size must be at least 1"),
     (PredictionSettings(checkpoint_name="last"), "unknown checkpoint name 'last'"),

@@ -22,6 +22,7 @@ from desam_pipeline.data.slice_grid import place_slices
 from desam_pipeline.inference import slice_prediction
 from desam_pipeline.inference.postprocessing import postprocess
 from desam_pipeline.inference.settings import PredictionSettings
+from desam_pipeline.io.results_layout import Checkpoint
 from desam_pipeline.network import DeSAM
 from desam_pipeline.network.sam_models import build_sam, save_sam_checkpoint
 from desam_pipeline.training import train
@@ -29,6 +30,8 @@ from desam_pipeline.training.registry import trainer_class
 from desam_pipeline.training.schedule import epoch_record, reduce_validation, restored_history, validation_sums
 from desam_pipeline.training.settings import TrainingSettings, resume_differences
 from desam_pipeline.training.trainer import DeSAMTrainer
+from desam_pipeline.training import validation
+from desam_pipeline.training.validation import SLICE_SCORES
 from desam_pipeline.utilities.errors import DesamError
 
 from toy_data import TINY_TAPS
@@ -187,6 +190,38 @@ def test_val_only_redoes_the_final_validation(trained_fold, toy_cache):
     summary.unlink()
     assert run_cli(toy_cache, "results", "--val-only", "--num-workers", "0") == 0
     assert json.loads(summary.read_text(encoding="utf-8")) == before
+
+
+@pytest.mark.slow
+def test_grid_final_validation_calibrates_the_gate_into_the_final_checkpoint(toy_cache, monkeypatch):
+    """The final validation pools the held-out slices' best predicted IoU, calibrates the gate on them and stores
+    the result in checkpoint_final.pth (what `--iou-threshold calibrated` reads), in summary.json and in the log;
+    the other checkpoints carry none. The toy cache holds only slices with the structure, so the real run can
+    calibrate nothing (None, said so); `--val-only` on held-out scores of both kinds then stores a threshold."""
+    flags = ["--mode", "grid", "--epochs", "1", "--val-grid", "2", "--val-grid-rule", "top1", "--num-workers", "0"]
+    assert run_cli(toy_cache, "calib", *flags) == 0
+    folder = toy_cache / "calib" / DATASET / MODEL.replace("__box__", "__grid__") / "fold_0"
+    summary_file = folder / "validation" / "summary.json"
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    (case,) = summary["cases"]
+    scores = summary["cases"][case][SLICE_SCORES]
+    assert len(scores["best_iou"]) == len(scores["has_structure"]) > 0 and all(scores["has_structure"])
+    assert summary["gate_calibration"] is None
+    assert Checkpoint.load(folder / "checkpoint_final.pth").gate_calibration is None
+    assert "gate calibration: no threshold" in (folder / "training_log.txt").read_text(encoding="utf-8")
+
+    held_out = {SLICE_SCORES: {"best_iou": [0.1, 0.3, 0.2, 0.25], "has_structure": [False, True, False, True]}}
+    monkeypatch.setattr(validation, "validate_cases",
+                        lambda *args, **kwargs: {case: {**summary["cases"][case], **held_out}})
+    assert run_cli(toy_cache, "calib", *flags, "--val-only") == 0
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    expected = {"threshold": pytest.approx(0.225), "youden_j": 1.0, "sensitivity": 1.0, "specificity": 1.0,
+                "slices_with": 2, "slices_without": 2, "grid": 2, "grid_rule": "top1", "cases": [case]}
+    assert summary["gate_calibration"] == expected
+    assert Checkpoint.load(folder / "checkpoint_final.pth").gate_calibration == summary["gate_calibration"]
+    assert Checkpoint.load(folder / "checkpoint_latest.pth").gate_calibration is None
+    log = (folder / "training_log.txt").read_text(encoding="utf-8")
+    assert "gate calibration: threshold 0.2250 at a 2x2 grid" in log
 
 
 @pytest.mark.slow

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from desam_pipeline.training.validation import SLICE_FIGURES, slice_figures, summarise
+from desam_pipeline.inference.settings import PredictionSettings
+from desam_pipeline.training.validation import SLICE_FIGURES, SLICE_SCORES, gate_calibration, slice_figures, summarise
 
 
 def test_the_gate_passing_every_empty_slice_is_reported_even_when_pdmm_leaves_them_empty():
@@ -34,3 +36,24 @@ def test_box_mode_has_no_gate_and_the_summary_averages_the_slice_figures():
 class _Settings:
     def choices(self) -> dict:
         return {"grid": 9}
+
+
+def test_the_gate_is_calibrated_on_the_held_out_cases_slices_pooled():
+    """Case A alone is separated between 0.30 and 0.35. Pooled with B (an empty slice at 0.40, the structure at
+    0.70) no threshold separates every slice: 0.325 passes the empty 0.40, 0.5 drops the 0.35 with the structure,
+    both J = 2/3, and the wider gap (0.40 to 0.60) wins. Box cases give none."""
+    cases = {"A": {"domain": "S", "dice": 0.9, SLICE_SCORES: {"best_iou": [0.05, 0.35, 0.6, 0.3],
+                                                           "has_structure": [False, True, True, False]}},
+             "B": {"domain": "S", "dice": 0.8, SLICE_SCORES: {"best_iou": [0.4, 0.7],
+                                                           "has_structure": [False, True]}}}
+    settings = PredictionSettings(grid=5, grid_rule="top1")
+    alone = gate_calibration({"A": cases["A"]}, settings)
+    assert alone["threshold"] == pytest.approx(0.325)
+    pooled = gate_calibration(cases, settings)
+    assert pooled["youden_j"] == pytest.approx(2 / 3)
+    assert pooled["threshold"] == pytest.approx(0.5) and pooled["sensitivity"] == pytest.approx(2 / 3)
+    assert (pooled["grid"], pooled["grid_rule"], pooled["cases"]) == (5, "top1", ["A", "B"])
+    assert (pooled["slices_with"], pooled["slices_without"]) == (3, 3)
+    assert gate_calibration({"C": {"domain": "S", "dice": 0.7}}, settings) is None  # box mode: no slice scores
+    mean = summarise(cases, 0, "grid", {"slice_size": 256, "in_plane": {"rule": "resize"}}, _Settings())["mean"]
+    assert mean["dice"] == pytest.approx(0.85) and SLICE_SCORES not in mean

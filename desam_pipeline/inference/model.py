@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from desam_pipeline.data.plan_io import read_plan_file
-from desam_pipeline.inference.settings import DEFAULT_CHECKPOINT_NAME
+from desam_pipeline.inference.settings import CALIBRATED, DEFAULT_CHECKPOINT_NAME, PredictionSettings
 from desam_pipeline.io.atomic import read_json
 from desam_pipeline.io.results_layout import CHECKPOINT_NAMES, MODEL_PLAN, Checkpoint, class_folders
 from desam_pipeline.network.registry import rebuild_network
@@ -32,6 +32,7 @@ class Model:
     checkpoint_name: str = DEFAULT_CHECKPOINT_NAME
     label_value: int | None = None          # the structure this model segments (None: label > 0)
     classes: list["Model"] = field(default_factory=list, repr=False)  # one per structure, else empty
+    gate_calibrations: list[dict | None] = field(default_factory=list)  # per fold, from its checkpoint
 
     @property
     def num_channels(self) -> int:
@@ -45,8 +46,47 @@ class Model:
     def with_folds(self, folds: list[str]) -> "Model":
         """The same model restricted to some of its loaded folds (in each structure's model alike)."""
         networks = [self.networks[self.folds.index(f)] for f in folds] if self.networks else []
-        return dataclasses.replace(self, folds=list(folds), networks=networks,
+        calibrations = [self.gate_calibrations[self.folds.index(f)] for f in folds] if self.gate_calibrations else []
+        return dataclasses.replace(self, folds=list(folds), networks=networks, gate_calibrations=calibrations,
                                    classes=[c.with_folds(folds) for c in self.classes])
+
+    def fold_settings(self, index: int, settings: PredictionSettings) -> PredictionSettings:
+        """`settings` for the network of fold `folds[index]`: `--iou-threshold calibrated` becomes that fold's
+        calibrated threshold (a one-line error where the checkpoint has none, or where it was calibrated at
+        another grid size: the best of more points scores higher)."""
+        if settings.iou_threshold != CALIBRATED or self.mode != "grid":
+            return settings
+        path = self.folder / f"fold_{self.folds[index]}" / checkpoint_file(self.checkpoint_name)
+        calibration = self.gate_calibrations[index] if index < len(self.gate_calibrations) else None
+        if calibration is None:
+            raise DesamError(f"{path}: no calibrated gate threshold (only checkpoint_final.pth of a grid-mode fold "
+                             f"whose final validation had held-out slices with and without the structure has one; "
+                             f"desam_train ... --val-only calibrates an older one); pass a number to --iou-threshold")
+        if int(calibration["grid"]) != settings.grid:
+            raise DesamError(f"{path}: the gate was calibrated at a {calibration['grid']}x{calibration['grid']} grid; "
+                             f"predict with --grid {calibration['grid']} or pass a number to --iou-threshold")
+        return dataclasses.replace(settings, iou_threshold=float(calibration["threshold"]))
+
+
+def gate_thresholds(model: Model, settings: PredictionSettings) -> dict[str, list[float]]:
+    """Per structure (its label value; "" for a single-structure model), the IoU threshold each fold's network
+    gates with under `settings`; raises the one-line error of `Model.fold_settings` before any prediction."""
+    return {"" if m.label_value is None else str(m.label_value):
+            [float(m.fold_settings(i, settings).iou_threshold) for i in range(len(m.folds))] for m in model.structures}
+
+
+def stored_gate_thresholds(model_folder: str | os.PathLike, folds: list[str],
+                           checkpoint_name: str = DEFAULT_CHECKPOINT_NAME) -> dict[str, list[float | None]]:
+    """Per structure (keys as `gate_thresholds`), the calibrated gate threshold stored in each fold's checkpoint
+    (None where it has none), read without building the networks: for reports of a `calibrated` evaluation."""
+    folder = Path(model_folder)
+    per_class = class_folders(folder) or {None: folder}
+    found = {}
+    for value, path in per_class.items():
+        calibrations = [Checkpoint.load(path / f"fold_{fold}" / checkpoint_file(checkpoint_name)).gate_calibration
+                        for fold in folds]
+        found["" if value is None else str(value)] = [c["threshold"] if c else None for c in calibrations]
+    return found
 
 
 def checkpoint_file(checkpoint_name: str) -> str:
@@ -85,8 +125,9 @@ def _model_file(folder: Path, name: str) -> Path:
     return path
 
 
-def load_fold_network(path: Path, plan: dict) -> tuple[nn.Module, str]:
-    """The trained network of one fold checkpoint (the class its network_config names), and its mode."""
+def load_fold_network(path: Path, plan: dict) -> tuple[nn.Module, str, dict | None]:
+    """The trained network of one fold checkpoint (the class its network_config names), its mode and its gate
+    calibration."""
     checkpoint = Checkpoint.load(path)
     config = checkpoint.network_config
     try:
@@ -98,7 +139,7 @@ def load_fold_network(path: Path, plan: dict) -> tuple[nn.Module, str]:
         raise DesamError(f"{path}: trained for encoder {encoder}" + (f" (taps {taps})" if taps is not None else "")
                          + f", but the model folder's plan is {plan['encoder']} (taps {plan['tap_shapes']})")
     net = rebuild_network(checkpoint.network, config, path)
-    return net.eval().requires_grad_(False), mode
+    return net.eval().requires_grad_(False), mode, checkpoint.gate_calibration
 
 
 def load_model(model_folder: str | os.PathLike, folds: list[str] | None = None,
@@ -118,15 +159,17 @@ def load_model(model_folder: str | os.PathLike, folds: list[str] | None = None,
     plan = read_plan_file(_model_file(folder, MODEL_PLAN))
     dataset_json = read_json(_model_file(folder, "dataset.json"))
     folds = [str(f) for f in folds] if folds else default_folds(folder, checkpoint_name)
-    networks, modes = [], set()
+    networks, modes, calibrations = [], set(), []
     for fold in folds:
         path = folder / f"fold_{fold}" / checkpoint_file(checkpoint_name)
         if not path.is_file():
             have = ", ".join(available_folds(folder, checkpoint_name)) or "none"
             raise DesamError(f"{path}: not found (folds with a {checkpoint_name} checkpoint: {have})")
-        net, mode = load_fold_network(path, plan)
+        net, mode, calibration = load_fold_network(path, plan)
         networks.append(net.to(device))
         modes.add(mode)
+        calibrations.append(calibration)
     if len(modes) != 1:
         raise DesamError(f"{folder}: folds {', '.join(folds)} were trained in different modes ({sorted(modes)})")
-    return Model(folder, plan, dataset_json, modes.pop(), folds, networks, checkpoint_name)
+    return Model(folder, plan, dataset_json, modes.pop(), folds, networks, checkpoint_name,
+                 gate_calibrations=calibrations)

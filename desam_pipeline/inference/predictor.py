@@ -35,7 +35,7 @@ from desam_pipeline.inference import slice_prediction
 from desam_pipeline.inference.class_merge import merge_structures
 from desam_pipeline.inference.features import CacheIndex, SliceEncoder, cache_folder_of
 from desam_pipeline.inference.inputs import CaseInput, read_case_volume
-from desam_pipeline.inference.model import Model
+from desam_pipeline.inference.model import Model, gate_thresholds
 from desam_pipeline.inference.outputs import output_path, probabilities_path, save_probabilities, write_case_quality
 from desam_pipeline.inference.postprocessing import postprocess
 from desam_pipeline.inference.settings import MASK_THRESHOLD, PredictionSettings
@@ -92,8 +92,9 @@ def decode(model: Model, neck: torch.Tensor, taps: list[torch.Tensor],
     size = int(model.plan["slice_size"])
     probabilities = np.zeros((neck.shape[0], size, size), np.float32)
     iou = np.zeros(neck.shape[0], np.float32)
-    for net in model.networks:
-        p, q = slice_prediction.predict_slices(net, neck, taps, model.mode, run.settings, batch_size=run.batch_size,
+    for index, net in enumerate(model.networks):
+        settings = model.fold_settings(index, run.settings)
+        p, q = slice_prediction.predict_slices(net, neck, taps, model.mode, settings, batch_size=run.batch_size,
                                                device=run.device, precision=run.precision, size=size)
         probabilities += p
         iou += q
@@ -225,6 +226,7 @@ class Predictor:
 def build_predictor(model: Model, run: PredictionRun, preprocessed_root: str | os.PathLike | None = None,
                     use_cache: bool = True, modality: str | None = None) -> Predictor:
     """Verify the SAM checkpoint (the settings', else the plan's) and index the model's embedding cache."""
+    gate_thresholds(model, run.settings)  # a missing calibration fails here, before any encoding
     checkpoint = verify_sam_checkpoint(model.plan, run.settings.checkpoint, missing_hint="pass --checkpoint")
     encoder = SliceEncoder(model.plan, checkpoint, run.device, run.precision)
     index = CacheIndex(cache_folder_of(model.folder, model.plan, preprocessed_root) if use_cache else None, model.plan)

@@ -19,6 +19,8 @@ from desam_pipeline.utilities.setting_flags import setting
 
 DEFAULT_GRID = 9
 DEFAULT_IOU_THRESHOLD = 0.5
+# --iou-threshold calibrated: each fold's threshold from its checkpoint (the final validation's calibration).
+CALIBRATED = "calibrated"
 DEFAULT_GRID_RULE = "reference"
 DEFAULT_POSTPROCESS = "largest"
 DEFAULT_CHECKPOINT_NAME = "final"
@@ -26,6 +28,11 @@ DEFAULT_CHECKPOINT_NAME = "final"
 FILE_HANDLING = ("save_probabilities", "skip_existing")
 # A voxel is foreground where the (fold-averaged) sigmoid probability exceeds this.
 MASK_THRESHOLD = 0.5
+
+
+def iou_threshold_value(text: str) -> float | str:
+    """`--iou-threshold`: a number, or `calibrated` (argparse reports anything else as an invalid value)."""
+    return CALIBRATED if text == CALIBRATED else float(text)
 
 
 def check_grid(grid: int, rule: str, flag: str) -> None:
@@ -48,9 +55,11 @@ class PredictionSettings:
     checkpoint: str | None = setting(
         None, help="SAM checkpoint for the frozen encoder (default: the plan's; its sha256 must match)")
     batch_size: int | None = setting(None, type=int, help="slices per batch (default: the plan's)")
-    iou_threshold: float = setting(
-        DEFAULT_IOU_THRESHOLD, type=float,
-        help="grid mode: a slice is empty unless its best point's predicted IoU exceeds this")
+    iou_threshold: float | str = setting(
+        DEFAULT_IOU_THRESHOLD, type=iou_threshold_value,
+        help=f"grid mode: a slice is empty unless its best point's predicted IoU exceeds this (default: %(default)s); "
+             f"{CALIBRATED}: each fold's threshold calibrated on its held-out source slices by desam_train's final "
+             f"validation (stored in checkpoint_final.pth, at the validation's grid size)")
     grid: int = setting(DEFAULT_GRID, type=int, help="grid mode: K x K points per slice")
     grid_rule: str = setting(
         DEFAULT_GRID_RULE, choices=GRID_RULES,
@@ -78,8 +87,11 @@ class PredictionSettings:
                              f"{', '.join(CHECKPOINT_NAMES)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise DesamError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not math.isfinite(self.iou_threshold):  # below 0 keeps every slice, 1 or more empties them all
-            raise DesamError(f"--iou-threshold must be a finite number, got {self.iou_threshold}")
+        if isinstance(self.iou_threshold, str):
+            if self.iou_threshold != CALIBRATED:
+                raise DesamError(f"--iou-threshold must be a finite number or {CALIBRATED}, got {self.iou_threshold!r}")
+        elif not math.isfinite(self.iou_threshold):  # below 0 keeps every slice, 1 or more empties them all
+            raise DesamError(f"--iou-threshold must be a finite number or {CALIBRATED}, got {self.iou_threshold}")
         check_grid(self.grid, self.grid_rule, "--grid")
         if self.postprocess not in POSTPROCESSING:
             raise DesamError(f"unknown --postprocess {self.postprocess!r}; choose one of {', '.join(POSTPROCESSING)}")

@@ -138,7 +138,10 @@ class Checkpoint:
 
     `network_config` records the network class (`network`, absent in checkpoints of DeSAM written
     before there were others), its constructor settings, the encoder and the mode. The training
-    state (optimizer and onward) is None in a checkpoint written for prediction only.
+    state (optimizer and onward) is None in a checkpoint written for prediction only. `gate_calibration`
+    (grid mode, checkpoint_final.pth only) is the gate threshold the final validation found on the held-out
+    source slices (`utilities.detection.calibrate_gate`, with the grid it was measured at); `--iou-threshold
+    calibrated` predicts with it. None: not validated, or the held-out slices could not calibrate it.
     """
     network: dict[str, torch.Tensor]
     network_config: dict
@@ -151,6 +154,7 @@ class Checkpoint:
     scaler: dict | None = None
     rng: list[dict] | None = None
     sampler: dict | None = None
+    gate_calibration: dict | None = None
 
     @property
     def has_training_state(self) -> bool:

@@ -367,6 +367,22 @@ class DeSAMTrainer:
         self.finished = path.name == CHECKPOINT_FINAL
         set_rng_state(checkpoint.rng[self.rank] if len(checkpoint.rng) == self.world_size else checkpoint.rng[0])
 
+    def store_gate_calibration(self, calibration: dict | None) -> dict | None:
+        """Write the final validation's gate calibration into checkpoint_final.pth (`--iou-threshold calibrated`
+        predicts with it) and log it; returns it."""
+        final = self.fold_dir / CHECKPOINT_FINAL
+        checkpoint = Checkpoint.load(final)
+        checkpoint.gate_calibration = calibration
+        checkpoint.save(final)
+        line = ("gate calibration: no threshold (the held-out slices lack one kind, or none separates them)"
+                if calibration is None else
+                f"gate calibration: threshold {calibration['threshold']:.4f} at a {calibration['grid']}x"
+                f"{calibration['grid']} grid (Youden's J {calibration['youden_j']:.3f}, "
+                f"{calibration['slices_with']} slices with the structure, {calibration['slices_without']} without)")
+        self.print(line)
+        fold_files.append_log(self.fold_dir, line)
+        return calibration
+
     # ---------------------------------------------------------------- final validation
     def run_validation_only(self) -> None:
         """`--val-only`: validate checkpoint_final.pth of this fold."""
@@ -390,9 +406,11 @@ class DeSAMTrainer:
         results = {k: v for part in distributed.gather(results) for k, v in part.items()}
         if not self.is_main:
             return
-        summary = validation.summarise({case: results[case] for case in self.val_cases}, self.fold, self.mode,
-                                       self.plan, settings)
-        write_json(summary, out_dir / validation.SUMMARY)
+        cases = {case: results[case] for case in self.val_cases}
+        summary = validation.summarise(cases, self.fold, self.mode, self.plan, settings)
+        if self.mode == "grid":
+            summary["gate_calibration"] = self.store_gate_calibration(validation.gate_calibration(cases, settings))
+        write_json(summary, out_dir / validation.SUMMARY)  # last: its presence marks the fold finished
         dice = summary["mean"]["dice"]
         self.print(f"validation of fold {self.fold}: mean Dice {dice if dice is not None else 'n/a'} over "
                    f"{len(self.val_cases)} cases -> {out_dir / validation.SUMMARY}")

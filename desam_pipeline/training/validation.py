@@ -28,12 +28,15 @@ from desam_pipeline.inference.settings import MASK_THRESHOLD, PredictionSettings
 from desam_pipeline.inference.slice_prediction import predict_slices
 from desam_pipeline.io.atomic import atomic_path
 from desam_pipeline.io.results_layout import CHECKPOINT_FINAL
-from desam_pipeline.utilities.detection import gate_auc, slice_detection, slice_presence
+from desam_pipeline.utilities.detection import calibrate_gate, gate_auc, slice_detection, slice_presence
 from desam_pipeline.utilities.metrics import METRICS, compute_metrics
 
 VALIDATION = "validation"  # the folder in fold_<k>/
 SUMMARY = "summary.json"
 SLICE_FIGURES = ("fp_slices_pct", "gate_pass_empty_pct", "gate_auc")  # per case, beside the metrics (slice_figures)
+# grid mode, per case: each cached slice's best predicted IoU and whether it shows the structure (calibration data)
+SLICE_SCORES = "slice_scores"
+NOT_AVERAGED = ("domain", SLICE_SCORES)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -66,9 +69,12 @@ def validate_case(network: torch.nn.Module, case_dir: Path, plan: dict, mode: st
     with atomic_path(out_dir / f"{case_dir.name}.nii.gz") as tmp:
         affine = grid_affine(meta["affine"], shape, meta["spacing"], plan)
         nib.save(nib.Nifti1Image(np.moveaxis(prediction, 0, axis).astype(np.uint8), affine), str(tmp))
+    present = slice_presence(target, 0)
+    scores = {SLICE_SCORES: {"best_iou": [float(v) for v in best_iou], "has_structure": present.tolist()}}
     return {"domain": domain, **{k: _finite_or_none(float(v)) for k, v in metrics.items()},
             **slice_figures(slice_presence(reference, 0), slice_presence(prediction, 0),
-                            slice_presence(target, 0), best_iou if mode == "grid" else None, settings.iou_threshold)}
+                            present, best_iou if mode == "grid" else None, settings.iou_threshold),
+            **(scores if mode == "grid" else {})}
 
 
 def slice_figures(reference: np.ndarray, predicted: np.ndarray, cached_reference: np.ndarray,
@@ -98,9 +104,22 @@ def validate_cases(network: torch.nn.Module, case_dirs: list[Path], plan: dict, 
                                  file=sys.stdout)}
 
 
+def gate_calibration(cases: dict[str, dict], settings: PredictionSettings) -> dict | None:
+    """The gate threshold calibrated on the held-out cases' cached slices pooled (`detection.calibrate_gate`),
+    with the grid it was measured at and the cases it used; None outside grid mode or where it cannot be made."""
+    scored = {case: v[SLICE_SCORES] for case, v in cases.items() if v.get(SLICE_SCORES)}
+    if not scored:
+        return None
+    calibration = calibrate_gate(np.concatenate([v["best_iou"] for v in scored.values()]),
+                                 np.concatenate([v["has_structure"] for v in scored.values()]))
+    if calibration is None:
+        return None
+    return {**calibration, "grid": settings.grid, "grid_rule": settings.grid_rule, "cases": sorted(scored)}
+
+
 def summarise(cases: dict[str, dict], fold: int | str, mode: str, plan: dict, settings: PredictionSettings) -> dict:
     """summary.json: per-case metrics, their means (with how many cases each leaves out) and how they were made."""
-    metric_names = [k for k in next(iter(cases.values())) if k != "domain"]
+    metric_names = [k for k in next(iter(cases.values())) if k not in NOT_AVERAGED]
     mean = {}
     for name in metric_names:
         values = [v[name] for v in cases.values() if v[name] is not None]

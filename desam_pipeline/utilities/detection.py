@@ -17,6 +17,10 @@ on the empty end slices barely move them. These counts show it:
   n1 * n0 (the probability that a random slice with structure scores higher than a random empty
   one, ties counting half); NaN when either class is absent. Slices without a finite predicted IoU
   are left out.
+- `calibrate_gate`: the gate threshold that best separates the slices of held-out source cases (the
+  largest Youden's J = sensitivity + specificity - 1 of "predicted IoU > threshold"), placed in the middle
+  of the widest gap between scores among the thresholds that reach it; None when either class is absent or
+  no threshold does better than chance (J <= 0).
 - `rank_correlation`: Spearman's rho (e.g. of case mean predicted IoU against case Dice); NaN with
   fewer than 3 finite pairs or when either side is constant.
 """
@@ -76,6 +80,37 @@ def gate_auc(predicted_iou: Sequence[float], has_structure: Sequence[bool]) -> f
         return float("nan")
     u = mannwhitneyu(with_structure, empty, alternative="two-sided").statistic
     return float(u) / (with_structure.size * empty.size)
+
+
+def calibrate_gate(predicted_iou: Sequence[float], has_structure: Sequence[bool]) -> dict | None:
+    """The threshold on the per-slice predicted IoU that separates slices with structure from empty ones best
+    (largest Youden's J; among equal J the midpoint of the widest gap between neighbouring scores), with J, its
+    sensitivity and specificity and the slice counts; None when either class has no slice with a finite score or
+    no threshold separates better than chance.
+
+    A head can rank slices (AUC near 1) yet score them all below a fixed threshold of 0.5: this places the
+    threshold where the source's held-out slices say it belongs."""
+    scores = np.asarray(predicted_iou, np.float64)
+    positive = np.asarray(has_structure, bool)
+    if scores.shape != positive.shape:
+        raise ValueError(f"{scores.shape[0] if scores.ndim else 0} scores for {positive.size} slices")
+    finite = np.isfinite(scores)
+    scores, positive = scores[finite], positive[finite]
+    if positive.all() or not positive.any():
+        return None
+    values = np.unique(scores)
+    candidates, gaps = (values[:-1] + values[1:]) / 2, np.diff(values)  # thresholds between neighbouring scores
+    passed = scores[None, :] > candidates[:, None]
+    sensitivity = passed[:, positive].mean(axis=1)
+    specificity = 1 - passed[:, ~positive].mean(axis=1)
+    youden = sensitivity + specificity - 1
+    if not candidates.size or youden.max() <= 0:
+        return None
+    best = np.flatnonzero(np.isclose(youden, youden.max()))
+    pick = best[np.argmax(gaps[best])]
+    return {"threshold": float(candidates[pick]), "youden_j": float(youden[pick]),
+            "sensitivity": float(sensitivity[pick]), "specificity": float(specificity[pick]),
+            "slices_with": int(positive.sum()), "slices_without": int((~positive).sum())}
 
 
 def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
