@@ -347,7 +347,7 @@ def test_calibrated_threshold_predicts_with_each_folds_stored_threshold(predict_
     number given by hand; a checkpoint without one, or one calibrated at another grid size, is a one-line error
     before anything is written."""
     path = tmp_path / "in" / "k_0000.nii.gz"
-    write_volume(path, (40, 36, 6), np.diag([0.8, 0.8, 3.0, 1.0]), seed=5)
+    write_volume(path, (40, 36, 4), np.diag([0.8, 0.8, 3.0, 1.0]), seed=5)
     refused = tmp_path / "refused"
     assert run_cli("-i", path, "-o", refused, "-m", predict_env.grid, "--grid", "2", "--grid-rule", "top1",
                    "--iou-threshold", "calibrated", *predict_env.roots) != 0

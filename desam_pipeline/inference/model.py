@@ -59,9 +59,9 @@ class Model:
         path = self.folder / f"fold_{self.folds[index]}" / checkpoint_file(self.checkpoint_name)
         calibration = self.gate_calibrations[index] if index < len(self.gate_calibrations) else None
         if calibration is None:
-            raise DesamError(f"{path}: no calibrated gate threshold (only checkpoint_final.pth of a grid-mode fold "
-                             f"whose final validation had held-out slices with and without the structure has one; "
-                             f"desam_train ... --val-only calibrates an older one); pass a number to --iou-threshold")
+            raise DesamError(f"{path}: no calibrated gate threshold (desam_train's final validation stores one in "
+                             f"checkpoint_final.pth when its held-out slices have both kinds and some threshold beats "
+                             f"chance; --val-only calibrates an older fold); pass a number to --iou-threshold")
         if int(calibration["grid"]) != settings.grid:
             raise DesamError(f"{path}: the gate was calibrated at a {calibration['grid']}x{calibration['grid']} grid; "
                              f"predict with --grid {calibration['grid']} or pass a number to --iou-threshold")
