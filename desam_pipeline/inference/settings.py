@@ -30,7 +30,7 @@ FILE_HANDLING = ("save_probabilities", "skip_existing")
 MASK_THRESHOLD = 0.5
 
 
-def iou_threshold_value(text: str) -> float | str:
+def number_or_calibrated(text: str) -> float | str:
     """`--iou-threshold`: a number, or `calibrated` (argparse reports anything else as an invalid value)."""
     return CALIBRATED if text == CALIBRATED else float(text)
 
@@ -56,7 +56,7 @@ class PredictionSettings:
         None, help="SAM checkpoint for the frozen encoder (default: the plan's; its sha256 must match)")
     batch_size: int | None = setting(None, type=int, help="slices per batch (default: the plan's)")
     iou_threshold: float | str = setting(
-        DEFAULT_IOU_THRESHOLD, type=iou_threshold_value,
+        DEFAULT_IOU_THRESHOLD, type=number_or_calibrated,
         help=f"grid mode: a slice is empty unless its best point's predicted IoU exceeds this (default: %(default)s); "
              f"{CALIBRATED}: each fold's threshold calibrated on its held-out source slices by desam_train's final "
              f"validation (stored in checkpoint_final.pth, at the validation's grid size)")
