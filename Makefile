@@ -6,7 +6,12 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install test test-fast demo demo-abdominal bench bench-accuracy clean-demo
 
+# The venv takes about 6.7 GiB (torch's CUDA build and its libraries): a full disk fails in one line, not mid-pip.
+VENV_GIB := 7
+
 .venv/.installed: setup.py Makefile
+	@test -x $(PY) || python3 -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+		free < $(VENV_GIB) and sys.exit(f'make install: {free:.1f} GiB free on this disk; .venv needs about $(VENV_GIB) GiB')"
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PAIR)
