@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from benchmarks import gate_separation
+from desam_pipeline.inference.model import stored_gate_thresholds
 from desam_pipeline.io.results_layout import CHECKPOINT_FINAL, Checkpoint, class_folder
 
 
@@ -79,3 +80,18 @@ def test_calibrated_thresholds_are_read_from_each_structures_fold_checkpoint(tmp
     assert table.at["liver", "threshold"] == 0.25 and table.at["spleen", "threshold"] == 0.8
     assert (table.at["liver", "with passing"], table.at["liver", "without passing"]) == (2, 0)
     assert (table.at["spleen", "with passing"], table.at["spleen", "without passing"]) == (1, 0)
+
+
+def test_a_binary_models_calibrated_threshold_is_its_folds_mean(tmp_path):
+    model = tmp_path / "binary"
+    write_evaluation(model, {}, {"": slices("RUNMC", True, [0.5, 0.6], [0.3, 0.45])}, threshold="calibrated")
+    summary_file = model / "evaluation" / "full" / "summary.json"
+    summary_file.write_text(json.dumps({**json.loads(summary_file.read_text()), "folds": ["0", "1"]}))
+    for fold, threshold in (("0", 0.4), ("1", 0.5)):
+        (model / f"fold_{fold}").mkdir()
+        Checkpoint(network={}, network_config={}, gate_calibration={"threshold": threshold, "grid": 5}).save(
+            model / f"fold_{fold}" / CHECKPOINT_FINAL)
+    assert stored_gate_thresholds(model, ["0", "1"]) == {"": [0.4, 0.5]}
+    table = gate_separation.separation(model)
+    assert table.at[0, "threshold"] == pytest.approx(0.45)
+    assert (table.at[0, "with passing"], table.at[0, "without passing"]) == (2, 0)
