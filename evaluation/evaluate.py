@@ -157,6 +157,9 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str | None,
         counts = check_predictions(folder, cases, external)
         plan = external["scoring_plan"]
         title = f"{trees.dataset}: {external['description']}, trained on {'+'.join(sources)}"
+    # read from the fold checkpoints once, not per protocol
+    thresholds = (stored_gate_thresholds(folder, chosen_folds, prediction.checkpoint_name)
+                  if external is None and mode == "grid" and prediction.iou_threshold == CALIBRATED else None)
     written = {}
     for protocol in dict.fromkeys(settings.protocols):
         context = {"protocol": protocol, "dataset": trees.dataset, "model_folder": folder.name, "trainer": trainer,
@@ -167,8 +170,8 @@ def evaluate_model(dataset: str | int, sources: Sequence[str], mode: str | None,
                    "predictions": {"folder": str(folder / PREDICTIONS), **counts}}
         if external is not None:
             context |= {"external": external["description"], "schedule": external["schedule"]}
-        elif mode == "grid" and prediction.iou_threshold == CALIBRATED:
-            context["gate_thresholds"] = stored_gate_thresholds(folder, chosen_folds, prediction.checkpoint_name)
+        elif thresholds is not None:
+            context["gate_thresholds"] = thresholds
         out_dir = folder / EVALUATION / protocol
         structures = label_classes(dataset_json)
         if structures:

@@ -67,15 +67,21 @@ def components(mask: np.ndarray) -> int:
     return int(label(mask, structure=generate_binary_structure(mask.ndim, mask.ndim))[1])
 
 
-def gate_auc(predicted_iou: Sequence[float], has_structure: Sequence[bool]) -> float:
-    """ROC AUC of `predicted_iou` separating slices with structure from empty ones (ties count half);
-    NaN when either class has no slice with a finite score."""
+def _finite_scores(predicted_iou: Sequence[float], has_structure: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """The slices with a finite predicted IoU: their scores (float64) and whether each shows the structure."""
     scores = np.asarray(predicted_iou, np.float64)
     positive = np.asarray(has_structure, bool)
     if scores.shape != positive.shape:
         raise ValueError(f"{scores.shape[0] if scores.ndim else 0} scores for {positive.size} slices")
     finite = np.isfinite(scores)
-    with_structure, empty = scores[finite & positive], scores[finite & ~positive]
+    return scores[finite], positive[finite]
+
+
+def gate_auc(predicted_iou: Sequence[float], has_structure: Sequence[bool]) -> float:
+    """ROC AUC of `predicted_iou` separating slices with structure from empty ones (ties count half);
+    NaN when either class has no slice with a finite score."""
+    scores, positive = _finite_scores(predicted_iou, has_structure)
+    with_structure, empty = scores[positive], scores[~positive]
     if not with_structure.size or not empty.size:
         return float("nan")
     u = mannwhitneyu(with_structure, empty, alternative="two-sided").statistic
@@ -90,12 +96,7 @@ def calibrate_gate(predicted_iou: Sequence[float], has_structure: Sequence[bool]
 
     A head can rank slices (AUC near 1) yet score them all below a fixed threshold of 0.5: this places the
     threshold where the source's held-out slices say it belongs."""
-    scores = np.asarray(predicted_iou, np.float64)
-    positive = np.asarray(has_structure, bool)
-    if scores.shape != positive.shape:
-        raise ValueError(f"{scores.shape[0] if scores.ndim else 0} scores for {positive.size} slices")
-    finite = np.isfinite(scores)
-    scores, positive = scores[finite], positive[finite]
+    scores, positive = _finite_scores(predicted_iou, has_structure)
     if positive.all() or not positive.any():
         return None
     values = np.unique(scores)
