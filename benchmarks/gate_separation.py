@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from desam_pipeline.inference.model import stored_gate_thresholds
+from desam_pipeline.inference.model import stored_gate_thresholds, structure_key
 from desam_pipeline.inference.settings import CALIBRATED
 from desam_pipeline.utilities.detection import gate_auc
 from desam_pipeline.utilities.errors import DesamError, cli_entry
@@ -35,7 +35,7 @@ def structure_thresholds(model: Path, summary: dict, names: list[str]) -> dict[s
         return dict.fromkeys(names, float(summary["iou_threshold"]))
     stored = stored_gate_thresholds(model, summary["folds"], summary["checkpoint_name"])
     structures = summary.get("structures") or {}
-    return {name: float(np.mean([np.nan if t is None else t for t in stored[str(structures[name]) if name else ""]]))
+    return {name: float(np.mean([np.nan if t is None else t for t in stored[structure_key(structures.get(name))]]))
             for name in names}
 
 

@@ -68,16 +68,21 @@ class Model:
         return dataclasses.replace(settings, iou_threshold=float(calibration["threshold"]))
 
 
+def structure_key(label_value: int | None) -> str:
+    """How records name a structure's entry: its label value, "" for a single-structure model."""
+    return "" if label_value is None else str(label_value)
+
+
 def gate_thresholds(model: Model, settings: PredictionSettings) -> dict[str, list[float]]:
-    """Per structure (its label value; "" for a single-structure model), the IoU threshold each fold's network
-    gates with under `settings`; raises the one-line error of `Model.fold_settings` before any prediction."""
-    return {"" if m.label_value is None else str(m.label_value):
+    """Per structure (`structure_key`), the IoU threshold each fold's network gates with under `settings`;
+    raises the one-line error of `Model.fold_settings` before any prediction."""
+    return {structure_key(m.label_value):
             [float(m.fold_settings(i, settings).iou_threshold) for i in range(len(m.folds))] for m in model.structures}
 
 
 def stored_gate_thresholds(model_folder: str | os.PathLike, folds: list[str],
                            checkpoint_name: str = DEFAULT_CHECKPOINT_NAME) -> dict[str, list[float | None]]:
-    """Per structure (keys as `gate_thresholds`), the calibrated gate threshold stored in each fold's checkpoint
+    """Per structure (`structure_key`), the calibrated gate threshold stored in each fold's checkpoint
     (None where it has none), read without building the networks: for reports of a `calibrated` evaluation."""
     folder = Path(model_folder)
     per_class = class_folders(folder) or {None: folder}
@@ -85,7 +90,7 @@ def stored_gate_thresholds(model_folder: str | os.PathLike, folds: list[str],
     for value, path in per_class.items():
         calibrations = [Checkpoint.load(path / f"fold_{fold}" / checkpoint_file(checkpoint_name)).gate_calibration
                         for fold in folds]
-        found["" if value is None else str(value)] = [c["threshold"] if c else None for c in calibrations]
+        found[structure_key(value)] = [c["threshold"] if c else None for c in calibrations]
     return found
 
 
