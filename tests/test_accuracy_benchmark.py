@@ -2,7 +2,7 @@
 complete table row under both protocols, the CSV/Markdown/figure are written, and a rerun skips finished arms.
 
 The `--miniature` preset (tiny random SAM, 1 epoch, 3 x 3 grid, 2 DeSAM-P seeds, 1 augmented view), with the
-phantom replaced by the toy raw dataset of the other tests (sites RUNMC and BMC, 2 cases each, 40x36x4 volumes, an
+phantom replaced by the toy raw dataset of the other tests (RUNMC 2 cases, BMC 1: 40x36x4 volumes, an
 empty slice at each end and two with the blob): the phantom's 18-40 slices per case cost PDMM's 256x256 decoder
 minutes per arm, the toy volumes' 4 fit the suite. Its figures say nothing about accuracy (that is the benchmark's
 job). nnU-Net's real training (250 iterations per epoch), prediction and planning are replaced by the stand-ins of
@@ -33,7 +33,8 @@ SITES = ("BMC",)
 def write_toy_raw(ctx, settings) -> None:
     """The miniature's raw dataset, written once (as prepare_raw reuses the converted phantom)."""
     if not (ctx.raw / accuracy.DATASET / "dataset.json").is_file():
-        write_toy_dataset(ctx.raw, accuracy.DATASET, sites=("RUNMC", "BMC"), cases_per_site=2, shape=(40, 36, 4),
+        write_toy_dataset(ctx.raw, accuracy.DATASET, sites=("RUNMC", "BMC"), cases_per_site={"RUNMC": 2, "BMC": 1},
+                          shape=(40, 36, 4),
                           empty_slices=1)
 
 

@@ -30,10 +30,10 @@ def toy_volume(rng: np.random.Generator, shape=(40, 36, 8), site_gain: float = 1
 
 
 def write_toy_dataset(raw_root: Path, name: str = "Dataset900_Toy", sites=("SiteA", "SiteB"),
-                      cases_per_site: int = 2, shape=(40, 36, 8), seed: int = 0,
+                      cases_per_site: int | dict[str, int] = 2, shape=(40, 36, 8), seed: int = 0,
                       spacing=(0.8, 0.8, 3.0), empty_slices: int = 2) -> Path:
     """Write a raw dataset in nnU-Net v2 format plus 'domains' (`empty_slices` at each end of every volume
-    without foreground); return its folder."""
+    without foreground; `cases_per_site` one count for every site or a count per site); return its folder."""
     rng = np.random.default_rng(seed)
     folder = Path(raw_root) / name
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -41,7 +41,7 @@ def write_toy_dataset(raw_root: Path, name: str = "Dataset900_Toy", sites=("Site
     affine = np.diag([*spacing, 1.0])
     domains = {}
     for s, site in enumerate(sites):
-        for i in range(cases_per_site):
+        for i in range(cases_per_site if isinstance(cases_per_site, int) else cases_per_site[site]):
             case = f"{site}_Case{i:02d}"
             image, label = toy_volume(rng, shape, site_gain=1.0 + 0.5 * s, empty_slices=empty_slices)
             nib.save(nib.Nifti1Image(image, affine), str(folder / "imagesTr" / f"{case}_0000.nii.gz"))
