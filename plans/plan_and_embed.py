@@ -80,11 +80,16 @@ def prepare_case(raw_dir: Path, dataset_json: dict, case: str, input_hash: str, 
     image = preprocess_volume(volume, plan, meta["spacing"], modality)[z]
     labels = preprocess_label(label, plan, meta["spacing"])[z]
     views = augmented_views.views_for(plan, meta["domain"])
+    view_labels = None
     if views:
         meta["views"] = views
+        seed, kind = plan["augmented_views"]["seed"], augmented_views.view_kind(plan)
+        view_labels = augmented_views.view_labels(labels, views, case, seed, kind)
+        if view_labels is not None:
+            meta["view_labels"] = True
     return {"meta": meta, "image": image, "label": labels,
-            "views": augmented_views.make_views(image, views, case, plan["augmented_views"]["seed"],
-                                                augmented_views.view_kind(plan), labels) if views else []}
+            "views": augmented_views.make_views(image, views, case, seed, kind, labels) if views else [],
+            "view_labels": view_labels}
 
 
 def embed_case(prepared: dict, image_encoder: nn.Module, plan: dict, cache_dir: Path,
@@ -96,10 +101,13 @@ def embed_case(prepared: dict, image_encoder: nn.Module, plan: dict, cache_dir: 
     arrays = {"label": ((count, size, size), np.uint8)}
     for v in range(len(views)):
         arrays[cache.view_array("image", v)] = ((count, size, size), np.uint8)
+        arrays[cache.label_array(meta, v)] = ((count, size, size), np.uint8)
         arrays.update({cache.view_array(name, v): ((count, *shape), dtype)
                        for name, shape in encoders.feature_shapes(image_encoder).items()})
     with cache.CaseWriter(cache_dir, meta["case"], arrays) as writer:
         writer.append({"label": prepared["label"]})
+        for v, labels in enumerate(prepared["view_labels"] if prepared["view_labels"] is not None else [], 1):
+            writer.append({cache.view_array("label", v): labels})
         for v, slices in enumerate(views):
             writer.append({cache.view_array("image", v): slices})
             for start in range(0, count, batch_size):
@@ -312,12 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-parts", type=int, help="split the cases into this many parts (default: torchrun's)")
     parser.add_argument("--part-id", type=int, help="the part this process embeds, 0-based")
     parser.add_argument("--augmented-views", type=int, metavar="K",
-                        help="also cache K intensity-augmented views of each slice of the embedded cases (of "
+                        help="also cache K augmented views of each slice of the embedded cases (of "
                              "--domains, the training sources) for training; 0 removes them (default: the plan's)")
     parser.add_argument("--view-kind", choices=VIEW_KINDS,
                         help="with --augmented-views: nnunet (noise, blur, brightness, contrast, gamma; the "
                              "default) or location_scale (random intensity curves per slice and per label class, "
-                             "after SLAug, for sources and targets of different contrast such as CT and MR)")
+                             "after SLAug, for sources and targets of different contrast such as CT and MR) "
+                             "or scale (a zoom of 0.7-1.4 per slice, as nnU-Net's scaling, for sites whose fields "
+                             "of view differ; its views cache their own labels)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing plan that has other choices")
     add_root_arguments(parser, "raw", "preprocessed")
     return parser

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from desam_pipeline.data import cache, raw_dataset, slice_data
-from desam_pipeline.data.augmented_views import make_views, plan_entry, view_kind, views_for
+from desam_pipeline.data.augmented_views import SCALE_RANGE, make_views, plan_entry, view_kind, view_labels, views_for
 from desam_pipeline.data.plan_io import DEFAULT_CHOICES, REQUIRED_KEYS, plan_hash, plan_problems
 from desam_pipeline.data.preprocessing import preprocess_label, preprocess_volume
 from desam_pipeline.training import train
@@ -108,6 +108,31 @@ def test_the_plan_records_the_view_kind_only_when_it_is_not_the_default():
                    plan_problems({**bare_plan(), "augmented_views": location}))
 
 
+def test_scale_views_zoom_image_and_label_together_about_the_centre():
+    slices, labels = location_scale_case()
+    views = make_views(slices, 6, "SiteA_Case00", kind="scale")
+    moved = view_labels(labels, 6, "SiteA_Case00", kind="scale")
+    assert views.shape == moved.shape == (6, *slices.shape) and moved.dtype == np.uint8
+    np.testing.assert_array_equal(views, make_views(slices, 6, "SiteA_Case00", kind="scale"))
+    np.testing.assert_array_equal(moved, view_labels(labels, 6, "SiteA_Case00", kind="scale"))
+    assert not np.array_equal(views, make_views(slices, 6, "SiteA_Case01", kind="scale"))
+    assert view_labels(labels, 6, "SiteA_Case00", kind="nnunet") is None  # intensity views share the label
+    centre = (np.array(slices.shape[1:]) - 1) / 2
+    ratios = []
+    for view, label in zip(views, moved):
+        for s in np.flatnonzero(labels.any(axis=(1, 2))):
+            if not label[s].any():
+                continue
+            # the moved label still marks the bright blob of the moved image
+            assert view[s][label[s] > 0].mean() > view[s][(label[s] == 0) & (view[s] > 0)].mean() + 20
+            # areas scale with the square of one zoom factor, about the slice's centre
+            ratio = np.sqrt(label[s].astype(bool).sum() / labels[s].astype(bool).sum())
+            before, after = np.argwhere(labels[s]).mean(axis=0) - centre, np.argwhere(label[s]).mean(axis=0) - centre
+            np.testing.assert_allclose(after, before * ratio, atol=1.5)
+            ratios.append(ratio)
+    assert SCALE_RANGE[0] - 0.1 < min(ratios) < 0.95 and 1.05 < max(ratios) < SCALE_RANGE[1] + 0.1
+
+
 def bare_plan() -> dict:
     """A plan with every required key present (values are not checked by these tests)."""
     return {key: None for key in REQUIRED_KEYS}
@@ -202,3 +227,33 @@ def test_embedding_makes_location_scale_views_from_the_cases_labels(cached):
     assert prepared["label"].any()
     np.testing.assert_array_equal(prepared["views"], make_views(prepared["image"], VIEWS, "SiteA_Case00",
                                                                 kind="location_scale", labels=prepared["label"]))
+
+
+@pytest.mark.slow
+def test_scale_views_cache_their_own_labels_and_training_reads_them(tmp_path, tiny_checkpoint):
+    write_toy_dataset(tmp_path / "raw", shape=(40, 36, 6))
+    plan_and_embed("900", encoder="tiny", checkpoint=str(tiny_checkpoint), slices="all", device="cpu",
+                   raw=str(tmp_path / "raw"), preprocessed=str(tmp_path / "pre"), domains=["SiteA"],
+                   augmented_views=VIEWS, view_kind="scale")
+    source = case_dir(tmp_path, "SiteA_Case00")
+    meta = json.loads((source / "meta.json").read_text(encoding="utf-8"))
+    assert meta["views"] == VIEWS and meta["view_labels"] is True
+    original = cache.open_case(source)
+    expected = view_labels(np.asarray(original["label"]), VIEWS, "SiteA_Case00", kind="scale")
+    for v in range(1, VIEWS + 1):
+        np.testing.assert_array_equal(original[cache.view_array("label", v)], expected[v - 1])
+        views = make_views(np.asarray(original["image"]), VIEWS, "SiteA_Case00", kind="scale")
+        np.testing.assert_array_equal(original[cache.view_array("image", v)], views[v - 1])
+    data = slice_data.SliceDataset([source], "grid", seed=0, stream=slice_data.TRAIN_STREAM, sampling="balanced",
+                                   frame=TINY_FRAME, hard_negatives=0.5)
+    assert not np.array_equal(data.footprints[0][0], data.footprints[0][1])  # each view's own footprint
+    drawn = set()
+    for epoch in range(6):
+        for index in range(len(data)):
+            sample = data[(epoch, index)]
+            view, s = int(sample["view"]), data._draw(epoch, index)[0][1]
+            np.testing.assert_array_equal(sample["label"], original[cache.view_array("label", view) if view
+                                                                      else "label"][s])
+            np.testing.assert_array_equal(sample["neck"], original[cache.view_array("neck", view)][s])
+            drawn.add(view)
+    assert drawn == set(range(VIEWS + 1))

@@ -10,9 +10,14 @@
   shift. Even views are local: each label class of the slice (the background included) gets its own random
   curve, not monotonic for the background and with probability 0.5 for each structure, and its own scale and
   shift, so a structure can turn darker or brighter than its neighbours. Local views need the labels.
+- `scale`: nnU-Net's scaling, for sites whose fields of view differ (the same organ spans more or fewer
+  pixels once each slice is resized to the encoder's input): each slice is zoomed about its centre by a
+  factor drawn log-uniformly in 0.7-1.4 (nnU-Net's range), cubic for the image and nearest for the label,
+  and cropped or padded with 0 back to its size.
 
-Both clip to 0..255 and leave voxels that were exactly 0 at 0, like the preprocessing. No transform moves a
-pixel, so the label of every view is the original's. Views are seeded per case and view, so a re-run caches
+The intensity kinds clip to 0..255 and leave voxels that were exactly 0 at 0, like the preprocessing; they
+move no pixel, so the label of every view is the original's. A `scale` view moves pixels: `view_labels`
+gives its labels, which the cache keeps per view. Views are seeded per case and view, so a re-run caches
 the same views.
 
 The plan's `augmented_views` entry (absent when there are none): {"count": K, "sites": [...] or null (all),
@@ -27,6 +32,7 @@ import zlib
 from typing import Iterator
 
 import numpy as np
+from skimage.transform import AffineTransform, warp
 from batchgenerators.transforms.abstract_transforms import Compose
 from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
                                                          ContrastAugmentationTransform, GammaTransform)
@@ -44,7 +50,11 @@ TRANSFORMS = ["gaussian_noise(var 0-0.1, p 0.5)", "gaussian_blur(sigma 0.5-1, p 
 LOCATION_SCALE = ["odd views, global: per slice one random increasing Bezier intensity curve, scale 0.9-1.1, "
                   "shift N(0, 0.5)", "even views, local: per slice and label class one random Bezier curve (not "
                   "monotonic: background always, structures with p 0.5), scale 0.9-1.1, shift N(0, 0.5)"]
-DESCRIPTIONS = {"nnunet": TRANSFORMS, "location_scale": LOCATION_SCALE}
+SCALE_RANGE = (0.7, 1.4)  # nnU-Net's default scaling range
+SCALE = [f"per slice, zoom about the centre by a factor log-uniform in {SCALE_RANGE[0]}-{SCALE_RANGE[1]}, cubic "
+         f"for the image, nearest for the label, cropped or padded with 0 to the slice size"]
+DESCRIPTIONS = {"nnunet": TRANSFORMS, "location_scale": LOCATION_SCALE, "scale": SCALE}
+MOVING_KINDS = ("scale",)  # kinds whose views move pixels: each view has labels of its own
 BEZIER_SAMPLES = 1001
 _T = np.linspace(0.0, 1.0, BEZIER_SAMPLES)
 # The cubic Bernstein polynomials at BEZIER_SAMPLES points: a curve's samples are its control points times this.
@@ -125,6 +135,10 @@ def make_views(slices: np.ndarray, count: int, case: str, seed: int = VIEW_SEED,
     if slices.ndim != 3 or slices.dtype != np.uint8:
         raise ValueError(f"{case}: expected (S, H, W) uint8 slices, got {slices.shape} {slices.dtype}")
     views = np.empty((count, *slices.shape), np.uint8)
+    if kind == "scale":
+        for k in range(count):
+            views[k] = _zoomed(slices, _zoom_factors(seed, case, k, len(slices)), order=3)
+        return views
     if kind == "location_scale":
         if labels is None or np.shape(labels) != slices.shape:
             raise ValueError(f"{case}: location_scale views need the labels, shaped like the slices {slices.shape}")
@@ -184,3 +198,34 @@ def _location_scale_view(slices: np.ndarray, labels: np.ndarray, seed: int, loca
             mapped = _location_scale(rng, _bezier_curve(rng, values[region], monotonic))
             view[s][region] = np.round(mapped * 255.0).astype(np.uint8)
     return view
+
+
+def view_labels(labels: np.ndarray, count: int, case: str, seed: int = VIEW_SEED,
+                kind: str = DEFAULT_VIEW_KIND) -> np.ndarray | None:
+    """(count, S, H, W) uint8 labels of the views `make_views` makes from the same arguments, for a kind that
+    moves pixels (the label classes carried by nearest-neighbour zoom); None for the intensity kinds, whose
+    views share the original's labels."""
+    if kind not in MOVING_KINDS:
+        return None
+    labels = np.asarray(labels, np.uint8)
+    return np.stack([_zoomed(labels, _zoom_factors(seed, case, k, len(labels)), order=0) for k in range(count)])
+
+
+def _zoom_factors(seed: int, case: str, view: int, count: int) -> np.ndarray:
+    """The `scale` kind's zoom factor of each of a case's `count` slices in view `view` (0-based), log-uniform in
+    SCALE_RANGE; images and labels draw the same ones."""
+    rng = np.random.default_rng(view_seed(seed, case, view + 1))
+    return np.exp(rng.uniform(*np.log(SCALE_RANGE), count))
+
+
+def _zoomed(slices: np.ndarray, factors: np.ndarray, order: int) -> np.ndarray:
+    """Each (H, W) uint8 slice zoomed about its centre by its factor (> 1 enlarges), same size, 0 outside."""
+    height, width = slices.shape[1:]
+    centre = np.array([(width - 1) / 2, (height - 1) / 2])
+    out = np.empty_like(slices)
+    for s, factor in enumerate(factors):
+        # warp maps each output pixel to the input: x_in = centre + (x_out - centre) / factor
+        inverse = AffineTransform(scale=1.0 / factor, translation=centre * (1.0 - 1.0 / factor))
+        zoomed = warp(slices[s], inverse, order=order, mode="constant", cval=0, preserve_range=True)
+        out[s] = np.clip(np.round(zoomed), 0, 255).astype(np.uint8)
+    return out

@@ -11,7 +11,9 @@ embedded again (folders written before sizes were recorded count as incomplete t
 Augmented views (plan entry `augmented_views`, see desam_pipeline.data.augmented_views): a case with K views
 has meta.json `"views": K` and, for each view k = 1..K, `view<k>_image.npy` (the augmented uint8 slices)
 and `view<k>_neck.npy`, `view<k>_tap0..2.npy`, each shaped like the original array. View 0 is the
-original (the plain names); the label is shared by every view. `view_array` builds these names.
+original (the plain names). The label is shared by every view, except for views that move pixels (kind
+`scale`): those have meta.json `"view_labels": true` and a `view<k>_label.npy` each. `view_array` and
+`label_array` build these names.
 """
 from __future__ import annotations
 
@@ -37,6 +39,12 @@ _LOCK = ".manifest.lock"
 def view_array(name: str, view: int) -> str:
     """File stem of array `name` in view `view`: the plain name for the original (0), `view<k>_<name>` else."""
     return name if view == 0 else f"view{view}_{name}"
+
+
+def label_array(meta: dict, view: int) -> str:
+    """File stem of the label of view `view` of a case with this meta.json: its own when the case's views move
+    pixels (`view_labels`), else the shared `label`."""
+    return view_array("label", view) if meta.get("view_labels") else "label"
 
 
 def cache_dir(preprocessed_dataset_dir: str | os.PathLike, plans_name: str) -> Path:

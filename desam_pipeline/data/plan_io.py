@@ -93,9 +93,10 @@ def _percentiles(value) -> bool:
         and (isinstance(value.get("windows", {}), dict) and all(_window(w) for w in value.get("windows", {}).values()))
 
 
-# Augmented view kinds (see data.augmented_views): nnU-Net's intensity transforms, or SLAug's global and local
-# location-scale augmentation (random intensity curves, per label class in the local views).
-VIEW_KINDS = ("nnunet", "location_scale")
+# Augmented view kinds (see data.augmented_views): nnU-Net's intensity transforms, SLAug's global and local
+# location-scale augmentation (random intensity curves, per label class in the local views), or nnU-Net's
+# scaling (a zoom per slice; the only kind that moves pixels, so its views cache their own labels).
+VIEW_KINDS = ("nnunet", "location_scale", "scale")
 DEFAULT_VIEW_KIND = "nnunet"
 
 

@@ -10,7 +10,10 @@ depend only on which slice is drawn in which epoch, not on the worker, batch or 
 reads it. That makes runs seeded and resumable, and lets DDP ranks draw the same prompts as one
 process would. Samplers yield `(epoch, index)` pairs so that persistent workers see the epoch.
 A training slice of a case cached with augmented views is read from one of its views (the original or
-one of the K), drawn the same way from a generator of its own, so caches without views draw as before;
+one of the K), drawn the same way from a generator of its own, so caches without views draw as before.
+Views that move pixels (`scale`) bring their own label and object footprint; which slices hold the object
+(the balanced draw) is the original's, and a view that zoomed the object out of a slice gives a click off
+it (`prompts.sample_training_points` falls back to the side the slice has);
 `use_views=False` reads the originals only, so one cache with views also serves runs without them.
 `slices` narrows the cached slices with the embedding's own rules (`slice_selection.select_slices`), so a cache of
 every slice (`--slices all`) can train on exactly the slices a default plan would have cached.
@@ -54,11 +57,12 @@ def structure_target(label: np.ndarray, label_value: int | None) -> np.ndarray:
     return label if label_value is None else (np.asarray(label) == label_value).astype(np.uint8)
 
 
-def label_summary(case_dir: Path, label_value: int | None = None) -> tuple[list[bool], np.ndarray]:
-    """Per cached slice of the case, whether its cached label holds the object (structure `label_value` when
-    given), and the object's footprint: (H,W) bool, where any cached slice of the case has it. Read slice by
-    slice from the mapped label array."""
-    labels = np.load(case_dir / "label.npy", mmap_mode="r")
+def label_summary(case_dir: Path, label_value: int | None = None,
+                  label_name: str = "label") -> tuple[list[bool], np.ndarray]:
+    """Per cached slice of the case, whether its cached label (array `label_name`) holds the object (structure
+    `label_value` when given), and the object's footprint: (H,W) bool, where any cached slice of the case has
+    it. Read slice by slice from the mapped label array."""
+    labels = np.load(case_dir / f"{label_name}.npy", mmap_mode="r")
     has_object, footprint = [], np.zeros(labels.shape[1:], bool)
     for s in range(len(labels)):
         target = np.asarray(structure_target(labels[s], label_value)) > 0
@@ -109,16 +113,22 @@ class SliceDataset(Dataset):
         self.entries: list[tuple[int, int]] = []
         self.views: list[int] = []  # augmented views per case, drawn from in the training stream only
         self.positives: list[tuple[int, int]] = []  # entries whose slice holds the object
-        self.footprints: list[np.ndarray] = []  # per case, where any of its slices holds the object
+        self.labels: list[list[str]] = []  # per case and view, the label array's name
+        self.footprints: list[list[np.ndarray]] = []  # per case and view, where any of its slices holds the object
         self.hard_negatives = float(hard_negatives)
         for c, case_dir in enumerate(self.case_dirs):
             meta = read_json(case_dir / "meta.json")
             has_object, footprint = label_summary(case_dir, label_value)
-            self.footprints.append(footprint)
             positions = cached_positions(meta["z"], has_object, slices)
             self.entries.extend((c, s) for s in positions)
             self.positives.extend((c, s) for s in positions if has_object[s])
             self.views.append(int(meta.get("views", 0)) if self.stream == TRAIN_STREAM and use_views else 0)
+            self.labels.append([cache.label_array(meta, v) for v in range(self.views[c] + 1)])
+            footprints = {"label": footprint}
+            for name in self.labels[c]:
+                if name not in footprints:
+                    footprints[name] = label_summary(case_dir, label_value, name)[1]
+            self.footprints.append([footprints[name] for name in self.labels[c]])
         self.sampling = sampling
         self.balanced = sampling == "balanced" and mode == "grid" and bool(self.positives)
 
@@ -143,14 +153,14 @@ class SliceDataset(Dataset):
             view = int(np.random.default_rng([self.seed, self.stream, int(epoch), int(index), 1]).integers(
                 self.views[c] + 1))
         sample = {name: read_slice(case_dir / f"{cache.view_array(name, view)}.npy", s) for name in FEATURES}
-        label = structure_target(read_slice(case_dir / "label.npy", s), self.label_value)
+        label = structure_target(read_slice(case_dir / f"{self.labels[c][view]}.npy", s), self.label_value)
         sample["label"] = label
         sample["index"] = np.int64(index)
         sample["view"] = np.int64(view)
         rng = np.random.default_rng([self.seed, self.stream, int(epoch), int(index)])
         if self.mode == "grid":
             coords, point_labels, iou_target = prompts.sample_training_points(
-                label[None], rng, frame=self.frame, on_object=on_object, near=self.footprints[c][None],
+                label[None], rng, frame=self.frame, on_object=on_object, near=self.footprints[c][view][None],
                 near_probability=self.hard_negatives)
             sample["coords"], sample["point_labels"], sample["iou_target"] = coords[0], point_labels[0], iou_target[0]
         else:
