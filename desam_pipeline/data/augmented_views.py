@@ -32,12 +32,12 @@ import zlib
 from typing import Iterator
 
 import numpy as np
-from skimage.transform import AffineTransform, warp
 from batchgenerators.transforms.abstract_transforms import Compose
 from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
                                                          ContrastAugmentationTransform, GammaTransform)
 from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
 from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
+from skimage.transform import AffineTransform, warp
 
 from desam_pipeline.data.plan_io import DEFAULT_VIEW_KIND, VIEW_KINDS
 from desam_pipeline.utilities.errors import DesamError
