@@ -231,7 +231,7 @@ def test_embedding_makes_location_scale_views_from_the_cases_labels(cached):
 
 @pytest.mark.slow
 def test_scale_views_cache_their_own_labels_and_training_reads_them(tmp_path, tiny_checkpoint):
-    write_toy_dataset(tmp_path / "raw", shape=(40, 36, 6))
+    write_toy_dataset(tmp_path / "raw", sites=("SiteA",), cases_per_site=1, shape=(40, 36, 6), empty_slices=1)
     plan_and_embed("900", encoder="tiny", checkpoint=str(tiny_checkpoint), slices="all", device="cpu",
                    raw=str(tmp_path / "raw"), preprocessed=str(tmp_path / "pre"), domains=["SiteA"],
                    augmented_views=VIEWS, view_kind="scale")
