@@ -80,16 +80,16 @@ def prepare_case(raw_dir: Path, dataset_json: dict, case: str, input_hash: str, 
     image = preprocess_volume(volume, plan, meta["spacing"], modality)[z]
     labels = preprocess_label(label, plan, meta["spacing"])[z]
     views = augmented_views.views_for(plan, meta["domain"])
-    view_labels = None
+    prepared = {"meta": meta, "image": image, "label": labels, "views": [], "view_labels": []}
     if views:
         meta["views"] = views
         seed, kind = plan["augmented_views"]["seed"], augmented_views.view_kind(plan)
-        view_labels = augmented_views.view_labels(labels, views, case, seed, kind)
-        if view_labels is not None:
+        prepared["views"] = augmented_views.make_views(image, views, case, seed, kind, labels)
+        moved = augmented_views.view_labels(labels, views, case, seed, kind)
+        if moved is not None:
             meta["view_labels"] = True
-    return {"meta": meta, "image": image, "label": labels,
-            "views": augmented_views.make_views(image, views, case, seed, kind, labels) if views else [],
-            "view_labels": view_labels}
+            prepared["view_labels"] = moved
+    return prepared
 
 
 def embed_case(prepared: dict, image_encoder: nn.Module, plan: dict, cache_dir: Path,
@@ -98,7 +98,7 @@ def embed_case(prepared: dict, image_encoder: nn.Module, plan: dict, cache_dir: 
     meta, image = prepared["meta"], prepared["image"]
     count, size, dtype = len(meta["z"]), plan["slice_size"], np.dtype(plan["cache_dtype"])
     views = [image, *prepared["views"]]
-    arrays = {"label": ((count, size, size), np.uint8)}
+    arrays = {}
     for v in range(len(views)):
         arrays[cache.view_array("image", v)] = ((count, size, size), np.uint8)
         arrays[cache.label_array(meta, v)] = ((count, size, size), np.uint8)
@@ -106,7 +106,7 @@ def embed_case(prepared: dict, image_encoder: nn.Module, plan: dict, cache_dir: 
                        for name, shape in encoders.feature_shapes(image_encoder).items()})
     with cache.CaseWriter(cache_dir, meta["case"], arrays) as writer:
         writer.append({"label": prepared["label"]})
-        for v, labels in enumerate(prepared["view_labels"] if prepared["view_labels"] is not None else [], 1):
+        for v, labels in enumerate(prepared["view_labels"], 1):
             writer.append({cache.view_array("label", v): labels})
         for v, slices in enumerate(views):
             writer.append({cache.view_array("image", v): slices})

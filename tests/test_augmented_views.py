@@ -240,9 +240,9 @@ def test_scale_views_cache_their_own_labels_and_training_reads_them(tmp_path, ti
     assert meta["views"] == VIEWS and meta["view_labels"] is True
     original = cache.open_case(source)
     expected = view_labels(np.asarray(original["label"]), VIEWS, "SiteA_Case00", kind="scale")
+    views = make_views(np.asarray(original["image"]), VIEWS, "SiteA_Case00", kind="scale")
     for v in range(1, VIEWS + 1):
         np.testing.assert_array_equal(original[cache.view_array("label", v)], expected[v - 1])
-        views = make_views(np.asarray(original["image"]), VIEWS, "SiteA_Case00", kind="scale")
         np.testing.assert_array_equal(original[cache.view_array("image", v)], views[v - 1])
     data = slice_data.SliceDataset([source], "grid", seed=0, stream=slice_data.TRAIN_STREAM, sampling="balanced",
                                    frame=TINY_FRAME, hard_negatives=0.5)
@@ -252,8 +252,7 @@ def test_scale_views_cache_their_own_labels_and_training_reads_them(tmp_path, ti
         for index in range(len(data)):
             sample = data[(epoch, index)]
             view, s = int(sample["view"]), data._draw(epoch, index)[0][1]
-            np.testing.assert_array_equal(sample["label"], original[cache.view_array("label", view) if view
-                                                                      else "label"][s])
+            np.testing.assert_array_equal(sample["label"], original[cache.view_array("label", view)][s])
             np.testing.assert_array_equal(sample["neck"], original[cache.view_array("neck", view)][s])
             drawn.add(view)
     assert drawn == set(range(VIEWS + 1))

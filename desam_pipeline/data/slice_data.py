@@ -124,11 +124,8 @@ class SliceDataset(Dataset):
             self.positives.extend((c, s) for s in positions if has_object[s])
             self.views.append(int(meta.get("views", 0)) if self.stream == TRAIN_STREAM and use_views else 0)
             self.labels.append([cache.label_array(meta, v) for v in range(self.views[c] + 1)])
-            footprints = {"label": footprint}
-            for name in self.labels[c]:
-                if name not in footprints:
-                    footprints[name] = label_summary(case_dir, label_value, name)[1]
-            self.footprints.append([footprints[name] for name in self.labels[c]])
+            self.footprints.append([footprint if name == "label" else label_summary(case_dir, label_value, name)[1]
+                                    for name in self.labels[c]])
         self.sampling = sampling
         self.balanced = sampling == "balanced" and mode == "grid" and bool(self.positives)
 
