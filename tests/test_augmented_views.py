@@ -246,12 +246,12 @@ def test_scale_views_cache_their_own_labels_and_training_reads_them(tmp_path, ti
         np.testing.assert_array_equal(original[cache.view_array("image", v)], views[v - 1])
     data = slice_data.SliceDataset([source], "grid", seed=0, stream=slice_data.TRAIN_STREAM, sampling="balanced",
                                    frame=TINY_FRAME, hard_negatives=0.5)
-    assert not np.array_equal(data.footprints[0][0], data.footprints[0][1])  # each view's own footprint
+    assert not np.array_equal(data.footprints[0][0][0], data.footprints[0][0][1])  # each view's own footprint
     drawn = set()
     for epoch in range(6):
         for index in range(len(data)):
             sample = data[(epoch, index)]
-            view, s = int(sample["view"]), data._draw(epoch, index)[0][1]
+            view, s = int(sample["view"]), data._draw(epoch, index)[0][2]
             np.testing.assert_array_equal(sample["label"], original[cache.view_array("label", view)][s])
             np.testing.assert_array_equal(sample["neck"], original[cache.view_array("neck", view)][s])
             drawn.add(view)

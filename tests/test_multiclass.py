@@ -255,3 +255,61 @@ def test_two_structures_end_to_end(trees, tmp_path):
         assert np.allclose(mean["dice"], (liver["dice"] + spleen["dice"]) / 2, equal_nan=True)
         assert (evaluation / "liver" / "per_site.csv").is_file()
     assert (model / "evaluation" / "full" / "spleen" / "per_slice.csv").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_joint_network_end_to_end(trees, tmp_path):
+    """`-tr DeSAMJointTrainer`: one grid-mode network for both structures, validated, predicted and evaluated per
+    structure like the per-structure models."""
+    from desam_pipeline.inference import predict
+    from desam_pipeline.inference.model import load_model
+    from desam_pipeline.io.results_layout import Checkpoint
+    from desam_pipeline.training import train
+    from evaluation import evaluate
+    from plans import plan_and_embed
+
+    write_two_structure_dataset(trees["raw"])
+    run(plan_and_embed.main, ["-d", "903", "--encoder", "tiny"])
+    joint = ["903", "0", "-tr", "DeSAMJointTrainer", "--source", "CT", "--mode", "grid", "--epochs", "1",
+             "--batch-size", "2", "--lr", "1e-3", "--num-workers", "0", "--val-grid", "3"]
+    with pytest.raises(SystemExit):  # every structure at once: no --label
+        train.main([*joint, "--label", "1"])
+    run(train.main, joint)
+    model = trees["results"] / "Dataset903_TwoOrgans" / "DeSAMJointTrainer__DeSAMPlans_tiny__grid__src-CT"
+    assert class_folders(model) == {}
+    fold = model / "fold_0"
+    checkpoint = Checkpoint.load(fold / "checkpoint_final.pth")
+    assert checkpoint.network_config["structures"] == [1, 2]
+    assert checkpoint.network["prim.structure_tokens"].abs().sum() > 0  # the tokens were trained
+    assert set(checkpoint.gate_calibration) == {"structures"} and set(checkpoint.gate_calibration["structures"]) == \
+        {"1", "2"}
+    summary = json.loads((fold / "validation" / "summary.json").read_text(encoding="utf-8"))
+    assert set(summary["structures"]) == {"1", "2"}
+    dice = [summary["structures"][v]["mean"]["dice"] for v in ("1", "2")]
+    assert summary["mean"]["dice"] == pytest.approx(np.mean(dice))
+    held_out = summary["structures"]["1"]["cases"]
+    assert all((class_folder(fold / "validation", v) / f"{case}.nii.gz").is_file() for v in (1, 2) for case in held_out)
+
+    loaded = load_model(model)
+    assert [m.label_value for m in loaded.structures] == [1, 2]
+    first, second = (m.networks[0] for m in loaded.structures)
+    assert first.pdmm is second.pdmm and first.prim.structure == 0 and second.prim.structure == 1
+
+    out = tmp_path / "predicted"
+    mr_file = trees["raw"] / "Dataset903_TwoOrgans" / "imagesTr" / "MR_0000_0000.nii.gz"
+    run(predict.main, ["-i", str(mr_file), "-o", str(out), "-m", str(model), "--modality", "MR",
+                       "--save-probabilities", "--postprocess", "none", "--grid", "3"])
+    mask = np.asarray(nib.load(out / "MR_0000.nii.gz").dataobj)
+    assert set(np.unique(mask)) <= {0, 1, 2}
+    probabilities = np.load(out / "MR_0000.npz")["probabilities"]
+    assert probabilities.shape == (2, *mask.shape) and not np.array_equal(probabilities[0], probabilities[1])
+
+    run(evaluate.main, ["-d", "903", "-tr", "DeSAMJointTrainer", "--source", "CT", "--mode", "grid", "--protocol",
+                        "full", "-f", "0", "--grid", "3"])
+    evaluation = model / "evaluation" / "full"
+    liver = pd.read_csv(evaluation / "liver" / "per_case.csv", dtype={"case": str})
+    spleen = pd.read_csv(evaluation / "spleen" / "per_case.csv", dtype={"case": str})
+    mean = pd.read_csv(evaluation / "per_case.csv", dtype={"case": str})
+    assert len(mean) == len(liver) == 3 and np.allclose(mean["dice"], (liver["dice"] + spleen["dice"]) / 2,
+                                                        equal_nan=True)

@@ -17,8 +17,9 @@ it (`prompts.sample_training_points` falls back to the side the slice has);
 `use_views=False` reads the originals only, so one cache with views also serves runs without them.
 `slices` narrows the cached slices with the embedding's own rules (`slice_selection.select_slices`), so a cache of
 every slice (`--slices all`) can train on exactly the slices a default plan would have cached.
-`label_value` trains one structure of a multi-structure cache (labels keep their classes): the target is
-label == value, and every other structure is background.
+`structures` (label values) trains structures of a multi-structure cache (labels keep their classes): the target
+of a sample of structure value v is label == v, and every other structure is background. One value trains one
+structure's network; several train a joint one, each sample drawn for one structure (its index in `structure`).
 """
 from __future__ import annotations
 
@@ -84,23 +85,24 @@ def cached_positions(z: Sequence[int], has_object: Sequence[bool], slices: str) 
 class SliceDataset(Dataset):
     """Cached slices of the given case folders; item (epoch, index) -> features, label, prompt.
 
-    `sampling="slices"`: every cached slice once per epoch, its click on or off the object with
-    probability 1:1 (a slice without the object can only give a click off it). `sampling="balanced"` (grid
-    mode): the method's 1:1 draw of object and background clicks, whatever share of the slices is empty:
-    an epoch is every slice with the object once with a click on it, plus as many clicks off the object,
-    each on a slice drawn uniformly from all the cached slices (empty ones included, so the mask module
-    also learns "nothing here"). Box mode has no click: every slice once.
+    `sampling="slices"`: every cached slice once per epoch (once per structure of a joint network), its click
+    on or off the object with probability 1:1 (a slice without the object can only give a click off it).
+    `sampling="balanced"` (grid mode): the method's 1:1 draw of object and background clicks, whatever share
+    of the slices is empty: an epoch is every slice with the object once with a click on it (per structure),
+    plus as many clicks off the object, each on a slice drawn uniformly from all the cached slices (empty ones
+    included, so the mask module also learns "nothing here"), for a structure drawn uniformly. Box mode has
+    no click: every slice once (per structure).
     """
 
     def __init__(self, case_dirs: Sequence[Path], mode: str, seed: int, stream: int = TRAIN_STREAM, *,
                  sampling: str, frame: int, use_views: bool = True, slices: str = "all",
-                 label_value: int | None = None, hard_negatives: float):
+                 structures: Sequence[int | None] = (None,), hard_negatives: float):
         """`frame`: side of the prompt frame the points and boxes are drawn in (the network's `prim.frame`);
         `use_views`: draw among a case's cached augmented views (training stream only); `slices`: which of
         the cached slices to use, by the embedding's rule (`all`: every cached slice); `sampling`: see the
-        class docstring; `label_value`: the structure to train (None: label > 0); `hard_negatives`: grid mode,
-        the probability that a click off the object is drawn inside the case's object footprint
-        (`prompts.sample_training_points`)."""
+        class docstring; `structures`: the label values to train, one per structure index (None: label > 0);
+        `hard_negatives`: grid mode, the probability that a click off the object is drawn inside the case's
+        footprint of that structure (`prompts.sample_training_points`)."""
         if mode not in MODES:
             raise DesamError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if slices not in SLICE_MODES:
@@ -109,55 +111,64 @@ class SliceDataset(Dataset):
             raise DesamError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
         self.case_dirs = [Path(d) for d in case_dirs]
         self.mode, self.seed, self.stream, self.frame = mode, int(seed), int(stream), int(frame)
-        self.label_value = label_value
-        self.entries: list[tuple[int, int]] = []
+        self.structures = list(structures)
+        if not self.structures:
+            raise DesamError("no structure to train")
+        self.entries: list[tuple[int, int]] = []  # (case, cached slice)
         self.views: list[int] = []  # augmented views per case, drawn from in the training stream only
-        self.positives: list[tuple[int, int]] = []  # entries whose slice holds the object
+        self.positives: list[tuple[int, int, int]] = []  # (structure, case, slice) where the slice holds it
         self.labels: list[list[str]] = []  # per case and view, the label array's name
-        self.footprints: list[list[np.ndarray]] = []  # per case and view, where any of its slices holds the object
+        self.footprints: list[list[list[np.ndarray]]] = []  # per case, structure and view: where any slice has it
         self.hard_negatives = float(hard_negatives)
         for c, case_dir in enumerate(self.case_dirs):
             meta = read_json(case_dir / "meta.json")
-            has_object, footprint = label_summary(case_dir, label_value)
-            positions = cached_positions(meta["z"], has_object, slices)
-            self.entries.extend((c, s) for s in positions)
-            self.positives.extend((c, s) for s in positions if has_object[s])
             self.views.append(int(meta.get("views", 0)) if self.stream == TRAIN_STREAM and use_views else 0)
             self.labels.append([cache.label_array(meta, v) for v in range(self.views[c] + 1)])
-            self.footprints.append([footprint if name == "label" else label_summary(case_dir, label_value, name)[1]
-                                    for name in self.labels[c]])
+            summaries = [label_summary(case_dir, value) for value in self.structures]
+            # which slices are cached for training follows the first structure's (the only one's) objects
+            positions = cached_positions(meta["z"], summaries[0][0], slices)
+            self.entries.extend((c, s) for s in positions)
+            self.footprints.append([[footprint if name == "label" else label_summary(case_dir, value, name)[1]
+                                     for name in self.labels[c]]
+                                    for value, (_, footprint) in zip(self.structures, summaries)])
+            for k, (has_object, _) in enumerate(summaries):
+                self.positives.extend((k, c, s) for s in positions if has_object[s])
+        self.positives.sort(key=lambda item: item[0])  # structure-major: one structure's order as before
         self.sampling = sampling
         self.balanced = sampling == "balanced" and mode == "grid" and bool(self.positives)
 
     def __len__(self) -> int:
-        return 2 * len(self.positives) if self.balanced else len(self.entries)
+        return 2 * len(self.positives) if self.balanced else len(self.entries) * len(self.structures)
 
-    def _draw(self, epoch: int, index: int) -> tuple[tuple[int, int], bool | None]:
-        """(entry, forced click side) of sample `index` in `epoch` (side None: the 1:1 coin of `slices`)."""
+    def _draw(self, epoch: int, index: int) -> tuple[tuple[int, int, int], bool | None]:
+        """((structure, case, slice), forced click side) of sample `index` in `epoch` (side None: the 1:1 coin
+        of `slices`)."""
         if not self.balanced:
-            return self.entries[index], None
+            return (index // len(self.entries), *self.entries[index % len(self.entries)]), None
         if index < len(self.positives):
             return self.positives[index], True
         rng = np.random.default_rng([self.seed, self.stream, int(epoch), int(index), 2])
-        return self.entries[int(rng.integers(len(self.entries)))], False
+        c, s = self.entries[int(rng.integers(len(self.entries)))]
+        return (int(rng.integers(len(self.structures))) if len(self.structures) > 1 else 0, c, s), False
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, np.ndarray]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        (c, s), on_object = self._draw(epoch, index)
+        (k, c, s), on_object = self._draw(epoch, index)
         case_dir = self.case_dirs[c]
         view = 0
         if self.views[c]:
             view = int(np.random.default_rng([self.seed, self.stream, int(epoch), int(index), 1]).integers(
                 self.views[c] + 1))
         sample = {name: read_slice(case_dir / f"{cache.view_array(name, view)}.npy", s) for name in FEATURES}
-        label = structure_target(read_slice(case_dir / f"{self.labels[c][view]}.npy", s), self.label_value)
+        label = structure_target(read_slice(case_dir / f"{self.labels[c][view]}.npy", s), self.structures[k])
         sample["label"] = label
         sample["index"] = np.int64(index)
         sample["view"] = np.int64(view)
+        sample["structure"] = np.int64(k)
         rng = np.random.default_rng([self.seed, self.stream, int(epoch), int(index)])
         if self.mode == "grid":
             coords, point_labels, iou_target = prompts.sample_training_points(
-                label[None], rng, frame=self.frame, on_object=on_object, near=self.footprints[c][view][None],
+                label[None], rng, frame=self.frame, on_object=on_object, near=self.footprints[c][k][view][None],
                 near_probability=self.hard_negatives)
             sample["coords"], sample["point_labels"], sample["iou_target"] = coords[0], point_labels[0], iou_target[0]
         else:

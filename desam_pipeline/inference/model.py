@@ -1,7 +1,8 @@
 """A trained model folder read for prediction: its plan, dataset.json, mode and one network per fold.
 
 A multi-structure model folder (one model folder per structure inside it, `results_layout.class_folders`) is
-read as a Model whose `classes` hold one Model per structure (each with its `label_value`)."""
+read as a Model whose `classes` hold one Model per structure (each with its `label_value`); so is a folder of
+joint networks (`DeSAMJointTrainer`), each class Model running the shared network for its structure."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,8 @@ from torch import nn
 from desam_pipeline.data.plan_io import read_plan_file
 from desam_pipeline.inference.settings import CALIBRATED, DEFAULT_CHECKPOINT_NAME, PredictionSettings
 from desam_pipeline.io.atomic import read_json
-from desam_pipeline.io.results_layout import CHECKPOINT_NAMES, MODEL_PLAN, Checkpoint, class_folders
+from desam_pipeline.io.results_layout import CHECKPOINT_NAMES, MODEL_PLAN, Checkpoint, class_folders, \
+    structure_calibration
 from desam_pipeline.network.registry import rebuild_network
 from desam_pipeline.utilities.errors import DesamError
 
@@ -88,9 +90,11 @@ def stored_gate_thresholds(model_folder: str | os.PathLike, folds: list[str],
     per_class = class_folders(folder) or {None: folder}
     found = {}
     for value, path in per_class.items():
-        calibrations = [Checkpoint.load(path / f"fold_{fold}" / checkpoint_file(checkpoint_name)).gate_calibration
-                        for fold in folds]
-        found[structure_key(value)] = [c["threshold"] if c else None for c in calibrations]
+        checkpoints = [Checkpoint.load(path / f"fold_{fold}" / checkpoint_file(checkpoint_name)) for fold in folds]
+        joint = checkpoints[0].network_config.get("structures") if value is None and checkpoints else None
+        for structure in joint or [value]:
+            calibrations = [structure_calibration(c.gate_calibration, structure) for c in checkpoints]
+            found[structure_key(structure)] = [c["threshold"] if c else None for c in calibrations]
     return found
 
 
@@ -176,5 +180,15 @@ def load_model(model_folder: str | os.PathLike, folds: list[str] | None = None,
         calibrations.append(calibration)
     if len(modes) != 1:
         raise DesamError(f"{folder}: folds {', '.join(folds)} were trained in different modes ({sorted(modes)})")
-    return Model(folder, plan, dataset_json, modes.pop(), folds, networks, checkpoint_name,
-                 gate_calibrations=calibrations)
+    model = Model(folder, plan, dataset_json, modes.pop(), folds, networks, checkpoint_name,
+                  gate_calibrations=calibrations)
+    joint = {str(net.config.get("structures")) for net in networks}
+    if len(joint) != 1:
+        raise DesamError(f"{folder}: folds {', '.join(folds)} segment different structures ({sorted(joint)})")
+    values = networks[0].config.get("structures")
+    if values:
+        model.classes = [dataclasses.replace(model, label_value=value,
+                                             networks=[net.for_structure(value) for net in networks],
+                                             gate_calibrations=[structure_calibration(c, value) for c in calibrations])
+                         for value in values]
+    return model

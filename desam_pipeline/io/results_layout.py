@@ -141,7 +141,9 @@ class Checkpoint:
     state (optimizer and onward) is None in a checkpoint written for prediction only. `gate_calibration`
     (grid mode, checkpoint_final.pth only) is the gate threshold the final validation found on the held-out
     source slices (`utilities.detection.calibrate_gate`, with the grid it was measured at); `--iou-threshold
-    calibrated` predicts with it. None: not validated, or the held-out slices could not calibrate it.
+    calibrated` predicts with it. None: not validated, or the held-out slices could not calibrate it. A joint
+    network (several structures) stores {"structures": {label value: calibration or None}}
+    (`stored_calibration`, read back per structure with `structure_calibration`).
     """
     network: dict[str, torch.Tensor]
     network_config: dict
@@ -176,3 +178,19 @@ class Checkpoint:
         if not isinstance(content, dict) or not {"network", "network_config"} <= set(content):
             raise DesamError(f"{path}: not a desam checkpoint (no network weights and network_config)")
         return cls(**{k: v for k, v in content.items() if k in known})
+
+
+def stored_calibration(per_structure: dict[int | None, dict | None]) -> dict | None:
+    """What a checkpoint stores as `gate_calibration`: the one structure's calibration, or a joint network's
+    per structure under "structures" (label values as strings)."""
+    if len(per_structure) == 1:
+        return next(iter(per_structure.values()))
+    return {"structures": {str(value): calibration for value, calibration in per_structure.items()}}
+
+
+def structure_calibration(stored: dict | None, value: int | None) -> dict | None:
+    """The calibration of structure `value` in a checkpoint's `gate_calibration` (None: that of a network of one
+    structure)."""
+    if stored is None or "structures" not in stored:
+        return stored
+    return stored["structures"].get(str(value))

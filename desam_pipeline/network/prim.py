@@ -5,12 +5,19 @@ with one prompt set each cannot go through it. PRIM drives the same sub-modules 
 maths) itself: the output tokens and sparse prompt tokens go through the two-way transformer with
 the image embedding (neck + dense "no mask" embedding); the IoU head's first output scores the
 prompt and the transformer's updated image tokens are the mask embedding handed to PDMM.
+
+A joint PRIM (one network for several structures) holds one learned token per structure, added to every
+sparse prompt token: the prompt then says "this point, for this structure". The tokens start at zero, so an
+untrained joint PRIM prompts exactly as SAM does.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from segment_anything.modeling import MaskDecoder
 from torch import nn
+from torch.nn.functional import embedding
 
 from desam_pipeline.network import sam_models
 from desam_pipeline.network.sam_models import build_prompt_encoder
@@ -30,12 +37,26 @@ def build_mask_decoder(drop: tuple[str, ...] = UNUSED_DECODER_PARTS) -> MaskDeco
 class PRIM(nn.Module):
     """Prompt encoder (frozen, always in eval mode) + SAM's decoder transformer, IoU token and IoU head."""
 
-    def __init__(self, prompt_frame: int, embedding_grid: int) -> None:
+    def __init__(self, prompt_frame: int, embedding_grid: int, structures: int = 0) -> None:
+        """`structures`: how many structures a joint PRIM prompts for (0: one structure, no tokens)."""
         super().__init__()
         self.prompt_encoder = build_prompt_encoder(prompt_frame, embedding_grid)
         self.mask_decoder = build_mask_decoder()
         self.prompt_encoder.requires_grad_(False)
         self.prompt_encoder.eval()
+        self.structure_tokens = (nn.Parameter(torch.zeros(structures, self.mask_decoder.transformer_dim))
+                                 if structures else None)
+        self.structure: int | None = None  # the structure index a bound joint PRIM prompts for (`bound`)
+
+    def bound(self, structure: int) -> "PRIM":
+        """This joint PRIM prompting for structure index `structure` only: the same sub-modules and weights
+        (nothing copied), so per-structure prediction code runs it as a single-structure PRIM."""
+        if self.structure_tokens is None or not 0 <= structure < self.structure_tokens.shape[0]:
+            raise ValueError(f"structure index {structure} is not one of this PRIM's")
+        view = copy.copy(self)
+        view._modules, view._parameters = dict(self._modules), dict(self._parameters)
+        view.structure = int(structure)
+        return view
 
     @property
     def frame(self) -> int:
@@ -48,13 +69,14 @@ class PRIM(nn.Module):
         self.prompt_encoder.eval()
         return self
 
-    def encode_prompts(self, points: Points | None, boxes: torch.Tensor | None,
-                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode_prompts(self, points: Points | None, boxes: torch.Tensor | None, device: torch.device,
+                       structures: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sparse tokens, dense "no mask" embedding, image positional encoding) from SAM's prompt encoder.
 
         Runs in float32 even under autocast: the random-Fourier positional encoding loses about
         0.05 rad of phase in bf16. SAM's own behaviour is kept, including the "not a point" padding
-        token it appends to points given without a box.
+        token it appends to points given without a box. A joint PRIM adds each prompt set's structure
+        token (`structures` (B,) indices, else the bound structure's) to every sparse token.
         """
         if points is None and boxes is None:
             raise ValueError("PRIM needs point or box prompts")
@@ -65,26 +87,40 @@ class PRIM(nn.Module):
         with torch.autocast(device_type=device.type, enabled=False):
             sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
             image_pe = self.prompt_encoder.get_dense_pe()
+            sparse = self._add_structure_tokens(sparse, structures)
         return sparse, dense, image_pe
 
-    def forward(self, neck: torch.Tensor, points: Points | None = None,
-                boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _add_structure_tokens(self, sparse: torch.Tensor, structures: torch.Tensor | None) -> torch.Tensor:
+        """`sparse` (B,N,C) plus each prompt set's structure token (joint PRIM); unchanged for one structure."""
+        if self.structure_tokens is None:
+            if structures is not None:
+                raise ValueError("a single-structure PRIM takes no structure indices")
+            return sparse
+        if structures is None:
+            if self.structure is None:
+                raise ValueError("a joint PRIM needs the structure of each prompt set (or `bound`)")
+            structures = torch.full(sparse.shape[:1], self.structure, dtype=torch.int64)
+        tokens = embedding(structures.to(sparse.device, torch.int64), self.structure_tokens.float())
+        return sparse + tokens[:, None, :]
+
+    def forward(self, neck: torch.Tensor, points: Points | None = None, boxes: torch.Tensor | None = None,
+                structures: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask embedding (B,256,h,w) and predicted IoU (B,1) for B images with one prompt set each.
 
         neck: (B,256,h,w) image embeddings; points: (coords (B,N,2) as (x, y), labels (B,N),
         1 foreground / 0 background) and boxes (B,4) as (x0, y0, x1, y1), both in the prompt
-        frame (`self.frame` square).
+        frame (`self.frame` square); structures: a joint PRIM's structure index per prompt set (B,).
         """
-        hs, mask_embedding = self.run_transformer(neck, points, boxes)
+        hs, mask_embedding = self.run_transformer(neck, points, boxes, structures)
         iou = self.mask_decoder.iou_prediction_head(hs[:, 0, :])[:, :1]
         return mask_embedding, iou
 
-    def run_transformer(self, neck: torch.Tensor, points: Points | None = None,
-                        boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_transformer(self, neck: torch.Tensor, points: Points | None = None, boxes: torch.Tensor | None = None,
+                        structures: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The two-way transformer's output tokens (B, 5 + prompt tokens, 256), the IoU token first,
         then SAM's four mask tokens, and its updated image tokens as a map (B,256,64,64)."""
         decoder = self.mask_decoder
-        sparse, dense, image_pe = self.encode_prompts(points, boxes, neck.device)
+        sparse, dense, image_pe = self.encode_prompts(points, boxes, neck.device, structures)
         batch = neck.shape[0]
         if sparse.shape[0] != batch:
             raise ValueError(f"{sparse.shape[0]} prompt sets for {batch} images")

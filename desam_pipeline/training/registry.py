@@ -1,12 +1,12 @@
 """Trainers by class name, for `desam_train -tr NAME` (as nnU-Net's -tr): DeSAMTrainer and every subclass.
 
-A subclass is known once its module is imported; the built-in ones (`desam_pipeline.training.sam_trainers`)
-always are.
+A subclass is known once its module is imported; the built-in ones (`desam_pipeline.training.sam_trainers` and
+`desam_pipeline.training.joint_trainer`) always are.
 """
 from __future__ import annotations
 
 from desam_pipeline.io.results_layout import DEFAULT_TRAINER
-from desam_pipeline.training import sam_trainers  # noqa: F401  (registers the built-in subclasses
+from desam_pipeline.training import joint_trainer, sam_trainers  # noqa: F401  (registers the built-in subclasses
 from desam_pipeline.training.trainer import DeSAMTrainer
 from desam_pipeline.utilities.errors import DesamError
 

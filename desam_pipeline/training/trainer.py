@@ -35,7 +35,7 @@ from desam_pipeline.data.plan_io import check_structure, load_plan, plan_hash, v
 from desam_pipeline.inference.settings import PredictionSettings
 from desam_pipeline.io.atomic import write_json
 from desam_pipeline.io.results_layout import CHECKPOINT_BEST, CHECKPOINT_FINAL, CHECKPOINT_LATEST, Checkpoint, \
-    class_folder, model_folder_name, source_key
+    class_folder, model_folder_name, source_key, stored_calibration
 from desam_pipeline.network import DeSAM, encoders
 from desam_pipeline.training import fold_files, validation
 from desam_pipeline.training.losses import desam_loss
@@ -103,7 +103,7 @@ class DeSAMTrainer:
             return
         self.plan = load_plan(self.preprocessed_dir, self.plans_name)
         self.plan_sha256, self.cache_dir = plan_hash(self.plan), cache.cache_dir(self.preprocessed_dir, self.plans_name)
-        check_structure(self.plan, self.settings.label, self.plans_name)
+        self.structures = self.training_structures()
         self.case_domains, source_cases = fold_files.source_cases(self.preprocessed_dir, self.sources)
         key = source_key(self.sources)
         folds = splits.load_or_create_splits(self.preprocessed_dir, key, source_cases, write=self.is_main)
@@ -125,12 +125,26 @@ class DeSAMTrainer:
         self._initialized = True
 
     # ---------------------------------------------------------------- override points
+    def training_structures(self) -> list[int | None]:
+        """The label values the network segments, one per structure index: the `--label` one of a plan with
+        several structures, else None (label > 0); a wrong `--label` is a one-line error."""
+        check_structure(self.plan, self.settings.label, self.plans_name)
+        return [self.settings.label]
+
+    def structure_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Extra network inputs of a batch besides features and prompts (a joint network's structures)."""
+        return {}
+
+    def validated_structures(self) -> list[tuple[int | None, torch.nn.Module, Path]]:
+        """(label value, network, mask folder) of each structure the final validation scores."""
+        return [(self.settings.label, self.network, self.fold_dir / validation.VALIDATION)]
+
     def build_data_loaders(self) -> None:
         """Set train_data, val_data (each held-out slice once, whatever the training sampling), train_sampler,
         train_loader and val_loader (None without held-out cases)."""
         settings = self.settings
         common = dict(frame=encoders.family(self.plan["encoder"]).prompt_frame, slices=settings.train_slices,
-                      label_value=settings.label, hard_negatives=settings.hard_negatives)
+                      structures=self.structures, hard_negatives=settings.hard_negatives)
         self.train_data = slice_data.SliceDataset([self.cache_dir / c for c in self.train_cases], self.mode,
                                                   settings.seed, slice_data.TRAIN_STREAM, sampling=settings.sampling,
                                                   use_views=settings.augmented_views, **common)
@@ -211,10 +225,11 @@ class DeSAMTrainer:
         device = self.device
         neck = batch["neck"].to(device, non_blocking=True).float()
         taps = [batch[f"tap{i}"].to(device, non_blocking=True).float() for i in range(3)]
+        extra = self.structure_inputs(batch)
         if self.mode == "grid":
             points = (batch["coords"].to(device), batch["point_labels"].to(device))
-            return model(neck, taps, points=points)
-        return model(neck, taps, boxes=batch["box"].to(device))
+            return model(neck, taps, points=points, **extra)
+        return model(neck, taps, boxes=batch["box"].to(device), **extra)
 
     def _loss(self, logits: torch.Tensor, iou: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         target = batch["label"].to(self.device, non_blocking=True)
@@ -367,21 +382,23 @@ class DeSAMTrainer:
         self.finished = path.name == CHECKPOINT_FINAL
         set_rng_state(checkpoint.rng[self.rank] if len(checkpoint.rng) == self.world_size else checkpoint.rng[0])
 
-    def store_gate_calibration(self, calibration: dict | None) -> dict | None:
+    def store_gate_calibration(self, calibrations: dict[int | None, dict | None]) -> dict | None:
         """Write the final validation's gate calibration into checkpoint_final.pth (`--iou-threshold calibrated`
-        predicts with it) and log it; returns it."""
+        predicts with it) and log it; returns what was stored: the one structure's calibration, or a joint
+        network's per structure (`results_layout.Checkpoint`)."""
         final = self.fold_dir / CHECKPOINT_FINAL
         checkpoint = Checkpoint.load(final)
-        checkpoint.gate_calibration = calibration
+        checkpoint.gate_calibration = stored_calibration(calibrations)
         checkpoint.save(final)
-        line = ("gate calibration: no threshold (the held-out slices lack one kind, or none separates them)"
-                if calibration is None else
-                f"gate calibration: threshold {calibration['threshold']:.4f} at a {calibration['grid']}x"
-                f"{calibration['grid']} grid (Youden's J {calibration['youden_j']:.3f}, "
-                f"{calibration['slices_with']} slices with the structure, {calibration['slices_without']} without)")
-        self.print(line)
-        fold_files.append_log(self.fold_dir, line)
-        return calibration
+        for value, calibration in calibrations.items():
+            line = (f"gate calibration{'' if value is None else f' of label {value}'}: " +
+                    ("no threshold (the held-out slices lack one kind, or none separates them)" if calibration is None
+                     else f"threshold {calibration['threshold']:.4f} at a {calibration['grid']}x{calibration['grid']} "
+                          f"grid (Youden's J {calibration['youden_j']:.3f}, {calibration['slices_with']} slices with "
+                          f"the structure, {calibration['slices_without']} without)"))
+            self.print(line)
+            fold_files.append_log(self.fold_dir, line)
+        return checkpoint.gate_calibration
 
     # ---------------------------------------------------------------- final validation
     def run_validation_only(self) -> None:
@@ -398,18 +415,23 @@ class DeSAMTrainer:
         if not self.val_cases:
             self.print(f"fold {self.fold}: no held-out cases, no final validation")
             return
-        out_dir, settings = self.fold_dir / validation.VALIDATION, self.validation_settings()
+        settings = self.validation_settings()
         mine = [self.cache_dir / case for case in self.val_cases[self.rank::self.world_size]]
-        results = validation.validate_cases(self.network, mine, self.plan, self.mode, settings, out_dir,
-                                            self.local_batch_size, self.device, self.precision, self.case_domains,
-                                            self.settings.label, show_progress=self.is_main)
-        results = {k: v for part in distributed.gather(results) for k, v in part.items()}
+        summaries, calibrations = {}, {}
+        for value, network, out_dir in self.validated_structures():
+            results = validation.validate_cases(network, mine, self.plan, self.mode, settings, out_dir,
+                                                self.local_batch_size, self.device, self.precision, self.case_domains,
+                                                value, show_progress=self.is_main)
+            results = {k: v for part in distributed.gather(results) for k, v in part.items()}
+            cases = {case: results[case] for case in self.val_cases}
+            summaries[value] = validation.summarise(cases, self.fold, self.mode, self.plan, settings)
+            calibrations[value] = validation.gate_calibration(cases, settings)
         if not self.is_main:
             return
-        cases = {case: results[case] for case in self.val_cases}
-        summary = validation.summarise(cases, self.fold, self.mode, self.plan, settings)
+        summary = next(iter(summaries.values())) if len(summaries) == 1 else validation.structures_summary(summaries)
         if self.mode == "grid":
-            summary["gate_calibration"] = self.store_gate_calibration(validation.gate_calibration(cases, settings))
+            summary["gate_calibration"] = self.store_gate_calibration(calibrations)
+        out_dir = self.fold_dir / validation.VALIDATION
         write_json(summary, out_dir / validation.SUMMARY)  # last: its presence marks the fold finished
         dice = summary["mean"]["dice"]
         self.print(f"validation of fold {self.fold}: mean Dice {dice if dice is not None else 'n/a'} over "

@@ -130,3 +130,16 @@ def summarise(cases: dict[str, dict], fold: int | str, mode: str, plan: dict, se
             "grid": f"cached {size}x{size} slices; in-plane rule {in_plane(plan)}",
             "prediction": {k: v for k, v in settings.choices().items() if k != "checkpoint_name"},
             "cases": cases, "mean": mean}
+
+
+def structures_summary(summaries: dict[int, dict]) -> dict:
+    """summary.json of a joint network's validation: each structure's `summarise` under its label value, and
+    the mean over structures of each mean metric (None where a structure has none)."""
+    first = next(iter(summaries.values()))
+    names = [k for k in first["mean"] if not k.endswith("_cases_excluded")]
+    mean = {}
+    for name in names:
+        values = [s["mean"][name] for s in summaries.values()]
+        mean[name] = None if any(v is None for v in values) else float(np.mean(values))
+    return {**{k: first[k] for k in ("fold", "mode", "checkpoint", "grid", "prediction")},
+            "structures": {str(value): summary for value, summary in summaries.items()}, "mean": mean}
