@@ -10,6 +10,7 @@ import torch
 
 from desam_pipeline.data import cache, slice_data
 from desam_pipeline.io.results_layout import stored_calibration, structure_calibration
+from desam_pipeline.network import encoders
 from desam_pipeline.network.desam import DeSAM
 from desam_pipeline.network.grid_iou import prompt_ious
 
@@ -36,11 +37,23 @@ def networks() -> tuple[DeSAM, DeSAM]:
 def test_a_joint_network_with_zero_tokens_prompts_as_a_single_structure_one():
     single, joint = networks()
     assert "prim.structure_tokens" not in single.state_dict()  # checkpoints of one structure load as before
-    assert torch.count_nonzero(DeSAM.for_encoder("litemedsam", TAPS, structures=[1, 2]).prim.structure_tokens) == 0
     neck, taps, points = inputs()
     logits, iou = single(neck, taps, points=points)
     joint_logits, joint_iou = joint(neck, taps, points=points, structures=torch.tensor([0, 2]))
     assert torch.equal(logits, joint_logits) and torch.equal(iou, joint_iou)
+
+
+def test_structure_tokens_start_at_the_scale_of_sams_point_embeddings():
+    torch.manual_seed(0)
+    net = DeSAM.from_sam_checkpoint(encoders.packaged_checkpoint(), "litemedsam", TAPS, structures=[1, 2, 3, 4])
+    foreground = float(net.prim.prompt_encoder.point_embeddings[1].weight.norm())
+    norms = net.prim.structure_tokens.norm(dim=1)
+    assert torch.all((norms > 0.7 * foreground) & (norms < 1.3 * foreground))
+    distances = torch.cdist(net.prim.structure_tokens, net.prim.structure_tokens)
+    assert distances[~torch.eye(4, dtype=torch.bool)].min() > foreground  # four distinct structures
+    torch.manual_seed(0)
+    again = DeSAM.from_sam_checkpoint(encoders.packaged_checkpoint(), "litemedsam", TAPS, structures=[1, 2, 3, 4])
+    assert torch.equal(again.prim.structure_tokens, net.prim.structure_tokens)  # seeded by torch's generator
 
 
 @torch.no_grad()

@@ -53,13 +53,16 @@ class DeSAM(nn.Module):
         """DeSAM for `encoder` and its taps with PRIM loaded strictly from a SAM or LiteMedSAM .pth file.
 
         `prompt_encoder.*` and `mask_decoder.*` must match exactly, except SAM's mask upscaling and
-        hypernetwork heads, which PRIM does not use. PDMM starts from random weights.
+        hypernetwork heads, which PRIM does not use. PDMM starts from random weights, a joint network's
+        structure tokens at the scale of the loaded point embeddings (`PRIM.init_structure_tokens`).
         """
         state = encoders.read_encoder_state(path, encoder)
         net = cls.for_encoder(encoder, tap_shapes, norm=norm, norm_affine=norm_affine, pdmm=pdmm, structures=structures)
         sam_models.load_submodule(net.prim.prompt_encoder, state, "prompt_encoder", path, encoder)
         sam_models.load_submodule(net.prim.mask_decoder, state, "mask_decoder", path, encoder,
                                   optional=UNUSED_DECODER_PARTS)
+        if structures is not None:
+            net.prim.init_structure_tokens()
         return net
 
     @classmethod

@@ -7,8 +7,9 @@ the image embedding (neck + dense "no mask" embedding); the IoU head's first out
 prompt and the transformer's updated image tokens are the mask embedding handed to PDMM.
 
 A joint PRIM (one network for several structures) holds one learned token per structure, added to every
-sparse prompt token: the prompt then says "this point, for this structure". The tokens start at zero, so an
-untrained joint PRIM prompts exactly as SAM does.
+sparse prompt token: the prompt then says "this point, for this structure". `init_structure_tokens` draws them
+at the scale of SAM's own learned point-type embeddings (zero tokens would leave it exactly SAM's prompt, but
+they stay too small to tell the structures apart: measured, docs/abdominal.md).
 """
 from __future__ import annotations
 
@@ -47,6 +48,15 @@ class PRIM(nn.Module):
         self.structure_tokens = (nn.Parameter(torch.zeros(structures, self.mask_decoder.transformer_dim))
                                  if structures else None)
         self.structure: int | None = None  # the structure index a bound joint PRIM prompts for (`bound`)
+
+    @torch.no_grad()
+    def init_structure_tokens(self) -> None:
+        """Draw a joint PRIM's structure tokens (normal, from torch's global generator) at the scale of the loaded
+        foreground-point embedding: each token's expected norm is that embedding's, so two structures differ as
+        much as SAM's foreground and background points do."""
+        foreground = self.prompt_encoder.point_embeddings[1].weight
+        std = float(foreground.norm()) / foreground.numel() ** 0.5
+        self.structure_tokens.normal_(0.0, std)
 
     def bound(self, structure: int) -> "PRIM":
         """This joint PRIM prompting for structure index `structure` only: the same sub-modules and weights
