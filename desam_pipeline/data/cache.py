@@ -202,8 +202,10 @@ class CaseWriter:
                 shutil.rmtree(replaced)
             else:
                 os.replace(self.tmp, self.final)
+            # inside the lock: a concurrent run publishing the same case may replace this folder right after
+            size = sum(path.stat().st_size for path in self.final.iterdir())
         _fsync(self.final.parent)
-        return sum(path.stat().st_size for path in self.final.iterdir())
+        return size
 
     def discard(self) -> None:
         for handle in self.files.values():
