@@ -140,6 +140,15 @@ def test_joint_samples_are_drawn_per_structure_with_that_structures_target(tmp_p
     assert sorted(every._draw(0, i)[0] for i in range(len(every))) == [(k, 0, s) for k in (0, 1) for s in range(6)]
 
 
+def test_joint_training_slices_follow_every_structure(tmp_path):
+    write_two_structure_case(tmp_path, "A_00")  # structure 1 on slices 1-3, structure 2 on 2-4
+    kwargs = dict(frame=256, hard_negatives=0.0, sampling="slices", slices="foreground")
+    joint = slice_data.SliceDataset([tmp_path / "A_00"], "grid", 0, structures=[1, 2], **kwargs)
+    assert sorted({s for _, s in joint.entries}) == [1, 2, 3, 4]
+    spleen = slice_data.SliceDataset([tmp_path / "A_00"], "grid", 0, structures=[2], **kwargs)
+    assert sorted({s for _, s in spleen.entries}) == [2, 3, 4]
+
+
 def test_one_structure_draws_as_before_and_the_label_value_selects_it(tmp_path):
     label = write_two_structure_case(tmp_path, "A_00")
     kwargs = dict(frame=256, hard_negatives=0.5, sampling="balanced")

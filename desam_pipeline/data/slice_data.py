@@ -125,8 +125,8 @@ class SliceDataset(Dataset):
             self.views.append(int(meta.get("views", 0)) if self.stream == TRAIN_STREAM and use_views else 0)
             self.labels.append([cache.label_array(meta, v) for v in range(self.views[c] + 1)])
             summaries = [label_summary(case_dir, value) for value in self.structures]
-            # which slices are cached for training follows the first structure's (the only one's) objects
-            positions = cached_positions(meta["z"], summaries[0][0], slices)
+            # the training slices follow where any of the structures is (one structure: where it is)
+            positions = cached_positions(meta["z"], [any(flags) for flags in zip(*(h for h, _ in summaries))], slices)
             self.entries.extend((c, s) for s in positions)
             self.footprints.append([[footprint if name == "label" else label_summary(case_dir, value, name)[1]
                                      for name in self.labels[c]]
