@@ -302,8 +302,11 @@ def test_joint_network_end_to_end(trees, tmp_path):
                        "--save-probabilities", "--postprocess", "none", "--grid", "3"])
     mask = np.asarray(nib.load(out / "MR_0000.nii.gz").dataobj)
     assert set(np.unique(mask)) <= {0, 1, 2}
-    probabilities = np.load(out / "MR_0000.npz")["probabilities"]
-    assert probabilities.shape == (2, *mask.shape) and not np.array_equal(probabilities[0], probabilities[1])
+    assert np.load(out / "MR_0000.npz")["probabilities"].shape == (2, *mask.shape)
+    # each structure is asked for with its own token: the slices' predicted IoUs differ between them
+    quality = [pd.read_csv(class_folder(out, v) / "quality" / "MR_0000.csv") for v in (1, 2)]
+    assert len(quality[0]) == len(quality[1]) == mask.shape[-1]
+    assert not np.allclose(quality[0]["predicted_iou"], quality[1]["predicted_iou"])
 
     run(evaluate.main, ["-d", "903", "-tr", "DeSAMJointTrainer", "--source", "CT", "--mode", "grid", "--protocol",
                         "full", "-f", "0", "--grid", "3"])
