@@ -272,7 +272,7 @@ def test_joint_network_end_to_end(trees, tmp_path):
     write_two_structure_dataset(trees["raw"])
     run(plan_and_embed.main, ["-d", "903", "--encoder", "tiny"])
     joint = ["903", "0", "-tr", "DeSAMJointTrainer", "--source", "CT", "--mode", "grid", "--epochs", "1",
-             "--batch-size", "2", "--lr", "1e-3", "--num-workers", "0", "--val-grid", "3"]
+             "--batch-size", "2", "--lr", "1e-3", "--num-workers", "0", "--val-grid", "3", "--val-grid-rule", "top1"]
     with pytest.raises(SystemExit):  # every structure at once: no --label
         train.main([*joint, "--label", "1"])
     run(train.main, joint)
@@ -299,7 +299,7 @@ def test_joint_network_end_to_end(trees, tmp_path):
     out = tmp_path / "predicted"
     mr_file = trees["raw"] / "Dataset903_TwoOrgans" / "imagesTr" / "MR_0000_0000.nii.gz"
     run(predict.main, ["-i", str(mr_file), "-o", str(out), "-m", str(model), "--modality", "MR",
-                       "--save-probabilities", "--postprocess", "none", "--grid", "3"])
+                       "--save-probabilities", "--postprocess", "none", "--grid", "3", "--grid-rule", "top1"])
     mask = np.asarray(nib.load(out / "MR_0000.nii.gz").dataobj)
     assert set(np.unique(mask)) <= {0, 1, 2}
     assert np.load(out / "MR_0000.npz")["probabilities"].shape == (2, *mask.shape)
@@ -309,7 +309,7 @@ def test_joint_network_end_to_end(trees, tmp_path):
     assert not np.allclose(quality[0]["predicted_iou"], quality[1]["predicted_iou"])
 
     run(evaluate.main, ["-d", "903", "-tr", "DeSAMJointTrainer", "--source", "CT", "--mode", "grid", "--protocol",
-                        "full", "-f", "0", "--grid", "3"])
+                        "full", "-f", "0", "--grid", "3", "--grid-rule", "top1"])
     evaluation = model / "evaluation" / "full"
     liver = pd.read_csv(evaluation / "liver" / "per_case.csv", dtype={"case": str})
     spleen = pd.read_csv(evaluation / "spleen" / "per_case.csv", dtype={"case": str})
