@@ -61,13 +61,14 @@ def test_miniature_pipeline_end_to_end(trees, tmp_path):
     # This test checks the pipeline's wiring, not accuracy (the demo and the accuracy benchmark measure that
     # with LiteMedSAM): the evaluation passes every slice through the gate (`--iou-threshold -1`) so PDMM draws
     # a mask on each; the per-sample loss, per-slice clicks and uniform background clicks keep PDMM's masks
-    # partial; top1 keeps the final validation short (under `reference` such a model's junk masks send all
-    # points through PDMM); masks are scored as predicted.
+    # partial; top1 keeps the final validation and the evaluation short (under `reference` such a model's junk
+    # masks send every point through PDMM; tests/test_grid_rules.py checks that rule); masks are scored as
+    # predicted.
     run(train.main, ["1", "0", "--source", "RUNMC", "--mode", "grid", "--epochs", "1", "--batch-size", "2",
                      "--lr", "1e-3", "--num-workers", "0", "--loss", "paper", "--sampling", "slices",
                      "--hard-negatives", "0", "--val-grid", "2", "--val-grid-rule", "top1"])
     run(evaluate.main, ["-d", "1", "--source", "RUNMC", "--mode", "grid", "--protocol", "full", "-f", "0",
-                        "--grid", "2", "--iou-threshold", "-1", "--postprocess", "none"])
+                        "--grid", "2", "--grid-rule", "top1", "--iou-threshold", "-1", "--postprocess", "none"])
     run(report.main, ["-d", "1", "--mode", "grid", "--protocol", "full"])
 
     dataset = trees["results"] / "Dataset001_ProstateMultiSite"
