@@ -42,8 +42,8 @@ class Family:
 
 # cpu_precision: ViT in bf16 is 2-3x faster with the neck 0.8% off fp32; LiteMedSAM's bf16 neck is
 # about 3% off for 1.2x speed (benchmarks/embed.py), so it stays in fp32.
-# cpu_fp32_runtime: ONNX Runtime runs TinyViT 1.0-1.24x as fast as torch on 2 CPU cores at the same outputs,
-# depending on the machine (benchmarks/README.md, "Where the time goes"); SAM's ViT stays in torch (bf16 on
+# cpu_fp32_runtime: ONNX Runtime runs TinyViT about 1.2x as fast as torch on 2 CPU cores at the same outputs
+# once its session is built (benchmarks/README.md, "Where the time goes"); SAM's ViT stays in torch (bf16 on
 # CPU, and vit_h's weights exceed ONNX's 2 GB).
 FAMILIES = {
     "vit": Family("vit", prompt_frame=1024, embedding_grid=64, cpu_precision="bf16"),

