@@ -409,3 +409,25 @@ def test_final_validation_predicts_with_the_runs_grid_and_rule():
         TrainingSettings(val_grid_rule="vote").validate()
     with pytest.raises(DesamError, match="--val-grid must be at least 1, got 0"):
         TrainingSettings(val_grid=0).validate()
+
+
+def test_prim_trains_at_its_own_learning_rate_and_the_schedule_keeps_the_ratio(tmp_path):
+    """--prim-lr-scale S: PRIM's decoder parameters in their own Adam group at S x lr, every other trainable
+    parameter at lr, through the poly schedule; S = 1 keeps the single group that older checkpoints saved."""
+    network = DeSAM(TINY_TAPS, 1024, 64)
+    prim = {id(p) for p in network.prim.parameters() if p.requires_grad}
+    for scale, groups in ((0.1, 2), (1.0, 1)):
+        trainer = on_cpu(tmp_path, lr=1e-3, prim_lr_scale=scale, epochs=4)
+        trainer.network = network
+        optimizer = trainer.build_optimizer()
+        assert len(optimizer.param_groups) == groups
+        assert sum(len(g["params"]) for g in optimizer.param_groups) == \
+            sum(p.requires_grad for p in network.parameters())
+        trainer.optimizer, trainer.train_sampler = optimizer, SimpleNamespace(set_epoch=lambda epoch: None)
+        trainer.on_epoch_start(2)
+        members = [{id(p) in prim for p in group["params"]} for group in optimizer.param_groups]
+        assert members == ([{False}, {True}] if groups == 2 else [{False, True}])
+        poly = (1 - 2 / 4) ** 0.9 * 1e-3
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([poly, poly * scale][:groups])
+    with pytest.raises(DesamError, match="prim-lr-scale"):
+        TrainingSettings(prim_lr_scale=0.0).validate()

@@ -21,11 +21,11 @@ from desam_pipeline.utilities.runtime import DEVICES, PRECISIONS, device_setting
 from desam_pipeline.utilities.setting_flags import setting
 
 # Settings that must match for `-c` to continue the same run exactly (with the trainer's plans_name, fold, sources).
-RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "loss", "loss_weights", "seed", "plans_name", "fold", "sources",
-               "pdmm", "augmented_views", "train_slices", "sampling", "label", "hard_negatives")
+RESUME_KEYS = ("mode", "epochs", "batch_size", "lr", "prim_lr_scale", "loss", "loss_weights", "seed", "plans_name",
+               "fold", "sources", "pdmm", "augmented_views", "train_slices", "sampling", "label", "hard_negatives")
 # What checkpoints written before a key existed ran with.
 RESUME_DEFAULTS = {"loss": "paper", "pdmm": "desam", "augmented_views": True, "train_slices": "all",
-                   "sampling": "slices", "label": None, "hard_negatives": 0.0}
+                   "sampling": "slices", "label": None, "hard_negatives": 0.0, "prim_lr_scale": 1.0}
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,11 @@ class TrainingSettings:
     epochs: int = setting(50, type=int)
     batch_size: int = setting(8, type=int, help="global batch size (split over DDP ranks)")
     lr: float = setting(1e-4, type=float, help="initial Adam learning rate (poly decay 0.9)")
+    prim_lr_scale: float = setting(
+        1.0, type=float, metavar="S",
+        help="PRIM's learning rate (SAM's pretrained decoder transformer and IoU head) as a multiple of --lr; PDMM "
+             "and the rest train at --lr (default: %(default)s, one rate for all, as the reference); recorded in "
+             "the checkpoints")
     loss: str = setting(
         DEFAULT_LOSS, choices=LOSSES,
         help="batch: Dice pooled over the batch + BCE + squared-error IoU, weights (1, 1, 10), so empty slices' "
@@ -108,6 +113,8 @@ class TrainingSettings:
         if not 0.0 <= self.hard_negatives <= 1.0:
             raise DesamError(f"hard negatives ({self.hard_negatives}) must be a probability in [0, 1]")
         check_grid(self.val_grid, self.val_grid_rule, "--val-grid")
+        if not (math.isfinite(self.prim_lr_scale) and self.prim_lr_scale > 0):
+            raise DesamError(f"--prim-lr-scale must be a number > 0, got {self.prim_lr_scale}")
         if self.epochs < min_epochs or self.batch_size < 1 or not self.lr > 0:
             raise DesamError(f"epochs ({self.epochs}) must be >= {min_epochs}, batch size ({self.batch_size}) >= 1 "
                              f"and lr ({self.lr}) > 0")

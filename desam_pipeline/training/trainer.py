@@ -173,8 +173,18 @@ class DeSAMTrainer:
         return functools.partial(desam_loss, weights=self.loss_weights, loss=self.settings.loss)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """Adam over the network's trainable parameters (the learning rate is set per epoch by poly_lr)."""
-        return torch.optim.Adam([p for p in self.network.parameters() if p.requires_grad], lr=self.settings.lr)
+        """Adam over the network's trainable parameters; with `prim_lr_scale` != 1 PRIM's in a second group at that
+        multiple of lr. Each group's `lr_scale` scales the per-epoch poly_lr."""
+        trainable = [p for p in self.network.parameters() if p.requires_grad]
+        prim = getattr(self.network, "prim", None)
+        prim_ids = {id(p) for p in prim.parameters()} if prim is not None else set()
+        scale = self.settings.prim_lr_scale
+        if scale == 1.0 or not prim_ids:
+            groups = [{"params": trainable, "lr_scale": 1.0}]
+        else:
+            groups = [{"params": [p for p in trainable if id(p) not in prim_ids], "lr_scale": 1.0},
+                      {"params": [p for p in trainable if id(p) in prim_ids], "lr_scale": scale}]
+        return torch.optim.Adam([{**g, "lr": self.settings.lr * g["lr_scale"]} for g in groups if g["params"]])
 
     def validation_settings(self) -> PredictionSettings:
         """How the final validation predicts: the prediction defaults (`inference.settings`) with the run's grid
@@ -219,7 +229,8 @@ class DeSAMTrainer:
         self.network.train()
         self.train_sampler.set_epoch(epoch)
         for group in self.optimizer.param_groups:
-            group["lr"] = poly_lr(self.settings.lr, epoch, self.settings.epochs)
+            # optimizer states saved before prim_lr_scale existed restore one group without lr_scale
+            group["lr"] = poly_lr(self.settings.lr, epoch, self.settings.epochs) * group.get("lr_scale", 1.0)
 
     def _forward(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.device
