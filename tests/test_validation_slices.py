@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from desam_pipeline.inference.settings import PredictionSettings
-from desam_pipeline.training.validation import SLICE_FIGURES, SLICE_SCORES, gate_calibration, slice_figures, summarise
+from desam_pipeline.training.validation import (SLICE_FIGURES, SLICE_SCORES, closed_gate_warning, gate_calibration,
+                                                 slice_figures, summarise)
 
 
 def test_the_gate_passing_every_empty_slice_is_reported_even_when_pdmm_leaves_them_empty():
@@ -57,3 +58,20 @@ def test_the_gate_is_calibrated_on_the_held_out_cases_slices_pooled():
     assert gate_calibration({"C": {"domain": "S", "dice": 0.7}}, settings) is None  # box mode: no slice scores
     mean = summarise(cases, 0, "grid", {"slice_size": 256, "in_plane": {"rule": "resize"}}, _Settings())["mean"]
     assert mean["dice"] == pytest.approx(0.85) and SLICE_SCORES not in mean
+
+
+def test_a_gate_closed_on_every_held_out_slice_with_the_structure_is_warned_about():
+    """A fold of 2026-12-07 (RUNMC fold 1 with scale views): PRIM answered every point with the same IoU,
+    0.471-0.473 on every held-out slice, so at 0.5 automatic mode drew nothing (held-out Dice 0) although the
+    IoUs still ranked the slices (AUC 0.97). The final validation names it; one passing slice is enough not to."""
+    closed = {"C": {SLICE_SCORES: {"best_iou": [0.471, 0.473, 0.472, 0.471],
+                                   "has_structure": [False, True, True, False]}}}
+    warning = closed_gate_warning(closed, PredictionSettings(grid=3))
+    assert warning is not None and "none of the 2 held-out slices" in warning and "0.471-0.473" in warning
+    assert "calibrated" in warning
+    assert closed_gate_warning(closed, PredictionSettings(grid=3, iou_threshold=0.4)) is None
+    one_open = {**closed, "D": {SLICE_SCORES: {"best_iou": [0.8], "has_structure": [True]}}}
+    assert closed_gate_warning(one_open, PredictionSettings(grid=3)) is None
+    empty_only = {"E": {SLICE_SCORES: {"best_iou": [0.1, 0.2], "has_structure": [False, False]}}}
+    assert closed_gate_warning(empty_only, PredictionSettings(grid=3)) is None
+    assert closed_gate_warning({"F": {"dice": 0.9}}, PredictionSettings(grid=3)) is None  # box mode: no scores

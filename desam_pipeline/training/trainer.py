@@ -437,6 +437,10 @@ class DeSAMTrainer:
             cases = {case: results[case] for case in self.val_cases}
             summaries[value] = validation.summarise(cases, self.fold, self.mode, self.plan, settings)
             calibrations[value] = validation.gate_calibration(cases, settings)
+            if self.mode == "grid" and self.is_main and (warning := validation.closed_gate_warning(cases, settings)):
+                line = f"WARNING{'' if value is None else f' (label {value})'}: {warning}"
+                self.print(line)
+                fold_files.append_log(self.fold_dir, line)
         if not self.is_main:
             return
         summary = next(iter(summaries.values())) if len(summaries) == 1 else validation.structures_summary(summaries)

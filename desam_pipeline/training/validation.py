@@ -117,6 +117,22 @@ def gate_calibration(cases: dict[str, dict], settings: PredictionSettings) -> di
     return {**calibration, "grid": settings.grid, "grid_rule": settings.grid_rule, "cases": sorted(scored)}
 
 
+def closed_gate_warning(cases: dict[str, dict], settings: PredictionSettings) -> str | None:
+    """A warning when the gate passes none of the held-out slices that show the structure: automatic mode would
+    then draw nothing anywhere, whatever PDMM's masks (PRIM has stopped telling points apart, so its predicted
+    IoU sits at one value below the threshold). None when some such slice passes, or there are none."""
+    scored = [v[SLICE_SCORES] for v in cases.values() if v.get(SLICE_SCORES)]
+    if not scored:
+        return None
+    best = np.concatenate([v["best_iou"] for v in scored])
+    present = np.concatenate([v["has_structure"] for v in scored]).astype(bool)
+    if not present.any() or (best[present] > settings.iou_threshold).any():
+        return None
+    return (f"the IoU gate passes none of the {int(present.sum())} held-out slices with the structure (predicted IoU "
+            f"{best.min():.3f}-{best.max():.3f}, threshold {settings.iou_threshold}): this fold's automatic mode "
+            f"segments nothing; predict with --iou-threshold calibrated, or retrain (another seed, --prim-lr-scale)")
+
+
 def summarise(cases: dict[str, dict], fold: int | str, mode: str, plan: dict, settings: PredictionSettings) -> dict:
     """summary.json: per-case metrics, their means (with how many cases each leaves out) and how they were made."""
     metric_names = [k for k in next(iter(cases.values())) if k not in NOT_AVERAGED]
