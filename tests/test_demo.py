@@ -87,3 +87,5 @@ def test_training_validates_with_the_grid_and_rule_the_demo_evaluates_with(tmp_p
     train, evaluate = calls["desam_train"], calls["desam_evaluate"]
     assert value(train, "--val-grid") == value(evaluate, "--grid") == str(demo.GRID)
     assert value(train, "--val-grid-rule") == value(evaluate, "--grid-rule") == demo.GRID_RULE
+    # PRIM trains at the paper's 1e-4 while the short run raises the rest to 1e-3
+    assert float(value(train, "--lr")) * float(value(train, "--prim-lr-scale")) == pytest.approx(1e-4)
