@@ -104,28 +104,37 @@ def validate_cases(network: torch.nn.Module, case_dirs: list[Path], plan: dict, 
                                  file=sys.stdout)}
 
 
+def pooled_slice_scores(cases: dict[str, dict]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The held-out cases' slice scores pooled: (best predicted IoU per slice, whether the slice shows the
+    structure, bool); None where no case has them (box mode)."""
+    scored = [v[SLICE_SCORES] for v in cases.values() if v.get(SLICE_SCORES)]
+    if not scored:
+        return None
+    return (np.concatenate([v["best_iou"] for v in scored]),
+            np.concatenate([v["has_structure"] for v in scored]).astype(bool))
+
+
 def gate_calibration(cases: dict[str, dict], settings: PredictionSettings) -> dict | None:
     """The gate threshold calibrated on the held-out cases' cached slices pooled (`detection.calibrate_gate`),
     with the grid it was measured at and the cases it used; None outside grid mode or where it cannot be made."""
-    scored = {case: v[SLICE_SCORES] for case, v in cases.items() if v.get(SLICE_SCORES)}
-    if not scored:
+    pooled = pooled_slice_scores(cases)
+    if pooled is None:
         return None
-    calibration = calibrate_gate(np.concatenate([v["best_iou"] for v in scored.values()]),
-                                 np.concatenate([v["has_structure"] for v in scored.values()]))
+    calibration = calibrate_gate(*pooled)
     if calibration is None:
         return None
-    return {**calibration, "grid": settings.grid, "grid_rule": settings.grid_rule, "cases": sorted(scored)}
+    scored = sorted(case for case, v in cases.items() if v.get(SLICE_SCORES))
+    return {**calibration, "grid": settings.grid, "grid_rule": settings.grid_rule, "cases": scored}
 
 
 def closed_gate_warning(cases: dict[str, dict], settings: PredictionSettings) -> str | None:
     """A warning when the gate passes none of the held-out slices that show the structure: automatic mode would
     then draw nothing anywhere, whatever PDMM's masks (PRIM has stopped telling points apart, so its predicted
     IoU sits at one value below the threshold). None when some such slice passes, or there are none."""
-    scored = [v[SLICE_SCORES] for v in cases.values() if v.get(SLICE_SCORES)]
-    if not scored:
+    pooled = pooled_slice_scores(cases)
+    if pooled is None:
         return None
-    best = np.concatenate([v["best_iou"] for v in scored])
-    present = np.concatenate([v["has_structure"] for v in scored]).astype(bool)
+    best, present = pooled
     if not present.any() or (best[present] > settings.iou_threshold).any():
         return None
     return (f"the IoU gate passes none of the {int(present.sum())} held-out slices with the structure (predicted IoU "
