@@ -62,6 +62,9 @@ def test_two_epoch_run_writes_every_output(trained_fold, toy_cache):
     counts = debug["parameter_counts"]
     assert counts["total"] == counts["prim.prompt_encoder"] + counts["prim.mask_decoder"] + counts["pdmm"] > 0
     assert "torch" in debug["versions"]
+    compute = debug["compute"]  # what decides the last bits: this process's threads and the CPU torch sees
+    assert compute["torch_threads"] == torch.get_num_threads() >= 1 and compute["processor"]
+    assert compute["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
     checkpoint = final_state(trained_fold)
     assert checkpoint["epoch"] == 2 and len(checkpoint["history"]["train_loss"]) == 2

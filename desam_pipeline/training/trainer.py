@@ -46,7 +46,7 @@ from desam_pipeline.training.schedule import (EMA_MOMENTUM, HISTORY_KEYS, POLY_E
 from desam_pipeline.training.settings import TrainingSettings, resume_differences
 from desam_pipeline.utilities import distributed
 from desam_pipeline.utilities.errors import DesamError
-from desam_pipeline.utilities.reproducibility import rng_state, seed_everything, set_rng_state, versions
+from desam_pipeline.utilities.reproducibility import compute, rng_state, seed_everything, set_rng_state, versions
 from desam_pipeline.utilities.runtime import autocast, select_device
 
 
@@ -361,7 +361,7 @@ class DeSAMTrainer:
                 "train_cases": self.train_cases, "val_cases": self.val_cases,
                 "train_slice_count": len(self.train_data), "val_slice_count": len(self.val_data),
                 "network": self.network.config, "parameter_counts": self.network.parameter_counts(),
-                "versions": versions(), "command": sys.argv}
+                "versions": versions(), "compute": compute(), "command": sys.argv}
 
     def network_config(self) -> dict:
         """What rebuilding the network needs besides its weights."""

@@ -1,10 +1,12 @@
 """What a resumed or repeated training run needs to be the same run: the global RNG states (saved in
-every checkpoint, restored on resume) and the versions of the packages that decide the numbers."""
+every checkpoint, restored on resume), the versions of the packages that decide the numbers, and the
+processor and thread count they ran on (a run is bit-identical only when all of these are the same)."""
 from __future__ import annotations
 
 import importlib.metadata
 import platform
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +21,19 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             found[package] = "not installed"
     return found
+
+
+def compute() -> dict[str, str | int]:
+    """Where the numbers were computed: torch's intra-op threads, the CPU's vector instruction set torch uses
+    and the processor's name. The order of floating-point reductions, and so the last bits of every result
+    (which training amplifies), depends on them."""
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        name = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("model name")), name)
+    return {"torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "processor": name}
 
 
 def seed_everything(seed: int) -> None:
