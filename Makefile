@@ -1,4 +1,5 @@
-# Every target creates .venv on its own from a fresh clone, with the test and baseline (nnunetv2) extras.
+# Every target creates .venv on its own from a fresh clone, with the test and baseline (nnunetv2) extras, at the
+# versions of constraints.txt (those the figures were measured with).
 PY := .venv/bin/python
 # torch/torchvision are pinned as a pair: segment_anything imports torchvision,
 # and an unpinned torch would download a different multi-GB build.
@@ -9,13 +10,13 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 # The venv takes about 6.7 GiB (torch's CUDA build and its libraries): a full disk fails in one line, not mid-pip.
 VENV_GIB := 7
 
-.venv/.installed: setup.py Makefile
+.venv/.installed: setup.py Makefile constraints.txt
 	@test -x $(PY) || python3 -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
 		free < $(VENV_GIB) and sys.exit(f'make install: {free:.1f} GiB free on this disk; .venv needs about $(VENV_GIB) GiB')"
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PAIR)
-	$(PY) -m pip install -q -e .[test,baseline] $(TORCH_PAIR)
+	$(PY) -m pip install -q -c constraints.txt $(TORCH_PAIR)
+	$(PY) -m pip install -q -c constraints.txt -e .[test,baseline] $(TORCH_PAIR)
 	touch $@
 
 install: .venv/.installed
