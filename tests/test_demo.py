@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from demo_calls import demo_calls, flag_value
 from evaluation import demo
 
 
@@ -71,21 +72,9 @@ def test_encoder_choice_detects_the_variant_of_the_checkpoint(tmp_path, capsys):
 def test_training_validates_with_the_grid_and_rule_the_demo_evaluates_with(tmp_path, monkeypatch):
     """The final validation scores what the demo's prediction does: desam_train gets desam_evaluate's grid size
     and rule (otherwise it validates with desam_predict's 9 x 9 reference rule, slower and a different mask)."""
-    calls = {}
-    monkeypatch.setattr(demo, "DATA_DIR", tmp_path)
-    for kind, variable in demo.ROOT_VARIABLES.items():
-        monkeypatch.setenv(variable, str(tmp_path / kind))  # demo_roots exports the roots; undone after the test
-    monkeypatch.setattr(demo, "run", lambda main, command, argv: calls.setdefault(command, argv))
-    monkeypatch.setattr(demo, "print_results", lambda model, results: None)
-    with pytest.raises(SystemExit) as stop:
-        demo.main([])
-    assert stop.value.code == 0
-
-    def value(argv: list[str], flag: str) -> str:
-        return argv[argv.index(flag) + 1]
-
+    calls = dict(demo_calls(demo, tmp_path, monkeypatch, print_results=lambda model, results: None))
     train, evaluate = calls["desam_train"], calls["desam_evaluate"]
-    assert value(train, "--val-grid") == value(evaluate, "--grid") == str(demo.GRID)
-    assert value(train, "--val-grid-rule") == value(evaluate, "--grid-rule") == demo.GRID_RULE
+    assert flag_value(train, "--val-grid") == flag_value(evaluate, "--grid") == str(demo.GRID)
+    assert flag_value(train, "--val-grid-rule") == flag_value(evaluate, "--grid-rule") == demo.GRID_RULE
     # PRIM trains at the paper's 1e-4 while the short run raises the rest to 1e-3
-    assert float(value(train, "--lr")) * float(value(train, "--prim-lr-scale")) == pytest.approx(1e-4)
+    assert float(flag_value(train, "--lr")) * float(flag_value(train, "--prim-lr-scale")) == pytest.approx(1e-4)

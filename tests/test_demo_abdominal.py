@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from evaluation import demo, demo_abdominal
+from demo_calls import demo_calls, flag_value
+from evaluation import demo_abdominal
 from evaluation.class_tables import CLASS_MEAN
 
 
@@ -31,26 +32,15 @@ def test_organ_dice_averages_one_sites_cases_per_organ_and_over_organs(tmp_path)
 def test_every_organ_model_trains_prim_at_the_papers_rate_and_validates_as_the_demo_evaluates(tmp_path, monkeypatch):
     """Each per-organ desam_train call: PRIM at lr x scale = 1e-4 (the rest at the short run's 1e-3), and the final
     validation with desam_evaluate's grid and rule, in both directions."""
-    calls = []
-    monkeypatch.setattr(demo_abdominal, "DATA_DIR", tmp_path)
-    for kind, variable in demo.ROOT_VARIABLES.items():
-        monkeypatch.setenv(variable, str(tmp_path / kind))
-    monkeypatch.setattr(demo_abdominal, "run", lambda main, command, argv: calls.append((command, argv)))
     table = pd.DataFrame({"dice_full": [0.5], "dice_paper": [0.5]}, index=[CLASS_MEAN])
-    monkeypatch.setattr(demo_abdominal, "organ_dice", lambda model, site: table)
-    with pytest.raises(SystemExit) as stop:
-        demo_abdominal.main([])
-    assert stop.value.code == 0
-
-    def value(argv: list[str], flag: str) -> str:
-        return argv[argv.index(flag) + 1]
-
+    calls = demo_calls(demo_abdominal, tmp_path, monkeypatch, organ_dice=lambda model, site: table)
     trainings = [argv for command, argv in calls if command == "desam_train"]
     evaluations = [argv for command, argv in calls if command == "desam_evaluate"]
     assert len(trainings) == len(demo_abdominal.ORGANS) * len(demo_abdominal.DIRECTIONS) and len(evaluations) == 2
-    assert {value(argv, "--label") for argv in trainings} == {str(v) for v in demo_abdominal.ORGANS.values()}
+    assert {flag_value(argv, "--label") for argv in trainings} == {str(v) for v in demo_abdominal.ORGANS.values()}
+    grid, rule = flag_value(evaluations[0], "--grid"), flag_value(evaluations[0], "--grid-rule")
+    assert (grid, rule) == (str(demo_abdominal.GRID), demo_abdominal.GRID_RULE)
     for argv in trainings:
-        assert float(value(argv, "--lr")) == pytest.approx(1e-3)
-        assert float(value(argv, "--lr")) * float(value(argv, "--prim-lr-scale")) == pytest.approx(1e-4)
-        assert value(argv, "--val-grid") == value(evaluations[0], "--grid") == str(demo_abdominal.GRID)
-        assert value(argv, "--val-grid-rule") == value(evaluations[0], "--grid-rule") == demo_abdominal.GRID_RULE
+        assert float(flag_value(argv, "--lr")) == pytest.approx(1e-3)
+        assert float(flag_value(argv, "--lr")) * float(flag_value(argv, "--prim-lr-scale")) == pytest.approx(1e-4)
+        assert (flag_value(argv, "--val-grid"), flag_value(argv, "--val-grid-rule")) == (grid, rule)
