@@ -104,14 +104,14 @@ def validate_cases(network: torch.nn.Module, case_dirs: list[Path], plan: dict, 
                                  file=sys.stdout)}
 
 
-def pooled_slice_scores(cases: dict[str, dict]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The held-out cases' slice scores pooled: (best predicted IoU per slice, whether the slice shows the
-    structure, bool); None where no case has them (box mode)."""
-    scored = [v[SLICE_SCORES] for v in cases.values() if v.get(SLICE_SCORES)]
+def pooled_slice_scores(cases: dict[str, dict]) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """The held-out cases' slice scores pooled: (the ids of the cases that have them, sorted; best predicted IoU
+    per slice; whether the slice shows the structure, bool); None where no case has them (box mode)."""
+    scored = {case: v[SLICE_SCORES] for case, v in cases.items() if v.get(SLICE_SCORES)}
     if not scored:
         return None
-    return (np.concatenate([v["best_iou"] for v in scored]),
-            np.concatenate([v["has_structure"] for v in scored]).astype(bool))
+    return (sorted(scored), np.concatenate([v["best_iou"] for v in scored.values()]),
+            np.concatenate([v["has_structure"] for v in scored.values()]).astype(bool))
 
 
 def gate_calibration(cases: dict[str, dict], settings: PredictionSettings) -> dict | None:
@@ -120,10 +120,10 @@ def gate_calibration(cases: dict[str, dict], settings: PredictionSettings) -> di
     pooled = pooled_slice_scores(cases)
     if pooled is None:
         return None
-    calibration = calibrate_gate(*pooled)
+    scored, best, present = pooled
+    calibration = calibrate_gate(best, present)
     if calibration is None:
         return None
-    scored = sorted(case for case, v in cases.items() if v.get(SLICE_SCORES))
     return {**calibration, "grid": settings.grid, "grid_rule": settings.grid_rule, "cases": scored}
 
 
@@ -134,7 +134,7 @@ def closed_gate_warning(cases: dict[str, dict], settings: PredictionSettings) ->
     pooled = pooled_slice_scores(cases)
     if pooled is None:
         return None
-    best, present = pooled
+    _, best, present = pooled
     if not present.any() or (best[present] > settings.iou_threshold).any():
         return None
     return (f"the IoU gate passes none of the {int(present.sum())} held-out slices with the structure (predicted IoU "
