@@ -18,7 +18,10 @@ site embedded again; instead every other arm trains with `desam_train --no-augme
 only). Every arm trains with desam_train's defaults unless its row says otherwise: every slice of the source
 volumes (`--train-slices all`), the batch Dice loss and balanced clicks (`--loss batch --sampling balanced`),
 so PDMM and the IoU gate learn the empty slices a user's volume has; `--train-slices foreground_margin`
-reproduces the earlier runs, which trained on the gland and 2 slices either side.
+reproduces the earlier runs, which trained on the gland and 2 slices either side. Every trained arm trains
+PRIM at 0.1 x lr (`desam_train --prim-lr-scale 0.1`, as `make demo`: the paper's 1e-4 beside PDMM's 1e-3; a
+coupled arm's whole decoder is its PRIM); `--prim-lr-scale 1` reproduces the runs before 2026-12-08, one
+rate for everything.
 
 Resumable: phantom, conversion and embedding reuse their output; an arm with OUT/results/<arm>/done.json
 (its wall time) is skipped; an interrupted arm resumes its training (-c) and reuses saved predictions.
@@ -63,7 +66,8 @@ DATASET_ID = 1
 DATASET = dataset_name(DATASET_ID, convert_prostate_multisite.DEFAULT_NAME)
 DEFAULTS = {"out": "bench_accuracy", "encoder": "litemedsam", "sites": list(make_phantom.SITE_ORDER),
             "cases_per_site": 3, "phantom_seed": 0, "epochs": 5, "batch_size": 4, "lr": "1e-3", "grid": 5,
-            "seeds": 3, "views": 2, "nnunet_trainer": "nnUNetTrainer_1epoch", "train_slices": "all"}
+            "seeds": 3, "views": 2, "nnunet_trainer": "nnUNetTrainer_1epoch", "train_slices": "all",
+            "prim_lr_scale": "0.1"}
 MINIATURE = {"out": "bench_accuracy_miniature", "encoder": "tiny", "sites": [SOURCE, "BMC"], "cases_per_site": 2,
              "epochs": 1, "grid": 3, "seeds": 2, "views": 1}
 # Seconds on 2 quiet cores: per encoded slice, per DeSAM training step at batch 4, per slice predicted by a
@@ -72,9 +76,9 @@ COSTS = {"litemedsam": {"encode": 0.62, "step": 2.0, "decode": 0.55},
          "tiny": {"encode": 0.12, "step": 4.0, "decode": 0.4}}
 NNUNET_S = 370
 # What a benchmark.json written before a setting existed ran with.
-LEGACY_SETTINGS = {"train_slices": "all"}
+LEGACY_SETTINGS = {"train_slices": "all", "prim_lr_scale": "1"}
 SETTINGS = ("encoder", "sites", "cases_per_site", "phantom_seed", "epochs", "batch_size", "lr", "grid", "views",
-            "nnunet_trainer", "sam_checkpoint", "train_slices")
+            "nnunet_trainer", "sam_checkpoint", "train_slices", "prim_lr_scale")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-slices", choices=SLICE_MODES,
                         help="desam_train --train-slices for every trained arm (default all: every slice of the "
                              "source volumes; foreground_margin: the gland and 2 slices either side, as earlier runs)")
+    parser.add_argument("--prim-lr-scale",
+                        help="desam_train --prim-lr-scale for every trained arm: PRIM's (SAM's decoder's) learning "
+                             "rate as a multiple of --lr (default 0.1, as make demo; 1: one rate, as runs before "
+                             "2026-12-08)")
     parser.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms (default: every arm)")
     parser.add_argument("--miniature", action="store_true",
                         help="tiny encoder, RUNMC + BMC x 2 cases, 1 epoch, 3 x 3 grid, 2 seeds, 1 view (CI)")
@@ -246,7 +254,8 @@ def header(settings: dict, embed_s: float, counts: dict[str, int]) -> list[str]:
             f"- encoder {settings['encoder']}; phantom seed {settings['phantom_seed']}, sites "
             f"{', '.join(settings['sites'])}, {settings['cases_per_site']} cases per site, slices per site "
             f"{counts}; source {SOURCE}, fold 0",
-            f"- desam schedule: {settings['epochs']} epoch(s), batch {settings['batch_size']}, lr {settings['lr']}; "
+            f"- desam schedule: {settings['epochs']} epoch(s), batch {settings['batch_size']}, lr {settings['lr']} "
+            f"(PRIM at {settings['prim_lr_scale']} x lr); "
             f"grid {settings['grid']} x {settings['grid']}; {settings['views']} augmented view(s) for the views arm; "
             f"training slices: {settings['train_slices']} (desam_train --train-slices)",
             f"- nnU-Net: {settings['nnunet_trainer']} (shortened schedule; see its note)",
@@ -262,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(out=out, dataset=DATASET, plans_name=f"BenchPlans_{settings['encoder']}", epochs=settings["epochs"],
                   batch_size=settings["batch_size"], lr=str(settings["lr"]), grid=settings["grid"],
                   nnunet_trainer=settings["nnunet_trainer"], sam_checkpoint=settings["sam_checkpoint"],
-                  train_slices=settings["train_slices"],
+                  train_slices=settings["train_slices"], prim_lr_scale=str(settings["prim_lr_scale"]),
                   run_stage=run_stage)
     arms, by_name = select_arms(settings, settings.get("arms"))
     start = time.perf_counter()

@@ -79,6 +79,7 @@ class Context:
     nnunet_trainer: str
     sam_checkpoint: str | None
     train_slices: str
+    prim_lr_scale: str
     run_stage: Callable[[Callable, str, list[str]], None]
 
     @property
@@ -111,7 +112,8 @@ def train_argv(arm: Arm, ctx: Context) -> list[str]:
     """desam_train's flags for the arm (always -c: a finished fold is left alone, an interrupted one resumes)."""
     return [ctx.dataset, FOLD, "--source", SOURCE, "--mode", arm.mode, "-tr", arm.trainer,
             "--plans-name", ctx.plans_name, "--epochs", str(ctx.epochs), "--batch-size", str(ctx.batch_size),
-            "--lr", ctx.lr, "--seed", str(arm.seed), "--loss", arm.loss, "--train-slices", ctx.train_slices,
+            "--lr", ctx.lr, "--prim-lr-scale", ctx.prim_lr_scale, "--seed", str(arm.seed), "--loss", arm.loss,
+            "--train-slices", ctx.train_slices,
             "--val-grid", str(ctx.grid), "--val-grid-rule", arm.grid_rule,
             "--num-workers", "0", "-c",
             *([] if arm.views else ["--no-augmented-views"]), *arm.train_flags, "--preprocessed",

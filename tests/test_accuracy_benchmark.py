@@ -105,6 +105,7 @@ def test_miniature_scores_every_arm_under_both_protocols_and_resumes(tmp_path, m
     assert [debug[a]["seed"] for a in debug] == [0, 1, 0]
     assert {debug[a]["train_slices"] for a in debug} == {"all"}  # the benchmark's default: every slice
     assert {debug[a]["loss"] for a in debug} == {DEFAULT_LOSS}
+    assert {debug[a]["prim_lr_scale"] for a in debug} == {0.1}  # PRIM at the paper's 1e-4 beside PDMM's 1e-3
     # the final validation predicts as the arm is scored: the benchmark's grid and the arm's rule
     validation = json.loads(next((results / "desam_p_s0").rglob("fold_0/validation/summary.json")).read_text(
         encoding="utf-8"))
@@ -144,3 +145,9 @@ def test_the_pdmm_arm_trains_the_reference_layout_and_other_settings_are_refused
     accuracy.check_same_settings(tmp_path / "b", settings)
     with pytest.raises(DesamError, match="train_slices: 'all' -> 'foreground_margin'"):
         accuracy.check_same_settings(tmp_path / "b", {**settings, "train_slices": "foreground_margin"})
+    # ... and one learning rate for everything: it is refused beside PRIM at 0.1 x lr, accepted as 1
+    del saved["prim_lr_scale"]
+    record.write_text(json.dumps(saved), encoding="utf-8")
+    with pytest.raises(DesamError, match="prim_lr_scale: '1' -> '0.1'"):
+        accuracy.check_same_settings(tmp_path / "b", settings)
+    accuracy.check_same_settings(tmp_path / "b", {**settings, "prim_lr_scale": "1"})
