@@ -200,7 +200,8 @@ def write_figure(table: pd.DataFrame, spread: dict, target: Path) -> None:
         ax.set_title(f"protocol {protocol}: source {SOURCE}")
         ax.set_ylabel("Dice")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7, loc="upper left")
+    # one legend beside the last panel, where it hides no arm's points
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     with atomic_path(target) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
