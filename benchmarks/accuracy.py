@@ -67,7 +67,7 @@ DATASET = dataset_name(DATASET_ID, convert_prostate_multisite.DEFAULT_NAME)
 DEFAULTS = {"out": "bench_accuracy", "encoder": "litemedsam", "sites": list(make_phantom.SITE_ORDER),
             "cases_per_site": 3, "phantom_seed": 0, "epochs": 5, "batch_size": 4, "lr": "1e-3", "grid": 5,
             "seeds": 3, "views": 2, "nnunet_trainer": "nnUNetTrainer_1epoch", "train_slices": "all",
-            "prim_lr_scale": "0.1"}
+            "prim_lr_scale": 0.1}
 MINIATURE = {"out": "bench_accuracy_miniature", "encoder": "tiny", "sites": [SOURCE, "BMC"], "cases_per_site": 2,
              "epochs": 1, "grid": 3, "seeds": 2, "views": 1}
 # Seconds on 2 quiet cores: per encoded slice, per DeSAM training step at batch 4, per slice predicted by a
@@ -76,7 +76,7 @@ COSTS = {"litemedsam": {"encode": 0.62, "step": 2.0, "decode": 0.55},
          "tiny": {"encode": 0.12, "step": 4.0, "decode": 0.4}}
 NNUNET_S = 370
 # What a benchmark.json written before a setting existed ran with.
-LEGACY_SETTINGS = {"train_slices": "all", "prim_lr_scale": "1"}
+LEGACY_SETTINGS = {"train_slices": "all", "prim_lr_scale": 1.0}
 SETTINGS = ("encoder", "sites", "cases_per_site", "phantom_seed", "epochs", "batch_size", "lr", "grid", "views",
             "nnunet_trainer", "sam_checkpoint", "train_slices", "prim_lr_scale")
 
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-slices", choices=SLICE_MODES,
                         help="desam_train --train-slices for every trained arm (default all: every slice of the "
                              "source volumes; foreground_margin: the gland and 2 slices either side, as earlier runs)")
-    parser.add_argument("--prim-lr-scale",
+    parser.add_argument("--prim-lr-scale", type=float, metavar="S",
                         help="desam_train --prim-lr-scale for every trained arm: PRIM's (SAM's decoder's) learning "
                              "rate as a multiple of --lr (default 0.1, as make demo; 1: one rate, as runs before "
                              "2026-12-08)")
@@ -118,6 +118,8 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         raise DesamError(f"--sites must include the source {SOURCE} and at least one unseen site")
     if settings["seeds"] < 1 or settings["cases_per_site"] < 2 or settings["epochs"] < 1:
         raise DesamError("--seeds and --epochs must be >= 1 and --cases-per-site >= 2 (fold 0 holds one out)")
+    if not (math.isfinite(settings["prim_lr_scale"]) and settings["prim_lr_scale"] > 0):
+        raise DesamError(f"--prim-lr-scale must be a number > 0, got {settings['prim_lr_scale']}")
     return settings
 
 

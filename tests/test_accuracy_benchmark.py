@@ -148,6 +148,10 @@ def test_the_pdmm_arm_trains_the_reference_layout_and_other_settings_are_refused
     # ... and one learning rate for everything: it is refused beside PRIM at 0.1 x lr, accepted as 1
     del saved["prim_lr_scale"]
     record.write_text(json.dumps(saved), encoding="utf-8")
-    with pytest.raises(DesamError, match="prim_lr_scale: '1' -> '0.1'"):
+    with pytest.raises(DesamError, match="prim_lr_scale: 1.0 -> 0.1"):
         accuracy.check_same_settings(tmp_path / "b", settings)
-    accuracy.check_same_settings(tmp_path / "b", {**settings, "prim_lr_scale": "1"})
+    accuracy.check_same_settings(tmp_path / "b", {**settings, "prim_lr_scale": 1.0})
+    with pytest.raises(SystemExit) as stop:  # refused before the phantom is made, not when an arm trains
+        accuracy.main(["--miniature", "--out", str(tmp_path / "c"), "--prim-lr-scale", "0"])
+    assert stop.value.code == 1 and "--prim-lr-scale must be a number > 0, got 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
