@@ -57,6 +57,7 @@ from desam_pipeline.data.raw_dataset import domains, image_path, list_cases, loa
 from desam_pipeline.data.slice_selection import SLICE_MODES
 from desam_pipeline.io.atomic import read_json, write_json
 from desam_pipeline.network.encoders import ENCODERS
+from desam_pipeline.training.settings import TrainingSettings
 from desam_pipeline.utilities.errors import DesamError, cli_entry
 from desam_pipeline.utilities.paths import dataset_name
 from evaluation.demo import run as run_stage
@@ -118,8 +119,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         raise DesamError(f"--sites must include the source {SOURCE} and at least one unseen site")
     if settings["seeds"] < 1 or settings["cases_per_site"] < 2 or settings["epochs"] < 1:
         raise DesamError("--seeds and --epochs must be >= 1 and --cases-per-site >= 2 (fold 0 holds one out)")
-    if not (math.isfinite(settings["prim_lr_scale"]) and settings["prim_lr_scale"] > 0):
-        raise DesamError(f"--prim-lr-scale must be a number > 0, got {settings['prim_lr_scale']}")
+    TrainingSettings(prim_lr_scale=settings["prim_lr_scale"]).validate()  # desam_train's check, before anything is made
     return settings
 
 
